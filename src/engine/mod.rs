@@ -1,0 +1,1 @@
+//! The proxy engine: pure Rust, no Python. Every behaviour lives in a module named after it.
