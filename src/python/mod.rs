@@ -1,1 +1,22 @@
+//! The PyO3 binding layer: thin wrappers over engine objects. Python sees `segproxy._engine`.
 
+use pyo3::prelude::*;
+
+mod logger;
+mod runtime;
+mod server;
+
+#[pymodule]
+mod _engine {
+    #[pymodule_export]
+    use super::logger::set_log_level;
+    #[pymodule_export]
+    use super::server::{start_server, EngineServer};
+
+    #[pymodule_init]
+    fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
+        use pyo3::types::PyModuleMethods;
+        m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        Ok(())
+    }
+}

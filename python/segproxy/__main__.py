@@ -1,0 +1,7 @@
+"""`python -m segproxy`: the same as the `segproxy` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,208 @@
+"""The asyncio-facing server: `start_proxy_server` and `ProxyServer`, shaped like asyncio.Server."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any, TypedDict
+
+from . import _engine
+
+__all__ = ["AccessRecord", "BoundSocket", "ProxyServer", "run", "start_proxy_server"]
+
+
+class AccessRecord(TypedDict):
+    """One forwarded request or tunnel, as the access log saw it."""
+
+    id: str
+    client: str | None
+    method: str
+    target: str
+    status: int
+    bytes_up: int
+    bytes_down: int
+    duration: float
+    kind: str
+    rule: str
+    action: str
+    policy: str
+    dns: str
+    error: str | None
+    started: float
+    line: str
+
+
+class BoundSocket:
+    """What `ProxyServer.sockets` lists: enough of a socket to ask where it listens."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self._host = host
+        self._port = port
+        self.family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self.type = socket.SOCK_STREAM
+
+    def getsockname(self) -> tuple[str, int]:
+        return (self._host, self._port)
+
+    def __repr__(self) -> str:
+        return f"<BoundSocket {self._host}:{self._port}>"
+
+
+#: Engine options `start_proxy_server` accepts as keywords, with their defaults.
+ENGINE_OPTIONS: dict[str, Any] = {
+    "connect_timeout": 10.0,
+    "idle_timeout": 60.0,
+    "header_timeout": 30.0,
+    "response_timeout": 60.0,
+    "max_connections": 1024,
+    "max_header_bytes": 65536,
+    "access_log": None,
+    "access_records": 10000,
+}
+
+
+class ProxyServer:
+    """A running segproxy server. Create it with `await start_proxy_server(...)`."""
+
+    def __init__(self, engine: _engine.EngineServer, handler_builder: Callable[[], Any] | None = None) -> None:
+        self._engine = engine
+        self._handler_builder = handler_builder
+        self._closing: asyncio.Future[None] | None = None
+
+    # --- where it listens -------------------------------------------------------------
+    @property
+    def address(self) -> tuple[str, int]:
+        """The bound (host, port)."""
+        return self._engine.local_addr()
+
+    @property
+    def host(self) -> str:
+        return self.address[0]
+
+    @property
+    def port(self) -> int:
+        return self.address[1]
+
+    @property
+    def url(self) -> str:
+        """The proxy URL clients are given, e.g. ``http://127.0.0.1:8080``."""
+        host, port = self.address
+        return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def sockets(self) -> tuple[BoundSocket, ...]:
+        if self._closing is not None:
+            return ()
+        return (BoundSocket(*self.address),)
+
+    # --- lifecycle, as asyncio.Server ----------------------------------------------------
+    def is_serving(self) -> bool:
+        return self._closing is None and not self._engine.is_stopped()
+
+    def close(self, grace: float = 5.0) -> None:
+        """Stop accepting now; exchanges in flight get up to `grace` seconds to finish."""
+        if self._closing is None:
+            self._closing = asyncio.ensure_future(self._engine.shutdown(grace))
+
+    async def wait_closed(self) -> None:
+        """Wait until the server has closed (after `close()`)."""
+        if self._closing is not None:
+            await self._closing
+        else:
+            await self._engine.wait_stopped()
+
+    async def aclose(self, grace: float = 5.0) -> None:
+        self.close(grace)
+        await self.wait_closed()
+
+    async def serve_forever(self) -> None:
+        """Serve until the server is closed; cancelling this closes it."""
+        try:
+            await self._engine.wait_stopped()
+        except asyncio.CancelledError:
+            await self.aclose()
+            raise
+
+    async def start_serving(self) -> None:
+        """The server serves from creation; kept for asyncio.Server compatibility."""
+
+    async def __aenter__(self) -> ProxyServer:
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.aclose()
+
+    # --- what happened ----------------------------------------------------------------------
+    def access_records(self, clear: bool = False) -> list[AccessRecord]:
+        """Recent access records, oldest first (bounded; see the `access_records` option)."""
+        return self._engine.access_records(clear)  # type: ignore[return-value]
+
+    def active_connections(self) -> int:
+        return self._engine.active_connections()
+
+    def __repr__(self) -> str:
+        state = "serving" if self.is_serving() else "closed"
+        return f"<segproxy.ProxyServer {self.url} {state}>"
+
+
+async def start_proxy_server(
+    handler_builder: Callable[[], Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    tls_store: Any = None,
+    **options: Any,
+) -> ProxyServer:
+    """Start a proxy on `host:port` (port 0 picks a free one) and return its `ProxyServer`.
+
+    Must be awaited on a running asyncio loop (a script's `asyncio.run`, or a notebook's
+    loop). `handler_builder` is called once per client connection; options are the engine's
+    (timeouts in seconds, `max_connections`, `access_log` path, ...).
+    """
+    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
+    if unknown:
+        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
+    if tls_store is not None:
+        raise NotImplementedError("tls_store (HTTPS interception) is not available in this build yet")
+    if handler_builder is not None:
+        raise NotImplementedError("handler_builder (Python hooks) is not available in this build yet")
+    kwargs = {**ENGINE_OPTIONS, **options}
+    access_log = kwargs.pop("access_log")
+    engine = await _engine.start_server(host, port, access_log=None if access_log is None else str(access_log), **kwargs)
+    return ProxyServer(engine, handler_builder)
+
+
+def run(
+    handler_builder: Callable[[], Any] | None = None,
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    tls_store: Any = None,
+    *,
+    on_ready: Callable[[ProxyServer], None] | None = None,
+    **options: Any,
+) -> None:
+    """Run a proxy from a plain script until Ctrl-C or SIGTERM (blocking).
+
+    Not for notebooks, whose loop is already running: there, `await start_proxy_server(...)`.
+    """
+
+    async def main() -> None:
+        server = await start_proxy_server(handler_builder, host, port, tls_store, **options)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                loop.add_signal_handler(sig, server.close)
+            except (NotImplementedError, RuntimeError):
+                pass
+        if on_ready is not None:
+            on_ready(server)
+        await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except KeyboardInterrupt:
+        pass

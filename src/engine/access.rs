@@ -1,0 +1,114 @@
+//! Access records: one per forwarded request or tunnel, written as a log line and kept in a
+//! bounded in-memory ring for programs (and notebooks) to read.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{LineWriter, Write};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+#[derive(Clone, Debug, Default)]
+pub struct AccessRecord {
+    /// Connection id, then request number on that connection: "12.3".
+    pub id: String,
+    pub client: Option<SocketAddr>,
+    pub method: String,
+    pub target: String,
+    /// Status sent to the client (200 for an established tunnel), 0 if none was sent.
+    pub status: u16,
+    /// Body bytes client -> destination (tunnel: all bytes).
+    pub bytes_up: u64,
+    /// Body bytes destination -> client (tunnel: all bytes).
+    pub bytes_down: u64,
+    pub duration: Duration,
+    /// "tunnel", "forward", "intercept", "block", "error".
+    pub kind: String,
+    pub rule: String,
+    pub action: String,
+    pub policy: String,
+    pub dns: String,
+    pub error: Option<String>,
+    /// Seconds since the Unix epoch when the exchange started.
+    pub started: f64,
+}
+
+impl AccessRecord {
+    pub fn to_line(&self) -> String {
+        let client = self.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        let mut line = format!(
+            "{id} {client} {method} {target} {status} up={up} down={down} {ms:.1}ms kind={kind} rule={rule} action={action} policy=\"{policy}\" dns={dns}",
+            id = self.id,
+            method = self.method,
+            target = self.target,
+            status = self.status,
+            up = self.bytes_up,
+            down = self.bytes_down,
+            ms = self.duration.as_secs_f64() * 1000.0,
+            kind = self.kind,
+            rule = or_dash(&self.rule),
+            action = or_dash(&self.action),
+            policy = self.policy,
+            dns = or_dash(&self.dns),
+        );
+        if let Some(e) = &self.error {
+            line.push_str(&format!(" error=\"{}\"", e.replace('"', "'")));
+        }
+        line
+    }
+}
+
+fn or_dash(s: &str) -> &str {
+    if s.is_empty() {
+        "-"
+    } else {
+        s
+    }
+}
+
+pub fn now_epoch() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+pub struct AccessLog {
+    file: Option<Mutex<LineWriter<File>>>,
+    recent: Mutex<VecDeque<AccessRecord>>,
+    capacity: usize,
+}
+
+impl AccessLog {
+    /// `capacity` records are kept in memory (0 keeps none); `path` also appends lines to a file.
+    pub fn new(path: Option<&Path>, capacity: usize) -> std::io::Result<Self> {
+        let file = match path {
+            Some(p) => Some(Mutex::new(LineWriter::new(
+                std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+            ))),
+            None => None,
+        };
+        Ok(AccessLog { file, recent: Mutex::new(VecDeque::new()), capacity })
+    }
+
+    pub fn record(&self, record: AccessRecord) {
+        if let Some(f) = &self.file {
+            let line = record.to_line();
+            let _ = writeln!(f.lock().unwrap(), "{line}");
+        }
+        log::info!(target: "segproxy::access", "{}", record.to_line());
+        if self.capacity > 0 {
+            let mut recent = self.recent.lock().unwrap();
+            if recent.len() >= self.capacity {
+                recent.pop_front();
+            }
+            recent.push_back(record);
+        }
+    }
+
+    pub fn recent(&self) -> Vec<AccessRecord> {
+        self.recent.lock().unwrap().iter().cloned().collect()
+    }
+
+    pub fn clear(&self) {
+        self.recent.lock().unwrap().clear();
+    }
+}

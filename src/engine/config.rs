@@ -1,0 +1,44 @@
+//! Engine settings with the defaults a user gets when they name nothing.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+#[derive(Clone, Debug)]
+pub struct EngineConfig {
+    pub listen: SocketAddr,
+    /// Longest wait for a TCP connection to a destination or upstream proxy.
+    pub connect_timeout: Duration,
+    /// A client connection (between requests) or tunnel with no traffic this long is closed.
+    pub idle_timeout: Duration,
+    /// Longest time from a request's first byte to the end of its head (slow-header defence).
+    pub header_timeout: Duration,
+    /// Longest wait for a response head once the request was sent; past it the client gets 504.
+    pub response_timeout: Duration,
+    /// Most client connections served at once; more are answered 503 and closed.
+    pub max_connections: usize,
+    /// Largest request or response head accepted (431 past it).
+    pub max_header_bytes: usize,
+    /// How long an idle upstream connection is kept for reuse.
+    pub pool_idle_timeout: Duration,
+    /// Most idle upstream connections kept per destination.
+    pub pool_max_idle_per_host: usize,
+    /// Buffer size of each direction of a tunnel: large buffers cut syscalls per byte.
+    pub tunnel_buffer_bytes: usize,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            connect_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(30),
+            response_timeout: Duration::from_secs(60),
+            max_connections: 1024,
+            max_header_bytes: 64 * 1024,
+            pool_idle_timeout: Duration::from_secs(30),
+            pool_max_idle_per_host: 64,
+            tunnel_buffer_bytes: 256 * 1024,
+        }
+    }
+}

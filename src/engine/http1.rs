@@ -1,0 +1,615 @@
+//! HTTP/1.1 framing: reading message heads with httparse, deciding body framing, and
+//! streaming bodies (Content-Length, chunked, close-delimited) without buffering them whole.
+
+use std::fmt;
+use std::io;
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+/// Most header fields accepted in one message head.
+pub const MAX_HEADERS: usize = 128;
+/// Size of one read from a socket while streaming a body.
+const READ_CHUNK: usize = 64 * 1024;
+
+/// A header field as received: original name case kept, value as raw bytes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Header {
+    pub name: String,
+    pub value: Bytes,
+}
+
+impl Header {
+    pub fn new(name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+        Header { name: name.into(), value: value.into() }
+    }
+    pub fn value_str(&self) -> &str {
+        std::str::from_utf8(&self.value).unwrap_or("")
+    }
+}
+
+/// Ordered header fields; duplicates kept, lookups case-insensitive.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Headers(pub Vec<Header>);
+
+impl Headers {
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value_str())
+    }
+    pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.0.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value_str())
+    }
+    pub fn contains(&self, name: &str) -> bool {
+        self.0.iter().any(|h| h.name.eq_ignore_ascii_case(name))
+    }
+    pub fn remove(&mut self, name: &str) {
+        self.0.retain(|h| !h.name.eq_ignore_ascii_case(name));
+    }
+    pub fn set(&mut self, name: &str, value: impl Into<Bytes>) {
+        let value = value.into();
+        match self.0.iter().position(|h| h.name.eq_ignore_ascii_case(name)) {
+            Some(i) => {
+                self.0[i].value = value;
+                let mut seen = 0;
+                self.0.retain(|h| {
+                    if h.name.eq_ignore_ascii_case(name) {
+                        seen += 1;
+                        seen == 1
+                    } else {
+                        true
+                    }
+                });
+            }
+            None => self.0.push(Header::new(name, value)),
+        }
+    }
+    pub fn push(&mut self, name: &str, value: impl Into<Bytes>) {
+        self.0.push(Header::new(name, value));
+    }
+    /// Whether a comma-separated header (e.g. Connection) lists `token`.
+    pub fn has_token(&self, name: &str, token: &str) -> bool {
+        self.get_all(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+    }
+    fn write_to(&self, out: &mut Vec<u8>) {
+        for h in &self.0 {
+            out.extend_from_slice(h.name.as_bytes());
+            out.extend_from_slice(b": ");
+            out.extend_from_slice(&h.value);
+            out.extend_from_slice(b"\r\n");
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RequestHead {
+    pub method: String,
+    pub target: String,
+    /// Minor version: 0 for HTTP/1.0, 1 for HTTP/1.1.
+    pub version: u8,
+    pub headers: Headers,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResponseHead {
+    pub version: u8,
+    pub status: u16,
+    pub reason: String,
+    pub headers: Headers,
+}
+
+impl RequestHead {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(self.method.as_bytes());
+        out.push(b' ');
+        out.extend_from_slice(self.target.as_bytes());
+        out.extend_from_slice(if self.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+        self.headers.write_to(&mut out);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+    /// Whether the client wants the connection kept open after this exchange.
+    pub fn wants_keep_alive(&self) -> bool {
+        if self.version == 0 {
+            self.headers.has_token("connection", "keep-alive")
+                || self.headers.has_token("proxy-connection", "keep-alive")
+        } else {
+            !self.headers.has_token("connection", "close")
+                && !self.headers.has_token("proxy-connection", "close")
+        }
+    }
+}
+
+impl ResponseHead {
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(256);
+        out.extend_from_slice(format!("HTTP/1.{} {} {}\r\n", self.version, self.status, self.reason).as_bytes());
+        self.headers.write_to(&mut out);
+        out.extend_from_slice(b"\r\n");
+        out
+    }
+}
+
+/// Why a message could not be read; each maps to the status a client is answered with.
+#[derive(Debug)]
+pub enum HttpError {
+    /// Peer closed the connection cleanly before sending any byte of a new message.
+    Closed,
+    Io(io::Error),
+    /// The head is not valid HTTP/1.x (answer 400).
+    Malformed(String),
+    /// The head is larger than allowed (answer 431).
+    TooLarge(String),
+}
+
+impl fmt::Display for HttpError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HttpError::Closed => write!(f, "connection closed"),
+            HttpError::Io(e) => write!(f, "{e}"),
+            HttpError::Malformed(m) => write!(f, "malformed message: {m}"),
+            HttpError::TooLarge(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl From<io::Error> for HttpError {
+    fn from(e: io::Error) -> Self {
+        HttpError::Io(e)
+    }
+}
+
+/// A stream with a read buffer, so a head can be parsed and what follows it (body, pipelined
+/// requests, a TLS ClientHello after CONNECT) is kept rather than lost.
+pub struct BufStream<S> {
+    pub io: S,
+    pub buf: BytesMut,
+}
+
+impl<S: AsyncRead + Unpin> BufStream<S> {
+    pub fn new(io: S) -> Self {
+        BufStream { io, buf: BytesMut::with_capacity(8 * 1024) }
+    }
+
+    /// Reads more bytes into the buffer; returns how many (0 at end of stream).
+    pub async fn fill(&mut self) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < 4096 {
+            self.buf.reserve(READ_CHUNK);
+        }
+        self.io.read_buf(&mut self.buf).await
+    }
+
+    /// Waits until the buffer holds a complete head (ending in an empty line) and returns
+    /// its length, failing with TooLarge past `limit` bytes.
+    async fn head_len(&mut self, limit: usize) -> Result<usize, HttpError> {
+        let mut scanned = 0;
+        loop {
+            // Tolerate empty lines before a request line (RFC 9112 section 2.2).
+            while self.buf.starts_with(b"\r\n") {
+                self.buf.advance(2);
+            }
+            if let Some(pos) = find_head_end(&self.buf, scanned) {
+                return Ok(pos);
+            }
+            scanned = self.buf.len().saturating_sub(3);
+            if self.buf.len() > limit {
+                return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
+            }
+            let empty = self.buf.is_empty();
+            if self.fill().await? == 0 {
+                return Err(if empty {
+                    HttpError::Closed
+                } else {
+                    HttpError::Malformed("connection closed in the middle of a message head".into())
+                });
+            }
+        }
+    }
+
+    pub async fn read_request_head(&mut self, limit: usize) -> Result<RequestHead, HttpError> {
+        let len = self.head_len(limit).await?;
+        let head = self.buf.split_to(len).freeze();
+        parse_request(&head)
+    }
+
+    pub async fn read_response_head(&mut self, limit: usize) -> Result<ResponseHead, HttpError> {
+        let len = self.head_len(limit).await?;
+        let head = self.buf.split_to(len).freeze();
+        parse_response(&head)
+    }
+
+    /// Reads up to `max` bytes, from the buffer first.
+    pub async fn read_some(&mut self, max: usize) -> io::Result<Bytes> {
+        if self.buf.is_empty() && self.fill().await? == 0 {
+            return Ok(Bytes::new());
+        }
+        let n = self.buf.len().min(max);
+        Ok(self.buf.split_to(n).freeze())
+    }
+
+    async fn read_line(&mut self, limit: usize) -> io::Result<Bytes> {
+        loop {
+            if let Some(pos) = self.buf.iter().position(|&b| b == b'\n') {
+                let line = self.buf.split_to(pos + 1).freeze();
+                return Ok(line);
+            }
+            if self.buf.len() > limit {
+                return Err(invalid("chunked body: line too long"));
+            }
+            if self.fill().await? == 0 {
+                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunked body"));
+            }
+        }
+    }
+}
+
+fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
+    let start = from.min(buf.len());
+    buf[start..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| start + p + 4).or_else(|| {
+        // Bare LF line endings, which httparse accepts too.
+        buf[start..].windows(2).position(|w| w == b"\n\n").map(|p| start + p + 2)
+    })
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+fn convert_headers(raw: &[httparse::Header<'_>], head: &Bytes) -> Headers {
+    Headers(
+        raw.iter()
+            .map(|h| Header { name: h.name.to_string(), value: head.slice_ref(h.value) })
+            .collect(),
+    )
+}
+
+fn parse_request(head: &Bytes) -> Result<RequestHead, HttpError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut req = httparse::Request::new(&mut storage);
+    match req.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HttpError::Malformed("incomplete request head".into())),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpError::TooLarge(format!("more than {MAX_HEADERS} header fields")))
+        }
+        Err(e) => return Err(HttpError::Malformed(format!("invalid request head ({e})"))),
+    }
+    Ok(RequestHead {
+        method: req.method.unwrap_or_default().to_string(),
+        target: req.path.unwrap_or_default().to_string(),
+        version: req.version.unwrap_or(1),
+        headers: convert_headers(req.headers, head),
+    })
+}
+
+fn parse_response(head: &Bytes) -> Result<ResponseHead, HttpError> {
+    let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
+    let mut res = httparse::Response::new(&mut storage);
+    match res.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(HttpError::Malformed("incomplete response head".into())),
+        Err(httparse::Error::TooManyHeaders) => {
+            return Err(HttpError::TooLarge(format!("more than {MAX_HEADERS} header fields")))
+        }
+        Err(e) => return Err(HttpError::Malformed(format!("invalid response head ({e})"))),
+    }
+    Ok(ResponseHead {
+        version: res.version.unwrap_or(1),
+        status: res.code.unwrap_or(0),
+        reason: res.reason.unwrap_or("").to_string(),
+        headers: convert_headers(res.headers, head),
+    })
+}
+
+/// How a message body is delimited on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyKind {
+    Empty,
+    Length(u64),
+    Chunked,
+    /// Ends when the sender closes the connection (responses only).
+    CloseDelimited,
+}
+
+/// The framing of a request body; rejects the ambiguous framings used for request smuggling.
+pub fn request_body_kind(head: &RequestHead) -> Result<BodyKind, String> {
+    let te: Vec<&str> = head.headers.get_all("transfer-encoding").collect();
+    let has_cl = head.headers.contains("content-length");
+    if !te.is_empty() {
+        if has_cl {
+            return Err("both Transfer-Encoding and Content-Length are present".into());
+        }
+        if head.version == 0 {
+            return Err("Transfer-Encoding is not allowed in an HTTP/1.0 request".into());
+        }
+        let last = te.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).last();
+        return match last {
+            Some(t) if t.eq_ignore_ascii_case("chunked") => Ok(BodyKind::Chunked),
+            _ => Err("Transfer-Encoding of a request must end in chunked".into()),
+        };
+    }
+    match content_length(&head.headers)? {
+        Some(0) | None => Ok(BodyKind::Empty),
+        Some(n) => Ok(BodyKind::Length(n)),
+    }
+}
+
+/// The framing of a response body, given the request method it answers (RFC 9112 section 6.3).
+pub fn response_body_kind(request_method: &str, head: &ResponseHead) -> Result<BodyKind, String> {
+    if request_method.eq_ignore_ascii_case("HEAD")
+        || (100..200).contains(&head.status)
+        || head.status == 204
+        || head.status == 304
+    {
+        return Ok(BodyKind::Empty);
+    }
+    if head.headers.contains("transfer-encoding") {
+        return Ok(if head.headers.has_token("transfer-encoding", "chunked") {
+            BodyKind::Chunked
+        } else {
+            BodyKind::CloseDelimited
+        });
+    }
+    match content_length(&head.headers)? {
+        Some(0) => Ok(BodyKind::Empty),
+        Some(n) => Ok(BodyKind::Length(n)),
+        None => Ok(BodyKind::CloseDelimited),
+    }
+}
+
+/// Content-Length, which must be one number (repeated identical values are tolerated).
+fn content_length(headers: &Headers) -> Result<Option<u64>, String> {
+    let mut found: Option<u64> = None;
+    for value in headers.get_all("content-length") {
+        for part in value.split(',') {
+            let part = part.trim();
+            if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                return Err(format!("invalid Content-Length {value:?}"));
+            }
+            let n: u64 = part.parse().map_err(|_| format!("invalid Content-Length {value:?}"))?;
+            if found.is_some_and(|f| f != n) {
+                return Err("conflicting Content-Length values".into());
+            }
+            found = Some(n);
+        }
+    }
+    Ok(found)
+}
+
+/// Reads a body in its wire framing and yields its content in pieces.
+pub struct BodyReader {
+    kind: BodyKind,
+    /// Bytes left in the whole body (Length) or in the current chunk (Chunked).
+    remaining: u64,
+    done: bool,
+}
+
+impl BodyReader {
+    pub fn new(kind: BodyKind) -> Self {
+        let remaining = match kind {
+            BodyKind::Length(n) => n,
+            _ => 0,
+        };
+        BodyReader { kind, remaining, done: kind == BodyKind::Empty }
+    }
+
+    pub fn is_done(&self) -> bool {
+        self.done
+    }
+
+    /// The next piece of content, or None at the end of the body.
+    pub async fn next<S: AsyncRead + Unpin>(&mut self, src: &mut BufStream<S>) -> io::Result<Option<Bytes>> {
+        if self.done {
+            return Ok(None);
+        }
+        match self.kind {
+            BodyKind::Empty => {
+                self.done = true;
+                Ok(None)
+            }
+            BodyKind::Length(_) => {
+                let want = self.remaining.min(READ_CHUNK as u64) as usize;
+                let data = src.read_some(want).await?;
+                if data.is_empty() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("connection closed with {} body bytes still expected", self.remaining),
+                    ));
+                }
+                self.remaining -= data.len() as u64;
+                if self.remaining == 0 {
+                    self.done = true;
+                }
+                Ok(Some(data))
+            }
+            BodyKind::CloseDelimited => {
+                let data = src.read_some(READ_CHUNK).await?;
+                if data.is_empty() {
+                    self.done = true;
+                    return Ok(None);
+                }
+                Ok(Some(data))
+            }
+            BodyKind::Chunked => loop {
+                if self.remaining > 0 {
+                    let want = self.remaining.min(READ_CHUNK as u64) as usize;
+                    let data = src.read_some(want).await?;
+                    if data.is_empty() {
+                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunk"));
+                    }
+                    self.remaining -= data.len() as u64;
+                    if self.remaining == 0 {
+                        let crlf = src.read_line(2).await?;
+                        if crlf.as_ref() != b"\r\n" && crlf.as_ref() != b"\n" {
+                            return Err(invalid("chunked body: missing CRLF after chunk data"));
+                        }
+                    }
+                    return Ok(Some(data));
+                }
+                let line = src.read_line(4096).await?;
+                let size = parse_chunk_size(&line)?;
+                if size == 0 {
+                    // Trailer section: consumed, not forwarded (trailers are rare and often hop-specific).
+                    loop {
+                        let t = src.read_line(16 * 1024).await?;
+                        if t.as_ref() == b"\r\n" || t.as_ref() == b"\n" {
+                            break;
+                        }
+                    }
+                    self.done = true;
+                    return Ok(None);
+                }
+                self.remaining = size;
+            },
+        }
+    }
+}
+
+fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
+    let text = std::str::from_utf8(line).map_err(|_| invalid("chunked body: bad chunk size line"))?;
+    let size = text.trim_end_matches(['\r', '\n']).split(';').next().unwrap_or("").trim();
+    if size.is_empty() || size.len() > 15 {
+        return Err(invalid("chunked body: bad chunk size"));
+    }
+    u64::from_str_radix(size, 16).map_err(|_| invalid("chunked body: bad chunk size"))
+}
+
+/// Writes body content in a given framing. Chunked output is re-framed from whatever pieces
+/// arrive, so a body whose length changed (a hook rewrote it) stays correctly framed.
+pub struct BodyWriter {
+    kind: BodyKind,
+}
+
+impl BodyWriter {
+    pub fn new(kind: BodyKind) -> Self {
+        BodyWriter { kind }
+    }
+
+    pub async fn write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, data: &[u8]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.kind {
+            BodyKind::Chunked => {
+                let head = format!("{:x}\r\n", data.len());
+                // One write per chunk keeps small chunks in one segment.
+                if data.len() <= 16 * 1024 {
+                    let mut frame = Vec::with_capacity(head.len() + data.len() + 2);
+                    frame.extend_from_slice(head.as_bytes());
+                    frame.extend_from_slice(data);
+                    frame.extend_from_slice(b"\r\n");
+                    dst.write_all(&frame).await
+                } else {
+                    dst.write_all(head.as_bytes()).await?;
+                    dst.write_all(data).await?;
+                    dst.write_all(b"\r\n").await
+                }
+            }
+            _ => dst.write_all(data).await,
+        }
+    }
+
+    pub async fn finish<W: AsyncWrite + Unpin>(&mut self, dst: &mut W) -> io::Result<()> {
+        if self.kind == BodyKind::Chunked {
+            dst.write_all(b"0\r\n\r\n").await?;
+        }
+        Ok(())
+    }
+}
+
+/// Header fields that describe one hop and are never forwarded (RFC 9110 section 7.6.1),
+/// plus those the Connection header names.
+pub fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
+    let named: Vec<String> = headers
+        .get_all("connection")
+        .flat_map(|v| v.split(','))
+        .map(|t| t.trim().to_ascii_lowercase())
+        .filter(|t| !t.is_empty())
+        .collect();
+    headers.0.retain(|h| {
+        let n = h.name.to_ascii_lowercase();
+        let hop = matches!(
+            n.as_str(),
+            "connection" | "proxy-connection" | "keep-alive" | "proxy-authorization" | "te" | "trailer"
+                | "transfer-encoding"
+        ) || (n == "upgrade" && !keep_upgrade)
+            || (named.contains(&n) && !(keep_upgrade && n == "upgrade"));
+        !hop
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn parse_req(raw: &[u8]) -> Result<RequestHead, HttpError> {
+        let mut s = BufStream::new(raw);
+        s.read_request_head(8192).await
+    }
+
+    #[tokio::test]
+    async fn parses_absolute_form_request() {
+        let h = parse_req(b"GET http://a.test:81/x?y=1 HTTP/1.1\r\nHost: a.test:81\r\nX-A: 1\r\nx-a: 2\r\n\r\n").await.unwrap();
+        assert_eq!(h.method, "GET");
+        assert_eq!(h.target, "http://a.test:81/x?y=1");
+        assert_eq!(h.headers.get_all("X-A").collect::<Vec<_>>(), vec!["1", "2"]);
+    }
+
+    #[tokio::test]
+    async fn rejects_garbage_and_oversized_heads() {
+        assert!(matches!(parse_req(b"NOT HTTP\r\n\r\n").await, Err(HttpError::Malformed(_))));
+        let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10000));
+        assert!(matches!(parse_req(big.as_bytes()).await, Err(HttpError::TooLarge(_))));
+        assert!(matches!(parse_req(b"").await, Err(HttpError::Closed)));
+    }
+
+    #[tokio::test]
+    async fn smuggling_framings_are_rejected() {
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+        assert!(request_body_kind(&h).is_err());
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        assert!(request_body_kind(&h).is_err());
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").await.unwrap();
+        assert_eq!(request_body_kind(&h).unwrap(), BodyKind::Length(3));
+    }
+
+    #[tokio::test]
+    async fn chunked_body_is_decoded_and_reframed() {
+        let raw: &[u8] = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let mut s = BufStream::new(raw);
+        let mut r = BodyReader::new(BodyKind::Chunked);
+        let mut out = Vec::new();
+        while let Some(piece) = r.next(&mut s).await.unwrap() {
+            out.extend_from_slice(&piece);
+        }
+        assert_eq!(out, b"hello world");
+        assert_eq!(&s.buf[..], b"NEXT");
+        let mut w = BodyWriter::new(BodyKind::Chunked);
+        let mut wire = Vec::new();
+        w.write(&mut wire, b"abc").await.unwrap();
+        w.finish(&mut wire).await.unwrap();
+        assert_eq!(wire, b"3\r\nabc\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_are_removed() {
+        let mut h = Headers::default();
+        for (n, v) in [("Connection", "close, X-Secret"), ("X-Secret", "1"), ("Keep-Alive", "5"), ("Proxy-Authorization", "x"), ("Accept", "*/*")] {
+            h.push(n, v.as_bytes().to_vec());
+        }
+        strip_hop_by_hop(&mut h, false);
+        assert_eq!(h.0.len(), 1);
+        assert_eq!(h.0[0].name, "Accept");
+    }
+
+    #[test]
+    fn response_framing_follows_rfc() {
+        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
+        assert_eq!(response_body_kind("GET", &r).unwrap(), BodyKind::CloseDelimited);
+        assert_eq!(response_body_kind("HEAD", &r).unwrap(), BodyKind::Empty);
+        r.headers.push("Content-Length", "10");
+        assert_eq!(response_body_kind("GET", &r).unwrap(), BodyKind::Length(10));
+        r.status = 304;
+        assert_eq!(response_body_kind("GET", &r).unwrap(), BodyKind::Empty);
+    }
+}

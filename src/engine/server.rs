@@ -1,0 +1,210 @@
+//! The listening server: accept loop, connection limit, graceful shutdown.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::AsyncWriteExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+
+use super::access::AccessLog;
+use super::config::EngineConfig;
+use super::connector::Connector;
+use super::pool::Pool;
+use super::proxy;
+
+/// Everything a connection needs, shared by all connections of one server.
+pub struct Engine {
+    pub config: EngineConfig,
+    pub connector: Connector,
+    pub pool: Pool,
+    pub access: AccessLog,
+    next_conn_id: AtomicU64,
+    active: AtomicUsize,
+    all_done: Notify,
+    /// Becomes true when the server stops accepting: keep-alive connections then close
+    /// after their current exchange.
+    pub draining: watch::Receiver<bool>,
+    /// Becomes true when in-flight exchanges are cut off.
+    pub closing: watch::Receiver<bool>,
+}
+
+impl Engine {
+    pub fn active_connections(&self) -> usize {
+        self.active.load(Ordering::Acquire)
+    }
+    pub fn is_draining(&self) -> bool {
+        *self.draining.borrow()
+    }
+}
+
+/// Optional parts of an engine that are built outside it (by the binding or tests).
+pub struct EngineParts {
+    pub connector: Option<Connector>,
+    pub access: Option<AccessLog>,
+}
+
+impl Default for EngineParts {
+    fn default() -> Self {
+        EngineParts { connector: None, access: None }
+    }
+}
+
+pub struct ProxyServer {
+    engine: Arc<Engine>,
+    local_addr: SocketAddr,
+    drain_tx: watch::Sender<bool>,
+    close_tx: watch::Sender<bool>,
+    stopped: Arc<Notify>,
+    stopped_flag: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl ProxyServer {
+    /// Binds the listening socket and starts accepting. Must run inside a tokio runtime.
+    pub async fn bind(config: EngineConfig, parts: EngineParts) -> io::Result<ProxyServer> {
+        let listener = TcpListener::bind(config.listen).await?;
+        let local_addr = listener.local_addr()?;
+        let (drain_tx, draining) = watch::channel(false);
+        let (close_tx, closing) = watch::channel(false);
+        let connector = parts.connector.unwrap_or_else(|| Connector::new(config.connect_timeout));
+        let access = match parts.access {
+            Some(a) => a,
+            None => AccessLog::new(None, 10_000)?,
+        };
+        let engine = Arc::new(Engine {
+            pool: Pool::new(config.pool_idle_timeout, config.pool_max_idle_per_host),
+            config,
+            connector,
+            access,
+            next_conn_id: AtomicU64::new(1),
+            active: AtomicUsize::new(0),
+            all_done: Notify::new(),
+            draining,
+            closing,
+        });
+        let server = ProxyServer {
+            engine: engine.clone(),
+            local_addr,
+            drain_tx,
+            close_tx,
+            stopped: Arc::new(Notify::new()),
+            stopped_flag: Arc::new(Default::default()),
+        };
+        tokio::spawn(accept_loop(listener, engine.clone()));
+        tokio::spawn(sweep_pool(engine));
+        Ok(server)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Stops accepting, lets in-flight exchanges finish for up to `grace`, then closes the rest.
+    pub async fn shutdown(&self, grace: Duration) {
+        let _ = self.drain_tx.send(true);
+        let engine = &self.engine;
+        let deadline = tokio::time::Instant::now() + grace;
+        while engine.active_connections() > 0 {
+            let notified = engine.all_done.notified();
+            if engine.active_connections() == 0 {
+                break;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                break;
+            }
+        }
+        let _ = self.close_tx.send(true);
+        // Give cut-off connections a moment to unwind so their sockets are closed on return.
+        let cut = tokio::time::Instant::now() + Duration::from_secs(2);
+        while engine.active_connections() > 0 && tokio::time::Instant::now() < cut {
+            let _ = tokio::time::timeout(Duration::from_millis(50), engine.all_done.notified()).await;
+        }
+        engine.pool.clear();
+        self.stopped_flag.store(true, Ordering::Release);
+        self.stopped.notify_waiters();
+    }
+
+    pub fn is_stopped(&self) -> bool {
+        self.stopped_flag.load(Ordering::Acquire)
+    }
+
+    /// Resolves once shutdown finished.
+    pub async fn stopped(&self) {
+        loop {
+            let n = self.stopped.notified();
+            if self.is_stopped() {
+                return;
+            }
+            n.await;
+        }
+    }
+}
+
+async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
+    let mut draining = engine.draining.clone();
+    loop {
+        let accepted = tokio::select! {
+            a = listener.accept() => a,
+            _ = draining.wait_for(|d| *d) => return,
+        };
+        let (stream, peer) = match accepted {
+            Ok(x) => x,
+            Err(e) => {
+                // Out of file descriptors and similar: back off rather than spin.
+                log::warn!("accept failed: {e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
+            tokio::spawn(refuse(stream, engine.clone()));
+            continue;
+        }
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            let mut closing = engine.closing.clone();
+            tokio::select! {
+                _ = proxy::serve_client(&engine, stream, peer, id) => {}
+                _ = closing.wait_for(|c| *c) => {}
+            }
+            finish_connection(&engine);
+        });
+    }
+}
+
+fn finish_connection(engine: &Engine) {
+    if engine.active.fetch_sub(1, Ordering::AcqRel) == 1 {
+        engine.all_done.notify_waiters();
+    }
+}
+
+async fn refuse(mut stream: TcpStream, engine: Arc<Engine>) {
+    let body = format!("segproxy: too many connections (limit {})\n", engine.config.max_connections);
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
+        body.len(),
+        body
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
+    let _ = stream.shutdown().await;
+    finish_connection(&engine);
+}
+
+async fn sweep_pool(engine: Arc<Engine>) {
+    let mut closing = engine.closing.clone();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(5)) => engine.pool.sweep(),
+            _ = closing.wait_for(|c| *c) => return,
+        }
+    }
+}
