@@ -1,3 +1,4 @@
 //! The proxy engine: pure Rust, no Python. Every behaviour lives in a module named after it.
 
+pub mod rules;
 pub mod segment;
