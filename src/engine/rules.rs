@@ -216,15 +216,25 @@ impl UpstreamProxy {
                 .rsplit_once(':')
                 .ok_or_else(|| format!("upstream '{hostport}' must be HOST:PORT"))?;
             if host.contains(':') {
-                return Err(format!("upstream '{hostport}': put an IPv6 host in brackets"));
+                return Err(format!(
+                    "upstream '{hostport}': put an IPv6 host in brackets"
+                ));
             }
-            if host.is_empty() || !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b)) {
+            if host.is_empty()
+                || !host
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+            {
                 return Err(format!("upstream '{hostport}' has an invalid host"));
             }
             (host, port)
         };
         let port = parse_port(port).map_err(|e| format!("upstream '{hostport}': {e}"))?;
-        Ok(Self { host: host.to_ascii_lowercase(), port, credentials })
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+            credentials,
+        })
     }
 }
 
@@ -305,9 +315,15 @@ impl Rule {
     /// True if everything but the host matches.
     fn conditions_match(&self, method: &str, scheme: Scheme, port: u16, path: &str) -> bool {
         self.scheme.is_none_or(|s| s == scheme)
-            && self.method.as_deref().is_none_or(|m| m.eq_ignore_ascii_case(method))
+            && self
+                .method
+                .as_deref()
+                .is_none_or(|m| m.eq_ignore_ascii_case(method))
             && self.port.is_none_or(|p| p == port)
-            && self.path_prefix.as_deref().is_none_or(|p| path.starts_with(p))
+            && self
+                .path_prefix
+                .as_deref()
+                .is_none_or(|p| path.starts_with(p))
     }
 
     /// `host=... [scheme=...] ... action=... policy=... direction=...`
@@ -325,7 +341,10 @@ impl Rule {
         if let Some(p) = &self.path_prefix {
             out += &format!(" path_prefix={p}");
         }
-        out += &format!(" action={} policy={} direction={}", self.action, self.policy, self.direction);
+        out += &format!(
+            " action={} policy={} direction={}",
+            self.action, self.policy, self.direction
+        );
         if self.intercept != Intercept::Default {
             out += &format!(" intercept={}", self.intercept);
         }
@@ -474,7 +493,12 @@ impl RuleSet {
     }
 
     /// Adds one rule (e.g. a `--segment-rule` value, with source `<cli>`).
-    pub fn add_rule_line(&mut self, line: &str, source: &str, line_no: usize) -> Result<(), RuleError> {
+    pub fn add_rule_line(
+        &mut self,
+        line: &str,
+        source: &str,
+        line_no: usize,
+    ) -> Result<(), RuleError> {
         let rule = self.parse_line(line.trim(), source, line_no)?;
         self.push(rule);
         Ok(())
@@ -508,7 +532,10 @@ impl RuleSet {
     }
 
     fn parse_line(&self, line: &str, source: &str, line_no: usize) -> Result<Rule, RuleError> {
-        let src = RuleSource { file: source.to_string(), line: line_no };
+        let src = RuleSource {
+            file: source.to_string(),
+            line: line_no,
+        };
         parse_rule(line, src, self.default_direction).map_err(|message| RuleError {
             source: source.to_string(),
             line: line_no,
@@ -519,10 +546,15 @@ impl RuleSet {
     fn push(&mut self, rule: Rule) {
         let index = self.rules.len();
         let (host_class, host_literal) = HostClass::of(&rule.host_glob);
-        let conditions = [rule.scheme.is_some(), rule.method.is_some(), rule.port.is_some(), rule.path_prefix.is_some()]
-            .iter()
-            .filter(|c| **c)
-            .count() as u8;
+        let conditions = [
+            rule.scheme.is_some(),
+            rule.method.is_some(),
+            rule.port.is_some(),
+            rule.path_prefix.is_some(),
+        ]
+        .iter()
+        .filter(|c| **c)
+        .count() as u8;
         let key = Specificity {
             host_class,
             host_literal,
@@ -533,7 +565,10 @@ impl RuleSet {
         };
         let list = match host_class {
             HostClass::Exact => self.exact.entry(rule.host_glob.clone()).or_default(),
-            HostClass::Suffix => self.suffix.entry(rule.host_glob[1..].to_string()).or_default(),
+            HostClass::Suffix => self
+                .suffix
+                .entry(rule.host_glob[1..].to_string())
+                .or_default(),
             HostClass::Glob | HostClass::CatchAll => &mut self.globs,
         };
         self.keys.push(key);
@@ -566,7 +601,14 @@ impl RuleSet {
     /// Picks the most specific matching rule for a request. For a CONNECT pass
     /// method `CONNECT` and an empty path. `host` may be any case, with or
     /// without IPv6 brackets or a trailing dot.
-    pub fn decide(&self, method: &str, scheme: Scheme, host: &str, port: u16, path: &str) -> Decision {
+    pub fn decide(
+        &self,
+        method: &str,
+        scheme: Scheme,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> Decision {
         let host = normalize_host(host);
         let host = host.as_ref();
         let fits = |&i: &usize| self.rules[i].conditions_match(method, scheme, port, path);
@@ -660,9 +702,15 @@ fn why_beats(w: &Specificity, r: &Specificity) -> String {
         format!("{} beats {}", w.host_class.name(), r.host_class.name())
     } else if w.host_literal != r.host_literal {
         if w.host_class == HostClass::Suffix {
-            format!("longer host suffix, {} > {} chars", w.host_literal, r.host_literal)
+            format!(
+                "longer host suffix, {} > {} chars",
+                w.host_literal, r.host_literal
+            )
         } else {
-            format!("more literal host characters, {} > {}", w.host_literal, r.host_literal)
+            format!(
+                "more literal host characters, {} > {}",
+                w.host_literal, r.host_literal
+            )
         }
     } else if w.conditions != r.conditions {
         format!("more conditions, {} > {}", w.conditions, r.conditions)
@@ -678,7 +726,10 @@ fn why_beats(w: &Specificity, r: &Specificity) -> String {
 /// Lower-cases and strips IPv6 brackets and a trailing dot, borrowing when
 /// nothing changes (the common case).
 fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
-    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
     let host = host.strip_suffix('.').unwrap_or(host);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         std::borrow::Cow::Owned(host.to_ascii_lowercase())
@@ -724,7 +775,9 @@ fn parse_number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, Strin
 }
 
 fn is_http_token(s: &str) -> bool {
-    !s.is_empty() && s.bytes().all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
 }
 
 /// The keys a rule line may carry, as written (after alias resolution).
@@ -746,19 +799,31 @@ struct Keys<'a> {
     intercept: Option<Intercept>,
 }
 
-fn parse_rule(line: &str, source: RuleSource, default_direction: Direction) -> Result<Rule, String> {
+fn parse_rule(
+    line: &str,
+    source: RuleSource,
+    default_direction: Direction,
+) -> Result<Rule, String> {
     const SHAPE: &str = "expected HOST_GLOB=MODE[,key=value]...";
     if line.is_empty() {
         return Err(format!("empty rule; {SHAPE}"));
     }
-    let (glob, rest) = line.split_once('=').ok_or_else(|| format!("missing '='; {SHAPE}"))?;
+    let (glob, rest) = line
+        .split_once('=')
+        .ok_or_else(|| format!("missing '='; {SHAPE}"))?;
     let host_glob = parse_host_glob(glob.trim())?;
     let mut parts = rest.split(',').map(str::trim).filter(|p| !p.is_empty());
-    let mode = parts.next().ok_or_else(|| format!("missing mode; {SHAPE}"))?;
+    let mode = parts
+        .next()
+        .ok_or_else(|| format!("missing mode; {SHAPE}"))?;
     let segmenting = match mode.to_ascii_lowercase().as_str() {
         "direct" => false,
         "segment_upstream" => true,
-        _ => return Err(format!("unknown mode '{mode}' (expected direct or segment_upstream)")),
+        _ => {
+            return Err(format!(
+                "unknown mode '{mode}' (expected direct or segment_upstream)"
+            ))
+        }
     };
 
     let mut keys = Keys::default();
@@ -773,9 +838,11 @@ fn parse_rule(line: &str, source: RuleSource, default_direction: Direction) -> R
         let canonical = match key.as_str() {
             "chunk_min" => "min",
             "chunk_max" => "max",
-            k => KNOWN_KEYS.iter().copied().find(|known| *known == k).ok_or_else(|| {
-                format!("unknown key '{k}' (known: {})", KNOWN_KEYS.join(", "))
-            })?,
+            k => KNOWN_KEYS
+                .iter()
+                .copied()
+                .find(|known| *known == k)
+                .ok_or_else(|| format!("unknown key '{k}' (known: {})", KNOWN_KEYS.join(", ")))?,
         };
         if seen.contains(&canonical) {
             return Err(format!("duplicate key '{canonical}'"));
@@ -826,7 +893,11 @@ fn parse_rule(line: &str, source: RuleSource, default_direction: Direction) -> R
                     "up" => Direction::Up,
                     "down" => Direction::Down,
                     "both" => Direction::Both,
-                    _ => return Err(format!("invalid direction '{value}' (expected up, down or both)")),
+                    _ => {
+                        return Err(format!(
+                            "invalid direction '{value}' (expected up, down or both)"
+                        ))
+                    }
                 })
             }
             "intercept" => {
@@ -865,18 +936,38 @@ fn parse_rule(line: &str, source: RuleSource, default_direction: Direction) -> R
 }
 
 const KNOWN_KEYS: &[&str] = &[
-    "strategy", "chunk", "min", "max", "delay", "action", "upstream", "reason", "scheme", "method",
-    "path_prefix", "port", "direction", "intercept",
+    "strategy",
+    "chunk",
+    "min",
+    "max",
+    "delay",
+    "action",
+    "upstream",
+    "reason",
+    "scheme",
+    "method",
+    "path_prefix",
+    "port",
+    "direction",
+    "intercept",
 ];
 
 fn parse_host_glob(glob: &str) -> Result<String, String> {
-    let glob = glob.strip_prefix('[').and_then(|g| g.strip_suffix(']')).unwrap_or(glob);
+    let glob = glob
+        .strip_prefix('[')
+        .and_then(|g| g.strip_suffix(']'))
+        .unwrap_or(glob);
     let glob = glob.strip_suffix('.').unwrap_or(glob);
     if glob.is_empty() {
         return Err("empty host glob".into());
     }
-    if let Some(bad) = glob.chars().find(|c| !(c.is_ascii_alphanumeric() || "-._:*?".contains(*c))) {
-        return Err(format!("invalid character '{bad}' in host glob '{glob}' (only * and ? are wildcards)"));
+    if let Some(bad) = glob
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || "-._:*?".contains(*c)))
+    {
+        return Err(format!(
+            "invalid character '{bad}' in host glob '{glob}' (only * and ? are wildcards)"
+        ));
     }
     Ok(glob.to_ascii_lowercase())
 }
@@ -909,7 +1000,9 @@ fn build_policy(segmenting: bool, k: &Keys<'_>) -> Result<SegmentPolicy, String>
             if random_keys {
                 return Err("min/max apply to strategy=random; fixed uses chunk".into());
             }
-            Strategy::Fixed { chunk: k.chunk.unwrap_or(DEFAULT_CHUNK) }
+            Strategy::Fixed {
+                chunk: k.chunk.unwrap_or(DEFAULT_CHUNK),
+            }
         }
         "random" => {
             if k.chunk.is_some() {
@@ -920,9 +1013,16 @@ fn build_policy(segmenting: bool, k: &Keys<'_>) -> Result<SegmentPolicy, String>
                 _ => return Err("strategy=random needs both min and max".into()),
             }
         }
-        other => return Err(format!("unknown strategy '{other}' (expected none, fixed or random)")),
+        other => {
+            return Err(format!(
+                "unknown strategy '{other}' (expected none, fixed or random)"
+            ))
+        }
     };
-    let policy = SegmentPolicy { strategy, delay: Duration::from_millis(k.delay.unwrap_or(0)) };
+    let policy = SegmentPolicy {
+        strategy,
+        delay: Duration::from_millis(k.delay.unwrap_or(0)),
+    };
     policy.validate()?;
     Ok(policy)
 }
@@ -937,16 +1037,20 @@ fn build_action(k: &mut Keys<'_>) -> Result<Action, String> {
         return Err("reason= applies only to action=block".into());
     }
     match name.as_str() {
-        "direct" | "block" if k.upstream.is_some() => {
-            Err(format!("upstream= does not apply to action={name}; use action=upstream"))
-        }
+        "direct" | "block" if k.upstream.is_some() => Err(format!(
+            "upstream= does not apply to action={name}; use action=upstream"
+        )),
         "direct" => Ok(Action::Direct),
-        "block" => Ok(Action::Block { reason: k.reason.unwrap_or("blocked by rule").to_string() }),
+        "block" => Ok(Action::Block {
+            reason: k.reason.unwrap_or("blocked by rule").to_string(),
+        }),
         "upstream" => match k.upstream.take() {
             Some(up) => Ok(Action::Upstream(up)),
             None => Err("action=upstream needs upstream=HOST:PORT".into()),
         },
-        other => Err(format!("unknown action '{other}' (expected direct, upstream or block)")),
+        other => Err(format!(
+            "unknown action '{other}' (expected direct, upstream or block)"
+        )),
     }
 }
 
@@ -957,7 +1061,10 @@ pub fn bench_decide(count: usize, iterations: usize) -> Duration {
     let mut text = String::new();
     for i in 0..count {
         let line = match i % 10 {
-            0..=5 => format!("host{i}.example.com=segment_upstream,chunk={},delay=1\n", 100 + i),
+            0..=5 => format!(
+                "host{i}.example.com=segment_upstream,chunk={},delay=1\n",
+                100 + i
+            ),
             6..=8 => format!("*.zone{i}.example.net=direct,method=GET\n"),
             _ => format!("api{i}-*.example.org=direct,action=block,reason=r{i}\n"),
         };
@@ -977,7 +1084,11 @@ pub fn bench_decide(count: usize, iterations: usize) -> Duration {
     let mut hits = 0usize;
     for n in 0..iterations {
         let host = &hosts[n % hosts.len()];
-        if set.decide("GET", Scheme::Https, host, 443, "/").rule.is_some() {
+        if set
+            .decide("GET", Scheme::Https, host, 443, "/")
+            .rule
+            .is_some()
+        {
             hits += 1;
         }
     }
@@ -994,11 +1105,16 @@ mod tests {
     }
 
     fn one(line: &str) -> Rule {
-        RuleSet::parse(line, "<text>").unwrap_or_else(|e| panic!("{line}: {e}")).rules()[0].clone()
+        RuleSet::parse(line, "<text>")
+            .unwrap_or_else(|e| panic!("{line}: {e}"))
+            .rules()[0]
+            .clone()
     }
 
     fn err(line: &str) -> String {
-        RuleSet::parse(line, "rules.txt").expect_err(line).to_string()
+        RuleSet::parse(line, "rules.txt")
+            .expect_err(line)
+            .to_string()
     }
 
     #[test]
@@ -1011,13 +1127,22 @@ mod tests {
         assert_eq!(r.intercept, Intercept::Default);
 
         let r = one("blocked.test=direct,action=block,reason=no thanks");
-        assert_eq!(r.action, Action::Block { reason: "no thanks".into() });
+        assert_eq!(
+            r.action,
+            Action::Block {
+                reason: "no thanks".into()
+            }
+        );
         assert!(r.policy.is_passthrough());
 
         let r = one("*=direct,action=upstream,upstream=127.0.0.1:3128");
         assert_eq!(
             r.action,
-            Action::Upstream(UpstreamProxy { host: "127.0.0.1".into(), port: 3128, credentials: None })
+            Action::Upstream(UpstreamProxy {
+                host: "127.0.0.1".into(),
+                port: 3128,
+                credentials: None
+            })
         );
 
         let r = one("*.example.com=segment_upstream,chunk=512,delay=5");
@@ -1029,7 +1154,10 @@ mod tests {
         assert_eq!(r.method.as_deref(), Some("CONNECT"));
 
         let r = one("*.example.com=segment_upstream,action=upstream,upstream=127.0.0.1:3128");
-        assert_eq!(r.policy, SegmentPolicy::fixed(DEFAULT_CHUNK, Duration::ZERO));
+        assert_eq!(
+            r.policy,
+            SegmentPolicy::fixed(DEFAULT_CHUNK, Duration::ZERO)
+        );
         assert!(matches!(r.action, Action::Upstream(_)));
 
         let r = one("example.com=direct");
@@ -1039,14 +1167,29 @@ mod tests {
 
     #[test]
     fn strategy_inference_and_keys() {
-        assert_eq!(one("a=segment_upstream,min=10,max=20").policy, SegmentPolicy::random(10, 20, Duration::ZERO));
-        assert_eq!(one("a=segment_upstream,chunk_min=10,chunk_max=20").policy, SegmentPolicy::random(10, 20, Duration::ZERO));
-        assert_eq!(one("a=segment_upstream,delay=7").policy, SegmentPolicy::fixed(DEFAULT_CHUNK, ms(7)));
+        assert_eq!(
+            one("a=segment_upstream,min=10,max=20").policy,
+            SegmentPolicy::random(10, 20, Duration::ZERO)
+        );
+        assert_eq!(
+            one("a=segment_upstream,chunk_min=10,chunk_max=20").policy,
+            SegmentPolicy::random(10, 20, Duration::ZERO)
+        );
+        assert_eq!(
+            one("a=segment_upstream,delay=7").policy,
+            SegmentPolicy::fixed(DEFAULT_CHUNK, ms(7))
+        );
         assert_eq!(
             one("a=segment_upstream,strategy=none,delay=7").policy,
-            SegmentPolicy { strategy: Strategy::None, delay: ms(7) }
+            SegmentPolicy {
+                strategy: Strategy::None,
+                delay: ms(7)
+            }
         );
-        assert_eq!(one("a=SEGMENT_UPSTREAM,Strategy=FIXED,CHUNK=9").policy, SegmentPolicy::fixed(9, Duration::ZERO));
+        assert_eq!(
+            one("a=SEGMENT_UPSTREAM,Strategy=FIXED,CHUNK=9").policy,
+            SegmentPolicy::fixed(9, Duration::ZERO)
+        );
         let r = one(" A.Example.COM = segment_upstream , chunk = 3 ,, port=8443, direction=both, intercept=no, method=get, path_prefix=/api ");
         assert_eq!(r.host_glob, "a.example.com");
         assert_eq!(r.port, Some(8443));
@@ -1054,15 +1197,28 @@ mod tests {
         assert_eq!(r.intercept, Intercept::No);
         assert_eq!(r.method.as_deref(), Some("GET"));
         assert_eq!(r.path_prefix.as_deref(), Some("/api"));
-        assert_eq!(one("a=direct,intercept=yes,direction=down").intercept, Intercept::Yes);
+        assert_eq!(
+            one("a=direct,intercept=yes,direction=down").intercept,
+            Intercept::Yes
+        );
         // upstream= alone implies action=upstream.
-        assert!(matches!(one("a=direct,upstream=proxy.local:8080").action, Action::Upstream(_)));
+        assert!(matches!(
+            one("a=direct,upstream=proxy.local:8080").action,
+            Action::Upstream(_)
+        ));
         // reason may contain '=' and '#'.
         assert_eq!(
             one("a=direct,action=block,reason=policy #4: a=b").action,
-            Action::Block { reason: "policy #4: a=b".into() }
+            Action::Block {
+                reason: "policy #4: a=b".into()
+            }
         );
-        assert_eq!(one("a=direct,action=block").action, Action::Block { reason: "blocked by rule".into() });
+        assert_eq!(
+            one("a=direct,action=block").action,
+            Action::Block {
+                reason: "blocked by rule".into()
+            }
+        );
     }
 
     #[test]
@@ -1071,7 +1227,10 @@ mod tests {
         let e = RuleSet::parse(text, "rules.txt").unwrap_err();
         assert_eq!(e.source, "rules.txt");
         assert_eq!(e.line, 4);
-        assert_eq!(e.to_string(), "rules.txt:4: invalid number for chunk: 'abc'");
+        assert_eq!(
+            e.to_string(),
+            "rules.txt:4: invalid number for chunk: 'abc'"
+        );
 
         // All or nothing.
         let mut set = RuleSet::default();
@@ -1085,24 +1244,54 @@ mod tests {
             ("a=direct,colour=red", "unknown key 'colour'"),
             ("a=direct,action", "expected key=value"),
             ("a=direct,action=", "empty value for action"),
-            ("a=direct,action=block,action=direct", "duplicate key 'action'"),
-            ("a=segment_upstream,min=1,chunk_min=2,max=3", "duplicate key 'min'"),
+            (
+                "a=direct,action=block,action=direct",
+                "duplicate key 'action'",
+            ),
+            (
+                "a=segment_upstream,min=1,chunk_min=2,max=3",
+                "duplicate key 'min'",
+            ),
             ("a=segment_upstream,chunk=-1", "invalid number for chunk"),
-            ("a=segment_upstream,chunk=0", "fixed strategy needs chunk > 0"),
-            ("a=segment_upstream,strategy=random,min=5", "needs both min and max"),
+            (
+                "a=segment_upstream,chunk=0",
+                "fixed strategy needs chunk > 0",
+            ),
+            (
+                "a=segment_upstream,strategy=random,min=5",
+                "needs both min and max",
+            ),
             ("a=segment_upstream,min=9,max=5", "min <= max"),
             ("a=segment_upstream,min=0,max=5", "min > 0"),
             ("a=segment_upstream,chunk=5,min=1,max=2", "not both"),
-            ("a=segment_upstream,strategy=fixed,min=1", "min/max apply to strategy=random"),
-            ("a=segment_upstream,strategy=random,chunk=1,min=1,max=2", "chunk applies to strategy=fixed"),
-            ("a=segment_upstream,strategy=none,chunk=1", "strategy=none takes no"),
-            ("a=segment_upstream,strategy=zigzag", "unknown strategy 'zigzag'"),
+            (
+                "a=segment_upstream,strategy=fixed,min=1",
+                "min/max apply to strategy=random",
+            ),
+            (
+                "a=segment_upstream,strategy=random,chunk=1,min=1,max=2",
+                "chunk applies to strategy=fixed",
+            ),
+            (
+                "a=segment_upstream,strategy=none,chunk=1",
+                "strategy=none takes no",
+            ),
+            (
+                "a=segment_upstream,strategy=zigzag",
+                "unknown strategy 'zigzag'",
+            ),
             ("a=segment_upstream,delay=1.5", "invalid number for delay"),
             ("a=direct,chunk=5", "mode direct does not segment"),
             ("a=direct,action=upstream", "needs upstream=HOST:PORT"),
-            ("a=direct,action=block,upstream=h:1", "does not apply to action=block"),
+            (
+                "a=direct,action=block,upstream=h:1",
+                "does not apply to action=block",
+            ),
             ("a=direct,action=teleport", "unknown action 'teleport'"),
-            ("a=direct,reason=why", "reason= applies only to action=block"),
+            (
+                "a=direct,reason=why",
+                "reason= applies only to action=block",
+            ),
             ("a=direct,upstream=nohost", "must be HOST:PORT"),
             ("a=direct,upstream=h:0", "invalid port"),
             ("a=direct,upstream=h:70000", "invalid port"),
@@ -1125,15 +1314,24 @@ mod tests {
 
         let mut set = RuleSet::default();
         let e = set.add_rule_line("", "<cli>", 2).unwrap_err();
-        assert_eq!(e.to_string(), "<cli>:2: empty rule; expected HOST_GLOB=MODE[,key=value]...");
+        assert_eq!(
+            e.to_string(),
+            "<cli>:2: empty rule; expected HOST_GLOB=MODE[,key=value]..."
+        );
     }
 
     #[test]
     fn unreadable_file_is_line_zero() {
         let mut set = RuleSet::default();
-        let e = set.add_file(Path::new("/nonexistent/rules.txt")).unwrap_err();
+        let e = set
+            .add_file(Path::new("/nonexistent/rules.txt"))
+            .unwrap_err();
         assert_eq!(e.line, 0);
-        assert!(e.to_string().starts_with("/nonexistent/rules.txt: cannot read rules file"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("/nonexistent/rules.txt: cannot read rules file"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -1150,17 +1348,34 @@ mod tests {
 
     #[test]
     fn credentials_are_kept_but_masked() {
-        let set = RuleSet::parse("*.corp=direct,action=upstream,upstream=alice:s3cr3t@Proxy.Corp:3128", "f").unwrap();
+        let set = RuleSet::parse(
+            "*.corp=direct,action=upstream,upstream=alice:s3cr3t@Proxy.Corp:3128",
+            "f",
+        )
+        .unwrap();
         let rule = &set.rules()[0];
-        let Action::Upstream(up) = &rule.action else { panic!("not upstream") };
+        let Action::Upstream(up) = &rule.action else {
+            panic!("not upstream")
+        };
         assert_eq!(up.credentials, Some(("alice".into(), "s3cr3t".into())));
         assert_eq!(up.authority(), "proxy.corp:3128");
         assert_eq!(up.to_string(), "alice:***@proxy.corp:3128");
         // base64("alice:s3cr3t")
-        assert_eq!(up.basic_auth_header().as_deref(), Some("Basic YWxpY2U6czNjcjN0"));
-        assert_eq!(rule.text, "*.corp=direct,action=upstream,upstream=alice:***@proxy.corp:3128");
+        assert_eq!(
+            up.basic_auth_header().as_deref(),
+            Some("Basic YWxpY2U6czNjcjN0")
+        );
+        assert_eq!(
+            rule.text,
+            "*.corp=direct,action=upstream,upstream=alice:***@proxy.corp:3128"
+        );
         let d = set.decide("GET", Scheme::Http, "x.corp", 80, "/");
-        for shown in [set.describe(), d.explanation.clone(), format!("{rule:?}"), format!("{d:?}")] {
+        for shown in [
+            set.describe(),
+            d.explanation.clone(),
+            format!("{rule:?}"),
+            format!("{d:?}"),
+        ] {
             assert!(!shown.contains("s3cr3t"), "{shown}");
             assert!(shown.contains("alice:***@proxy.corp:3128"), "{shown}");
         }
@@ -1170,7 +1385,10 @@ mod tests {
         assert_eq!(up.host, "::1");
         assert_eq!(up.authority(), "[::1]:8080");
         assert_eq!(up.to_string(), "bob:***@[::1]:8080");
-        assert!(UpstreamProxy::parse("h:1").unwrap().basic_auth_header().is_none());
+        assert!(UpstreamProxy::parse("h:1")
+            .unwrap()
+            .basic_auth_header()
+            .is_none());
         // Errors never echo the password.
         let e = err("a=direct,upstream=carol:hunter2@bad host:1");
         assert!(!e.contains("hunter2"), "{e}");
@@ -1235,10 +1453,16 @@ a*.example.com=segment_upstream,chunk=5
 
         // Other glob beats catch-all.
         let set = RuleSet::parse("*=direct\nex*.org=direct,action=block", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(1));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
+            Some(1)
+        );
         // Between other globs, more literal characters win.
         let set = RuleSet::parse("e*.org=direct\n*ple.org=direct\nex*.org=direct", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(1));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
+            Some(1)
+        );
     }
 
     #[test]
@@ -1252,7 +1476,9 @@ h.test=segment_upstream,chunk=5,path_prefix=/a/b
 h.test=segment_upstream,chunk=6,port=8443,scheme=http
 ";
         let set = RuleSet::parse(text, "t").unwrap();
-        let pick = |m: &str, s: Scheme, port: u16, path: &str| chunk_of(&set.decide(m, s, "h.test", port, path));
+        let pick = |m: &str, s: Scheme, port: u16, path: &str| {
+            chunk_of(&set.decide(m, s, "h.test", port, path))
+        };
         assert_eq!(pick("GET", Scheme::Https, 443, "/"), 1);
         assert_eq!(pick("post", Scheme::Http, 80, "/"), 2);
         assert_eq!(pick("POST", Scheme::Https, 443, "/"), 3);
@@ -1264,17 +1490,37 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         assert_eq!(pick("POST", Scheme::Https, 443, "/a/b/c"), 3);
 
         // Full tie: block wins, then the earlier rule.
-        let set = RuleSet::parse("t.test=direct\nt.test=direct,action=block\nt.test=direct,action=block,reason=2nd", "t").unwrap();
+        let set = RuleSet::parse(
+            "t.test=direct\nt.test=direct,action=block\nt.test=direct,action=block,reason=2nd",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("GET", Scheme::Http, "t.test", 80, "/");
         assert_eq!(d.rule, Some(1));
-        assert_eq!(d.action, Action::Block { reason: "blocked by rule".into() });
-        assert!(d.explanation.contains("beat t:3 (earlier rule wins a tie)"), "{}", d.explanation);
+        assert_eq!(
+            d.action,
+            Action::Block {
+                reason: "blocked by rule".into()
+            }
+        );
+        assert!(
+            d.explanation.contains("beat t:3 (earlier rule wins a tie)"),
+            "{}",
+            d.explanation
+        );
         let set = RuleSet::parse("t.test=direct\nt.test=direct,action=block", "t").unwrap();
         let d = set.decide("GET", Scheme::Http, "t.test", 80, "/");
         assert_eq!(d.rule, Some(1));
-        assert!(d.explanation.contains("beat t:1 (block wins a tie)"), "{}", d.explanation);
+        assert!(
+            d.explanation.contains("beat t:1 (block wins a tie)"),
+            "{}",
+            d.explanation
+        );
         let set = RuleSet::parse("t.test=direct\nt.test=segment_upstream", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "t.test", 80, "/").rule, Some(0));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "t.test", 80, "/").rule,
+            Some(0)
+        );
     }
 
     #[test]
@@ -1286,15 +1532,24 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         assert_eq!(d.policy, SegmentPolicy::random(256, 1024, ms(5)));
         // A path-prefix rule never matches an opaque CONNECT.
         let set = RuleSet::parse("*.example.com=direct,path_prefix=/", "t").unwrap();
-        assert_eq!(set.decide("CONNECT", Scheme::Https, "a.example.com", 443, "").rule, None);
-        assert_eq!(set.decide("GET", Scheme::Https, "a.example.com", 443, "/z").rule, Some(0));
+        assert_eq!(
+            set.decide("CONNECT", Scheme::Https, "a.example.com", 443, "")
+                .rule,
+            None
+        );
+        assert_eq!(
+            set.decide("GET", Scheme::Https, "a.example.com", 443, "/z")
+                .rule,
+            Some(0)
+        );
     }
 
     #[test]
     fn no_match_uses_defaults() {
         let mut set = RuleSet::new(SegmentPolicy::fixed(100, ms(3)), Direction::Both);
         set.add_rule_line("only.test=direct", "<cli>", 1).unwrap();
-        set.add_rule_line("dir.test=segment_upstream", "<cli>", 2).unwrap();
+        set.add_rule_line("dir.test=segment_upstream", "<cli>", 2)
+            .unwrap();
         let d = set.decide("GET", Scheme::Http, "other.test", 80, "/");
         assert_eq!(d.rule, None);
         assert_eq!(d.action, Action::Direct);
@@ -1303,7 +1558,10 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         assert_eq!(d.intercept, Intercept::Default);
         assert_eq!(d.explanation, "no rule matched; default policy");
         // A matching `direct` rule turns segmentation off.
-        assert!(set.decide("GET", Scheme::Http, "only.test", 80, "/").policy.is_passthrough());
+        assert!(set
+            .decide("GET", Scheme::Http, "only.test", 80, "/")
+            .policy
+            .is_passthrough());
         // Rules without direction= take the set's default.
         assert_eq!(set.rules()[1].direction, Direction::Both);
         assert!(RuleSet::parse("", "t").unwrap().is_empty());
@@ -1321,9 +1579,18 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         let d = set.decide("GET", Scheme::Https, "v1.api.example.com", 443, "/");
         assert!(d.explanation.contains("matched: *.suffix glob *.api.example.com; beat order.rules:3 (longer host suffix, 16 > 12 chars)"), "{}", d.explanation);
         let d = set.decide("GET", Scheme::Https, "example.org", 443, "/");
-        assert!(d.explanation.ends_with("matched: catch-all * *; the only matching rule"), "{}", d.explanation);
+        assert!(
+            d.explanation
+                .ends_with("matched: catch-all * *; the only matching rule"),
+            "{}",
+            d.explanation
+        );
 
-        let set = RuleSet::parse("x.test=direct,method=GET,port=80,scheme=http,path_prefix=/p", "t").unwrap();
+        let set = RuleSet::parse(
+            "x.test=direct,method=GET,port=80,scheme=http,path_prefix=/p",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("GET", Scheme::Http, "x.test", 80, "/p/q");
         assert!(d.explanation.ends_with(
             "matched: exact host x.test, scheme http, method GET, port 80, path prefix /p; exact hosts outrank all globs"
@@ -1332,13 +1599,31 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         let set = RuleSet::parse("*.a.test=direct\n*.a.test=direct,method=GET", "t").unwrap();
         let d = set.decide("GET", Scheme::Http, "b.a.test", 80, "/");
         assert_eq!(d.rule, Some(1));
-        assert!(d.explanation.contains("beat t:1 (more conditions, 1 > 0)"), "{}", d.explanation);
+        assert!(
+            d.explanation.contains("beat t:1 (more conditions, 1 > 0)"),
+            "{}",
+            d.explanation
+        );
         let set = RuleSet::parse("x*=direct\nxy*=direct", "t").unwrap();
         let d = set.decide("GET", Scheme::Http, "xyz", 80, "/");
-        assert!(d.explanation.contains("beat t:1 (more literal host characters, 2 > 1)"), "{}", d.explanation);
-        let set = RuleSet::parse("x.test=direct,path_prefix=/a\nx.test=direct,path_prefix=/ab", "t").unwrap();
+        assert!(
+            d.explanation
+                .contains("beat t:1 (more literal host characters, 2 > 1)"),
+            "{}",
+            d.explanation
+        );
+        let set = RuleSet::parse(
+            "x.test=direct,path_prefix=/a\nx.test=direct,path_prefix=/ab",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("GET", Scheme::Http, "x.test", 80, "/abc");
-        assert!(d.explanation.contains("beat t:1 (longer path prefix, 3 > 2 chars)"), "{}", d.explanation);
+        assert!(
+            d.explanation
+                .contains("beat t:1 (longer path prefix, 3 > 2 chars)"),
+            "{}",
+            d.explanation
+        );
     }
 
     #[test]
@@ -1389,7 +1674,11 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
             let d = rng.usize(0..35);
             let host = format!("h{d}.d{}.test", rng.usize(0..8));
             let method = if rng.bool() { "GET" } else { "POST" };
-            let scheme = if rng.bool() { Scheme::Https } else { Scheme::Http };
+            let scheme = if rng.bool() {
+                Scheme::Https
+            } else {
+                Scheme::Http
+            };
             let port = if rng.bool() { 443 } else { 80 };
             let path = ["/", "/p", "/pp", "/ppp", ""][rng.usize(0..5)];
             let got = set.decide(method, scheme, &host, port, path).rule;

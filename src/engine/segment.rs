@@ -60,17 +60,26 @@ impl Default for SegmentPolicy {
 impl SegmentPolicy {
     /// No segmentation, no delay: bytes pass through untouched.
     pub fn none() -> Self {
-        Self { strategy: Strategy::None, delay: Duration::ZERO }
+        Self {
+            strategy: Strategy::None,
+            delay: Duration::ZERO,
+        }
     }
 
     /// Shorthand for a fixed-size policy.
     pub fn fixed(chunk: usize, delay: Duration) -> Self {
-        Self { strategy: Strategy::Fixed { chunk }, delay }
+        Self {
+            strategy: Strategy::Fixed { chunk },
+            delay,
+        }
     }
 
     /// Shorthand for a random-size policy.
     pub fn random(min: usize, max: usize, delay: Duration) -> Self {
-        Self { strategy: Strategy::Random { min, max }, delay }
+        Self {
+            strategy: Strategy::Random { min, max },
+            delay,
+        }
     }
 
     /// True when the policy cannot change timing or grouping at all.
@@ -85,9 +94,9 @@ impl SegmentPolicy {
             Strategy::Fixed { chunk: 0 } => Err("fixed strategy needs chunk > 0".into()),
             Strategy::Fixed { .. } => Ok(()),
             Strategy::Random { min: 0, .. } => Err("random strategy needs min > 0".into()),
-            Strategy::Random { min, max } if min > max => {
-                Err(format!("random strategy needs min <= max (min={min} max={max})"))
-            }
+            Strategy::Random { min, max } if min > max => Err(format!(
+                "random strategy needs min <= max (min={min} max={max})"
+            )),
             Strategy::Random { .. } => Ok(()),
         }
     }
@@ -175,12 +184,14 @@ impl<S> Segmented<S> {
     }
 
     fn draw_chunk_size(&mut self, available: usize) -> usize {
-        let size = *self.planned.get_or_insert_with(|| match self.policy.strategy {
-            Strategy::None => usize::MAX,
-            // max(1) keeps an unvalidated zero from looping forever.
-            Strategy::Fixed { chunk } => chunk.max(1),
-            Strategy::Random { min, max } => self.rng.usize(min.max(1)..=max.max(min).max(1)),
-        });
+        let size = *self
+            .planned
+            .get_or_insert_with(|| match self.policy.strategy {
+                Strategy::None => usize::MAX,
+                // max(1) keeps an unvalidated zero from looping forever.
+                Strategy::Fixed { chunk } => chunk.max(1),
+                Strategy::Random { min, max } => self.rng.usize(min.max(1)..=max.max(min).max(1)),
+            });
         size.min(available)
     }
 }
@@ -230,7 +241,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Segmented<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.fast {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
@@ -295,7 +310,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         // Segmenting: one buffer at a time, like the default implementation.
-        let buf = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
+        let buf = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
         Pin::new(this).poll_write(cx, buf)
     }
 
@@ -331,16 +349,25 @@ mod tests {
     #[test]
     fn policy_validate_and_describe() {
         assert!(SegmentPolicy::none().is_passthrough());
-        assert!(!SegmentPolicy { strategy: Strategy::None, delay: Duration::from_millis(1) }
-            .is_passthrough());
+        assert!(!SegmentPolicy {
+            strategy: Strategy::None,
+            delay: Duration::from_millis(1)
+        }
+        .is_passthrough());
         assert!(!SegmentPolicy::fixed(10, Duration::ZERO).is_passthrough());
 
         assert!(SegmentPolicy::none().validate().is_ok());
         assert!(SegmentPolicy::fixed(1, Duration::ZERO).validate().is_ok());
         assert!(SegmentPolicy::fixed(0, Duration::ZERO).validate().is_err());
-        assert!(SegmentPolicy::random(1, 1, Duration::ZERO).validate().is_ok());
-        assert!(SegmentPolicy::random(0, 5, Duration::ZERO).validate().is_err());
-        assert!(SegmentPolicy::random(6, 5, Duration::ZERO).validate().is_err());
+        assert!(SegmentPolicy::random(1, 1, Duration::ZERO)
+            .validate()
+            .is_ok());
+        assert!(SegmentPolicy::random(0, 5, Duration::ZERO)
+            .validate()
+            .is_err());
+        assert!(SegmentPolicy::random(6, 5, Duration::ZERO)
+            .validate()
+            .is_err());
 
         assert_eq!(SegmentPolicy::none().describe(), "none");
         assert_eq!(
@@ -351,7 +378,10 @@ mod tests {
             SegmentPolicy::random(10, 100, Duration::ZERO).describe(),
             "random min=10 max=100 delay=0ms"
         );
-        let none_delay = SegmentPolicy { strategy: Strategy::None, delay: Duration::from_millis(20) };
+        let none_delay = SegmentPolicy {
+            strategy: Strategy::None,
+            delay: Duration::from_millis(20),
+        };
         assert_eq!(none_delay.describe(), "none delay=20ms");
         assert_eq!(none_delay.to_string(), "none delay=20ms");
     }
@@ -406,7 +436,10 @@ mod tests {
     #[tokio::test]
     async fn random_data_random_policies_roundtrip() {
         let mut rng = fastrand::Rng::with_seed(0x5e9);
-        for (i, size) in [0usize, 1, 17, 4096, 65_537, 300_000, 1 << 20].into_iter().enumerate() {
+        for (i, size) in [0usize, 1, 17, 4096, 65_537, 300_000, 1 << 20]
+            .into_iter()
+            .enumerate()
+        {
             let data: Vec<u8> = (0..size).map(|_| rng.u8(..)).collect();
             let policy = match rng.usize(0..3) {
                 0 => SegmentPolicy::none(),
@@ -422,8 +455,20 @@ mod tests {
         // Every strategy at least once, with a small pipe.
         let data: Vec<u8> = (0..200_000).map(|_| rng.u8(..)).collect();
         roundtrip(data.clone(), SegmentPolicy::none(), 999, 1).await;
-        roundtrip(data.clone(), SegmentPolicy::fixed(1, Duration::ZERO), 4096, 2).await;
-        roundtrip(data.clone(), SegmentPolicy::fixed(3000, Duration::ZERO), 1000, 3).await;
+        roundtrip(
+            data.clone(),
+            SegmentPolicy::fixed(1, Duration::ZERO),
+            4096,
+            2,
+        )
+        .await;
+        roundtrip(
+            data.clone(),
+            SegmentPolicy::fixed(3000, Duration::ZERO),
+            1000,
+            3,
+        )
+        .await;
         roundtrip(data, SegmentPolicy::random(1, 4000, Duration::ZERO), 333, 4).await;
     }
 
@@ -510,7 +555,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn delay_applies_between_chunks_and_across_writes() {
         let (a, mut b) = tokio::io::duplex(1 << 16);
-        let mut w = Segmented::new(a, SegmentPolicy::fixed(10, Duration::from_millis(100)), None);
+        let mut w = Segmented::new(
+            a,
+            SegmentPolicy::fixed(10, Duration::from_millis(100)),
+            None,
+        );
         let start = tokio::time::Instant::now();
         w.write_all(&[0u8; 30]).await.unwrap(); // 3 chunks: 2 pauses inside
         assert!(start.elapsed() >= Duration::from_millis(200));
@@ -545,17 +594,27 @@ mod tests {
         let stream = tokio::net::TcpStream::connect(addr).await.unwrap();
         stream.set_nodelay(true).unwrap();
         let (obs, seen) = recorder();
-        let mut w =
-            Segmented::new(stream, SegmentPolicy::fixed(1000, Duration::from_millis(30)), Some(obs));
+        let mut w = Segmented::new(
+            stream,
+            SegmentPolicy::fixed(1000, Duration::from_millis(30)),
+            Some(obs),
+        );
         let data: Vec<u8> = (0..5000u32).map(|i| (i % 251) as u8).collect();
         let start = Instant::now();
         w.write_all(&data).await.unwrap();
         w.shutdown().await.unwrap();
         drop(w);
-        let reads = tokio::time::timeout(Duration::from_secs(10), receiver).await.unwrap().unwrap();
+        let reads = tokio::time::timeout(Duration::from_secs(10), receiver)
+            .await
+            .unwrap()
+            .unwrap();
 
         let sizes: Vec<usize> = reads.iter().map(|r| r.0).collect();
-        assert_eq!(sizes, vec![1000; 5], "each chunk should arrive as its own read");
+        assert_eq!(
+            sizes,
+            vec![1000; 5],
+            "each chunk should arrive as its own read"
+        );
         let first = reads[0].1;
         let last = reads[4].1;
         // 4 pauses of 30 ms between 5 chunks; allow scheduler slack.
@@ -571,7 +630,11 @@ mod tests {
     }
 
     impl AsyncWrite for Trickle {
-        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
             self.out.push(buf[0]);
             Poll::Ready(Ok(1))
         }
@@ -588,7 +651,10 @@ mod tests {
     async fn chunk_is_fully_written_then_flushed() {
         let (obs, seen) = recorder();
         let mut w = Segmented::new(
-            Trickle { out: Vec::new(), flushes: 0 },
+            Trickle {
+                out: Vec::new(),
+                flushes: 0,
+            },
             SegmentPolicy::fixed(3, Duration::ZERO),
             Some(obs),
         );
