@@ -1,4 +1,5 @@
 //! The proxy engine: pure Rust, no Python. Every behaviour lives in a module named after it.
 
 pub mod rules;
+pub mod safety;
 pub mod segment;
