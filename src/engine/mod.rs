@@ -1,12 +1,18 @@
 //! The proxy engine: pure Rust, no Python. Every behaviour lives in a module named after it.
 
 pub mod access;
+pub mod ca;
 pub mod config;
 pub mod connector;
+pub mod dns;
 pub mod http1;
 pub mod pool;
 pub mod proxy;
+pub mod rules;
+pub mod safety;
+pub mod segment;
 pub mod server;
+pub mod tls;
 pub mod tunnel;
 
 pub use config::EngineConfig;
