@@ -1,0 +1,1 @@
+//! TLS plumbing for interception (filled in next).
