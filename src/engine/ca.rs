@@ -114,7 +114,9 @@ impl HostName {
         }
         let h = h.strip_suffix('.').unwrap_or(h).to_ascii_lowercase();
         if h.is_empty() {
-            return Err(CaError::new("cannot mint a certificate for an empty host name"));
+            return Err(CaError::new(
+                "cannot mint a certificate for an empty host name",
+            ));
         }
         if rustls::pki_types::DnsName::try_from(h.as_str()).is_err() {
             return Err(CaError::new(format!(
@@ -261,18 +263,15 @@ fn parse_key_pem(key_pem: &str) -> Result<KeyPair, CaError> {
 
 fn parse_cert_pem(cert_pem: &str) -> Result<CertificateDer<'static>, CaError> {
     let mut reader = cert_pem.as_bytes();
-    let mut first = None;
-    for item in rustls_pemfile::certs(&mut reader) {
-        match item {
-            Ok(der) => {
-                first = Some(der);
-                break;
-            }
-            Err(e) => {
-                return Err(CaError::new(format!("CA certificate PEM cannot be parsed: {e:?}")))
-            }
+    let first = match rustls_pemfile::certs(&mut reader).next() {
+        Some(Ok(der)) => Some(der),
+        Some(Err(e)) => {
+            return Err(CaError::new(format!(
+                "CA certificate PEM cannot be parsed: {e:?}"
+            )))
         }
-    }
+        None => None,
+    };
     match first {
         Some(der) => Ok(der),
         None if cert_pem.contains("PRIVATE KEY") => Err(CaError::new(
@@ -284,10 +283,14 @@ fn parse_cert_pem(cert_pem: &str) -> Result<CertificateDer<'static>, CaError> {
 }
 
 fn write_file_atomic(path: &Path, data: &[u8], private: bool, what: &str) -> Result<(), CaError> {
-    let err = |e: std::io::Error| CaError::new(format!("cannot write {what} {}: {e}", path.display()));
-    let file_name = path
-        .file_name()
-        .ok_or_else(|| CaError::new(format!("cannot write {what} {}: not a file path", path.display())))?;
+    let err =
+        |e: std::io::Error| CaError::new(format!("cannot write {what} {}: {e}", path.display()));
+    let file_name = path.file_name().ok_or_else(|| {
+        CaError::new(format!(
+            "cannot write {what} {}: not a file path",
+            path.display()
+        ))
+    })?;
     let nanos = SystemTime::now()
         .duration_since(SystemTime::UNIX_EPOCH)
         .map(|d| d.subsec_nanos())
@@ -345,7 +348,9 @@ pub fn key_file_warning(path: &Path) -> Option<String> {
             #[cfg(unix)]
             let mode = {
                 use std::os::unix::fs::PermissionsExt;
-                fs::metadata(path).map(|m| m.permissions().mode() & 0o777).unwrap_or(0)
+                fs::metadata(path)
+                    .map(|m| m.permissions().mode() & 0o777)
+                    .unwrap_or(0)
             };
             #[cfg(not(unix))]
             let mode = 0;
@@ -400,7 +405,12 @@ impl CertificateAuthority {
             .map_err(|e| CaError::new(format!("cannot create CA certificate: {e}")))?;
         let ca_cert_der = cert.der().clone();
         let issuer = Issuer::new(params, key);
-        Self::from_parts(issuer, ca_cert_der, now + Duration::days(CA_VALIDITY_DAYS), provider)
+        Self::from_parts(
+            issuer,
+            ca_cert_der,
+            now + Duration::days(CA_VALIDITY_DAYS),
+            provider,
+        )
     }
 
     /// Load a CA from PEM text: an unencrypted PKCS#8 private key and a CA certificate (the first
@@ -413,7 +423,11 @@ impl CertificateAuthority {
             .map_err(|e| CaError::new(format!("CA certificate cannot be parsed: {e}")))?;
         match x509.basic_constraints() {
             Ok(Some(bc)) if bc.value.ca => {}
-            Ok(_) => return Err(CaError::new("CA certificate is not a CA (basicConstraints)")),
+            Ok(_) => {
+                return Err(CaError::new(
+                    "CA certificate is not a CA (basicConstraints)",
+                ))
+            }
             Err(e) => {
                 return Err(CaError::new(format!(
                     "CA certificate has an unreadable basicConstraints extension: {e}"
@@ -430,9 +444,8 @@ impl CertificateAuthority {
         if x509.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
             return Err(CaError::new("CA key does not match CA certificate"));
         }
-        let not_after =
-            OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
-                .map_err(|e| CaError::new(format!("CA certificate has a bad expiry date: {e}")))?;
+        let not_after = OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
+            .map_err(|e| CaError::new(format!("CA certificate has a bad expiry date: {e}")))?;
         if not_after <= OffsetDateTime::now_utc() {
             return Err(CaError::new(format!(
                 "CA certificate expired on {}; generate a new CA",
@@ -448,10 +461,16 @@ impl CertificateAuthority {
     /// Does not complain about key file permissions: see [`key_file_warning`].
     pub fn load(key_path: &Path, cert_path: &Path) -> Result<Self, CaError> {
         let key_pem = fs::read_to_string(key_path).map_err(|e| {
-            CaError::new(format!("cannot read CA key file {}: {e}", key_path.display()))
+            CaError::new(format!(
+                "cannot read CA key file {}: {e}",
+                key_path.display()
+            ))
         })?;
         let cert_pem = fs::read_to_string(cert_path).map_err(|e| {
-            CaError::new(format!("cannot read CA certificate file {}: {e}", cert_path.display()))
+            CaError::new(format!(
+                "cannot read CA certificate file {}: {e}",
+                cert_path.display()
+            ))
         })?;
         Self::from_pem(&key_pem, &cert_pem).map_err(|e| {
             CaError::new(format!(
@@ -466,7 +485,12 @@ impl CertificateAuthority {
     /// Each file is written to a temporary file in the same directory and renamed into place.
     pub fn save(&self, key_path: &Path, cert_path: &Path) -> Result<(), CaError> {
         write_file_atomic(key_path, self.key_pem().as_bytes(), true, "CA key file")?;
-        write_file_atomic(cert_path, self.cert_pem().as_bytes(), false, "CA certificate file")
+        write_file_atomic(
+            cert_path,
+            self.cert_pem().as_bytes(),
+            false,
+            "CA certificate file",
+        )
     }
 
     fn from_parts(
@@ -499,7 +523,10 @@ impl CertificateAuthority {
             leaf_signing_key,
             provider,
             template,
-            cache: Mutex::new(HostCache { map: HashMap::new(), order: VecDeque::new() }),
+            cache: Mutex::new(HostCache {
+                map: HashMap::new(),
+                order: VecDeque::new(),
+            }),
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             mints: AtomicU64::new(0),
         })
@@ -712,11 +739,18 @@ pub(crate) mod tests {
         // self-signed, P-256
         cert.verify_signature(None).unwrap();
         assert_eq!(
-            cert.public_key().algorithm.parameters.as_ref().unwrap().as_oid().unwrap(),
+            cert.public_key()
+                .algorithm
+                .parameters
+                .as_ref()
+                .unwrap()
+                .as_oid()
+                .unwrap(),
             x509_parser::oid_registry::OID_EC_P256
         );
         let v = cert.validity();
-        let years = (v.not_after.timestamp() - v.not_before.timestamp()) as f64 / (365.25 * 86400.0);
+        let years =
+            (v.not_after.timestamp() - v.not_before.timestamp()) as f64 / (365.25 * 86400.0);
         assert!((9.9..10.1).contains(&years), "CA validity {years} years");
         assert!(v.not_before.timestamp() <= now_ts() - 23 * 3600);
         assert!(cert.raw_serial().len() >= 16);
@@ -735,10 +769,18 @@ pub(crate) mod tests {
     fn generate_rejects_bad_subject() {
         let mut s = CaSubject::default();
         s.common_name.clear();
-        assert!(CertificateAuthority::generate(&s).unwrap_err().to_string().contains("common name"));
-        let mut s = CaSubject::default();
-        s.country = "USA".into();
-        assert!(CertificateAuthority::generate(&s).unwrap_err().to_string().contains("two-letter"));
+        assert!(CertificateAuthority::generate(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("common name"));
+        let s = CaSubject {
+            country: "USA".into(),
+            ..CaSubject::default()
+        };
+        assert!(CertificateAuthority::generate(&s)
+            .unwrap_err()
+            .to_string()
+            .contains("two-letter"));
     }
 
     #[test]
@@ -773,7 +815,10 @@ pub(crate) mod tests {
         assert_eq!(loaded.cert_der(), ca.cert_der());
         assert_eq!(loaded.key_pem(), ca.key_pem());
         // no temp files left behind
-        let names: Vec<_> = fs::read_dir(&dir.0).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let names: Vec<_> = fs::read_dir(&dir.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
         assert_eq!(names.len(), 2, "{names:?}");
         // a leaf minted by the loaded CA has the original CA as issuer
         let leaf = leaf_der(&loaded, "example.com");
@@ -804,8 +849,14 @@ pub(crate) mod tests {
     fn save_into_missing_directory_fails_clearly() {
         let dir = TempDir::new("ca-missing");
         let k = dir.path("nope/ca.key");
-        let e = test_ca().save(&k, &dir.path("ca.pem")).unwrap_err().to_string();
-        assert!(e.starts_with("cannot write CA key file ") && e.contains("nope/ca.key"), "{e}");
+        let e = test_ca()
+            .save(&k, &dir.path("ca.pem"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("cannot write CA key file ") && e.contains("nope/ca.key"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -814,13 +865,19 @@ pub(crate) mod tests {
         let e = CertificateAuthority::load(&dir.path("x.key"), &dir.path("x.pem"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("cannot read CA key file ") && e.contains("x.key"), "{e}");
+        assert!(
+            e.starts_with("cannot read CA key file ") && e.contains("x.key"),
+            "{e}"
+        );
         let ca = test_ca();
         ca.save(&dir.path("x.key"), &dir.path("y.pem")).unwrap();
         let e = CertificateAuthority::load(&dir.path("x.key"), &dir.path("x.pem"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("cannot read CA certificate file ") && e.contains("x.pem"), "{e}");
+        assert!(
+            e.starts_with("cannot read CA certificate file ") && e.contains("x.pem"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -836,7 +893,10 @@ pub(crate) mod tests {
         let e = CertificateAuthority::load(&dir.path("a.key"), &dir.path("b.pem"))
             .unwrap_err()
             .to_string();
-        assert!(e.starts_with("CA key does not match CA certificate (key file "), "{e}");
+        assert!(
+            e.starts_with("CA key does not match CA certificate (key file "),
+            "{e}"
+        );
     }
 
     #[test]
@@ -848,10 +908,14 @@ pub(crate) mod tests {
         assert_eq!(e.to_string(), "no certificate found in CA certificate PEM");
         // right labels, garbage inside
         let bad_key = "-----BEGIN PRIVATE KEY-----\nAAAAAAAA\n-----END PRIVATE KEY-----\n";
-        let e = CertificateAuthority::from_pem(bad_key, &ca.cert_pem()).unwrap_err().to_string();
+        let e = CertificateAuthority::from_pem(bad_key, &ca.cert_pem())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("CA key is not a usable private key"), "{e}");
         let bad_cert = "-----BEGIN CERTIFICATE-----\nAAAAAAAA\n-----END CERTIFICATE-----\n";
-        let e = CertificateAuthority::from_pem(&ca.key_pem(), bad_cert).unwrap_err().to_string();
+        let e = CertificateAuthority::from_pem(&ca.key_pem(), bad_cert)
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("CA certificate cannot be parsed"), "{e}");
         // truncated PEM
         let pem = ca.cert_pem();
@@ -860,14 +924,20 @@ pub(crate) mod tests {
             .to_string();
         assert!(e.contains("CA certificate"), "{e}");
         // swapped key and certificate
-        let e = CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem()).unwrap_err().to_string();
+        let e = CertificateAuthority::from_pem(&ca.cert_pem(), &ca.key_pem())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("swapped"), "{e}");
         // traditional EC key format
         let sec1 = "-----BEGIN EC PRIVATE KEY-----\nAAAAAAAA\n-----END EC PRIVATE KEY-----\n";
-        let e = CertificateAuthority::from_pem(sec1, &ca.cert_pem()).unwrap_err().to_string();
+        let e = CertificateAuthority::from_pem(sec1, &ca.cert_pem())
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("openssl pkcs8 -topk8"), "{e}");
         let enc = "-----BEGIN ENCRYPTED PRIVATE KEY-----\nAAAAAAAA\n-----END ENCRYPTED PRIVATE KEY-----\n";
-        let e = CertificateAuthority::from_pem(enc, &ca.cert_pem()).unwrap_err().to_string();
+        let e = CertificateAuthority::from_pem(enc, &ca.cert_pem())
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("CA key is encrypted"), "{e}");
     }
 
@@ -877,7 +947,10 @@ pub(crate) mod tests {
         let params = CertificateParams::new(vec!["example.com".to_string()]).unwrap();
         let cert = params.self_signed(&key).unwrap();
         let e = CertificateAuthority::from_pem(&key.serialize_pem(), &cert.pem()).unwrap_err();
-        assert_eq!(e.to_string(), "CA certificate is not a CA (basicConstraints)");
+        assert_eq!(
+            e.to_string(),
+            "CA certificate is not a CA (basicConstraints)"
+        );
         // CA:TRUE but keyUsage without keyCertSign
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -896,7 +969,10 @@ pub(crate) mod tests {
         params.not_after = rcgen::date_time_ymd(2020, 1, 1);
         let cert = params.self_signed(&key).unwrap();
         let e = CertificateAuthority::from_pem(&key.serialize_pem(), &cert.pem()).unwrap_err();
-        assert!(e.to_string().starts_with("CA certificate expired on"), "{e}");
+        assert!(
+            e.to_string().starts_with("CA certificate expired on"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -948,7 +1024,11 @@ pub(crate) mod tests {
             .expect("CA has a subjectKeyIdentifier");
         let cases = [
             ("Example.COM.", "dns:example.com", Some("example.com")),
-            ("sub.example.org", "dns:sub.example.org", Some("sub.example.org")),
+            (
+                "sub.example.org",
+                "dns:sub.example.org",
+                Some("sub.example.org"),
+            ),
             ("127.0.0.1", "ip:127.0.0.1", Some("127.0.0.1")),
             ("::1", "ip:::1", Some("::1")),
             ("[2001:db8::7]", "ip:2001:db8::7", Some("2001:db8::7")),
@@ -960,7 +1040,11 @@ pub(crate) mod tests {
             let der = leaf_der(&ca, host);
             let (_, cert) = parse_x509_certificate(&der).unwrap();
             assert_eq!(san_names(&cert), vec![san.to_string()], "{host}");
-            let got_cn = cert.subject().iter_common_name().next().map(|c| c.as_str().unwrap().to_string());
+            let got_cn = cert
+                .subject()
+                .iter_common_name()
+                .next()
+                .map(|c| c.as_str().unwrap().to_string());
             assert_eq!(got_cn.as_deref(), cn, "{host}");
             assert_eq!(cert.issuer(), ca_cert.subject());
             cert.verify_signature(Some(ca_cert.public_key())).unwrap();
@@ -973,26 +1057,41 @@ pub(crate) mod tests {
             let v = cert.validity();
             let days = (v.not_after.timestamp() - v.not_before.timestamp()) / 86400;
             assert!((80..398).contains(&days), "leaf validity {days} days");
-            assert!(v.not_before.timestamp() <= now_ts() - 23 * 3600, "backdated");
+            assert!(
+                v.not_before.timestamp() <= now_ts() - 23 * 3600,
+                "backdated"
+            );
             assert!(v.not_after.timestamp() >= now_ts() + 80 * 86400);
             let aki = cert
                 .extensions()
                 .iter()
                 .find_map(|e| match e.parsed_extension() {
-                    ParsedExtension::AuthorityKeyIdentifier(a) => a.key_identifier.as_ref().map(|k| k.0.to_vec()),
+                    ParsedExtension::AuthorityKeyIdentifier(a) => {
+                        a.key_identifier.as_ref().map(|k| k.0.to_vec())
+                    }
                     _ => None,
                 })
                 .expect("leaf has authorityKeyIdentifier");
             assert_eq!(aki, ca_ski);
-            assert!(serials.insert(cert.raw_serial().to_vec()), "serial repeated");
-            assert_ne!(cert.public_key().raw, ca_cert.public_key().raw, "leaf key is not the CA key");
+            assert!(
+                serials.insert(cert.raw_serial().to_vec()),
+                "serial repeated"
+            );
+            assert_ne!(
+                cert.public_key().raw,
+                ca_cert.public_key().raw,
+                "leaf key is not the CA key"
+            );
             leaf_keys.insert(cert.public_key().raw.to_vec());
         }
         assert_eq!(leaf_keys.len(), 1, "one leaf key pair per CA instance");
         for i in 0..200 {
             let der = leaf_der(&ca, &format!("h{i}.example"));
             let (_, cert) = parse_x509_certificate(&der).unwrap();
-            assert!(serials.insert(cert.raw_serial().to_vec()), "serial repeated");
+            assert!(
+                serials.insert(cert.raw_serial().to_vec()),
+                "serial repeated"
+            );
         }
         // a second CA instance has a different leaf key
         let der = leaf_der(&test_ca(), "example.com");
@@ -1025,7 +1124,10 @@ pub(crate) mod tests {
         assert_eq!(a.alpn_protocols, vec![b"http/1.1".to_vec()]);
         for bad in ["", "  ", ".", "bad host", "a..b", "exa mple.com", "x/y"] {
             let e = ca.server_config(bad).unwrap_err().to_string();
-            assert!(e.starts_with("cannot mint a certificate for"), "{bad:?}: {e}");
+            assert!(
+                e.starts_with("cannot mint a certificate for"),
+                "{bad:?}: {e}"
+            );
         }
         assert_eq!(ca.mint_count(), 2);
     }
@@ -1076,7 +1178,11 @@ pub(crate) mod tests {
         for i in 0..1000 {
             ca.server_config(&format!("HOST{i}.test")).unwrap();
         }
-        assert_eq!(ca.mint_count(), 1000, "second round is served from the cache");
+        assert_eq!(
+            ca.mint_count(),
+            1000,
+            "second round is served from the cache"
+        );
     }
 
     #[test]
@@ -1120,7 +1226,9 @@ pub(crate) mod tests {
             ca.server_config(&format!("mint{i}.example")).unwrap();
         }
         let cached = t.elapsed() / n;
-        println!("mint new host (cert + ServerConfig): {mint:?} each; cached lookup: {cached:?} each");
+        println!(
+            "mint new host (cert + ServerConfig): {mint:?} each; cached lookup: {cached:?} each"
+        );
         assert!(mint < StdDuration::from_millis(1), "mint took {mint:?}");
     }
 }
