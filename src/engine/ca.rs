@@ -992,6 +992,26 @@ pub(crate) mod tests {
         leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
     }
 
+    #[test]
+    fn openssl_made_ca_loads() {
+        // A CA made by `openssl req -x509` (PKCS#8 P-256 key), like the files other tools save.
+        let key = include_str!("testdata/openssl-ca.key.pem");
+        let cert = include_str!("testdata/openssl-ca.cert.pem");
+        let ca = CertificateAuthority::from_pem(key, cert).unwrap();
+        let leaf = leaf_der(&ca, "example.net");
+        let (_, leaf) = parse_x509_certificate(&leaf).unwrap();
+        let ca_der = ca.cert_der();
+        let (_, ca_cert) = parse_x509_certificate(&ca_der).unwrap();
+        leaf.verify_signature(Some(ca_cert.public_key())).unwrap();
+        assert_eq!(leaf.issuer().to_string(), "C=US, O=openssl, CN=openssl CA");
+        // The same key in the traditional SEC1 form gets a conversion hint.
+        let sec1 = include_str!("testdata/openssl-ca.sec1.pem");
+        let e = CertificateAuthority::from_pem(sec1, cert)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("openssl pkcs8 -topk8 -nocrypt"), "{e}");
+    }
+
     fn san_names(cert: &X509Certificate<'_>) -> Vec<String> {
         let san = cert.subject_alternative_name().unwrap().unwrap();
         san.value

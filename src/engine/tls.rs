@@ -970,4 +970,105 @@ mod tests {
         assert_eq!(got, b"hello");
         bounded(proxy).await.unwrap();
     }
+
+    /// A real client: curl (OpenSSL) through `accept_intercepted`. Skipped if curl is missing.
+    #[tokio::test]
+    async fn curl_through_accept_intercepted() {
+        if std::process::Command::new("curl")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
+            eprintln!("curl not found: skipped");
+            return;
+        }
+        let ca = Arc::new(test_ca());
+        let dir = TempDir::new("curl");
+        let ca_file = dir.path("ca.pem");
+        std::fs::write(&ca_file, ca.cert_pem()).unwrap();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let server = tokio::spawn({
+            let ca = ca.clone();
+            async move {
+                let mut results = Vec::new();
+                for _ in 0..3 {
+                    let (tcp, _) = listener.accept().await.unwrap();
+                    let r = match accept_intercepted(tcp, &ca, "127.0.0.1").await {
+                        Ok((mut tls, host)) => {
+                            let mut buf = vec![0u8; 4096];
+                            let _ = tls.read(&mut buf).await;
+                            let body = format!("hello {host}");
+                            let resp = format!(
+                                "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                                body.len()
+                            );
+                            tls.write_all(resp.as_bytes()).await.unwrap();
+                            let _ = tls.shutdown().await;
+                            Ok(host)
+                        }
+                        Err(e) => Err(e),
+                    };
+                    results.push(r);
+                }
+                results
+            }
+        });
+        let curl = |args: Vec<String>| async move {
+            tokio::process::Command::new("curl")
+                .args(["-sS", "--max-time", "5", "--noproxy", "*"])
+                .args(args)
+                .env_remove("SSL_CERT_FILE")
+                .env_remove("CURL_CA_BUNDLE")
+                .output()
+                .await
+                .unwrap()
+        };
+        let ca_arg = ca_file.display().to_string();
+        // 1. DNS name via SNI, trusting our CA
+        let out = bounded(curl(vec![
+            "--cacert".into(),
+            ca_arg.clone(),
+            "--resolve".into(),
+            format!("site.example:{port}:127.0.0.1"),
+            format!("https://site.example:{port}/"),
+        ]))
+        .await;
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello site.example");
+        // 2. IP literal: no SNI, the CONNECT host is used
+        let out = bounded(curl(vec![
+            "--cacert".into(),
+            ca_arg,
+            format!("https://127.0.0.1:{port}/"),
+        ]))
+        .await;
+        assert!(
+            out.status.success(),
+            "curl: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "hello 127.0.0.1");
+        // 3. curl not trusting our CA (system roots only)
+        let out = bounded(curl(vec![
+            "--resolve".into(),
+            format!("site.example:{port}:127.0.0.1"),
+            format!("https://site.example:{port}/"),
+        ]))
+        .await;
+        assert!(!out.status.success());
+        let results = bounded(server).await.unwrap();
+        assert_eq!(results[0].as_deref().unwrap(), "site.example");
+        assert_eq!(results[1].as_deref().unwrap(), "127.0.0.1");
+        let e = results[2].as_ref().unwrap_err();
+        assert!(e.client_rejected_certificate(), "{e}");
+        assert_eq!(
+            e.to_string(),
+            "client rejected our certificate for site.example (alert: unknown_ca)"
+        );
+    }
 }
