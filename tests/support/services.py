@@ -14,6 +14,7 @@ Constructors raise ``MissingBinary`` if the program is not installed.
 from __future__ import annotations
 
 import os
+import pwd
 import re
 import sys
 import time
@@ -154,7 +155,6 @@ cache_store_log none
 coredump_dir {d}
 cache deny all
 cache_mem 8 MB
-memory_pools off
 pinger_enable off
 shutdown_lifetime 0 seconds
 dns_nameservers 127.0.0.1
@@ -251,7 +251,7 @@ class Dnsmasq(Service):
             "--no-hosts",
             f"--local-ttl={self.ttl}",
             "--keep-in-foreground",
-            "--user=root" if os.getuid() == 0 else f"--user={os.getlogin()}",
+            f"--user={pwd.getpwuid(os.getuid()).pw_name}",
             "--pid-file=",
             f"--log-facility={self.log}",
             "--log-queries",
