@@ -1,0 +1,489 @@
+#!/usr/bin/env python3
+"""segproxy proxy-path benchmark, loopback only.
+
+Contenders: ``direct`` (no proxy), ``segproxy`` (``python -m segproxy``) and
+``squid`` (Debian squid, no cache). Contenders alternate round by round (the
+order rotates every round) and every number reported is the median over the
+rounds. Sections (each a function in SECTIONS, so new ones — interception,
+hooks, rules — slot in the same way):
+
+  tunnel     CONNECT tunnel bulk throughput, each way, + proxy CPU per GiB
+             and peak RSS
+  keepalive  wrk, keep-alive 1 KiB GETs from nginx: req/s, p99 latency,
+             proxy CPU µs per request, proxy peak RSS
+
+    python bench/run.py                 # full run (1 GiB transfers, 5 rounds)
+    python bench/run.py --quick         # smoke run, seconds
+    python bench/run.py --json out.json --rounds 7
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(HERE))
+
+import bulk  # noqa: E402
+from support import (  # noqa: E402
+    LOOPBACK,
+    ManagedProcess,
+    MissingBinary,
+    NginxOrigin,
+    Segproxy,
+    Squid,
+    find_binary,
+    free_port,
+    port_accepts,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+# --------------------------------------------------------------------------
+# results
+
+
+@dataclass
+class Metric:
+    """One row of the report: a value per contender per round."""
+
+    key: str
+    label: str
+    unit: str
+    higher_is_better: bool
+    rounds: dict[str, list[float]] = field(default_factory=dict)
+
+    def add(self, contender: str, value: float) -> None:
+        self.rounds.setdefault(contender, []).append(value)
+
+    def median(self, contender: str) -> float | None:
+        vals = self.rounds.get(contender)
+        return statistics.median(vals) if vals else None
+
+
+@dataclass
+class Bench:
+    args: argparse.Namespace
+    contenders: list[str]
+    skipped: dict[str, str]
+    metrics: dict[str, Metric] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    def metric(self, key: str, label: str, unit: str, higher_is_better: bool) -> Metric:
+        if key not in self.metrics:
+            self.metrics[key] = Metric(key, label, unit, higher_is_better)
+        return self.metrics[key]
+
+    def order(self, round_no: int, names: list[str]) -> list[str]:
+        """Contenders in this round's order (rotated each round)."""
+        k = round_no % len(names)
+        return names[k:] + names[:k]
+
+    def log(self, msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------
+# process accounting
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of every thread of ``pid`` so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM")
+
+
+# --------------------------------------------------------------------------
+# contenders
+
+
+def start_proxy(bench: Bench, name: str):
+    """A started proxy service for ``name`` (a context manager), or None for direct."""
+    if name == "direct":
+        return None
+    if name == "squid":
+        return Squid().__enter__()
+    if name == "segproxy":
+        return Segproxy(
+            bench.args.segproxy_arg,
+            command=shlex.split(bench.args.segproxy_cmd),
+        ).__enter__()
+    raise ValueError(name)
+
+
+class Proxies:
+    """Fresh proxy processes for one section (so peak RSS is per section)."""
+
+    def __init__(self, bench: Bench) -> None:
+        self.bench = bench
+        self.procs: dict[str, object] = {}
+
+    def __enter__(self) -> "Proxies":
+        try:
+            for name in self.bench.contenders:
+                self.procs[name] = start_proxy(self.bench, name)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for p in self.procs.values():
+            if p is not None:
+                p.stop()
+
+    def addr(self, name: str) -> tuple[str, int] | None:
+        p = self.procs[name]
+        return None if p is None else (LOOPBACK, p.port)
+
+    def pid(self, name: str) -> int | None:
+        p = self.procs[name]
+        return None if p is None else p.pid
+
+
+# --------------------------------------------------------------------------
+# section: CONNECT tunnel bulk throughput
+
+
+def section_tunnel(bench: Bench) -> None:
+    a = bench.args
+    nbytes = a.bulk_bytes
+    bench.log(f"[tunnel] {nbytes / MIB:.0f} MiB each way, {a.rounds} rounds")
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-bulk-"))
+    server = ManagedProcess(
+        "bulk-server", [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)], workdir=tmp
+    )
+    up = bench.metric("tunnel_up", "CONNECT tunnel upload", "MiB/s", True)
+    down = bench.metric("tunnel_down", "CONNECT tunnel download", "MiB/s", True)
+    cpu = bench.metric("tunnel_cpu", "tunnel proxy CPU", "s/GiB", False)
+    rss = bench.metric("tunnel_rss", "peak RSS after tunnels", "MiB", False)
+    try:
+        with server, Proxies(bench) as proxies:
+            server.wait_ready(lambda: port_accepts(port), what="listening")
+            target = (LOOPBACK, port)
+            # warm-up: one small transfer each way per contender
+            for name in bench.contenders:
+                for d in ("up", "down"):
+                    bulk.transfer(d, 8 * MIB, target, proxies.addr(name))
+            for r in range(a.rounds):
+                for name in bench.order(r, bench.contenders):
+                    pid = proxies.pid(name)
+                    c0 = cpu_seconds(pid) if pid else 0.0
+                    t_up = bulk.transfer("up", nbytes, target, proxies.addr(name))
+                    t_down = bulk.transfer("down", nbytes, target, proxies.addr(name))
+                    up.add(name, nbytes / MIB / t_up)
+                    down.add(name, nbytes / MIB / t_down)
+                    if pid:
+                        cpu.add(name, (cpu_seconds(pid) - c0) / (2 * nbytes / GIB))
+                    bench.log(
+                        f"  round {r + 1} {name:9s} up {nbytes / MIB / t_up:8.0f} MiB/s"
+                        f"  down {nbytes / MIB / t_down:8.0f} MiB/s"
+                    )
+            for name in bench.contenders:
+                pid = proxies.pid(name)
+                if pid:
+                    rss.add(name, peak_rss_mib(pid))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------
+# section: keep-alive small requests with wrk
+
+WRK_LUA = r"""
+-- Generated by bench/run.py. TARGET is the request-target: origin-form for
+-- direct, absolute-form for a proxy.
+local target = "{target}"
+local host = "{host}"
+local req = wrk.format("GET", target, {{ ["Host"] = host }})
+request = function() return req end
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "WRKJSON {{\"requests\":%d,\"duration_us\":%d,\"bytes\":%d,\"connect\":%d," ..
+    "\"read\":%d,\"write\":%d,\"status\":%d,\"timeout\":%d,\"p50_us\":%d,\"p99_us\":%d}}\n",
+    summary.requests, summary.duration, summary.bytes, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"""
+
+
+def run_wrk(bench: Bench, url: str, target: str, host: str, duration: float, workdir: Path) -> dict:
+    a = bench.args
+    script = workdir / "bench.lua"
+    script.write_text(WRK_LUA.format(target=target, host=host))
+    cmd = [
+        find_binary("wrk"),
+        f"-t{a.wrk_threads}",
+        f"-c{a.wrk_connections}",
+        f"-d{max(1, round(duration))}s",
+        "--timeout",
+        "10s",
+        "-s",
+        str(script),
+        url,
+    ]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60)
+    for line in out.stdout.splitlines():
+        if line.startswith("WRKJSON "):
+            return json.loads(line[len("WRKJSON ") :])
+    raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
+
+
+def section_keepalive(bench: Bench) -> None:
+    a = bench.args
+    bench.log(
+        f"[keepalive] wrk -t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration}s, "
+        f"1 KiB from nginx, {a.rounds} rounds"
+    )
+    rate = bench.metric("ka_rate", "keep-alive 1 KiB GET", "req/s", True)
+    p99 = bench.metric("ka_p99", "keep-alive p99 latency", "ms", False)
+    cpu = bench.metric("ka_cpu", "proxy CPU per request", "µs/req", False)
+    rss = bench.metric("ka_rss", "peak RSS under keep-alive load", "MiB", False)
+    tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-wrk-"))
+    try:
+        with NginxOrigin(large_size=MIB, worker_processes=a.nginx_workers) as origin, Proxies(bench) as proxies:
+            origin_hostport = f"{LOOPBACK}:{origin.http_port}"
+
+            def one(name: str, duration: float) -> tuple[dict, float | None]:
+                addr = proxies.addr(name)
+                if addr is None:
+                    url, target = origin.url("/1k.bin"), "/1k.bin"
+                else:
+                    url = f"http://{addr[0]}:{addr[1]}/"
+                    target = f"http://{origin_hostport}/1k.bin"
+                pid = proxies.pid(name)
+                c0 = cpu_seconds(pid) if pid else 0.0
+                res = run_wrk(bench, url, target, origin_hostport, duration, tmp)
+                used = (cpu_seconds(pid) - c0) if pid else None
+                return res, used
+
+            for name in bench.contenders:  # warm-up
+                one(name, 1)
+            for r in range(a.rounds):
+                for name in bench.order(r, bench.contenders):
+                    res, used = one(name, a.wrk_duration)
+                    n = res["requests"]
+                    secs = res["duration_us"] / 1e6
+                    errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+                    if n == 0 or errors > 0.01 * n:
+                        bench.notes.append(f"keepalive {name} round {r + 1}: {errors} errors in {n} requests")
+                    rate.add(name, n / secs)
+                    p99.add(name, res["p99_us"] / 1000)
+                    if used is not None and n:
+                        cpu.add(name, used * 1e6 / n)
+                    bench.log(
+                        f"  round {r + 1} {name:9s} {n / secs:9.0f} req/s  p99 {res['p99_us'] / 1000:6.2f} ms"
+                        f"  errors {errors}"
+                    )
+            for name in bench.contenders:
+                pid = proxies.pid(name)
+                if pid:
+                    rss.add(name, peak_rss_mib(pid))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+SECTIONS: dict[str, Callable[[Bench], None]] = {
+    "tunnel": section_tunnel,
+    "keepalive": section_keepalive,
+}
+
+
+# --------------------------------------------------------------------------
+# report
+
+
+def fmt(v: float | None) -> str:
+    if v is None:
+        return "–"
+    if v >= 100:
+        return f"{v:,.0f}"
+    if v >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def ratio(a: float | None, b: float | None) -> str:
+    if a is None or b is None or b == 0:
+        return "–"
+    return f"{a / b:.2f}×"
+
+
+def report(bench: Bench) -> str:
+    cols = ["direct", "segproxy", "squid"]
+    lines = [
+        "| metric | unit | better | " + " | ".join(cols) + " | segproxy/direct | segproxy/squid |",
+        "|---|---|---|" + "---:|" * len(cols) + "---:|---:|",
+    ]
+    for m in bench.metrics.values():
+        med = {c: m.median(c) for c in cols}
+        lines.append(
+            f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | "
+            + " | ".join(fmt(med[c]) for c in cols)
+            + f" | {ratio(med['segproxy'], med['direct'])} | {ratio(med['segproxy'], med['squid'])} |"
+        )
+    return "\n".join(lines)
+
+
+def tool_version(argv: list[str]) -> str:
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return "?"
+    text = (out.stdout + out.stderr).strip().splitlines()
+    return text[0].split(" Copyright")[0].strip() if text else "?"
+
+
+def meta(bench: Bench) -> dict:
+    a = bench.args
+    return {
+        "command": " ".join(shlex.quote(x) for x in sys.argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
+        "cpus": os.cpu_count(),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "squid": tool_version(["squid", "-v"]),
+        "nginx": tool_version(["nginx", "-v"]),
+        "wrk_version": tool_version(["wrk", "-v"]),
+        "rounds": a.rounds,
+        "bulk_bytes": a.bulk_bytes,
+        "wrk_args": f"-t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration}s",
+        "contenders": bench.contenders,
+        "skipped": bench.skipped,
+    }
+
+
+# --------------------------------------------------------------------------
+# main
+
+
+def parse_size(text: str) -> int:
+    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    if t and t[-1] in units:
+        return int(float(t[:-1]) * units[t[-1]])
+    return int(t)
+
+
+def segproxy_available(cmd: str) -> str | None:
+    """None if the segproxy command runs, else the reason it does not."""
+    try:
+        out = subprocess.run(shlex.split(cmd) + ["--help"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["?"]
+        return f"`{cmd} --help` exited {out.returncode}: {tail[0]}"
+    return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 32 MiB, 1 s wrk runs")
+    ap.add_argument("--rounds", type=int, help="rounds per measurement (default 5, 3 with --quick)")
+    ap.add_argument("--bulk-size", help="bytes each way per tunnel transfer (default 1GiB, 32MiB with --quick)")
+    ap.add_argument("--wrk-duration", type=float, help="seconds per wrk run (default 10, 1 with --quick)")
+    ap.add_argument("--wrk-threads", type=int, default=2)
+    ap.add_argument("--wrk-connections", type=int, default=64)
+    ap.add_argument("--nginx-workers", type=int, default=1)
+    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument("--contenders", default="direct,segproxy,squid")
+    ap.add_argument("--segproxy-cmd", default=f"{shlex.quote(sys.executable)} -m segproxy")
+    ap.add_argument(
+        "--segproxy-arg", action="append", default=[], help="extra segproxy CLI argument (repeatable)"
+    )
+    ap.add_argument("--json", type=Path, help="also write every round and the medians here")
+    a = ap.parse_args(argv)
+
+    a.rounds = a.rounds or (3 if a.quick else 5)
+    a.bulk_bytes = parse_size(a.bulk_size) if a.bulk_size else (32 * MIB if a.quick else GIB)
+    a.wrk_duration = a.wrk_duration or (1.0 if a.quick else 10.0)
+
+    contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
+    skipped: dict[str, str] = {}
+    if "segproxy" in contenders:
+        why = segproxy_available(a.segproxy_cmd)
+        if why:
+            skipped["segproxy"] = why
+    if "squid" in contenders:
+        try:
+            find_binary("squid")
+        except MissingBinary as e:
+            skipped["squid"] = str(e)
+    contenders = [c for c in contenders if c not in skipped]
+    bench = Bench(a, contenders, skipped)
+    for name, why in skipped.items():
+        bench.log(f"skipping {name}: {why}")
+
+    for name in [s.strip() for s in a.sections.split(",") if s.strip()]:
+        if name not in SECTIONS:
+            ap.error(f"unknown section {name!r}")
+        try:
+            SECTIONS[name](bench)
+        except MissingBinary as e:
+            bench.notes.append(f"section {name} skipped: {e}")
+            bench.log(f"section {name} skipped: {e}")
+
+    m = meta(bench)
+    print(f"\n## segproxy benchmark ({m['date']})\n")
+    print(f"`{m['command']}` — {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
+          f"{m['squid']}, {m['nginx']}, {m['wrk_version']}")
+    print(f"medians of {a.rounds} rounds; tunnel {a.bulk_bytes / MIB:.0f} MiB each way; "
+          f"wrk -t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration:g}s\n")
+    print(report(bench))
+    for name, why in skipped.items():
+        print(f"\n- {name} not measured: {why}")
+    for note in bench.notes:
+        print(f"- note: {note}")
+
+    if a.json:
+        data = {
+            "meta": m,
+            "metrics": {
+                k: {
+                    "label": v.label,
+                    "unit": v.unit,
+                    "higher_is_better": v.higher_is_better,
+                    "rounds": v.rounds,
+                    "median": {c: v.median(c) for c in v.rounds},
+                }
+                for k, v in bench.metrics.items()
+            },
+            "notes": bench.notes,
+        }
+        a.json.write_text(json.dumps(data, indent=2) + "\n")
+        bench.log(f"wrote {a.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: real peers on loopback (see tests/support/).
+
+The peer fixtures are session-scoped (each daemon starts once per run) and skip
+the requesting test if the program is not installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from support import (  # noqa: E402
+    Dnsmasq,
+    MissingBinary,
+    NginxOrigin,
+    Squid,
+    Tinyproxy,
+)
+
+
+def _start(factory):
+    try:
+        service = factory()
+    except MissingBinary as e:
+        pytest.skip(str(e))
+    return service.__enter__()
+
+
+@pytest.fixture(scope="session")
+def nginx_origin():
+    """nginx on 127.0.0.1: ``.url("/1k.bin")``, ``.url("/large.bin")``,
+    ``.url(path, tls=True)`` with ``.cert_path`` to trust."""
+    origin = _start(NginxOrigin)
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def squid_proxy():
+    """squid forward proxy: ``.proxy_url``, ``.port``, ``.access_log``."""
+    squid = _start(Squid)
+    yield squid
+    squid.stop()
+
+
+@pytest.fixture(scope="session")
+def tinyproxy_proxy():
+    """tinyproxy forward proxy: ``.proxy_url``, ``.port``."""
+    tp = _start(Tinyproxy)
+    yield tp
+    tp.stop()
+
+
+@pytest.fixture(scope="session")
+def dnsmasq_server():
+    """dnsmasq on 127.0.0.1:``.port``: ``*.test.zone`` -> 127.0.0.1,
+    ``*.bad.zone`` NXDOMAIN, everything else REFUSED."""
+    dns = _start(Dnsmasq)
+    yield dns
+    dns.stop()

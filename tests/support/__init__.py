@@ -1,0 +1,34 @@
+"""Test helpers: real processes on loopback, started on free ports, stopped by pid.
+
+Import from tests as ``from support import NginxOrigin, Squid, ...`` (tests/ is
+on sys.path through tests/conftest.py); the benchmark imports the same module.
+"""
+
+from .certs import make_self_signed
+from .dnsclient import query_a
+from .procs import (
+    LOOPBACK,
+    ManagedProcess,
+    MissingBinary,
+    find_binary,
+    free_port,
+    port_accepts,
+)
+from .services import Dnsmasq, NginxOrigin, Segproxy, Squid, Tinyproxy, wait_for
+
+__all__ = [
+    "LOOPBACK",
+    "Dnsmasq",
+    "ManagedProcess",
+    "MissingBinary",
+    "NginxOrigin",
+    "Segproxy",
+    "Squid",
+    "Tinyproxy",
+    "find_binary",
+    "free_port",
+    "make_self_signed",
+    "query_a",
+    "port_accepts",
+    "wait_for",
+]
