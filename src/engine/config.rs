@@ -24,6 +24,8 @@ pub struct EngineConfig {
     pub pool_max_idle_per_host: usize,
     /// Buffer size of each direction of a tunnel: large buffers cut syscalls per byte.
     pub tunnel_buffer_bytes: usize,
+    /// Longest wait for one user hook; past it the flow is abandoned (504).
+    pub hook_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -39,6 +41,7 @@ impl Default for EngineConfig {
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_host: 64,
             tunnel_buffer_bytes: 256 * 1024,
+            hook_timeout: Duration::from_secs(30),
         }
     }
 }

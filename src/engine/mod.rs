@@ -5,6 +5,7 @@ pub mod ca;
 pub mod config;
 pub mod connector;
 pub mod dns;
+pub mod hooks;
 pub mod http1;
 pub mod pool;
 pub mod proxy;
