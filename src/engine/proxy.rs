@@ -646,13 +646,16 @@ async fn exchange<C: Io>(
         }
     };
 
-    // Request body, streamed (or the handler's replacement).
+    // Request body, streamed (or the handler's replacement). An origin may answer early and
+    // stop reading (413, 501...): a failed send is reported only if no response follows.
+    let mut send_failure: Option<String> = None;
     {
-        let send_err = |e: io::Error| Failure::answer(502, format!("sending request body to {} failed: {e}", target.authority()), false);
         let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer);
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
-            writer.write(&mut w, body).await.map_err(send_err)?;
+            if let Err(e) = writer.write(&mut w, body).await {
+                send_failure = Some(e.to_string());
+            }
         } else {
             if expects_continue && !request_body.is_done() {
                 let _ = client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
@@ -663,14 +666,27 @@ async fn exchange<C: Io>(
                 .map_err(|e| Failure::answer(400, format!("reading request body: {e}"), false))?
             {
                 record.bytes_up += piece.len() as u64;
-                writer.write(&mut w, &piece).await.map_err(send_err)?;
+                if let Err(e) = writer.write(&mut w, &piece).await {
+                    send_failure = Some(e.to_string());
+                    break;
+                }
             }
         }
-        writer.finish(&mut w).await.map_err(send_err)?;
-        w.flush().await.map_err(send_err)?;
+        if send_failure.is_none() {
+            if let Err(e) = writer.finish(&mut w).await {
+                send_failure = Some(e.to_string());
+            }
+        }
+        if let Err(e) = w.flush().await {
+            send_failure.get_or_insert(e.to_string());
+        }
     }
     // A body the handler replaced may still be unread: then this connection cannot carry on.
-    let client_reusable = request_body.is_done();
+    let client_reusable = request_body.is_done() && send_failure.is_none();
+    let sent_failed = |e: String| match &send_failure {
+        Some(send) => Failure::answer(502, format!("sending request body to {} failed: {send}", target.authority()), false),
+        None => Failure::answer(502, e, client_reusable),
+    };
 
     // Response head; interim 1xx answers (other than 101) are consumed.
     let response = loop {
@@ -680,8 +696,8 @@ async fn exchange<C: Io>(
                 Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), client_reusable)
             })?
             .map_err(|e| match e {
-                HttpError::Closed => Failure::answer(502, format!("{} closed the connection without a response", target.authority()), client_reusable),
-                e => Failure::answer(502, format!("bad response from {}: {e}", target.authority()), client_reusable),
+                HttpError::Closed => sent_failed(format!("{} closed the connection without a response", target.authority())),
+                e => sent_failed(format!("bad response from {}: {e}", target.authority())),
             })?;
         if (100..200).contains(&r.status) && r.status != 101 {
             continue;
@@ -696,7 +712,8 @@ async fn exchange<C: Io>(
 
     let origin_kind = response_body_kind(&out.method, &response)
         .map_err(|m| Failure::answer(502, format!("bad response from {}: {m}", target.authority()), client_reusable))?;
-    let origin_keep_alive = origin_kind != BodyKind::CloseDelimited
+    let origin_keep_alive = send_failure.is_none()
+        && origin_kind != BodyKind::CloseDelimited
         && !response.headers.has_token("connection", "close")
         && (response.version == 1 || response.headers.has_token("connection", "keep-alive"));
 
