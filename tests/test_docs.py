@@ -29,7 +29,7 @@ def test_every_flag_in_help_is_documented() -> None:
     help_text = subprocess.run(
         [sys.executable, "-m", "segproxy", "--help"], capture_output=True, text=True, timeout=60, check=True
     ).stdout
-    flags = {word.strip("[],") for word in help_text.split() if word.startswith("--")}
+    flags = {word.strip("[],:;.()") for word in help_text.split() if word.startswith("--")}
     flags = {f.split("=")[0] for f in flags if len(f) > 2}
     doc = (ROOT / "docs" / "cli.md").read_text()
     missing = sorted(f for f in flags if f"`{f}`" not in doc)
