@@ -93,3 +93,23 @@ async def proxy():
         yield server
     finally:
         await server.aclose(grace=1.0)
+
+
+@pytest.fixture
+async def make_proxy():
+    """Factory: ``await make_proxy(response_timeout=1, ...)`` starts an in-process segproxy
+    with those options; every one started is closed after the test."""
+    import segproxy
+
+    started = []
+
+    async def make(**options):
+        server = await segproxy.start_proxy_server(port=0, **options)
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            await server.aclose(grace=1.0)

@@ -463,3 +463,17 @@ def refused_port() -> int:
     port = s.getsockname()[1]
     s.close()
     return port
+
+
+class ScriptedOrigin(ThreadedOrigin):
+    """Reads one request head, answers with exactly ``reply`` (raw bytes) and closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+        self.heads: list[bytes] = []
+
+    async def handle(self, reader, writer, conn) -> None:
+        self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(self.reply)
+        await writer.drain()
