@@ -19,6 +19,8 @@ use super::segment::{SegmentPolicy, Segmented};
 use super::server::Engine;
 use super::tls;
 use super::tunnel::pump;
+#[cfg(target_os = "linux")]
+use super::tunnel::splice_pump;
 
 pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, head: RequestHead, conn: &mut ConnState) {
     let started = Instant::now();
@@ -165,6 +167,23 @@ async fn tunnel(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Pl
     }
     let client_prefix: Bytes = client.buf.split().freeze();
     let origin_prefix: Bytes = origin.buf.clone().freeze();
+    #[cfg(target_os = "linux")]
+    if up_policy.is_passthrough() && down_policy.is_passthrough() && flow.is_none() {
+        // Nothing to segment or record: relay in the kernel.
+        let mut client_io = client.io;
+        let mut origin_io = origin.io;
+        let prefixes = async {
+            origin_io.write_all(&client_prefix).await?;
+            client_io.write_all(&origin_prefix).await
+        };
+        let (totals, err) = match prefixes.await {
+            Ok(()) => splice_pump(&client_io, &origin_io, engine.config.idle_timeout).await,
+            Err(e) => (Default::default(), Some(e)),
+        };
+        record.bytes_up = totals.a_to_b + client_prefix.len() as u64;
+        record.bytes_down = totals.b_to_a + origin_prefix.len() as u64;
+        return finish_tunnel(engine, conn, host, port, record, err);
+    }
     let (cr, cw) = client.io.into_split();
     let (or, ow) = origin.io.into_split();
     let to_origin = Segmented::new(ow, up_policy, flow.as_ref().map(|f| f.observer("up")));
@@ -178,13 +197,24 @@ async fn tunnel(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Pl
     .await;
     record.bytes_up = totals.a_to_b;
     record.bytes_down = totals.b_to_a;
-    if engine.hooks.tunnel {
-        if let Some(h) = conn.handler(engine) {
-            h.tunnel_closed(host, port, totals.a_to_b, totals.b_to_a);
-        }
-    }
     if let Some(f) = flow {
         f.finish();
+    }
+    finish_tunnel(engine, conn, host, port, record, err)
+}
+
+fn finish_tunnel(
+    engine: &Engine,
+    conn: &mut ConnState,
+    host: String,
+    port: u16,
+    record: &AccessRecord,
+    err: Option<std::io::Error>,
+) -> Result<(), String> {
+    if engine.hooks.tunnel {
+        if let Some(h) = conn.handler(engine) {
+            h.tunnel_closed(host, port, record.bytes_up, record.bytes_down);
+        }
     }
     match err {
         Some(e) if e.kind() != std::io::ErrorKind::TimedOut => Err(format!("tunnel ended: {e}")),

@@ -11,6 +11,8 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 pub const MAX_HEADERS: usize = 128;
 /// Size of one read from a socket while streaming a body.
 const READ_CHUNK: usize = 64 * 1024;
+/// Room for one read while waiting for a message head.
+const HEAD_CHUNK: usize = 8 * 1024;
 
 /// A header field as received: original name case kept, value as raw bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -168,13 +170,19 @@ pub struct BufStream<S> {
 
 impl<S: AsyncRead + Unpin> BufStream<S> {
     pub fn new(io: S) -> Self {
-        BufStream { io, buf: BytesMut::with_capacity(8 * 1024) }
+        BufStream { io, buf: BytesMut::with_capacity(HEAD_CHUNK) }
     }
 
     /// Reads more bytes into the buffer; returns how many (0 at end of stream).
     pub async fn fill(&mut self) -> io::Result<usize> {
-        if self.buf.capacity() - self.buf.len() < 4096 {
-            self.buf.reserve(READ_CHUNK);
+        self.fill_up_to(HEAD_CHUNK).await
+    }
+
+    /// Reads with room for about `room` bytes: small for heads (memory per idle connection
+    /// stays low), large while streaming a body (fewer syscalls).
+    async fn fill_up_to(&mut self, room: usize) -> io::Result<usize> {
+        if self.buf.capacity() - self.buf.len() < room.min(4096) {
+            self.buf.reserve(room);
         }
         self.io.read_buf(&mut self.buf).await
     }
@@ -222,7 +230,7 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
 
     /// Reads up to `max` bytes, from the buffer first.
     pub async fn read_some(&mut self, max: usize) -> io::Result<Bytes> {
-        if self.buf.is_empty() && self.fill().await? == 0 {
+        if self.buf.is_empty() && self.fill_up_to(max.clamp(HEAD_CHUNK, READ_CHUNK)).await? == 0 {
             return Ok(Bytes::new());
         }
         let n = self.buf.len().min(max);
