@@ -2,12 +2,18 @@
 
 use pyo3::prelude::*;
 
+mod bridge;
+mod handler;
 mod logger;
 mod runtime;
 mod server;
 
 #[pymodule]
 mod _engine {
+    #[pymodule_export]
+    use super::bridge::HookBridge;
+    #[pymodule_export]
+    use super::handler::{hook_roundtrip, Completer, FlowHandle};
     #[pymodule_export]
     use super::logger::set_log_level;
     #[pymodule_export]
