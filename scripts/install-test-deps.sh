@@ -62,5 +62,14 @@ else
     log "build: pip install -e . (cargo profile $profile)"
     MATURIN_NO_INSTALL_RUST=1 MATURIN_PEP517_ARGS="--profile $profile" \
         "$PYTHON" -m pip install --disable-pip-version-check -q --no-build-isolation -e .
-    "$PYTHON" -c "import segproxy, segproxy._engine; print('segproxy importable from', segproxy.__file__)"
+    # The package under test must be this checkout's, not another copy on sys.path.
+    "$PYTHON" - <<'PY'
+import os, sys
+import segproxy, segproxy._engine
+here = os.path.realpath("python")
+where = os.path.realpath(segproxy.__file__)
+print("segproxy importable from", where)
+if not where.startswith(here + os.sep):
+    sys.exit(f"segproxy is imported from {where}, not from this checkout ({here}): remove the other copy")
+PY
 fi

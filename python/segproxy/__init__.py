@@ -8,12 +8,19 @@ hooks into flows. Start one on a running asyncio loop::
 """
 
 from ._engine import __version__
-from ._server import AccessRecord, BoundSocket, ProxyServer, run, start_proxy_server
+from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyServer, run, start_proxy_server
+from .rules import Decision, Rules
+from .tls import TLSStore, load_or_create_ca
 
 __all__ = [
     "AccessRecord",
     "BoundSocket",
+    "Decision",
+    "FlowRecord",
     "ProxyServer",
+    "Rules",
+    "TLSStore",
+    "load_or_create_ca",
     "__version__",
     "run",
     "start_proxy_server",

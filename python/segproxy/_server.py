@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import socket
 from collections.abc import Callable
@@ -10,8 +11,10 @@ from types import TracebackType
 from typing import Any, TypedDict
 
 from . import _engine
+from .rules import Rules
+from .tls import TLSStore
 
-__all__ = ["AccessRecord", "BoundSocket", "ProxyServer", "run", "start_proxy_server"]
+__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyServer", "run", "start_proxy_server"]
 
 
 class AccessRecord(TypedDict):
@@ -33,6 +36,23 @@ class AccessRecord(TypedDict):
     error: str | None
     started: float
     line: str
+
+
+class FlowRecord(TypedDict):
+    """One flow's decision and the chunks written for it (``record_flows=True``)."""
+
+    id: str
+    kind: str
+    method: str
+    target: str
+    rule: str
+    action: str
+    policy: str
+    direction: str
+    start: float
+    end: float | None
+    dropped_chunks: int
+    chunks: list[tuple[str, int, float]]
 
 
 class BoundSocket:
@@ -61,6 +81,20 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "max_header_bytes": 65536,
     "access_log": None,
     "access_records": 10000,
+    "hook_timeout": 30.0,
+    "rules": None,
+    "dns_server": None,
+    "dns_port": 53,
+    "dns_transport": "udp",
+    "dns_cache_size": 1024,
+    "allow_domains": (),
+    "deny_domains": (),
+    "deny_private": False,
+    "upstream_ca": (),
+    "upstream_insecure": False,
+    "record_flows": False,
+    "flows_file": None,
+    "flows_capacity": 1000,
 }
 
 
@@ -142,6 +176,14 @@ class ProxyServer:
         """Recent access records, oldest first (bounded; see the `access_records` option)."""
         return self._engine.access_records(clear)  # type: ignore[return-value]
 
+    def flows(self, clear: bool = False) -> list[FlowRecord]:
+        """Finished flow records, oldest first (needs ``record_flows=True``).
+
+        Each has the flow's decision and ``chunks``: (direction, size, seconds) per
+        segment written, ready to plot.
+        """
+        return self._engine.flows(clear)  # type: ignore[return-value]
+
     def active_connections(self) -> int:
         return self._engine.active_connections()
 
@@ -166,13 +208,29 @@ async def start_proxy_server(
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
-    if tls_store is not None:
-        raise NotImplementedError("tls_store (HTTPS interception) is not available in this build yet")
     if handler_builder is not None:
         raise NotImplementedError("handler_builder (Python hooks) is not available in this build yet")
     kwargs = {**ENGINE_OPTIONS, **options}
-    access_log = kwargs.pop("access_log")
-    engine = await _engine.start_server(host, port, access_log=None if access_log is None else str(access_log), **kwargs)
+    for path_option in ("access_log", "flows_file"):
+        if kwargs[path_option] is not None:
+            kwargs[path_option] = os.fspath(kwargs[path_option])
+    rules = kwargs.pop("rules")
+    if isinstance(rules, str):
+        rules = Rules.parse(rules)
+    if rules is not None and not isinstance(rules, Rules):
+        raise TypeError(f"rules must be a segproxy.Rules or rule text, not {type(rules).__name__}")
+    if tls_store is not None and not isinstance(tls_store, TLSStore):
+        raise TypeError(f"tls_store must be a segproxy.TLSStore, not {type(tls_store).__name__}")
+    for list_option in ("allow_domains", "deny_domains"):
+        kwargs[list_option] = list(kwargs[list_option])
+    kwargs["upstream_ca"] = [os.fspath(p) for p in kwargs["upstream_ca"]]
+    engine = await _engine.start_server(
+        host,
+        port,
+        rules=None if rules is None else rules.engine_rules,
+        ca=None if tls_store is None else tls_store.engine_ca,
+        **kwargs,
+    )
     return ProxyServer(engine, handler_builder)
 
 

@@ -8,6 +8,8 @@ from collections.abc import Sequence
 
 from . import _engine
 from ._server import ProxyServer, run
+from .rules import Rules
+from .tls import TLSStore, load_or_create_ca
 
 
 def positive_float(text: str) -> float:
@@ -27,6 +29,26 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
     return value
 
 
@@ -55,16 +77,93 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--header-timeout", type=positive_float, default=30.0, metavar="SECONDS", help="drop clients that take longer to send a request head (default: 30)")
     limits.add_argument("--response-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="answer 504 when the destination sends no response head in time (default: 60)")
     limits.add_argument("--max-connections", type=positive_int, default=1024, metavar="N", help="most concurrent client connections; more get 503 (default: 1024)")
+    seg = parser.add_argument_group("rules and segmentation (SegmentedProxy compatible)")
+    seg.add_argument("--segment-rule", action="append", default=[], metavar="RULE", help="a rule HOST_GLOB=MODE[,key=value...]; repeatable")
+    seg.add_argument("--rules-file", action="append", default=[], metavar="FILE", help="a file of rules, one a line, # comments; repeatable")
+    seg.add_argument("--segmentation", choices=["direct", "segment_upstream"], default="direct", help="default mode when no rule matches (default: direct)")
+    seg.add_argument("--segment-strategy", choices=["none", "fixed", "random"], default=None, help="default strategy (default: fixed when a chunk size or delay is given)")
+    seg.add_argument("--segment-chunk-size", type=positive_int, default=None, metavar="BYTES", help="default chunk size for the fixed strategy (default: 1024)")
+    seg.add_argument("--segment-min-size", type=positive_int, default=None, metavar="BYTES", help="smallest chunk for the random strategy")
+    seg.add_argument("--segment-max-size", type=positive_int, default=None, metavar="BYTES", help="largest chunk for the random strategy")
+    seg.add_argument("--segment-delay-ms", type=non_negative_float, default=0.0, metavar="MS", help="default pause between chunks in milliseconds (default: 0)")
+    seg.add_argument("--segment-direction", choices=["up", "down", "both"], default="up", help="default direction segmented: up = client to destination (default), down, both")
+    seg.add_argument("--validate-rules", action="store_true", help="print the default policy and the numbered rules, then exit (non-zero on any error)")
+    seg.add_argument("--record-flows", metavar="FILE", default=None, help="write one JSON line per flow with its decision and per-chunk sizes and times")
+    net = parser.add_argument_group("DNS and destinations")
+    net.add_argument("--dns-server", metavar="IP", default=None, help="resolve with this DNS server instead of the system resolver")
+    net.add_argument("--dns-port", type=port_number, default=53, help="port of --dns-server (default: 53)")
+    net.add_argument("--dns-transport", choices=["udp", "tcp"], default="udp", help="udp (falls back to tcp) or tcp (default: udp)")
+    net.add_argument("--dns-cache-size", type=non_negative_int, default=1024, metavar="N", help="TTL-respecting cache entries, 0 turns it off (default: 1024)")
+    net.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN", help="only these destinations (.example.com includes subdomains); repeatable")
+    net.add_argument("--deny-domain", action="append", default=[], metavar="DOMAIN", help="refuse these destinations with 403; repeatable")
+    net.add_argument("--deny-private", action="store_true", help="refuse destinations resolving to private, loopback, link-local or reserved addresses")
+    tls = parser.add_argument_group("HTTPS interception")
+    tls.add_argument("--ca-dir", metavar="DIR", default=None, help="load the CA from DIR (ca-key.pem, ca-cert.pem) or create it there; turns interception on")
+    tls.add_argument("--export-ca", metavar="FILE", default=None, help="with --ca-dir: write the CA certificate to FILE and exit")
+    tls.add_argument("--print-ca", action="store_true", help="with --ca-dir: print the CA certificate (PEM) and exit")
+    tls.add_argument("--upstream-ca", action="append", default=[], metavar="FILE", help="also trust the CAs in FILE when verifying origins; repeatable")
+    tls.add_argument("--upstream-insecure", action="store_true", help="do not verify origin certificates of intercepted flows")
     output = parser.add_argument_group("logging")
     output.add_argument("--log-level", default="warning", choices=["error", "warning", "info", "debug", "trace", "off"], help="engine log level on stderr (default: warning)")
     output.add_argument("--access-log", metavar="FILE", default=None, help="append one line per request or tunnel to FILE")
     return parser
 
 
+def build_rules(args: argparse.Namespace) -> Rules:
+    """The default policy from the flags, then --rules-file and --segment-rule rules."""
+    strategy = args.segment_strategy
+    if args.segmentation == "direct":
+        strategy = "none"
+    elif strategy is None:
+        # Like a rule: a chunk size or delay without a strategy means fixed.
+        strategy = "random" if (args.segment_min_size or args.segment_max_size) else "fixed"
+    rules = Rules(
+        strategy=strategy,
+        chunk=args.segment_chunk_size or 1024,
+        min=args.segment_min_size or 1,
+        max=args.segment_max_size or (args.segment_chunk_size or 1024),
+        delay_ms=args.segment_delay_ms,
+        direction=args.segment_direction,
+    )
+    for path in args.rules_file:
+        rules.add_file(path)
+    for index, rule in enumerate(args.segment_rule, start=1):
+        rules.add(rule, source=f"--segment-rule#{index}")
+    return rules
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with usage on a bad flag
     _engine.set_log_level(args.log_level)
+
+    try:
+        rules = build_rules(args)
+    except ValueError as exc:
+        print(f"{exc}", file=sys.stderr)
+        return 1
+    if args.validate_rules:
+        print(rules.describe(), end="")
+        return 0
+
+    tls_store: TLSStore | None = None
+    if args.ca_dir is not None:
+        try:
+            tls_store = load_or_create_ca(args.ca_dir)
+        except ValueError as exc:
+            print(f"segproxy: {exc}", file=sys.stderr)
+            return 1
+    if args.print_ca or args.export_ca:
+        if tls_store is None:
+            parser.print_usage(sys.stderr)
+            print("segproxy: error: --print-ca and --export-ca need --ca-dir", file=sys.stderr)
+            return 2
+        if args.export_ca:
+            with open(args.export_ca, "wb") as f:
+                f.write(tls_store.get_ca_pem())
+        if args.print_ca:
+            sys.stdout.write(tls_store.get_ca_pem().decode())
+        return 0
 
     def ready(server: ProxyServer) -> None:
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
@@ -73,6 +172,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run(
             host=args.listen_host,
             port=args.listen_port,
+            tls_store=tls_store,
             on_ready=ready,
             connect_timeout=args.connect_timeout,
             idle_timeout=args.idle_timeout,
@@ -80,8 +180,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             response_timeout=args.response_timeout,
             max_connections=args.max_connections,
             access_log=args.access_log,
+            rules=rules,
+            dns_server=args.dns_server,
+            dns_port=args.dns_port,
+            dns_transport=args.dns_transport,
+            dns_cache_size=args.dns_cache_size,
+            allow_domains=args.allow_domain,
+            deny_domains=args.deny_domain,
+            deny_private=args.deny_private,
+            upstream_ca=args.upstream_ca,
+            upstream_insecure=args.upstream_insecure,
+            flows_file=args.record_flows,
         )
-    except OSError as exc:
+    except (OSError, ValueError) as exc:
         print(f"segproxy: {exc}", file=sys.stderr)
         return 1
     return 0

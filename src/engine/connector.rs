@@ -3,7 +3,6 @@
 
 use std::fmt;
 use std::io;
-use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -11,6 +10,7 @@ use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 
+use super::dns::{CacheOutcome, DnsResolver, DnsSettings};
 use super::http1::{BufStream, Headers, RequestHead};
 
 /// Any byte stream the engine can relay.
@@ -83,46 +83,12 @@ impl fmt::Display for ConnectError {
 
 impl std::error::Error for ConnectError {}
 
-/// Resolves a name to socket addresses. Implemented by the DNS module; the engine only
-/// needs this much. `note` is a short word for the access log (e.g. "system", "custom hit").
-pub trait Resolve: Send + Sync {
-    fn resolve<'a>(
-        &'a self,
-        host: &'a str,
-        port: u16,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<(Vec<SocketAddr>, String), String>> + Send + 'a>>;
-}
-
-/// The system resolver through tokio (honours /etc/hosts like every other program).
-pub struct SystemResolver;
-
-impl Resolve for SystemResolver {
-    fn resolve<'a>(
-        &'a self,
-        host: &'a str,
-        port: u16,
-    ) -> Pin<Box<dyn std::future::Future<Output = Result<(Vec<SocketAddr>, String), String>> + Send + 'a>> {
-        Box::pin(async move {
-            let bare = host.trim_start_matches('[').trim_end_matches(']');
-            if let Ok(ip) = bare.parse::<std::net::IpAddr>() {
-                return Ok((vec![SocketAddr::new(ip, port)], "literal".to_string()));
-            }
-            let addrs: Vec<SocketAddr> =
-                tokio::net::lookup_host((bare, port)).await.map_err(|e| e.to_string())?.collect();
-            if addrs.is_empty() {
-                return Err("no addresses".into());
-            }
-            Ok((addrs, "system".to_string()))
-        })
-    }
-}
-
 /// Decides whether a resolved address may be contacted (the deny-private switch).
 pub type AddrCheck = Box<dyn Fn(std::net::IpAddr) -> Result<(), String> + Send + Sync>;
 
 pub struct Connector {
     pub connect_timeout: Duration,
-    pub resolver: Box<dyn Resolve>,
+    pub resolver: DnsResolver,
     pub addr_check: Option<AddrCheck>,
 }
 
@@ -134,17 +100,23 @@ pub struct Connected {
 
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
-        Connector { connect_timeout, resolver: Box::new(SystemResolver), addr_check: None }
+        let resolver = DnsResolver::new(DnsSettings::default()).expect("default DNS settings are valid");
+        Connector { connect_timeout, resolver, addr_check: None }
     }
 
     /// TCP to `host:port`, trying each resolved address in turn within the connect timeout.
     pub async fn tcp(&self, host: &str, port: u16) -> Result<Connected, ConnectError> {
         let target = authority(host, port);
-        let (addrs, dns) = self
+        let resolved = self
             .resolver
             .resolve(host, port)
             .await
-            .map_err(|reason| ConnectError::Resolve { host: host.to_string(), reason })?;
+            .map_err(|e| ConnectError::Resolve { host: host.to_string(), reason: e.reason().to_string() })?;
+        let dns = match resolved.cache {
+            CacheOutcome::Literal => "literal".to_string(),
+            cache => format!("{}/{}", resolved.source, cache.as_str()),
+        };
+        let addrs = resolved.addrs;
         if let Some(check) = &self.addr_check {
             for a in &addrs {
                 check(a.ip()).map_err(|reason| ConnectError::Denied { host: host.to_string(), reason })?;

@@ -189,6 +189,9 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
                 self.buf.advance(2);
             }
             if let Some(pos) = find_head_end(&self.buf, scanned) {
+                if pos > limit {
+                    return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
+                }
                 return Ok(pos);
             }
             scanned = self.buf.len().saturating_sub(3);

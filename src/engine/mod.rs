@@ -3,8 +3,10 @@
 pub mod access;
 pub mod ca;
 pub mod config;
+pub mod connect;
 pub mod connector;
 pub mod dns;
+pub mod flows;
 pub mod hooks;
 pub mod http1;
 pub mod pool;

@@ -6,12 +6,16 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::Bytes;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::access::{now_epoch, AccessRecord};
-use super::connector::{authority, ConnectError, Io, Rewind, Route};
+use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
+use super::flows::{FlowHandle, FlowRecord};
+use super::hooks::{ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
+use super::rules::{Action, Decision, Scheme};
+use super::segment::{SegmentPolicy, Segmented};
+use super::tls;
 use super::http1::{
     request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
     RequestHead, ResponseHead,
@@ -26,7 +30,8 @@ pub enum Mode {
     /// A client talking to us as its proxy: absolute-form targets and CONNECT.
     Proxy,
     /// Requests inside an intercepted CONNECT: origin-form targets for this destination.
-    Intercepted { host: String, port: u16 },
+    /// `up_policy` segments the encrypted bytes of new origin connections.
+    Intercepted { host: String, port: u16, up_policy: SegmentPolicy },
 }
 
 /// Per-connection facts shared by its exchanges.
@@ -37,7 +42,7 @@ pub struct ConnInfo {
 }
 
 impl ConnInfo {
-    fn next_id(&mut self) -> String {
+    pub fn next_id(&mut self) -> String {
         self.exchanges += 1;
         format!("{}.{}", self.id, self.exchanges)
     }
@@ -158,12 +163,50 @@ pub async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, status: u16, mess
     client.flush().await
 }
 
+/// Per-connection state: the user handler for this client connection, made on first need.
+pub struct ConnState {
+    pub info: ConnInfo,
+    handler: Option<Box<dyn ConnectionHandler>>,
+}
+
+impl ConnState {
+    pub fn new(id: u64, peer: SocketAddr) -> Self {
+        ConnState { info: ConnInfo { id, peer, exchanges: 0 }, handler: None }
+    }
+
+    /// The connection's handler, created when a hook first applies.
+    pub fn handler(&mut self, engine: &Engine) -> Option<&dyn ConnectionHandler> {
+        let user = engine.handler.as_ref()?;
+        if self.handler.is_none() {
+            self.handler = Some(user.open(ConnectionMeta { id: self.info.id, client: self.info.peer }));
+        }
+        self.handler.as_deref()
+    }
+
+    /// Reports a failure the engine saw (not one a hook raised, which the handler knows).
+    pub fn report_error(&mut self, engine: &Engine, message: &str) {
+        if engine.hooks.error || engine.hooks.any_response() || engine.hooks.request {
+            if let Some(h) = self.handler(engine) {
+                h.error(message.to_string());
+            }
+        }
+    }
+}
+
+impl Drop for ConnState {
+    fn drop(&mut self) {
+        if let Some(h) = &self.handler {
+            h.closed();
+        }
+    }
+}
+
 /// Serves one accepted client connection until it closes.
 pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketAddr, id: u64) {
-    let mut info = ConnInfo { id, peer, exchanges: 0 };
+    let mut conn = ConnState::new(id, peer);
     let client = BufStream::new(stream);
-    if let Some((head, client)) = serve_http(engine, client, &mut info, &Mode::Proxy).await {
-        handle_connect(engine, client, head, &mut info).await;
+    if let Some((head, client)) = serve_http(engine, client, &mut conn, &Mode::Proxy).await {
+        super::connect::handle_connect(engine, client, head, &mut conn).await;
     }
 }
 
@@ -178,7 +221,7 @@ enum Next {
 pub async fn serve_http<C: Io>(
     engine: &Arc<Engine>,
     mut client: BufStream<C>,
-    info: &mut ConnInfo,
+    conn: &mut ConnState,
     mode: &Mode,
 ) -> Option<(RequestHead, BufStream<C>)> {
     let cfg = &engine.config;
@@ -203,12 +246,12 @@ pub async fn serve_http<C: Io>(
             Ok(Err(HttpError::Closed)) | Ok(Err(HttpError::Io(_))) => return None,
             Ok(Err(HttpError::Malformed(m))) => {
                 let _ = send_error(&mut client.io, 400, &m, false).await;
-                log_refusal(engine, info, "-", "-", 400, &m);
+                log_refusal(engine, &mut conn.info, 400, &m);
                 return None;
             }
             Ok(Err(HttpError::TooLarge(m))) => {
                 let _ = send_error(&mut client.io, 431, &m, false).await;
-                log_refusal(engine, info, "-", "-", 431, &m);
+                log_refusal(engine, &mut conn.info, 431, &m);
                 return None;
             }
             Ok(Ok(head)) => head,
@@ -220,7 +263,7 @@ pub async fn serve_http<C: Io>(
             let _ = send_error(&mut client.io, 400, "CONNECT inside an intercepted connection is not supported", false).await;
             return None;
         }
-        match forward(engine, &mut client, head, info, mode).await {
+        match forward(engine, &mut client, head, conn, mode).await {
             Next::KeepAlive if !engine.is_draining() => continue,
             _ => {
                 let _ = client.io.shutdown().await;
@@ -230,12 +273,12 @@ pub async fn serve_http<C: Io>(
     }
 }
 
-fn log_refusal(engine: &Engine, info: &mut ConnInfo, method: &str, target: &str, status: u16, why: &str) {
+fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why: &str) {
     engine.access.record(AccessRecord {
         id: info.next_id(),
         client: Some(info.peer),
-        method: method.to_string(),
-        target: target.to_string(),
+        method: "-".into(),
+        target: "-".into(),
         status,
         kind: "error".into(),
         error: Some(why.to_string()),
@@ -257,7 +300,7 @@ fn request_target(head: &RequestHead, mode: &Mode) -> Result<Target, String> {
             }
             parse_absolute(&head.target)
         }
-        Mode::Intercepted { host, port } => {
+        Mode::Intercepted { host, port, .. } => {
             if head.target.contains("://") {
                 let t = parse_absolute(&head.target)?;
                 return Ok(Target { scheme: "https", ..t });
@@ -270,12 +313,44 @@ fn request_target(head: &RequestHead, mode: &Mode) -> Result<Target, String> {
     }
 }
 
+/// The rule decision for a flow, written into its access record.
+pub fn decide(engine: &Engine, method: &str, scheme: Scheme, host: &str, port: u16, path: &str, record: &mut AccessRecord) -> Decision {
+    let decision = engine.rules.decide(method, scheme, host, port, path);
+    record.rule = match decision.rule {
+        Some(i) => engine.rules.rules()[i].source.to_string(),
+        None => "default".into(),
+    };
+    record.action = match &decision.action {
+        Action::Direct => "direct".into(),
+        Action::Upstream(u) => format!("upstream:{}", u.authority()),
+        Action::Block { .. } => "block".into(),
+    };
+    record.policy = if decision.policy.is_passthrough() {
+        "none".into()
+    } else {
+        format!("{} dir={}", decision.policy.describe(), decision.direction.as_str())
+    };
+    decision
+}
+
+/// The connector's route for a rule action (credentials become a ready header).
+pub fn route_for(action: &Action) -> Route {
+    match action {
+        Action::Upstream(u) => Route::Upstream(UpstreamHop {
+            host: u.host.clone(),
+            port: u.port,
+            authorization: u.basic_auth_header(),
+        }),
+        _ => Route::Direct,
+    }
+}
+
 /// One plain (or intercepted) HTTP exchange: request out, response back, bodies streamed.
-async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: RequestHead, info: &mut ConnInfo, mode: &Mode) -> Next {
+async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: RequestHead, conn: &mut ConnState, mode: &Mode) -> Next {
     let started = Instant::now();
     let mut record = AccessRecord {
-        id: info.next_id(),
-        client: Some(info.peer),
+        id: conn.info.next_id(),
+        client: Some(conn.info.peer),
         method: head.method.clone(),
         target: head.target.clone(),
         kind: if matches!(mode, Mode::Proxy) { "forward".into() } else { "intercept".into() },
@@ -284,25 +359,41 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
         started: now_epoch(),
         ..Default::default()
     };
-    let outcome = exchange(engine, client, head, mode, &mut record).await;
+    let flow = engine.flows.as_ref().map(|f| {
+        f.begin(FlowRecord { id: record.id.clone(), kind: record.kind.clone(), method: head.method.clone(), ..Default::default() })
+    });
+    let outcome = exchange(engine, client, head, mode, conn, &mut record, flow.as_ref()).await;
     record.duration = started.elapsed();
     let next = match outcome {
         Ok(next) => next,
         Err(failure) => {
             record.error = Some(failure.message.clone());
-            if let Some(status) = failure.respond {
-                record.status = status;
-                let keep = failure.client_reusable;
-                if send_error(&mut client.io, status, &failure.message, keep).await.is_err() || !keep {
-                    Next::Close
-                } else {
-                    Next::KeepAlive
+            if !failure.from_hook {
+                conn.report_error(engine, &failure.message);
+            }
+            match failure.respond {
+                Some(status) => {
+                    record.status = status;
+                    let keep = failure.client_reusable && !engine.is_draining();
+                    if send_error(&mut client.io, status, &failure.message, keep).await.is_err() || !keep {
+                        Next::Close
+                    } else {
+                        Next::KeepAlive
+                    }
                 }
-            } else {
-                Next::Close
+                None => Next::Close,
             }
         }
     };
+    if let Some(flow) = flow {
+        flow.update(|f| {
+            f.target = record.target.clone();
+            f.rule = record.rule.clone();
+            f.action = record.action.clone();
+            f.policy = record.policy.clone();
+        });
+        flow.finish();
+    }
     engine.access.record(record);
     next
 }
@@ -314,14 +405,49 @@ struct Failure {
     message: String,
     /// Whether the client's request was fully read, so its connection can carry on.
     client_reusable: bool,
+    /// Raised by a user hook (the handler has already seen it).
+    from_hook: bool,
 }
 
 impl Failure {
     fn answer(status: u16, message: impl Into<String>, client_reusable: bool) -> Self {
-        Failure { respond: Some(status), message: message.into(), client_reusable }
+        Failure { respond: Some(status), message: message.into(), client_reusable, from_hook: false }
     }
     fn cut(message: impl Into<String>) -> Self {
-        Failure { respond: None, message: message.into(), client_reusable: false }
+        Failure { respond: None, message: message.into(), client_reusable: false, from_hook: false }
+    }
+    fn hook(mut self) -> Self {
+        self.from_hook = true;
+        self
+    }
+}
+
+/// Waits for a hook's answer within the hook timeout.
+async fn hook_reply<T>(engine: &Engine, reply: Reply<T>, hook: &str, started_response: bool) -> Result<T, Failure> {
+    let fail = |status: u16, msg: String| {
+        if started_response {
+            Failure::cut(msg).hook()
+        } else {
+            Failure::answer(status, msg, false).hook()
+        }
+    };
+    match tokio::time::timeout(engine.config.hook_timeout, reply).await {
+        Err(_) => Err(fail(504, format!("hook {hook} did not return within {:?}", engine.config.hook_timeout))),
+        Ok(Err(_)) => Err(fail(502, format!("hook {hook}: the handler went away"))),
+        Ok(Ok(Err(message))) => Err(fail(502, format!("hook {hook} failed: {message}"))),
+        Ok(Ok(Ok(value))) => Ok(value),
+    }
+}
+
+fn parts_of(head: &RequestHead, target: &Target) -> RequestParts {
+    RequestParts {
+        method: head.method.clone(),
+        scheme: target.scheme.to_string(),
+        host: target.host.clone(),
+        port: target.port,
+        path: target.path.clone(),
+        version: format!("HTTP/1.{}", head.version),
+        headers: head.headers.clone(),
     }
 }
 
@@ -330,113 +456,248 @@ async fn exchange<C: Io>(
     client: &mut BufStream<C>,
     head: RequestHead,
     mode: &Mode,
+    conn: &mut ConnState,
     record: &mut AccessRecord,
+    flow: Option<&FlowHandle>,
 ) -> Result<Next, Failure> {
     let cfg = &engine.config;
+    let hooks = engine.hooks;
     let body_kind = request_body_kind(&head).map_err(|m| Failure::answer(400, m, false))?;
-    let target = request_target(&head, mode).map_err(|m| Failure::answer(400, m, body_kind == BodyKind::Empty))?;
+    let body_empty = body_kind == BodyKind::Empty;
+    let mut target = request_target(&head, mode).map_err(|m| Failure::answer(400, m, body_empty))?;
     record.target = target.url();
     if target.scheme == "https" && matches!(mode, Mode::Proxy) {
-        return Err(Failure::answer(400, "https:// URLs must be requested through CONNECT", body_kind == BodyKind::Empty));
+        return Err(Failure::answer(400, "https:// URLs must be requested through CONNECT", body_empty));
     }
     let client_keep_alive = head.wants_keep_alive();
-    let route = Route::Direct;
+    let mut request_body = BodyReader::new(body_kind);
 
-    // The request as the origin (or upstream proxy) gets it.
-    let is_upgrade = head.headers.contains("upgrade") && head.headers.has_token("connection", "upgrade");
+    // The user's request hook decides first: forward (maybe changed), or answer itself.
+    let mut order: Option<ForwardOrder> = None;
+    let call_handler = hooks.request || hooks.any_response();
+    if call_handler {
+        let handler = conn.handler(engine).expect("a handler exists when hooks are set");
+        let mut commands = handler.request(parts_of(&head, &target));
+        let mut wrote_raw = false;
+        loop {
+            let command = match tokio::time::timeout(cfg.hook_timeout, commands.recv()).await {
+                Err(_) => {
+                    let msg = format!("hook on_request_received did not return within {:?}", cfg.hook_timeout);
+                    return Err(if wrote_raw { Failure::cut(msg) } else { Failure::answer(504, msg, false) });
+                }
+                Ok(None) => HandlerCommand::Fail("the handler went away".into()),
+                Ok(Some(c)) => c,
+            };
+            match command {
+                HandlerCommand::Forward(o) => {
+                    order = Some(o);
+                    break;
+                }
+                HandlerCommand::Write(bytes) => {
+                    wrote_raw = true;
+                    record.bytes_down += bytes.len() as u64;
+                    if record.status == 0 {
+                        record.status = status_of_raw(&bytes);
+                    }
+                    client.io.write_all(&bytes).await.map_err(|e| Failure::cut(format!("writing to client failed: {e}")))?;
+                }
+                HandlerCommand::ReadBody(reply) => {
+                    let piece = tokio::time::timeout(cfg.idle_timeout, request_body.next(client)).await;
+                    let piece = match piece {
+                        Err(_) => Err("client stopped sending the request body".to_string()),
+                        Ok(r) => r.map_err(|e| e.to_string()),
+                    };
+                    if let Ok(Some(p)) = &piece {
+                        record.bytes_up += p.len() as u64;
+                    }
+                    let _ = reply.send(piece);
+                }
+                HandlerCommand::Finish => {
+                    if wrote_raw {
+                        // The handler wrote its own response; its framing is unknown to us.
+                        let _ = client.io.flush().await;
+                        record.kind = "handler".into();
+                        return Ok(Next::Close);
+                    }
+                    return Err(Failure::answer(502, "the handler returned without forwarding or answering the request", request_body.is_done()).hook());
+                }
+                HandlerCommand::Fail(message) => {
+                    let msg = format!("hook on_request_received failed: {message}");
+                    return Err(if wrote_raw { Failure::cut(msg).hook() } else { Failure::answer(502, msg, false).hook() });
+                }
+            }
+        }
+    }
+
+    // The request as it will be sent, after the handler's changes.
     let mut out = head.clone();
+    let mut replacement_body = None;
+    let mut policy_override = None;
+    if let Some(order) = order {
+        let r = order.request;
+        out.method = r.method;
+        out.headers = r.headers;
+        target.host = r.host;
+        target.port = r.port;
+        target.path = if r.path.is_empty() { "/".into() } else { r.path };
+        replacement_body = order.body;
+        policy_override = order.policy;
+        record.method = out.method.clone();
+        record.target = target.url();
+    }
+
+    let scheme = if target.scheme == "https" { Scheme::Https } else { Scheme::Http };
+    let mut decision = decide(engine, &out.method, scheme, &target.host, target.port, &target.path, record);
+    if let Some(p) = policy_override {
+        decision.policy = p;
+        record.policy = format!("{} dir={} (handler)", decision.policy.describe(), decision.direction.as_str());
+    }
+    if let Action::Block { reason } = &decision.action {
+        record.kind = "block".into();
+        return Err(Failure::answer(403, format!("blocked by rule {}: {reason}", record.rule), body_empty));
+    }
+    engine.filter.check_host(&target.host).map_err(|reason| {
+        Failure::answer(403, format!("destination {} denied: {reason}", target.host), body_empty)
+    })?;
+    let route = route_for(&decision.action);
+    // Plain HTTP is segmented here; intercepted flows were segmented below TLS at CONNECT.
+    let plain = matches!(mode, Mode::Proxy);
+    let up_policy = if plain && decision.direction.segments_up() { decision.policy.clone() } else { SegmentPolicy::none() };
+    let down_policy = if plain && decision.direction.segments_down() { decision.policy.clone() } else { SegmentPolicy::none() };
+    if let Some(f) = flow {
+        f.update(|r| r.direction = decision.direction.as_str().to_string());
+    }
+
+    let is_upgrade = out.headers.contains("upgrade") && out.headers.has_token("connection", "upgrade");
     out.version = 1;
     strip_hop_by_hop(&mut out.headers, is_upgrade);
     if is_upgrade {
         out.headers.push("Connection", "Upgrade");
     }
-    if matches!(mode, Mode::Proxy) {
+    if plain || !out.headers.contains("host") {
         out.headers.set("Host", target.host_header());
-    } else if !out.headers.contains("host") {
-        out.headers.push("Host", target.host_header());
     }
     let expects_continue = out.headers.get("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if expects_continue {
         out.headers.remove("expect");
     }
-    let body_out = match body_kind {
-        BodyKind::Chunked => {
+    let body_out = match (&replacement_body, body_kind) {
+        (Some(b), _) => {
+            out.headers.remove("content-length");
+            if !b.is_empty() || !matches!(out.method.as_str(), "GET" | "HEAD") {
+                out.headers.set("Content-Length", b.len().to_string());
+            }
+            BodyKind::Length(b.len() as u64)
+        }
+        (None, BodyKind::Chunked) => {
             out.headers.push("Transfer-Encoding", "chunked");
             BodyKind::Chunked
         }
-        k => k,
+        (None, k) => k,
     };
-    let pool_key;
-    match &route {
+    let mode_key = match mode {
+        Mode::Proxy => String::new(),
+        Mode::Intercepted { up_policy, .. } => up_policy.describe(),
+    };
+    let pool_key = match &route {
         Route::Direct => {
             out.target = target.path.clone();
-            pool_key = format!("{}|{}", target.scheme, target.authority());
+            format!("{}|{}|{mode_key}", target.scheme, target.authority())
         }
         Route::Upstream(hop) => {
-            out.target = target.url();
-            if let Some(auth) = &hop.authorization {
-                out.headers.push("Proxy-Authorization", auth.clone());
+            if target.scheme == "https" {
+                out.target = target.path.clone();
+                format!("https|{}|via {hop}|{mode_key}", target.authority())
+            } else {
+                out.target = target.url();
+                if let Some(auth) = &hop.authorization {
+                    out.headers.push("Proxy-Authorization", auth.clone());
+                }
+                format!("via|{hop}")
             }
-            pool_key = format!("via|{hop}");
         }
-    }
+    };
 
     // An origin connection: a pooled one when there is one, else a new one.
     let encoded = out.encode();
+    let up_observer = flow.map(|f| f.observer("up"));
     let mut origin_conn = None;
     if let Some(mut conn) = engine.pool.take(&pool_key) {
         // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
-        if conn.io.write_all(&encoded).await.is_ok() {
+        let mut w = Segmented::new(&mut conn.io, up_policy.clone(), up_observer.clone());
+        if w.write_all(&encoded).await.is_ok() {
+            drop(w);
             origin_conn = Some(conn);
         }
     }
     let mut origin = match origin_conn {
         Some(c) => c,
         None => {
-            let mut conn = connect_origin(engine, &route, &target, record).await.map_err(|e| {
-                Failure::answer(e.status(), e.to_string(), body_kind == BodyKind::Empty)
+            let mut new = connect_origin(engine, &route, &target, mode, record).await.map_err(|e| {
+                let status = e.status();
+                Failure::answer(status, e.to_string(), body_empty)
             })?;
-            conn.io
-                .write_all(&encoded)
+            let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
+            w.write_all(&encoded)
                 .await
                 .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), false))?;
-            conn
+            drop(w);
+            new
         }
     };
 
-    // Request body, streamed.
-    if expects_continue && body_kind != BodyKind::Empty {
-        let _ = client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
-    }
-    let mut reader = BodyReader::new(body_kind);
-    let mut writer = BodyWriter::new(body_out);
-    while let Some(piece) = tokio::time::timeout(cfg.idle_timeout, reader.next(client))
-        .await
-        .map_err(|_| Failure::cut("client stopped sending the request body"))?
-        .map_err(|e| Failure::answer(400, format!("reading request body: {e}"), false))?
+    // Request body, streamed (or the handler's replacement). An origin may answer early and
+    // stop reading (413, 501...): a failed send is reported only if no response follows.
+    let mut send_failure: Option<String> = None;
     {
-        record.bytes_up += piece.len() as u64;
-        writer
-            .write(&mut origin.io, &piece)
-            .await
-            .map_err(|e| Failure::answer(502, format!("sending request body to {} failed: {e}", target.authority()), false))?;
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer);
+        let mut writer = BodyWriter::new(body_out);
+        if let Some(body) = &replacement_body {
+            if let Err(e) = writer.write(&mut w, body).await {
+                send_failure = Some(e.to_string());
+            }
+        } else {
+            if expects_continue && !request_body.is_done() {
+                let _ = client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+            }
+            while let Some(piece) = tokio::time::timeout(cfg.idle_timeout, request_body.next(client))
+                .await
+                .map_err(|_| Failure::cut("client stopped sending the request body"))?
+                .map_err(|e| Failure::answer(400, format!("reading request body: {e}"), false))?
+            {
+                record.bytes_up += piece.len() as u64;
+                if let Err(e) = writer.write(&mut w, &piece).await {
+                    send_failure = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if send_failure.is_none() {
+            if let Err(e) = writer.finish(&mut w).await {
+                send_failure = Some(e.to_string());
+            }
+        }
+        if let Err(e) = w.flush().await {
+            send_failure.get_or_insert(e.to_string());
+        }
     }
-    writer
-        .finish(&mut origin.io)
-        .await
-        .map_err(|e| Failure::answer(502, format!("sending request body to {} failed: {e}", target.authority()), false))?;
-    let _ = origin.io.flush().await;
+    // A body the handler replaced may still be unread: then this connection cannot carry on.
+    let client_reusable = request_body.is_done() && send_failure.is_none();
+    let sent_failed = |e: String| match &send_failure {
+        Some(send) => Failure::answer(502, format!("sending request body to {} failed: {send}", target.authority()), false),
+        None => Failure::answer(502, e, client_reusable),
+    };
 
     // Response head; interim 1xx answers (other than 101) are consumed.
     let response = loop {
         let r = tokio::time::timeout(cfg.response_timeout, origin.read_response_head(cfg.max_header_bytes))
             .await
             .map_err(|_| {
-                Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), true)
+                Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), client_reusable)
             })?
             .map_err(|e| match e {
-                HttpError::Closed => Failure::answer(502, format!("{} closed the connection without a response", target.authority()), true),
-                e => Failure::answer(502, format!("bad response from {}: {e}", target.authority()), true),
+                HttpError::Closed => sent_failed(format!("{} closed the connection without a response", target.authority())),
+                e => sent_failed(format!("bad response from {}: {e}", target.authority())),
             })?;
         if (100..200).contains(&r.status) && r.status != 101 {
             continue;
@@ -449,34 +710,59 @@ async fn exchange<C: Io>(
         return upgrade(engine, client, origin, response, record).await;
     }
 
-    let origin_kind = response_body_kind(&head.method, &response)
-        .map_err(|m| Failure::answer(502, format!("bad response from {}: {m}", target.authority()), true))?;
-    let origin_keep_alive = origin_kind != BodyKind::CloseDelimited
+    let origin_kind = response_body_kind(&out.method, &response)
+        .map_err(|m| Failure::answer(502, format!("bad response from {}: {m}", target.authority()), client_reusable))?;
+    let origin_keep_alive = send_failure.is_none()
+        && origin_kind != BodyKind::CloseDelimited
         && !response.headers.has_token("connection", "close")
         && (response.version == 1 || response.headers.has_token("connection", "keep-alive"));
 
-    // The response as the client gets it: re-framed as chunked when the length is unknown.
+    // The response as the client gets it: re-framed as chunked when its length is unknown
+    // or a chunk hook may change it.
     let mut back = ResponseHead { version: 1, ..response };
     strip_hop_by_hop(&mut back.headers, false);
-    let mut keep_client = client_keep_alive && !engine.is_draining();
+    if hooks.response {
+        let handler = conn.handler(engine).expect("handler");
+        let parts = ResponseParts {
+            version: format!("HTTP/1.{}", back.version),
+            status: back.status,
+            reason: back.reason.clone(),
+            headers: back.headers.clone(),
+        };
+        let changed = hook_reply(engine, handler.response(parts), "on_response_received", false).await?;
+        back.status = changed.status;
+        back.reason = changed.reason;
+        back.headers = changed.headers;
+        strip_hop_by_hop(&mut back.headers, false);
+        record.status = back.status;
+    }
+    let mut keep_client = client_keep_alive && client_reusable && !engine.is_draining();
+    let rewrites_body = hooks.response_chunk && origin_kind != BodyKind::Empty;
     let client_kind = match origin_kind {
-        BodyKind::Chunked | BodyKind::CloseDelimited if head.version == 1 => {
+        BodyKind::Length(n) if !rewrites_body => {
+            back.headers.set("Content-Length", n.to_string());
+            BodyKind::Length(n)
+        }
+        BodyKind::Empty => BodyKind::Empty,
+        _ if head.version == 1 => {
+            back.headers.remove("content-length");
             back.headers.push("Transfer-Encoding", "chunked");
             BodyKind::Chunked
         }
-        BodyKind::Chunked | BodyKind::CloseDelimited => {
+        _ => {
+            back.headers.remove("content-length");
             keep_client = false;
             BodyKind::CloseDelimited
         }
-        k => k,
     };
     if head.version == 0 && keep_client {
         back.headers.push("Connection", "keep-alive");
     } else if !keep_client {
         back.headers.push("Connection", "close");
     }
-    client
-        .io
+    let down_observer = flow.map(|f| f.observer("down"));
+    let mut to_client = Segmented::new(&mut client.io, down_policy, down_observer);
+    to_client
         .write_all(&back.encode())
         .await
         .map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
@@ -489,35 +775,79 @@ async fn exchange<C: Io>(
             .map_err(|_| Failure::cut(format!("{} stalled in the middle of the response body", target.authority())))?
             .map_err(|e| Failure::cut(format!("reading response body from {}: {e}", target.authority())))?;
         let Some(piece) = piece else { break };
+        let piece = if rewrites_body {
+            let handler = conn.handler(engine).expect("handler");
+            match hook_reply(engine, handler.response_chunk(piece), "on_response_chunk", true).await? {
+                Some(p) => p,
+                None => continue,
+            }
+        } else {
+            piece
+        };
         record.bytes_down += piece.len() as u64;
         writer
-            .write(&mut client.io, &piece)
+            .write(&mut to_client, &piece)
             .await
             .map_err(|e| Failure::cut(format!("writing response body to client failed: {e}")))?;
     }
-    writer.finish(&mut client.io).await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
-    client.io.flush().await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
+    writer.finish(&mut to_client).await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
+    to_client.flush().await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
+    drop(to_client);
 
     if origin_keep_alive {
         engine.pool.put(pool_key, origin);
     }
+    if hooks.any_response() {
+        let handler = conn.handler(engine).expect("handler");
+        hook_reply(engine, handler.response_complete(), "on_response_complete", true).await?;
+    }
     Ok(if keep_client { Next::KeepAlive } else { Next::Close })
 }
 
-async fn connect_origin(engine: &Engine, route: &Route, target: &Target, record: &mut AccessRecord) -> Result<OriginConn, ConnectError> {
-    let stream: Box<dyn Io> = match route {
-        Route::Direct => {
-            let c = engine.connector.tcp(&target.host, target.port).await?;
-            record.dns = c.dns;
-            Box::new(c.stream)
-        }
-        Route::Upstream(hop) => {
-            let c = engine.connector.tcp_to_hop(hop).await?;
-            record.dns = format!("via {hop}");
-            Box::new(c.stream)
-        }
+/// The status code of a raw response a handler wrote (for the access log).
+fn status_of_raw(bytes: &[u8]) -> u16 {
+    let line = bytes.split(|b| *b == b'\n').next().unwrap_or(b"");
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A new connection to the destination: TCP (direct or through an upstream proxy), and TLS
+/// for intercepted flows, with the intercepted flow's up-policy segmenting the encrypted bytes.
+async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &Mode, record: &mut AccessRecord) -> Result<OriginConn, ConnectError> {
+    if target.scheme != "https" {
+        let stream: Box<dyn Io> = match route {
+            Route::Direct => {
+                let c = engine.connector.tcp(&target.host, target.port).await?;
+                record.dns = c.dns;
+                Box::new(c.stream)
+            }
+            Route::Upstream(hop) => {
+                let c = engine.connector.tcp_to_hop(hop).await?;
+                record.dns = format!("via {hop}");
+                Box::new(c.stream)
+            }
+        };
+        return Ok(BufStream::new(stream));
+    }
+    let (tcp, dns) = engine.connector.open_tunnel(route, &target.host, target.port).await?;
+    record.dns = dns;
+    let up_policy = match mode {
+        Mode::Intercepted { up_policy, .. } => up_policy.clone(),
+        Mode::Proxy => SegmentPolicy::none(),
     };
-    Ok(BufStream::new(stream))
+    let observer = None;
+    let io = Segmented::new(tcp.io, up_policy, observer);
+    let tls = tokio::time::timeout(
+        engine.config.connect_timeout,
+        tls::connect_origin(io, engine.origin_tls.clone(), &target.host),
+    )
+    .await
+    .map_err(|_| ConnectError::Timeout { target: format!("{} (TLS handshake)", target.authority()) })?
+    .map_err(|e| ConnectError::Connect { target: target.authority(), reason: e.to_string() })?;
+    Ok(BufStream::new(Box::new(tls)))
 }
 
 /// After `101 Switching Protocols` the connection carries another protocol: relay bytes.
@@ -537,81 +867,12 @@ async fn upgrade<C: Io>(
     let origin_prefix = origin.buf.clone().freeze();
     let client_side = Rewind::new(client_prefix, &mut client.io);
     let origin_side = Rewind::new(origin_prefix, origin.io);
-    let (totals, _err) = relay(client_side, origin_side, engine).await;
+    let (ar, aw) = tokio::io::split(client_side);
+    let (br, bw) = tokio::io::split(origin_side);
+    let (totals, _err) = pump((ar, aw), (br, bw), engine.config.tunnel_buffer_bytes, engine.config.idle_timeout).await;
     record.bytes_up += totals.a_to_b;
     record.bytes_down += totals.b_to_a;
     Ok(Next::Close)
-}
-
-async fn relay<A: AsyncRead + AsyncWrite + Unpin, B: AsyncRead + AsyncWrite + Unpin>(
-    a: A,
-    b: B,
-    engine: &Engine,
-) -> (super::tunnel::PumpTotals, Option<io::Error>) {
-    let (ar, aw) = tokio::io::split(a);
-    let (br, bw) = tokio::io::split(b);
-    pump((ar, aw), (br, bw), engine.config.tunnel_buffer_bytes, engine.config.idle_timeout).await
-}
-
-/// CONNECT: open a way to the destination, answer 200, then relay bytes untouched.
-async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, head: RequestHead, info: &mut ConnInfo) {
-    let started = Instant::now();
-    let mut record = AccessRecord {
-        id: info.next_id(),
-        client: Some(info.peer),
-        method: "CONNECT".into(),
-        target: head.target.clone(),
-        kind: "tunnel".into(),
-        action: "direct".into(),
-        policy: "none".into(),
-        started: now_epoch(),
-        ..Default::default()
-    };
-    let (host, port) = match split_authority(&head.target, None) {
-        Ok(x) => x,
-        Err(m) => {
-            let m = format!("bad CONNECT target {:?}: {m}", head.target);
-            let _ = send_error(&mut client.io, 400, &m, false).await;
-            record.status = 400;
-            record.error = Some(m);
-            record.duration = started.elapsed();
-            engine.access.record(record);
-            return;
-        }
-    };
-    let route = Route::Direct;
-    let (mut origin, dns) = match engine.connector.open_tunnel(&route, &host, port).await {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = send_error(&mut client.io, e.status(), &e.to_string(), false).await;
-            record.status = e.status();
-            record.error = Some(e.to_string());
-            record.duration = started.elapsed();
-            engine.access.record(record);
-            return;
-        }
-    };
-    record.dns = dns;
-    if client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.is_err() {
-        return;
-    }
-    record.status = 200;
-    let client_prefix: Bytes = client.buf.split().freeze();
-    let origin_prefix: Bytes = origin.buf.split().freeze();
-    let (cr, cw) = client.io.into_split();
-    let (or, ow) = origin.io.into_split();
-    let (totals, err) = pump(
-        (Rewind::new(client_prefix, cr), cw),
-        (Rewind::new(origin_prefix, or), ow),
-        engine.config.tunnel_buffer_bytes,
-        engine.config.idle_timeout,
-    )
-    .await;
-    record.bytes_up = totals.a_to_b;
-    record.bytes_down = totals.b_to_a;
-    record.error = err.map(|e| e.to_string());
-    record.duration = started.elapsed();
-    engine.access.record(record);
 }
 
 #[cfg(test)]

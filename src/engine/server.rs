@@ -11,10 +11,16 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use super::access::AccessLog;
+use super::ca::CertificateAuthority;
 use super::config::EngineConfig;
 use super::connector::Connector;
+use super::flows::FlowRecorder;
+use super::hooks::{Handler, HookSet};
 use super::pool::Pool;
 use super::proxy;
+use super::rules::{Intercept, RuleSet};
+use super::safety::DomainFilter;
+use super::tls::{origin_client_config, OriginTrust};
 
 /// Everything a connection needs, shared by all connections of one server.
 pub struct Engine {
@@ -22,6 +28,16 @@ pub struct Engine {
     pub connector: Connector,
     pub pool: Pool,
     pub access: AccessLog,
+    pub rules: RuleSet,
+    pub filter: DomainFilter,
+    /// With a CA, CONNECTs are intercepted unless a rule or the handler says otherwise.
+    pub ca: Option<Arc<CertificateAuthority>>,
+    /// How origins of intercepted flows are verified.
+    pub origin_tls: Arc<rustls::ClientConfig>,
+    pub handler: Option<Arc<dyn Handler>>,
+    /// The hooks the handler implements, learnt once at start.
+    pub hooks: HookSet,
+    pub flows: Option<Arc<FlowRecorder>>,
     next_conn_id: AtomicU64,
     active: AtomicUsize,
     all_done: Notify,
@@ -42,15 +58,16 @@ impl Engine {
 }
 
 /// Optional parts of an engine that are built outside it (by the binding or tests).
+#[derive(Default)]
 pub struct EngineParts {
     pub connector: Option<Connector>,
     pub access: Option<AccessLog>,
-}
-
-impl Default for EngineParts {
-    fn default() -> Self {
-        EngineParts { connector: None, access: None }
-    }
+    pub rules: Option<RuleSet>,
+    pub filter: Option<DomainFilter>,
+    pub ca: Option<Arc<CertificateAuthority>>,
+    pub origin_trust: OriginTrust,
+    pub handler: Option<Arc<dyn Handler>>,
+    pub flows: Option<Arc<FlowRecorder>>,
 }
 
 pub struct ProxyServer {
@@ -65,11 +82,28 @@ pub struct ProxyServer {
 impl ProxyServer {
     /// Binds the listening socket and starts accepting. Must run inside a tokio runtime.
     pub async fn bind(config: EngineConfig, parts: EngineParts) -> io::Result<ProxyServer> {
+        let rules = parts.rules.unwrap_or_default();
+        if parts.ca.is_none() {
+            if let Some(rule) = rules.rules().iter().find(|r| r.intercept == Intercept::Yes) {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("rule {} says intercept=yes but no CA is configured (--ca-dir or tls_store)", rule.source),
+                ));
+            }
+        }
+        let origin_tls = origin_client_config(&parts.origin_trust)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        let filter = parts.filter.unwrap_or_default();
+        let mut connector = parts.connector.unwrap_or_else(|| Connector::new(config.connect_timeout));
+        if filter.deny_private {
+            let f = filter.clone();
+            connector.addr_check = Some(Box::new(move |ip| f.check_addr(ip)));
+        }
+        let hooks = parts.handler.as_ref().map(|h| h.hooks()).unwrap_or_default();
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let (drain_tx, draining) = watch::channel(false);
         let (close_tx, closing) = watch::channel(false);
-        let connector = parts.connector.unwrap_or_else(|| Connector::new(config.connect_timeout));
         let access = match parts.access {
             Some(a) => a,
             None => AccessLog::new(None, 10_000)?,
@@ -79,6 +113,13 @@ impl ProxyServer {
             config,
             connector,
             access,
+            rules,
+            filter,
+            ca: parts.ca,
+            origin_tls,
+            handler: parts.handler,
+            hooks,
+            flows: parts.flows,
             next_conn_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             all_done: Notify::new(),

@@ -5,8 +5,10 @@ use pyo3::prelude::*;
 mod bridge;
 mod handler;
 mod logger;
+mod rules;
 mod runtime;
 mod server;
+mod tls;
 
 #[pymodule]
 mod _engine {
@@ -17,7 +19,11 @@ mod _engine {
     #[pymodule_export]
     use super::logger::set_log_level;
     #[pymodule_export]
+    use super::rules::PyRuleSet;
+    #[pymodule_export]
     use super::server::{start_server, EngineServer};
+    #[pymodule_export]
+    use super::tls::PyCertificateAuthority;
 
     #[pymodule_init]
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {

@@ -11,9 +11,16 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::engine::access::{AccessLog, AccessRecord};
+use crate::engine::connector::Connector;
+use crate::engine::dns::{DnsConfig, DnsResolver, DnsSettings, DnsTransport};
+use crate::engine::flows::{FlowRecord, FlowRecorder};
+use crate::engine::safety::DomainFilter;
+use crate::engine::tls::OriginTrust;
 use crate::engine::{EngineConfig, EngineParts, ProxyServer};
 
+use super::rules::PyRuleSet;
 use super::runtime::runtime;
+use super::tls::PyCertificateAuthority;
 
 #[pyclass(frozen, module = "segproxy._engine")]
 pub struct EngineServer {
@@ -46,6 +53,10 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     host = "127.0.0.1", port = 8080, *,
     connect_timeout = 10.0, idle_timeout = 60.0, header_timeout = 30.0, response_timeout = 60.0,
     max_connections = 1024, max_header_bytes = 65536, access_log = None, access_records = 10000,
+    hook_timeout = 30.0, rules = None, dns_server = None, dns_port = 53, dns_transport = "udp",
+    dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
+    ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
+    flows_file = None, flows_capacity = 1000,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -60,6 +71,21 @@ pub fn start_server<'py>(
     max_header_bytes: usize,
     access_log: Option<PathBuf>,
     access_records: usize,
+    hook_timeout: f64,
+    rules: Option<PyRef<'py, PyRuleSet>>,
+    dns_server: Option<String>,
+    dns_port: u16,
+    dns_transport: &str,
+    dns_cache_size: usize,
+    allow_domains: Vec<String>,
+    deny_domains: Vec<String>,
+    deny_private: bool,
+    ca: Option<PyRef<'py, PyCertificateAuthority>>,
+    upstream_ca: Vec<PathBuf>,
+    upstream_insecure: bool,
+    record_flows: bool,
+    flows_file: Option<PathBuf>,
+    flows_capacity: usize,
 ) -> PyResult<Bound<'py, PyAny>> {
     if max_connections == 0 {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
@@ -72,18 +98,53 @@ pub fn start_server<'py>(
         response_timeout: seconds("response_timeout", response_timeout)?,
         max_connections,
         max_header_bytes: max_header_bytes.max(1024),
+        hook_timeout: seconds("hook_timeout", hook_timeout)?,
         ..EngineConfig::default()
+    };
+    let dns_config = match dns_server {
+        None => DnsConfig::System,
+        Some(server) => DnsConfig::Custom {
+            server: server.parse().map_err(|_| PyValueError::new_err(format!("dns_server must be an IP address, got {server:?}")))?,
+            port: dns_port,
+            transport: match dns_transport {
+                "udp" => DnsTransport::Udp,
+                "tcp" => DnsTransport::Tcp,
+                other => return Err(PyValueError::new_err(format!("dns_transport must be udp or tcp, got {other:?}"))),
+            },
+        },
+    };
+    let resolver = DnsResolver::new(DnsSettings { config: dns_config, cache_size: dns_cache_size, ..DnsSettings::default() })
+        .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let connector = Connector { connect_timeout: config.connect_timeout, resolver, addr_check: None };
+    let flows = if record_flows || flows_file.is_some() {
+        Some(Arc::new(FlowRecorder::new(flows_capacity, flows_file.as_deref()).map_err(|e| {
+            PyOSError::new_err(format!("cannot write flow records to {}: {e}", flows_file.as_deref().unwrap_or_else(|| "".as_ref()).display()))
+        })?))
+    } else {
+        None
     };
     let access = AccessLog::new(access_log.as_deref(), access_records).map_err(|e| {
         PyOSError::new_err(format!("cannot open access log {}: {e}", access_log.as_deref().unwrap_or_else(|| "".as_ref()).display()))
     })?;
-    let parts = EngineParts { access: Some(access), ..Default::default() };
+    let parts = EngineParts {
+        access: Some(access),
+        connector: Some(connector),
+        rules: rules.map(|r| r.inner.lock().unwrap().clone()),
+        filter: Some(DomainFilter::new(allow_domains, deny_domains, deny_private)),
+        ca: ca.map(|c| c.inner.clone()),
+        origin_trust: OriginTrust { extra_ca_files: upstream_ca, insecure: upstream_insecure },
+        handler: None,
+        flows,
+    };
     runtime();
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
         let listen = config.listen;
         let server = ProxyServer::bind(config, parts)
             .await
-            .map_err(|e| PyOSError::new_err(format!("cannot listen on {listen}: {e}")))?;
+            .map_err(|e| match e.kind() {
+                std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+                _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
+            })?;
         Ok(EngineServer { inner: Arc::new(server) })
     })
 }
@@ -109,8 +170,43 @@ fn record_to_dict<'py>(py: Python<'py>, r: &AccessRecord) -> PyResult<Bound<'py,
     Ok(d)
 }
 
+fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("id", &f.id)?;
+    d.set_item("kind", &f.kind)?;
+    d.set_item("method", &f.method)?;
+    d.set_item("target", &f.target)?;
+    d.set_item("rule", &f.rule)?;
+    d.set_item("action", &f.action)?;
+    d.set_item("policy", &f.policy)?;
+    d.set_item("direction", &f.direction)?;
+    d.set_item("start", f.start)?;
+    d.set_item("end", f.end)?;
+    d.set_item("dropped_chunks", f.dropped_chunks)?;
+    let chunks: Vec<(&str, usize, f64)> = f.chunks.iter().map(|c| (c.direction, c.size, c.t)).collect();
+    d.set_item("chunks", chunks)?;
+    Ok(d)
+}
+
 #[pymethods]
 impl EngineServer {
+    /// Finished flow records (oldest first): decision and per-chunk (direction, size, time).
+    #[pyo3(signature = (clear = false))]
+    fn flows<'py>(&self, py: Python<'py>, clear: bool) -> PyResult<Vec<Bound<'py, PyDict>>> {
+        let Some(recorder) = &self.inner.engine().flows else {
+            return Ok(Vec::new());
+        };
+        let flows = recorder.flows();
+        if clear {
+            recorder.clear();
+        }
+        flows.iter().map(|f| flow_to_dict(py, f)).collect()
+    }
+
+    fn recording_flows(&self) -> bool {
+        self.inner.engine().flows.is_some()
+    }
+
     /// The bound address as (host, port).
     fn local_addr(&self) -> (String, u16) {
         let a = self.inner.local_addr();

@@ -1,0 +1,83 @@
+"""Type stubs for the Rust extension module `segproxy._engine` (the binding layer)."""
+
+from collections.abc import Awaitable
+from typing import Any
+
+__version__: str
+
+def set_log_level(level: str) -> None: ...
+def start_server(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    connect_timeout: float = 10.0,
+    idle_timeout: float = 60.0,
+    header_timeout: float = 30.0,
+    response_timeout: float = 60.0,
+    max_connections: int = 1024,
+    max_header_bytes: int = 65536,
+    access_log: str | None = None,
+    access_records: int = 10000,
+    hook_timeout: float = 30.0,
+    rules: RuleSet | None = None,
+    dns_server: str | None = None,
+    dns_port: int = 53,
+    dns_transport: str = "udp",
+    dns_cache_size: int = 1024,
+    allow_domains: list[str] = ...,
+    deny_domains: list[str] = ...,
+    deny_private: bool = False,
+    ca: CertificateAuthority | None = None,
+    upstream_ca: list[str] = ...,
+    upstream_insecure: bool = False,
+    record_flows: bool = False,
+    flows_file: str | None = None,
+    flows_capacity: int = 1000,
+    handler: Any = None,
+) -> Awaitable[EngineServer]: ...
+
+class EngineServer:
+    def local_addr(self) -> tuple[str, int]: ...
+    def shutdown(self, grace: float = 5.0) -> Awaitable[None]: ...
+    def wait_stopped(self) -> Awaitable[None]: ...
+    def is_stopped(self) -> bool: ...
+    def active_connections(self) -> int: ...
+    def access_records(self, clear: bool = False) -> list[dict[str, Any]]: ...
+    def flows(self, clear: bool = False) -> list[dict[str, Any]]: ...
+    def recording_flows(self) -> bool: ...
+
+class RuleSet:
+    def __init__(
+        self,
+        strategy: str = "none",
+        chunk: int = 1024,
+        min: int = 1,
+        max: int = 1024,
+        delay_ms: float = 0.0,
+        direction: str = "up",
+    ) -> None: ...
+    def add_text(self, text: str, source: str = "<text>") -> None: ...
+    def add_file(self, path: str) -> None: ...
+    def describe(self) -> str: ...
+    def __len__(self) -> int: ...
+    def decide(self, method: str, scheme: str, host: str, port: int, path: str = "/") -> dict[str, Any]: ...
+
+class CertificateAuthority:
+    @staticmethod
+    def generate(
+        country: str = "US",
+        state: str = "CA",
+        locality: str = "San Francisco",
+        organization: str = "segproxy",
+        common_name: str = "segproxy CA",
+    ) -> CertificateAuthority: ...
+    @staticmethod
+    def from_pem(key_pem: str, cert_pem: str) -> CertificateAuthority: ...
+    @staticmethod
+    def load(key_path: str, cert_path: str) -> tuple[CertificateAuthority, str | None]: ...
+    def save(self, key_path: str, cert_path: str) -> None: ...
+    def key_pem(self) -> str: ...
+    def cert_pem(self) -> str: ...
+    def mint_count(self) -> int: ...
+    def leaf_pem(self, host: str) -> str: ...
+    def time_minting(self, count: int = 200) -> tuple[float, float]: ...

@@ -1,0 +1,193 @@
+//! CONNECT: decide (rules, handler), then either relay bytes untouched (tunnel) or terminate
+//! TLS with a minted certificate and serve the inner HTTP/1.1 requests (intercept).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::access::{now_epoch, AccessRecord};
+use super::connector::Rewind;
+use super::flows::{FlowHandle, FlowRecord};
+use super::hooks::ConnectDecision;
+use super::http1::{BufStream, RequestHead};
+use super::proxy::{decide, route_for, send_error, serve_http, split_authority, ConnState, Mode};
+use super::rules::{Action, Intercept, Scheme};
+use super::segment::{SegmentPolicy, Segmented};
+use super::server::Engine;
+use super::tls;
+use super::tunnel::pump;
+
+pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, head: RequestHead, conn: &mut ConnState) {
+    let started = Instant::now();
+    let mut record = AccessRecord {
+        id: conn.info.next_id(),
+        client: Some(conn.info.peer),
+        method: "CONNECT".into(),
+        target: head.target.clone(),
+        kind: "tunnel".into(),
+        action: "direct".into(),
+        policy: "none".into(),
+        started: now_epoch(),
+        ..Default::default()
+    };
+    let result = match plan_connect(engine, &head, conn, &mut record).await {
+        Err((status, message)) => {
+            let _ = send_error(&mut client.io, status, &message, false).await;
+            record.status = status;
+            Err(message)
+        }
+        Ok(plan) if plan.intercept => intercept(engine, client, plan, conn, &mut record).await,
+        Ok(plan) => tunnel(engine, client, plan, conn, &mut record).await,
+    };
+    if let Err(message) = result {
+        conn.report_error(engine, &message);
+        record.error = Some(message);
+    }
+    record.duration = started.elapsed();
+    engine.access.record(record);
+}
+
+/// What to do with a CONNECT once rules and the handler have spoken.
+struct Plan {
+    host: String,
+    port: u16,
+    intercept: bool,
+    route: super::connector::Route,
+    up_policy: SegmentPolicy,
+    down_policy: SegmentPolicy,
+    flow: Option<FlowHandle>,
+}
+
+/// Errors carry the status to answer with.
+async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnState, record: &mut AccessRecord) -> Result<Plan, (u16, String)> {
+    let (host, port) =
+        split_authority(&head.target, None).map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
+    let decision = decide(engine, "CONNECT", Scheme::Https, &host, port, "", record);
+    let mut choice = match decision.intercept {
+        Intercept::Yes => ConnectDecision::Intercept,
+        Intercept::No => ConnectDecision::Tunnel,
+        Intercept::Default if engine.ca.is_some() => ConnectDecision::Intercept,
+        Intercept::Default => ConnectDecision::Tunnel,
+    };
+    if let Action::Block { reason } = &decision.action {
+        choice = ConnectDecision::Block(format!("blocked by rule {}: {reason}", record.rule));
+    }
+    if engine.hooks.connect {
+        if let Some(handler) = conn.handler(engine) {
+            let reply = handler.connect(host.clone(), port);
+            match tokio::time::timeout(engine.config.hook_timeout, reply).await {
+                Err(_) => return Err((504, format!("hook on_connect did not return within {:?}", engine.config.hook_timeout))),
+                Ok(Err(_)) => return Err((502, "hook on_connect: the handler went away".into())),
+                Ok(Ok(Err(m))) => return Err((502, format!("hook on_connect failed: {m}"))),
+                Ok(Ok(Ok(ConnectDecision::Default))) => {}
+                Ok(Ok(Ok(c))) => choice = c,
+            }
+        }
+    }
+    if let ConnectDecision::Block(reason) = choice {
+        record.kind = "block".into();
+        return Err((403, reason));
+    }
+    engine.filter.check_host(&host).map_err(|reason| (403, format!("destination {host} denied: {reason}")))?;
+    let intercept = match (&choice, &engine.ca) {
+        (ConnectDecision::Intercept, Some(_)) => true,
+        (ConnectDecision::Intercept, None) => {
+            log::warn!("CONNECT {host}:{port}: interception asked for but no CA is configured; tunnelling");
+            false
+        }
+        _ => false,
+    };
+    let up_policy = if decision.direction.segments_up() { decision.policy.clone() } else { SegmentPolicy::none() };
+    let down_policy = if decision.direction.segments_down() { decision.policy.clone() } else { SegmentPolicy::none() };
+    let flow = engine.flows.as_ref().map(|f| {
+        f.begin(FlowRecord {
+            id: record.id.clone(),
+            kind: if intercept { "intercept".into() } else { "tunnel".into() },
+            method: "CONNECT".into(),
+            target: head.target.clone(),
+            rule: record.rule.clone(),
+            action: record.action.clone(),
+            policy: record.policy.clone(),
+            direction: decision.direction.as_str().into(),
+            ..Default::default()
+        })
+    });
+
+    Ok(Plan { host, port, intercept, route: route_for(&decision.action), up_policy, down_policy, flow })
+}
+
+async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Plan, conn: &mut ConnState, record: &mut AccessRecord) -> Result<(), String> {
+    let Plan { host, port, up_policy, down_policy, flow, .. } = plan;
+    record.kind = "intercept".into();
+    let ca = engine.ca.clone().expect("interception needs a CA");
+    client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
+    record.status = 200;
+    let prefix: Bytes = client.buf.split().freeze();
+    let down = Segmented::new(client.io, down_policy, flow.as_ref().map(|f| f.observer("down")));
+    let accepted =
+        tokio::time::timeout(engine.config.header_timeout, tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host)).await;
+    let tls_stream = match accepted {
+        Err(_) => return Err(format!("TLS handshake with the client for {host} timed out")),
+        Ok(Err(e)) => {
+            log::info!("intercepting {host}:{port}: {e}");
+            return Err(e.to_string());
+        }
+        Ok(Ok((s, _sni))) => s,
+    };
+    let mode = Mode::Intercepted { host, port, up_policy };
+    let _ = serve_http(engine, BufStream::new(tls_stream), conn, &mode).await;
+    if let Some(f) = flow {
+        f.finish();
+    }
+    Ok(())
+}
+
+async fn tunnel(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Plan, conn: &mut ConnState, record: &mut AccessRecord) -> Result<(), String> {
+    let Plan { host, port, route, up_policy, down_policy, flow, .. } = plan;
+    let (origin, dns) = match engine.connector.open_tunnel(&route, &host, port).await {
+        Ok(x) => x,
+        Err(e) => {
+            let _ = send_error(&mut client.io, e.status(), &e.to_string(), false).await;
+            record.status = e.status();
+            return Err(e.to_string());
+        }
+    };
+    record.dns = dns;
+    client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
+    record.status = 200;
+    if engine.hooks.tunnel {
+        if let Some(h) = conn.handler(engine) {
+            h.tunnel_opened(host.clone(), port);
+        }
+    }
+    let client_prefix: Bytes = client.buf.split().freeze();
+    let origin_prefix: Bytes = origin.buf.clone().freeze();
+    let (cr, cw) = client.io.into_split();
+    let (or, ow) = origin.io.into_split();
+    let to_origin = Segmented::new(ow, up_policy, flow.as_ref().map(|f| f.observer("up")));
+    let to_client = Segmented::new(cw, down_policy, flow.as_ref().map(|f| f.observer("down")));
+    let (totals, err) = pump(
+        (Rewind::new(client_prefix, cr), to_client),
+        (Rewind::new(origin_prefix, or), to_origin),
+        engine.config.tunnel_buffer_bytes,
+        engine.config.idle_timeout,
+    )
+    .await;
+    record.bytes_up = totals.a_to_b;
+    record.bytes_down = totals.b_to_a;
+    if engine.hooks.tunnel {
+        if let Some(h) = conn.handler(engine) {
+            h.tunnel_closed(host, port, totals.a_to_b, totals.b_to_a);
+        }
+    }
+    if let Some(f) = flow {
+        f.finish();
+    }
+    match err {
+        Some(e) if e.kind() != std::io::ErrorKind::TimedOut => Err(format!("tunnel ended: {e}")),
+        _ => Ok(()),
+    }
+}

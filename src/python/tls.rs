@@ -1,0 +1,105 @@
+//! `CertificateAuthority`: the engine's CA (generation, PEM load/save, per-host minting).
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use pyo3::exceptions::PyValueError;
+use pyo3::prelude::*;
+
+use crate::engine::ca::{key_file_warning, CaError, CaSubject, CertificateAuthority};
+
+fn ca_error(e: CaError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+#[pyclass(frozen, module = "segproxy._engine", name = "CertificateAuthority")]
+pub struct PyCertificateAuthority {
+    pub inner: Arc<CertificateAuthority>,
+}
+
+#[pymethods]
+impl PyCertificateAuthority {
+    #[staticmethod]
+    #[pyo3(signature = (country = "US", state = "CA", locality = "San Francisco", organization = "segproxy", common_name = "segproxy CA"))]
+    fn generate(country: &str, state: &str, locality: &str, organization: &str, common_name: &str) -> PyResult<Self> {
+        let subject = CaSubject {
+            country: country.into(),
+            state: state.into(),
+            locality: locality.into(),
+            organization: organization.into(),
+            common_name: common_name.into(),
+        };
+        Ok(PyCertificateAuthority { inner: Arc::new(CertificateAuthority::generate(&subject).map_err(ca_error)?) })
+    }
+
+    #[staticmethod]
+    fn from_pem(key_pem: &str, cert_pem: &str) -> PyResult<Self> {
+        Ok(PyCertificateAuthority { inner: Arc::new(CertificateAuthority::from_pem(key_pem, cert_pem).map_err(ca_error)?) })
+    }
+
+    /// Loads a CA; the second value is a warning when the key file is readable by others.
+    #[staticmethod]
+    fn load(key_path: PathBuf, cert_path: PathBuf) -> PyResult<(Self, Option<String>)> {
+        let ca = CertificateAuthority::load(&key_path, &cert_path).map_err(ca_error)?;
+        Ok((PyCertificateAuthority { inner: Arc::new(ca) }, key_file_warning(&key_path)))
+    }
+
+    fn save(&self, key_path: PathBuf, cert_path: PathBuf) -> PyResult<()> {
+        self.inner.save(&key_path, &cert_path).map_err(ca_error)
+    }
+
+    fn key_pem(&self) -> String {
+        self.inner.key_pem()
+    }
+
+    fn cert_pem(&self) -> String {
+        self.inner.cert_pem()
+    }
+
+    /// How many leaf certificates were minted (cache misses).
+    fn mint_count(&self) -> u64 {
+        self.inner.mint_count()
+    }
+
+    /// The PEM chain served for `host` (minted now if not cached).
+    fn leaf_pem(&self, host: &str) -> PyResult<String> {
+        let key = self.inner.certified_key(host).map_err(ca_error)?;
+        let mut out = String::new();
+        for der in key.cert.iter() {
+            out.push_str(&pem_encode(der.as_ref()));
+        }
+        Ok(out)
+    }
+
+    /// Seconds to mint a certificate for `count` new hosts and to fetch a cached one
+    /// `count` times (for benchmarks): (mint_seconds_each, cached_seconds_each).
+    #[pyo3(signature = (count = 200))]
+    fn time_minting(&self, py: Python<'_>, count: usize) -> PyResult<(f64, f64)> {
+        let ca = self.inner.clone();
+        py.detach(move || {
+            let tag = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let start = std::time::Instant::now();
+            for i in 0..count {
+                ca.server_config(&format!("bench{i}-{tag}.test")).map_err(ca_error)?;
+            }
+            let mint = start.elapsed().as_secs_f64() / count as f64;
+            let start = std::time::Instant::now();
+            for _ in 0..count {
+                ca.server_config(&format!("bench0-{tag}.test")).map_err(ca_error)?;
+            }
+            Ok((mint, start.elapsed().as_secs_f64() / count as f64))
+        })
+    }
+}
+
+fn pem_encode(der: &[u8]) -> String {
+    use base64::Engine as _;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::from("-----BEGIN CERTIFICATE-----\n");
+    for line in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(line).unwrap());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
