@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import ssl
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 import pytest
@@ -17,6 +19,7 @@ from segproxy import (
     HTTPSForwardProxyHandler,
     HTTPSProxyHandler,
     ProxyServer,
+    TLSStore,
     start_proxy_server,
 )
 
@@ -582,3 +585,151 @@ def test_header_type() -> None:
     h.add("X", "1")
     h.remove("host")
     assert list(h) == [("Set-Cookie", "3"), ("X", "1")]
+
+
+# ------------------------------------------------------------------------------------------
+# the same through HTTPS interception
+
+
+def make_origin_pki(directory: Path) -> tuple[Path, Path, Path]:
+    """A CA for the origin and a 127.0.0.1 leaf it signed: (ca, cert, key) paths."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "handlers test origin CA")])
+    ca = (
+        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    leaf = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
+        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .sign(ca_key, hashes.SHA256())
+    )
+    paths = directory / "origin-ca.pem", directory / "origin-cert.pem", directory / "origin-key.pem"
+    paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
+    paths[2].write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    return paths
+
+
+@dataclass
+class Intercept:
+    origin: Origin
+    origin_ca: Path
+    store: TLSStore
+    proxy_ca: Path
+
+    @property
+    def base(self) -> str:
+        return f"https://127.0.0.1:{self.origin.port}"
+
+    async def proxy(self, builder: object, **options: object) -> ProxyServer:
+        return await start_proxy_server(
+            builder, "127.0.0.1", 0, self.store, upstream_ca=[str(self.origin_ca)], **options  # type: ignore[arg-type]
+        )
+
+    def client(self, server: ProxyServer, **kw: object) -> httpx.AsyncClient:
+        ctx = ssl.create_default_context(cafile=str(self.proxy_ca))
+        return httpx.AsyncClient(proxy=server.url, verify=ctx, timeout=20, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+async def intercept(tmp_path: Path) -> AsyncIterator[Intercept]:
+    ca, cert, key = make_origin_pki(tmp_path)
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    o = Origin()
+    o.server = await asyncio.start_server(o.handle, "127.0.0.1", 0, ssl=tls)
+    o.port = o.server.sockets[0].getsockname()[1]
+    store = TLSStore.generate_ca("FR", "Ile-de-France", "Paris", "segproxy tests", "segproxy handlers test CA")
+    proxy_ca = tmp_path / "proxy-ca.pem"
+    proxy_ca.write_bytes(store.get_ca_pem())
+    yield Intercept(o, ca, store, proxy_ca)
+    o.server.close()
+
+
+async def test_intercepted_hooks_in_order_over_keep_alive(intercept: Intercept) -> None:
+    Recorder.built.clear()
+    server = await intercept.proxy(Recorder)
+    base = intercept.base
+    async with server, intercept.client(server, limits=httpx.Limits(max_connections=1)) as c:
+        for n in range(3):
+            r = await c.get(f"{base}/item/{n}", headers={"X-N": str(n)})
+            assert r.status_code == 200 and r.text == f"GET /item/{n}"
+        await eventually(lambda: len(Recorder.built[0].events) == 16)
+    assert len(Recorder.built) == 1
+    expected: list[tuple] = [("connected",)]
+    for n in range(3):
+        expected += [
+            ("request", "GET", f"{base}/item/{n}", str(n)),
+            ("response", 200, "yes"),
+            ("chunk", f"GET /item/{n}".encode()),
+            ("complete",),
+            ("forwarded", 200),
+        ]
+    assert Recorder.built[0].events == expected
+
+
+async def test_intercepted_request_and_response_rewrite(intercept: Intercept) -> None:
+    async with await intercept.proxy(Modifier) as server, intercept.client(server) as c:
+        r = await c.post(f"{intercept.base}/echo-replace", content=b"original", headers={"X-Secret": "1"})
+        assert r.text == "replaced body"
+    seen = intercept.origin.seen[0]
+    assert (seen.method, seen.body, seen.headers["x-added"]) == ("PUT", b"replaced body", "yes")
+    assert "x-secret" not in seen.headers
+    async with await intercept.proxy(ResponseRewriter) as server, intercept.client(server) as c:
+        r = await c.get(f"{intercept.base}/plain")
+        assert (r.status_code, r.text, r.headers["x-rewritten"]) == (299, "FETCHED /plain", "1")
+        r = await c.get(f"{intercept.base}/chunked")
+        assert r.text == "ALPHA!!-gamma"
+
+
+async def test_intercepted_mock_and_errors(intercept: Intercept) -> None:
+    async with await intercept.proxy(Mock) as server, intercept.client(server) as c:
+        r = await c.get(f"{intercept.base}/blocked")
+        assert (r.status_code, r.text) == (403, "Blocked")
+    Failing.errors.clear()
+    Failing.where = "request"
+    async with await intercept.proxy(Failing) as server:
+        async with intercept.client(server) as c:
+            assert (await c.get(f"{intercept.base}/x")).status_code == 502
+        Failing.where = ""
+        async with intercept.client(server) as c:
+            assert (await c.get(f"{intercept.base}/y")).status_code == 200
+    assert Failing.errors == ["RuntimeError: in request"]
+    assert [s.path for s in intercept.origin.seen] == ["/y"]
+
+
+class TunnelOnly(HTTPSForwardProxyHandler):
+    async def on_connect(self, host: str, port: int) -> str | None:
+        return "tunnel"
+
+    async def on_request_received(self) -> None:
+        raise AssertionError("a tunnelled flow is never decrypted")
+
+
+async def test_on_connect_tunnel_skips_interception(intercept: Intercept) -> None:
+    async with await intercept.proxy(TunnelOnly) as server:
+        ctx = ssl.create_default_context(cafile=str(intercept.origin_ca))  # the origin's own cert
+        async with httpx.AsyncClient(proxy=server.url, verify=ctx, timeout=20) as c:
+            r = await c.get(f"{intercept.base}/direct")
+            assert r.text == "GET /direct"
