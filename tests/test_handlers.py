@@ -733,3 +733,81 @@ async def test_on_connect_tunnel_skips_interception(intercept: Intercept) -> Non
         async with httpx.AsyncClient(proxy=server.url, verify=ctx, timeout=20) as c:
             r = await c.get(f"{intercept.base}/direct")
             assert r.text == "GET /direct"
+
+
+# ------------------------------------------------------------------------------------------
+# an asyncio-https-proxy script runs with only its import line changed
+
+
+class CompatLogging(HTTPSForwardProxyHandler):
+    """Written against asyncio-https-proxy's documented API (super().__init__, super() hooks,
+    request.url(), header iteration, response hooks), nothing segproxy-specific."""
+
+    log: list[str] = []
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.response_size = 0
+
+    async def on_client_connected(self) -> None:
+        CompatLogging.log.append(f"connected {self.request.host}")
+        await super().on_client_connected()
+
+    async def on_request_received(self) -> None:
+        CompatLogging.log.append(f"request {self.request.method} {self.request.url()}")
+        for key, value in self.request.headers:
+            assert isinstance(key, str) and isinstance(value, str)
+        self.response_size = 0
+        await super().on_request_received()
+
+    async def on_response_received(self) -> None:
+        if self.response:
+            CompatLogging.log.append(f"response {self.response.status_code} {self.response.reason_phrase}")
+            if self.response.headers:
+                dict(self.response.headers.to_dict())
+
+    async def on_response_chunk(self, chunk: bytes) -> bytes:
+        self.response_size += len(chunk)
+        return chunk
+
+    async def on_response_complete(self) -> None:
+        CompatLogging.log.append(f"complete {self.response_size}")
+
+
+class CompatBlocker(HTTPSProxyHandler):
+    """asyncio-https-proxy's low-level style: answer in on_client_connected by hand."""
+
+    async def on_client_connected(self) -> None:
+        self.write_response(b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 3\r\n\r\ntea")
+        await self.flush_response()
+
+
+async def test_asyncio_https_proxy_script_runs(intercept: Intercept) -> None:
+    CompatLogging.log.clear()
+    tls_store = TLSStore.generate_ca(
+        country="FR", state="Ile-de-France", locality="Paris", organization="Compat", common_name="Compat CA"
+    )
+    server = await start_proxy_server(
+        handler_builder=lambda: CompatLogging(), host="127.0.0.1", port=0, tls_store=tls_store,
+        upstream_ca=[str(intercept.origin_ca)],
+    )
+    serving = asyncio.create_task(server.serve_forever())
+    ctx = ssl.create_default_context(cadata=tls_store.get_ca_pem().decode())
+    async with httpx.AsyncClient(proxy=server.url, verify=ctx, timeout=20) as c:
+        r = await c.get(f"{intercept.base}/compat")
+        assert r.text == "GET /compat"
+    await eventually(lambda: len(CompatLogging.log) == 4)
+    assert CompatLogging.log == [
+        "connected 127.0.0.1",
+        f"request GET {intercept.base}/compat",
+        "response 200 OK",
+        "complete 11",
+    ]
+    server.close()
+    await server.wait_closed()
+    await asyncio.wait_for(serving, 5)
+
+    async with await start_proxy_server(lambda: CompatBlocker(), "127.0.0.1", 0) as server:
+        async with client(server) as c:
+            r = await c.get("http://127.0.0.1:9/anything")
+            assert (r.status_code, r.text) == (418, "tea")
