@@ -62,3 +62,54 @@ def dnsmasq_server():
     dns = _start(Dnsmasq)
     yield dns
     dns.stop()
+
+
+def pytest_report_header(config):
+    try:
+        import segproxy
+    except ImportError as e:  # reported, and the tests that need it fail loudly
+        return f"segproxy: not importable ({e})"
+    return f"segproxy: {segproxy.__file__}"
+
+
+@pytest.fixture
+def origin():
+    """A fresh RecordingOrigin (tests/support/origins.py) on its own thread."""
+    from support.origins import RecordingOrigin
+
+    with RecordingOrigin() as o:
+        yield o
+
+
+@pytest.fixture
+async def proxy():
+    """segproxy in this process on a free port, short timeouts; closed after the test."""
+    import segproxy
+
+    server = await segproxy.start_proxy_server(
+        port=0, connect_timeout=5, idle_timeout=20, header_timeout=5, response_timeout=20
+    )
+    try:
+        yield server
+    finally:
+        await server.aclose(grace=1.0)
+
+
+@pytest.fixture
+async def make_proxy():
+    """Factory: ``await make_proxy(response_timeout=1, ...)`` starts an in-process segproxy
+    with those options; every one started is closed after the test."""
+    import segproxy
+
+    started = []
+
+    async def make(**options):
+        server = await segproxy.start_proxy_server(port=0, **options)
+        started.append(server)
+        return server
+
+    try:
+        yield make
+    finally:
+        for server in started:
+            await server.aclose(grace=1.0)

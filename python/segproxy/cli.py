@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from . import _engine
 from ._server import ProxyServer, run
@@ -133,6 +134,7 @@ def build_rules(args: argparse.Namespace) -> Rules:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the proxy until SIGINT/SIGTERM; exits the process (0, or 1 if it cannot listen)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with usage on a bad flag
     _engine.set_log_level(args.log_level)
@@ -168,6 +170,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready(server: ProxyServer) -> None:
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
 
+    code = _serve(args, ready)
+    # Leave without finalizing the interpreter: an engine thread may still be handing its
+    # last result to Python (pyo3-async-runtimes calls loop.call_soon_threadsafe, which
+    # drops the GIL inside), and CPython 3.11 kills a thread that wants the GIL back during
+    # finalization, crashing the process (SIGSEGV/SIGABRT at exit). The CLI owns the
+    # process and has nothing left to clean up once its output is flushed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def _serve(args: argparse.Namespace, ready: Callable[[ProxyServer], None]) -> int:
     try:
         run(
             host=args.listen_host,

@@ -188,16 +188,15 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
             while self.buf.starts_with(b"\r\n") {
                 self.buf.advance(2);
             }
-            if let Some(pos) = find_head_end(&self.buf, scanned) {
-                if pos > limit {
-                    return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
-                }
+            // The limit holds however the head arrived: in one read or in many.
+            let end = find_head_end(&self.buf, scanned);
+            if end.unwrap_or(self.buf.len()) > limit {
+                return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
+            }
+            if let Some(pos) = end {
                 return Ok(pos);
             }
             scanned = self.buf.len().saturating_sub(3);
-            if self.buf.len() > limit {
-                return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
-            }
             let empty = self.buf.is_empty();
             if self.fill().await? == 0 {
                 return Err(if empty {
@@ -563,6 +562,12 @@ mod tests {
         assert!(matches!(parse_req(b"NOT HTTP\r\n\r\n").await, Err(HttpError::Malformed(_))));
         let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10000));
         assert!(matches!(parse_req(big.as_bytes()).await, Err(HttpError::TooLarge(_))));
+        // A complete head over the limit is refused even when it arrived in a single read.
+        let mut s = BufStream::new(big.as_bytes());
+        while s.buf.len() < big.len() {
+            assert!(s.fill().await.unwrap() > 0);
+        }
+        assert!(matches!(s.read_request_head(8192).await, Err(HttpError::TooLarge(_))));
         assert!(matches!(parse_req(b"").await, Err(HttpError::Closed)));
     }
 

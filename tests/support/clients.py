@@ -1,0 +1,163 @@
+"""Client-side helpers for proxy tests: a raw HTTP/1.x response reader over a plain
+socket (to see exactly what the proxy sent), and curl run as a bounded subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import socket
+import subprocess
+from dataclasses import dataclass, field
+
+from .procs import LOOPBACK
+
+
+@dataclass
+class RawResponse:
+    version: str
+    status: int
+    reason: str
+    headers: list[tuple[str, str]]
+    body: bytes = b""
+    body_len: int = 0
+    body_sha256: str = ""
+    raw_head: bytes = b""
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def header_names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+
+def open_conn(port: int, timeout: float = 10.0) -> socket.socket:
+    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    s.settimeout(timeout)
+    return s
+
+
+class Conn:
+    """A client connection to the proxy with a buffered reader: send raw bytes, read responses."""
+
+    def __init__(self, port: int, timeout: float = 10.0) -> None:
+        self.sock = open_conn(port, timeout)
+        self.buf = b""
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def _fill(self) -> bool:
+        data = self.sock.recv(1024 * 1024)
+        if not data:
+            return False
+        self.buf += data
+        return True
+
+    def _read_until(self, sep: bytes) -> bytes:
+        while sep not in self.buf:
+            if not self._fill():
+                raise EOFError(f"connection closed before {sep!r}; got {self.buf[:200]!r}")
+        i = self.buf.index(sep) + len(sep)
+        out, self.buf = self.buf[:i], self.buf[i:]
+        return out
+
+    def _read_exact(self, n: int, sink) -> None:
+        while n:
+            if not self.buf and not self._fill():
+                raise EOFError(f"connection closed with {n} body bytes missing")
+            take = self.buf[:n]
+            self.buf = self.buf[len(take):]
+            n -= len(take)
+            sink(take)
+
+    def read_response(self, method: str = "GET", keep_body: int = 16 * 1024 * 1024) -> RawResponse:
+        raw = self._read_until(b"\r\n\r\n")
+        lines = raw.decode("latin-1").split("\r\n")
+        version, status, *reason = lines[0].split(" ", 2)
+        headers = []
+        for line in lines[1:]:
+            if line:
+                k, _, v = line.partition(":")
+                headers.append((k.strip(), v.strip()))
+        r = RawResponse(version, int(status), reason[0] if reason else "", headers, raw_head=raw)
+        h = hashlib.sha256()
+        kept: list[bytes] = []
+
+        def sink(piece: bytes) -> None:
+            h.update(piece)
+            r.body_len += len(piece)
+            if r.body_len <= keep_body:
+                kept.append(piece)
+
+        te = (r.header("transfer-encoding") or "").lower()
+        if method == "HEAD" or r.status in (204, 304) or 100 <= r.status < 200:
+            pass
+        elif "chunked" in te:
+            while True:
+                size = int(self._read_until(b"\r\n").split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self._read_until(b"\r\n") != b"\r\n":
+                        pass
+                    break
+                self._read_exact(size, sink)
+                assert self._read_until(b"\r\n") == b"\r\n"
+        elif r.header("content-length") is not None:
+            self._read_exact(int(r.header("content-length")), sink)
+        else:
+            while True:
+                if self.buf:
+                    piece, self.buf = self.buf, b""
+                    sink(piece)
+                if not self._fill():
+                    break
+        r.body = b"".join(kept)
+        r.body_sha256 = h.hexdigest()
+        return r
+
+    def at_eof(self, timeout: float = 5.0) -> bool:
+        """True if the proxy closed the connection (within ``timeout``) with nothing more sent."""
+        self.sock.settimeout(timeout)
+        try:
+            return not self.buf and self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+        except socket.timeout:
+            return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def request(port: int, raw: bytes, method: str = "GET", timeout: float = 10.0) -> RawResponse:
+    """One raw request on a fresh connection; returns the parsed response."""
+    with Conn(port, timeout) as c:
+        c.send(raw)
+        return c.read_response(method)
+
+
+def get_via(port: int, url: str, headers: str = "", timeout: float = 10.0) -> RawResponse:
+    host = url.split("/")[2]
+    return request(port, f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode(), timeout=timeout)
+
+
+async def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
+    """Runs curl (silent, errors shown) with a hard timeout; the child is killed by pid on expiry."""
+    proc = await asyncio.create_subprocess_exec(
+        "curl", "-sS", *args, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise
+    return subprocess.CompletedProcess(["curl", *args], proc.returncode, out, err)

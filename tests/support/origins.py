@@ -1,0 +1,479 @@
+"""Small origin servers written for the proxy tests, each on its own thread and loop.
+
+They run on a private asyncio loop in a background thread, so a test may use
+blocking clients (curl, raw sockets) or async ones (httpx) without starving
+them. Every origin binds 127.0.0.1 on a free port, is a context manager, and
+stops (closing every connection it holds) on exit::
+
+    with RecordingOrigin() as origin:
+        ...  # origin.url("/gen/1000"), origin.requests, origin.connections
+
+``RecordingOrigin`` records what it received (request line, headers in order,
+body length and SHA-256, which TCP connection carried it) and answers by path:
+
+- ``/gen/N``          N pattern bytes with Content-Length (``pattern_sha256(N)``)
+- ``/gen-chunked/N``  the same, chunked
+- ``/gen-close/N``    the same, close-delimited (no length, connection closed)
+- ``/gen-slow/N``     the same with Content-Length, 64 KiB every ``?ms=`` (20) ms
+- ``/echo``           the request body back, in the request's framing
+- ``/status/NNN``     that status; 204 and 304 carry no body (304 with a
+  misleading Content-Length, as RFC 9110 allows)
+- ``/hop``            a response carrying hop-by-hop fields
+- ``/never``          reads the request and never answers
+- ``/upgrade``        ``101 Switching Protocols`` then echoes raw bytes
+- anything else       JSON describing the request as received
+
+A HEAD request gets the head a GET would get (Content-Length 12345) without a body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import random
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, parse_qs
+
+from .procs import LOOPBACK
+
+MIB = 1024 * 1024
+_BLOCK = random.Random(20240611).randbytes(MIB)
+
+
+def pattern_chunks(n: int, piece: int = MIB):
+    """The deterministic body of ``/gen/N`` in pieces of at most ``piece`` bytes."""
+    sent = 0
+    while sent < n:
+        off = sent % MIB
+        k = min(piece, MIB - off, n - sent)
+        yield _BLOCK[off : off + k]
+        sent += k
+
+
+def pattern_sha256(n: int) -> str:
+    h = hashlib.sha256()
+    for c in pattern_chunks(n):
+        h.update(c)
+    return h.hexdigest()
+
+
+@dataclass
+class Received:
+    """One request as the origin read it off the wire."""
+
+    conn: int
+    method: str
+    target: str
+    version: str
+    headers: list[tuple[str, str]]
+    body_len: int = 0
+    body_sha256: str = hashlib.sha256().hexdigest()
+    body: bytes = b""
+    chunked: bool = False
+
+    def header(self, name: str) -> str | None:
+        for k, v in self.headers:
+            if k.lower() == name.lower():
+                return v
+        return None
+
+    def header_names(self) -> set[str]:
+        return {k.lower() for k, _ in self.headers}
+
+    def as_json(self) -> dict:
+        return {
+            "conn": self.conn,
+            "method": self.method,
+            "target": self.target,
+            "version": self.version,
+            "headers": self.headers,
+            "body_len": self.body_len,
+            "body_sha256": self.body_sha256,
+            "chunked": self.chunked,
+        }
+
+
+class ThreadedOrigin:
+    """Base: an asyncio server on its own loop in a daemon thread."""
+
+    ssl_context: ssl.SSLContext | None = None
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self.connections = 0
+
+    def url(self, path: str = "/", host: str = LOOPBACK) -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    @property
+    def authority(self) -> str:
+        return f"{LOOPBACK}:{self.port}"
+
+    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        conn = self.connections
+        self._writers.add(writer)
+        try:
+            await self.handle(reader, writer, conn)
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError, ssl.SSLError):
+            pass
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def handle(self, reader, writer, conn: int) -> None:  # pragma: no cover - overridden
+        raise NotImplementedError
+
+    async def _start_server(self) -> asyncio.AbstractServer:
+        return await asyncio.start_server(self._client, LOOPBACK, 0, ssl=self.ssl_context, limit=256 * 1024)
+
+    def _run(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        self.loop = loop
+        try:
+            self._server = loop.run_until_complete(self._start_server())
+            self.port = self._server.sockets[0].getsockname()[1]
+        except BaseException as e:  # noqa: BLE001 - reported to start()
+            self._error = e
+            self._ready.set()
+            loop.close()
+            return
+        self._ready.set()
+        loop.run_forever()
+        # Stopped: cancel what is left and close the loop.
+        tasks = asyncio.all_tasks(loop)
+        for t in tasks:
+            t.cancel()
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        loop.close()
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=type(self).__name__, daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError(f"{type(self).__name__} did not start")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def stop(self) -> None:
+        loop, self.loop = self.loop, None
+        if loop is None or self._thread is None:
+            return
+
+        async def shut() -> None:
+            if self._server is not None:
+                self._server.close()
+            for w in list(self._writers):
+                w.transport.abort()
+            loop.stop()
+
+        asyncio.run_coroutine_threadsafe(shut(), loop)
+        self._thread.join(10)
+
+    def call(self, fn, *args):
+        """Run ``fn(*args)`` on the origin's loop and return its result (thread-safe read)."""
+        assert self.loop is not None
+
+        async def run():
+            return fn(*args)
+
+        return asyncio.run_coroutine_threadsafe(run(), self.loop).result(5)
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+async def read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
+    """Request or status line and header fields; None at a clean end of stream."""
+    try:
+        raw = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError as e:
+        if not e.partial:
+            return None
+        raise
+    lines = raw.decode("latin-1").split("\r\n")
+    headers = []
+    for line in lines[1:]:
+        if line:
+            k, _, v = line.partition(":")
+            headers.append((k.strip(), v.strip()))
+    return lines[0], headers
+
+
+async def read_chunked(reader: asyncio.StreamReader):
+    """Yields the pieces of a chunked body (trailers consumed)."""
+    while True:
+        size_line = await reader.readuntil(b"\r\n")
+        size = int(size_line.split(b";")[0].strip(), 16)
+        if size == 0:
+            while (await reader.readuntil(b"\r\n")) != b"\r\n":
+                pass
+            return
+        left = size
+        while left:
+            data = await reader.read(min(left, 256 * 1024))
+            if not data:
+                raise asyncio.IncompleteReadError(b"", left)
+            left -= len(data)
+            yield data
+        assert await reader.readexactly(2) == b"\r\n"
+
+
+class RecordingOrigin(ThreadedOrigin):
+    """HTTP/1.1 origin with keep-alive that records every request (see module doc)."""
+
+    #: Bodies up to this size are kept in ``Received.body`` (and echoed by /echo).
+    keep_body = 16 * MIB
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.requests: list[Received] = []
+        self.raw_heads: list[bytes] = []
+
+    def requests_for(self, path_prefix: str) -> list[Received]:
+        return [r for r in list(self.requests) if urlsplit(r.target).path.startswith(path_prefix)]
+
+    async def handle(self, reader, writer, conn) -> None:
+        while True:
+            head = await read_head(reader)
+            if head is None:
+                return
+            line, headers = head
+            method, target, version = line.split(" ", 2)
+            req = Received(conn, method, target, version, headers)
+            h = hashlib.sha256()
+            keep = []
+            te = (req.header("transfer-encoding") or "").lower()
+            if "chunked" in te:
+                req.chunked = True
+                pieces = read_chunked(reader)
+            else:
+                pieces = _read_length(reader, int(req.header("content-length") or 0))
+            async for piece in pieces:
+                h.update(piece)
+                req.body_len += len(piece)
+                if req.body_len <= self.keep_body:
+                    keep.append(piece)
+            req.body_sha256 = h.hexdigest()
+            if req.body_len <= self.keep_body:
+                req.body = b"".join(keep)
+            self.requests.append(req)
+            close = (req.header("connection") or "").lower() == "close" or version == "HTTP/1.0"
+            if not await self.respond(req, reader, writer, close):
+                return
+            if close:
+                return
+
+    async def respond(self, req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close: bool) -> bool:
+        """Answers one request; returns False when the connection must end."""
+        parts = urlsplit(req.target)
+        path = parts.path
+        query = parse_qs(parts.query)
+        conn_hdr = "Connection: close\r\n" if close else ""
+
+        def head(status: str, extra: str = "") -> bytes:
+            return f"HTTP/1.1 {status}\r\nServer: recording-origin\r\n{extra}{conn_hdr}\r\n".encode()
+
+        if req.method == "HEAD":
+            writer.write(head("200 OK", "Content-Type: application/octet-stream\r\nContent-Length: 12345\r\n"))
+        elif path.startswith("/gen/") or path.startswith("/gen-slow/"):
+            n = int(path.rsplit("/", 1)[1])
+            writer.write(head("200 OK", f"Content-Type: application/octet-stream\r\nContent-Length: {n}\r\n"))
+            slow = path.startswith("/gen-slow/")
+            delay = float(query.get("ms", ["20"])[0]) / 1000
+            for piece in pattern_chunks(n, 64 * 1024 if slow else MIB):
+                writer.write(piece)
+                await writer.drain()
+                if slow:
+                    await asyncio.sleep(delay)
+        elif path.startswith("/gen-chunked/"):
+            n = int(path.rsplit("/", 1)[1])
+            writer.write(head("200 OK", "Transfer-Encoding: chunked\r\n"))
+            for piece in pattern_chunks(n, 100_000):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        elif path.startswith("/gen-close/"):
+            n = int(path.rsplit("/", 1)[1])
+            writer.write(b"HTTP/1.1 200 OK\r\nServer: recording-origin\r\nConnection: close\r\n\r\n")
+            for piece in pattern_chunks(n):
+                writer.write(piece)
+                await writer.drain()
+            await writer.drain()
+            return False
+        elif path == "/echo":
+            ctype = req.header("content-type") or "application/octet-stream"
+            if req.chunked:
+                writer.write(head("200 OK", f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n"))
+                for i in range(0, len(req.body), 7777):
+                    piece = req.body[i : i + 7777]
+                    writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                writer.write(b"0\r\n\r\n")
+            else:
+                writer.write(head("200 OK", f"Content-Type: {ctype}\r\nContent-Length: {len(req.body)}\r\n"))
+                writer.write(req.body)
+        elif path.startswith("/status/"):
+            code = int(path.rsplit("/", 1)[1])
+            if code == 204:
+                writer.write(head("204 No Content"))
+            elif code == 304:
+                writer.write(head("304 Not Modified", 'ETag: "v1"\r\nContent-Length: 500\r\n'))
+            else:
+                body = f"status {code}\n".encode()
+                writer.write(head(f"{code} Whatever", f"Content-Length: {len(body)}\r\n") + body)
+        elif path == "/hop":
+            body = b"hop\n"
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nConnection: X-Resp-Secret\r\nX-Resp-Secret: 1\r\n"
+                b"Keep-Alive: timeout=5\r\nProxy-Connection: keep-alive\r\nX-Resp-Normal: yes\r\n"
+                b"Content-Length: 4\r\n\r\n" + body
+            )
+        elif path == "/never":
+            await writer.drain()
+            await asyncio.sleep(3600)
+        elif path == "/upgrade" and req.header("upgrade"):
+            writer.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: echo-proto\r\nConnection: Upgrade\r\n\r\n"
+            )
+            await writer.drain()
+            while True:
+                data = await reader.read(65536)
+                if not data:
+                    break
+                writer.write(data.upper())
+                await writer.drain()
+            writer.write(b"BYE")
+            await writer.drain()
+            return False
+        else:
+            body = json.dumps(req.as_json()).encode()
+            writer.write(head("200 OK", f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n") + body)
+        await writer.drain()
+        return True
+
+
+async def _read_length(reader: asyncio.StreamReader, n: int):
+    left = n
+    while left:
+        data = await reader.read(min(left, 256 * 1024))
+        if not data:
+            raise asyncio.IncompleteReadError(b"", left)
+        left -= len(data)
+        yield data
+
+
+class SinkThenReplyOrigin(ThreadedOrigin):
+    """Raw TCP: reads until the client half-closes, then answers ``N SHA256\\n`` and closes.
+
+    With ``banner``, first sends the banner and half-closes its own side, then reads
+    until end of stream (what it got is in ``received``)."""
+
+    def __init__(self, banner: bytes | None = None) -> None:
+        super().__init__()
+        self.banner = banner
+        self.received: list[bytes] = []
+
+    async def handle(self, reader, writer, conn) -> None:
+        if self.banner is not None:
+            writer.write(self.banner)
+            await writer.drain()
+            writer.write_eof()
+        h = hashlib.sha256()
+        n = 0
+        got = []
+        while True:
+            data = await reader.read(256 * 1024)
+            if not data:
+                break
+            h.update(data)
+            n += len(data)
+            if n <= MIB:
+                got.append(data)
+        self.received.append(b"".join(got))
+        if self.banner is None:
+            writer.write(f"{n} {h.hexdigest()}\n".encode())
+            await writer.drain()
+
+
+class TlsEchoOrigin(ThreadedOrigin):
+    """TLS server with a self-signed certificate: echoes each line it reads, uppercased."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        from .certs import make_self_signed
+
+        self.cert_path, key_path = make_self_signed(directory)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(self.cert_path, key_path)
+        self.ssl_context = ctx
+
+    async def handle(self, reader, writer, conn) -> None:
+        while True:
+            line = await reader.readline()
+            if not line:
+                return
+            writer.write(line.upper())
+            await writer.drain()
+
+
+class WebSocketOrigin(ThreadedOrigin):
+    """A real WebSocket server (the ``websockets`` package) echoing every message."""
+
+    async def _start_server(self):
+        from websockets.asyncio.server import serve
+
+        async def echo(ws):
+            self.connections += 1
+            async for msg in ws:
+                await ws.send(msg)
+
+        server = await serve(echo, LOOPBACK, 0)
+        return server
+
+
+def blackhole_port() -> tuple[socket.socket, int]:
+    """A listening socket that never accepts (its backlog takes connections): the
+    caller closes it. Useful for "origin accepts TCP but never answers"."""
+    s = socket.socket()
+    s.bind((LOOPBACK, 0))
+    s.listen(16)
+    return s, s.getsockname()[1]
+
+
+def refused_port() -> int:
+    """A port on 127.0.0.1 where nothing listens (connections are refused)."""
+    s = socket.socket()
+    s.bind((LOOPBACK, 0))
+    port = s.getsockname()[1]
+    s.close()
+    return port
+
+
+class ScriptedOrigin(ThreadedOrigin):
+    """Reads one request head, answers with exactly ``reply`` (raw bytes) and closes."""
+
+    def __init__(self, reply: bytes) -> None:
+        super().__init__()
+        self.reply = reply
+        self.heads: list[bytes] = []
+
+    async def handle(self, reader, writer, conn) -> None:
+        self.heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(self.reply)
+        await writer.drain()
