@@ -19,9 +19,15 @@ from support.origins import MIB, RecordingOrigin, pattern_chunks, pattern_sha256
 pytestmark = pytest.mark.timeout(60)
 
 
-def conn_ids(server) -> list[str]:
-    """Connection part of each forward record's id ("7.3" -> "7")."""
-    return [r["id"].split(".")[0] for r in server.access_records() if r["kind"] == "forward"]
+def conn_ids(server, expected: int | None = None) -> list[str]:
+    """Connection part of each forward record's id ("7.3" -> "7"). A record is written just
+    after the client got its response, so wait (bounded) for `expected` records."""
+    deadline = time.monotonic() + 5
+    while True:
+        ids = [r["id"].split(".")[0] for r in server.access_records() if r["kind"] == "forward"]
+        if expected is None or len(ids) >= expected or time.monotonic() > deadline:
+            return ids
+        time.sleep(0.01)
 
 
 # --- GET and POST with real clients -------------------------------------------------------
@@ -167,7 +173,7 @@ async def test_many_requests_on_one_client_connection_use_one_origin_connection(
             assert resp.status == 200 and json.loads(resp.body)["target"] == f"/r{i}"
     assert origin.connections == 1
     assert [r.conn for r in origin.requests] == [1] * 10
-    ids = conn_ids(proxy)
+    ids = conn_ids(proxy, 10)
     assert len(ids) == 10 and len(set(ids)) == 1
 
 
@@ -187,7 +193,7 @@ async def test_curl_with_several_urls_reuses_connections(proxy, origin):
         f"/u{i}" for i in range(4)
     ]
     assert origin.connections == 1
-    ids = conn_ids(proxy)
+    ids = conn_ids(proxy, 4)
     assert len(ids) == 4 and len(set(ids)) == 1, ids
 
 
@@ -197,7 +203,7 @@ async def test_httpx_client_reuse(proxy, origin):
             r = await client.get(origin.url(f"/x{i}"))
             assert r.json()["target"] == f"/x{i}"
     assert origin.connections == 1
-    assert len(set(conn_ids(proxy))) == 1
+    assert len(set(conn_ids(proxy, 10))) == 1
 
 
 async def test_origin_connection_closed_while_pooled_is_replaced(proxy, origin):

@@ -170,7 +170,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     def ready(server: ProxyServer) -> None:
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
 
-    code = _serve(args, ready)
+    code = _serve(args, rules, tls_store, ready)
     # Leave without finalizing the interpreter: an engine thread may still be handing its
     # last result to Python (pyo3-async-runtimes calls loop.call_soon_threadsafe, which
     # drops the GIL inside), and CPython 3.11 kills a thread that wants the GIL back during
@@ -181,7 +181,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     os._exit(code)
 
 
-def _serve(args: argparse.Namespace, ready: Callable[[ProxyServer], None]) -> int:
+def _serve(
+    args: argparse.Namespace, rules: Rules, tls_store: TLSStore | None, ready: Callable[[ProxyServer], None]
+) -> int:
     try:
         run(
             host=args.listen_host,
@@ -194,6 +196,7 @@ def _serve(args: argparse.Namespace, ready: Callable[[ProxyServer], None]) -> in
             response_timeout=args.response_timeout,
             max_connections=args.max_connections,
             access_log=args.access_log,
+            access_records=0,  # nobody reads them in a CLI process: keep memory for traffic
             rules=rules,
             dns_server=args.dns_server,
             dns_port=args.dns_port,
