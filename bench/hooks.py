@@ -127,9 +127,11 @@ async def roundtrip(rounds: int) -> dict[str, float]:
         runner.close()
 
 
-def keepalive(rounds: int, duration: float) -> dict[str, list[float]]:
+def keepalive(rounds: int, duration: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """req/s and proxy CPU µs per request (utime+stime of the proxy process: load-independent)."""
     bench = SimpleNamespace(args=SimpleNamespace(wrk_threads=2, wrk_connections=64))
     rates: dict[str, list[float]] = {"none": [], "nothing": [], "header": []}
+    cpu: dict[str, list[float]] = {k: [] for k in rates}
     tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-hooks-"))
     with runbench.NginxOrigin(worker_processes=1) as origin:
         hostport = f"{runbench.LOOPBACK}:{origin.http_port}"
@@ -141,12 +143,16 @@ def keepalive(rounds: int, duration: float) -> dict[str, list[float]]:
                 with ProxyProcess(mode) as p:
                     url = f"http://127.0.0.1:{p.port}/"
                     runbench.run_wrk(bench, url, target, hostport, 1, tmp)  # warm-up
+                    c0 = runbench.cpu_seconds(p.proc.pid)
                     res = runbench.run_wrk(bench, url, target, hostport, duration, tmp)
+                    used = runbench.cpu_seconds(p.proc.pid) - c0
                 errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
                 rate = res["requests"] / (res["duration_us"] / 1e6)
-                print(f"  round {r + 1} {mode:8s} {rate:9.0f} req/s  errors {errors}", file=sys.stderr)
+                per_req = used * 1e6 / max(1, res["requests"])
+                print(f"  round {r + 1} {mode:8s} {rate:9.0f} req/s  {per_req:6.1f} µs CPU/req  errors {errors}", file=sys.stderr)
                 rates[mode].append(rate)
-    return rates
+                cpu[mode].append(per_req)
+    return rates, cpu
 
 
 def main() -> int:
@@ -171,12 +177,13 @@ def main() -> int:
     print(f"| hook calls per doorbell wake-up (64 flows) | {rt['items_per_wakeup']:.1f} |")
     out: dict[str, object] = {"roundtrip": rt}
     if not a.skip_wrk:
-        rates = keepalive(a.rounds, a.duration)
+        rates, cpu = keepalive(a.rounds, a.duration)
         med = {k: statistics.median(v) for k, v in rates.items()}
-        print("\n| keep-alive 1 KiB GET, wrk -t2 -c64 | req/s | vs no handler |\n|---|---|---|")
+        mcpu = {k: statistics.median(v) for k, v in cpu.items()}
+        print("\n| keep-alive 1 KiB GET, wrk -t2 -c64 | req/s | vs no handler | proxy CPU µs/req |\n|---|---|---|---|")
         for mode, label in [("none", "no handler"), ("nothing", "handler overriding nothing"), ("header", "on_request_received reads a header, forwards")]:
-            print(f"| {label} | {med[mode]:.0f} | {med[mode] / med['none']:.3f} |")
-        out["keepalive"] = {"rounds": rates, "median": med}
+            print(f"| {label} | {med[mode]:.0f} | {med[mode] / med['none']:.3f} | {mcpu[mode]:.1f} |")
+        out["keepalive"] = {"rounds": rates, "median": med, "cpu_us_per_request": cpu}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
