@@ -9,6 +9,8 @@ hooks into flows. Start one on a running asyncio loop::
 
 from ._engine import __version__
 from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyServer, run, start_proxy_server
+from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
+from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rules
 from .tls import TLSStore, load_or_create_ca
 
@@ -17,6 +19,12 @@ __all__ = [
     "BoundSocket",
     "Decision",
     "FlowRecord",
+    "HTTPHeader",
+    "HTTPRequest",
+    "HTTPResponse",
+    "HTTPSForwardProxyHandler",
+    "HTTPSProxyHandler",
+    "ProxyError",
     "ProxyServer",
     "Rules",
     "TLSStore",

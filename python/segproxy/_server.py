@@ -11,6 +11,7 @@ from types import TracebackType
 from typing import Any, TypedDict
 
 from . import _engine
+from .handlers import HookRunner
 from .rules import Rules
 from .tls import TLSStore
 
@@ -101,9 +102,15 @@ ENGINE_OPTIONS: dict[str, Any] = {
 class ProxyServer:
     """A running segproxy server. Create it with `await start_proxy_server(...)`."""
 
-    def __init__(self, engine: _engine.EngineServer, handler_builder: Callable[[], Any] | None = None) -> None:
+    def __init__(
+        self,
+        engine: _engine.EngineServer,
+        handler_builder: Callable[[], Any] | None = None,
+        hooks: HookRunner | None = None,
+    ) -> None:
         self._engine = engine
         self._handler_builder = handler_builder
+        self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
 
     # --- where it listens -------------------------------------------------------------
@@ -139,7 +146,14 @@ class ProxyServer:
     def close(self, grace: float = 5.0) -> None:
         """Stop accepting now; exchanges in flight get up to `grace` seconds to finish."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._engine.shutdown(grace))
+            self._closing = asyncio.ensure_future(self._shutdown(grace))
+
+    async def _shutdown(self, grace: float) -> None:
+        try:
+            await self._engine.shutdown(grace)
+        finally:
+            if self._hooks is not None:  # hooks serve exchanges in flight until the end
+                self._hooks.close()
 
     async def wait_closed(self) -> None:
         """Wait until the server has closed (after `close()`)."""
@@ -208,8 +222,6 @@ async def start_proxy_server(
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
         raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
-    if handler_builder is not None:
-        raise NotImplementedError("handler_builder (Python hooks) is not available in this build yet")
     kwargs = {**ENGINE_OPTIONS, **options}
     for path_option in ("access_log", "flows_file"):
         if kwargs[path_option] is not None:
@@ -224,14 +236,21 @@ async def start_proxy_server(
     for list_option in ("allow_domains", "deny_domains"):
         kwargs[list_option] = list(kwargs[list_option])
     kwargs["upstream_ca"] = [os.fspath(p) for p in kwargs["upstream_ca"]]
-    engine = await _engine.start_server(
-        host,
-        port,
-        rules=None if rules is None else rules.engine_rules,
-        ca=None if tls_store is None else tls_store.engine_ca,
-        **kwargs,
-    )
-    return ProxyServer(engine, handler_builder)
+    hooks = None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
+    try:
+        engine = await _engine.start_server(
+            host,
+            port,
+            rules=None if rules is None else rules.engine_rules,
+            ca=None if tls_store is None else tls_store.engine_ca,
+            handler=None if hooks is None else hooks.bridge,
+            **kwargs,
+        )
+    except BaseException:
+        if hooks is not None:
+            hooks.close()
+        raise
+    return ProxyServer(engine, handler_builder, hooks)
 
 
 def run(

@@ -2,6 +2,8 @@
 
 use pyo3::prelude::*;
 
+mod bridge;
+mod handler;
 mod logger;
 mod rules;
 mod runtime;
@@ -10,6 +12,10 @@ mod tls;
 
 #[pymodule]
 mod _engine {
+    #[pymodule_export]
+    use super::bridge::HookBridge;
+    #[pymodule_export]
+    use super::handler::{hook_roundtrip, Completer, FlowHandle};
     #[pymodule_export]
     use super::logger::set_log_level;
     #[pymodule_export]

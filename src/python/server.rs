@@ -19,6 +19,7 @@ use crate::engine::tls::OriginTrust;
 use crate::engine::{EngineConfig, EngineParts, ProxyServer};
 
 use super::rules::PyRuleSet;
+use super::bridge::HookBridge;
 use super::runtime::runtime;
 use super::tls::PyCertificateAuthority;
 
@@ -56,7 +57,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     hook_timeout = 30.0, rules = None, dns_server = None, dns_port = 53, dns_transport = "udp",
     dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
-    flows_file = None, flows_capacity = 1000,
+    flows_file = None, flows_capacity = 1000, handler = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -86,6 +87,7 @@ pub fn start_server<'py>(
     record_flows: bool,
     flows_file: Option<PathBuf>,
     flows_capacity: usize,
+    handler: Option<PyRef<'py, HookBridge>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     if max_connections == 0 {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
@@ -133,7 +135,7 @@ pub fn start_server<'py>(
         filter: Some(DomainFilter::new(allow_domains, deny_domains, deny_private)),
         ca: ca.map(|c| c.inner.clone()),
         origin_trust: OriginTrust { extra_ca_files: upstream_ca, insecure: upstream_insecure },
-        handler: None,
+        handler: handler.map(|bridge| bridge.handler()),
         flows,
     };
     runtime();

@@ -1,0 +1,545 @@
+"""Handler base classes: subclass one, override the async hooks you need, pass a builder.
+
+    class AddHeader(HTTPSForwardProxyHandler):
+        async def on_request_received(self):
+            self.request.headers.set("X-Seen", "1")
+            await self.forward_http_request()
+
+    server = await start_proxy_server(lambda: AddHeader(), "127.0.0.1", 8080)
+
+The same names as asyncio-https-proxy, so its scripts run by changing the import line.
+
+How hooks run:
+
+- The Rust engine calls a hook only if your class overrides it (it checks once, at start).
+  A handler that overrides nothing runs at engine speed; body bytes stay in Rust unless you
+  override `on_response_chunk` or call `read_request_body()`.
+- Hooks run on the asyncio loop that awaited `start_proxy_server` (a notebook's loop too),
+  each as a task in one `contextvars.Context` per client connection, so a ContextVar set in
+  `on_request_received` is visible in `on_response_received` of the same connection.
+- Keep-alive: `handler_builder()` is called once per client connection (the first call happens
+  at start, to learn the handler class; that instance serves the first connection). The same
+  instance then handles every request of that connection in turn: `request` and `response` are
+  replaced for each request, while attributes you set yourself persist across the connection's
+  requests. `on_client_connected` runs once, before the first request's `on_request_received`.
+- An exception in a hook is passed to `on_error`; the client gets a 502 (or its connection is
+  closed if the response already started). A hook that takes longer than the server's
+  `hook_timeout` is abandoned and the client gets a 504.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import logging
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any, Literal
+
+from . import _engine
+from .http import HTTPHeader, HTTPRequest, HTTPResponse
+
+__all__ = ["ConnectAction", "HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"]
+
+log = logging.getLogger("segproxy.handlers")
+
+ConnectAction = Literal["tunnel", "intercept", "block"]
+
+
+class ProxyError(Exception):
+    """A failure the engine reported (destination unreachable, bad response, timeout...)."""
+
+
+class _FlowState:
+    """What a handler needs about the request in hand; replaced for every request."""
+
+    __slots__ = ("flow", "body_read", "policy", "reader", "writer", "client")
+
+    def __init__(self, flow: _engine.FlowHandle, client: tuple[str, int]) -> None:
+        self.flow = flow
+        self.body_read: list[bytes] | None = None
+        self.policy: tuple[str, int, int, int, float] | None = None
+        self.reader: ClientReader | None = None
+        self.writer: ClientWriter | None = None
+        self.client = client
+
+
+class HTTPSProxyHandler:
+    """One client connection's handler: it answers requests itself.
+
+    Set by the proxy: `request` (the request in hand). Hooks: `on_client_connected`,
+    `on_request_received`, `on_error`, and segproxy's `on_connect`, `on_tunnel_open`,
+    `on_tunnel_close`. Helpers: `read_request_body()`, `write_response()`, `flush_response()`,
+    `client_reader` / `client_writer`, `set_segmentation()`.
+
+    If `on_request_received` returns without writing a response, the client gets a 502.
+    """
+
+    request: HTTPRequest
+    _sp: _FlowState
+
+    # --- hooks ---------------------------------------------------------------------------
+    async def on_client_connected(self) -> None:
+        """Called once per client connection, before its first `on_request_received`."""
+
+    async def on_request_received(self) -> None:
+        """Called for each request; `self.request` holds it. Answer with `write_response`."""
+
+    async def on_error(self, error: Exception) -> None:
+        """Called with the exception a hook raised, or a `ProxyError` the engine reported."""
+
+    async def on_connect(self, host: str, port: int) -> ConnectAction | tuple[str, str] | None:
+        """A CONNECT to host:port arrived: return "tunnel" (pass the bytes through), "intercept"
+        (decrypt with a minted certificate), "block" or ("block", reason), or None for what the
+        rules say."""
+        return None
+
+    async def on_tunnel_open(self, host: str, port: int) -> None:
+        """A CONNECT tunnel to host:port was opened (the client got its 200)."""
+
+    async def on_tunnel_close(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
+        """A tunnel closed; bytes moved client -> destination (`bytes_up`) and back."""
+
+    # --- helpers -------------------------------------------------------------------------
+    async def read_request_body(self) -> AsyncIterator[bytes]:
+        """The client's request body, piece by piece (nothing for a body-less request).
+
+        Read bodies are kept: a later `forward_http_request()` sends them on."""
+        sp = self._sp
+        if sp.body_read is None:
+            sp.body_read = []
+        while True:
+            chunk = await _next_body_chunk(sp)
+            if chunk is None:
+                return
+            sp.body_read.append(chunk)
+            yield chunk
+
+    def write_response(self, content: bytes) -> None:
+        """Sends raw bytes to the client: a whole HTTP response, status line included (it may
+        come in several calls). Not buffered: `flush_response()` is there for compatibility."""
+        self._sp.flow.write(content)
+
+    async def flush_response(self) -> None:
+        """Kept for asyncio-https-proxy compatibility; `write_response` does not buffer."""
+
+    def set_segmentation(
+        self,
+        strategy: Literal["none", "fixed", "random"] = "fixed",
+        chunk: int = 0,
+        min: int = 0,
+        max: int = 0,
+        delay_ms: float = 0.0,
+    ) -> None:
+        """Segmentation for the request in hand (overrides the rules): `fixed` cuts the bytes
+        sent into `chunk`-byte writes, `random` into sizes in [min, max], with `delay_ms`
+        between them. Call it before `forward_http_request()`."""
+        if strategy not in ("none", "fixed", "random"):
+            raise ValueError(f"unknown strategy {strategy!r}: none, fixed or random")
+        if strategy == "fixed" and chunk <= 0:
+            raise ValueError("strategy 'fixed' needs chunk > 0")
+        if strategy == "random" and not 0 < min <= max:
+            raise ValueError(f"strategy 'random' needs 0 < min <= max (min={min}, max={max})")
+        if delay_ms < 0:
+            raise ValueError("delay_ms must be >= 0")
+        self._sp.policy = (strategy, chunk, min, max, float(delay_ms))
+
+    @property
+    def client_reader(self) -> ClientReader:
+        """The request body as an asyncio.StreamReader-like object."""
+        sp = self._sp
+        if sp.reader is None:
+            sp.reader = ClientReader(sp)
+        return sp.reader
+
+    @property
+    def client_writer(self) -> ClientWriter:
+        """Writes raw response bytes to the client, like an asyncio.StreamWriter."""
+        sp = self._sp
+        if sp.writer is None:
+            sp.writer = ClientWriter(sp)
+        return sp.writer
+
+
+class HTTPSForwardProxyHandler(HTTPSProxyHandler):
+    """A handler that forwards requests (the engine does the forwarding, in Rust).
+
+    Its `on_request_received` forwards; override it to change `self.request` first (method,
+    path, headers, or `request.body` to replace the body), to answer without forwarding
+    (`write_response`), or both. Response hooks: `on_response_received` (change
+    `self.response`: status, reason, headers), `on_response_chunk(chunk)` (return new bytes, or
+    None to drop the chunk; the engine re-frames the body when its length changes),
+    `on_response_complete`.
+    """
+
+    response: HTTPResponse | None = None
+
+    async def on_request_received(self) -> None:
+        await self.forward_http_request()
+
+    async def on_response_received(self) -> None:
+        """The response head arrived; `self.response` holds it and may be changed."""
+
+    async def on_response_chunk(self, chunk: bytes) -> bytes | None:
+        """A piece of the response body: return what to send instead, or None to drop it."""
+        return chunk
+
+    async def on_response_complete(self) -> None:
+        """The response was sent in full."""
+
+    async def forward_http_request(self) -> None:
+        """Forwards `self.request` as it is now. If this class overrides a response hook, returns
+        once the response has gone through them (after `on_response_complete`, or an error);
+        otherwise returns at once while the engine streams the response."""
+        sp = self._sp
+        r = self.request
+        body = r.body
+        if body is None and sp.body_read is not None:
+            # The hook consumed the body: send on what it read (plus anything left).
+            async for _ in self.read_request_body():
+                pass
+            body = b"".join(sp.body_read)
+        if body is not None:
+            body = bytes(body)
+            r.headers.remove("Transfer-Encoding")
+            r.headers.set("Content-Length", str(len(body)))
+        conn: _Connection | None = getattr(self, "_conn", None)
+        waiter = conn.expect_response() if conn is not None and conn.waits_response else None
+        sp.flow.forward((r.method, r.scheme, r.host, r.port, r.path, r.version, r.headers._fields), body, sp.policy)
+        if waiter is not None:
+            await waiter
+
+
+async def _next_body_chunk(sp: _FlowState) -> bytes | None:
+    fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
+    sp.flow.read_body(fut)
+    return await fut
+
+
+class ClientReader:
+    """The client's request body with asyncio.StreamReader's reading methods."""
+
+    def __init__(self, sp: _FlowState) -> None:
+        self._sp = sp
+        self._buf = bytearray()
+        self._eof = False
+
+    async def _fill(self) -> bool:
+        if self._eof:
+            return False
+        chunk = await _next_body_chunk(self._sp)
+        if chunk is None:
+            self._eof = True
+            return False
+        self._buf += chunk
+        return True
+
+    def _take(self, n: int) -> bytes:
+        out = bytes(self._buf[:n])
+        del self._buf[:n]
+        return out
+
+    async def read(self, n: int = -1) -> bytes:
+        if n < 0:
+            while await self._fill():
+                pass
+            return self._take(len(self._buf))
+        if n == 0:
+            return b""
+        if not self._buf:
+            await self._fill()
+        return self._take(n)
+
+    async def readexactly(self, n: int) -> bytes:
+        while len(self._buf) < n:
+            if not await self._fill():
+                partial = self._take(len(self._buf))
+                raise asyncio.IncompleteReadError(partial, n)
+        return self._take(n)
+
+    async def readuntil(self, separator: bytes = b"\n") -> bytes:
+        while True:
+            i = self._buf.find(separator)
+            if i >= 0:
+                return self._take(i + len(separator))
+            if not await self._fill():
+                partial = self._take(len(self._buf))
+                raise asyncio.IncompleteReadError(partial, None)
+
+    async def readline(self) -> bytes:
+        try:
+            return await self.readuntil(b"\n")
+        except asyncio.IncompleteReadError as e:
+            return e.partial
+
+    def at_eof(self) -> bool:
+        return self._eof and not self._buf
+
+    def __aiter__(self) -> ClientReader:
+        return self
+
+    async def __anext__(self) -> bytes:
+        line = await self.readline()
+        if not line:
+            raise StopAsyncIteration
+        return line
+
+
+class ClientWriter:
+    """Writes raw bytes to the client with asyncio.StreamWriter's methods."""
+
+    def __init__(self, sp: _FlowState) -> None:
+        self._sp = sp
+        self._closed = False
+
+    def write(self, data: bytes) -> None:
+        self._sp.flow.write(data)
+
+    def writelines(self, data: list[bytes]) -> None:
+        self._sp.flow.write(b"".join(data))
+
+    async def drain(self) -> None:
+        """Writes are not buffered here; nothing to wait for."""
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        self._closed = True
+
+    def is_closing(self) -> bool:
+        return self._closed or not self._sp.flow.is_open()
+
+    async def wait_closed(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "peername":
+            return self._sp.client
+        return default
+
+
+# ----------------------------------------------------------------------------------------------
+# which hooks a class overrides (decided once, at start)
+
+
+def _overrides(cls: type, name: str, base: type) -> bool:
+    mine = getattr(cls, name, None)
+    return mine is not None and mine is not getattr(base, name, None)
+
+
+def overridden_hooks(cls: type) -> list[str]:
+    """The engine hook names `cls` needs. Anything not listed never crosses into Python."""
+    forward = issubclass(cls, HTTPSForwardProxyHandler)
+    hooks: list[str] = []
+    connected = _overrides(cls, "on_client_connected", HTTPSProxyHandler)
+    if connected:
+        hooks.append("client_connected")
+    if not forward or connected or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler):
+        hooks.append("request")
+    if forward:
+        chunk = _overrides(cls, "on_response_chunk", HTTPSForwardProxyHandler)
+        any_response = (
+            chunk
+            or _overrides(cls, "on_response_received", HTTPSForwardProxyHandler)
+            or _overrides(cls, "on_response_complete", HTTPSForwardProxyHandler)
+        )
+        if any_response:
+            # The head is always given (so `self.response` is set in every response hook), and
+            # completion and errors are always reported (so `forward_http_request` can wait).
+            hooks += ["response", "response_complete", "error"]
+            if chunk:
+                hooks.append("response_chunk")
+    if "error" not in hooks and _overrides(cls, "on_error", HTTPSProxyHandler):
+        hooks.append("error")
+    if _overrides(cls, "on_connect", HTTPSProxyHandler):
+        hooks.append("connect")
+    if _overrides(cls, "on_tunnel_open", HTTPSProxyHandler) or _overrides(cls, "on_tunnel_close", HTTPSProxyHandler):
+        hooks.append("tunnel")
+    return hooks
+
+
+# ----------------------------------------------------------------------------------------------
+# the per-connection driver the Rust bridge calls (on the loop thread)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class _Connection:
+    """Runs one client connection's hooks; the bridge calls its methods on the loop thread.
+    Every method returns at once, starting the hook as a task in the connection's context."""
+
+    __slots__ = ("handler", "loop", "ctx", "client", "waits_response", "connected", "tasks", "response_done")
+
+    def __init__(self, handler: Any, loop: asyncio.AbstractEventLoop, ctx: contextvars.Context, client: tuple[str, int], waits_response: bool) -> None:
+        self.handler = handler
+        self.loop = loop
+        self.ctx = ctx
+        self.client = client
+        self.waits_response = waits_response
+        self.connected = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.response_done: asyncio.Future[None] | None = None
+        handler._conn = self
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro, context=self.ctx)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    async def _report(self, exc: BaseException) -> None:
+        try:
+            await self.handler.on_error(exc)
+        except Exception:
+            log.exception("on_error raised while handling %s", _describe(exc))
+
+    def expect_response(self) -> asyncio.Future[None]:
+        self._settle_response()
+        self.response_done = self.loop.create_future()
+        return self.response_done
+
+    def _settle_response(self) -> None:
+        done, self.response_done = self.response_done, None
+        if done is not None and not done.done():
+            done.set_result(None)
+
+    # --- called by the bridge ------------------------------------------------------------
+    def request(self, flow: _engine.FlowHandle, parts: tuple[Any, ...]) -> None:
+        self._spawn(self._request(flow, parts))
+
+    async def _request(self, flow: _engine.FlowHandle, parts: tuple[Any, ...]) -> None:
+        h = self.handler
+        method, scheme, host, port, path, version, headers = parts
+        h.request = HTTPRequest(method, scheme, host, port, path, version, HTTPHeader._wrap(headers))
+        h._sp = _FlowState(flow, self.client)
+        if isinstance(h, HTTPSForwardProxyHandler):
+            h.response = None
+        try:
+            if not self.connected:
+                self.connected = True
+                await h.on_client_connected()
+            await h.on_request_received()
+        except Exception as exc:
+            await self._report(exc)
+            flow.fail(_describe(exc))
+        else:
+            flow.finish()
+
+    def response(self, completer: _engine.Completer, parts: tuple[Any, ...]) -> None:
+        self._spawn(self._response(completer, parts))
+
+    async def _response(self, completer: _engine.Completer, parts: tuple[Any, ...]) -> None:
+        h = self.handler
+        version, status, reason, headers = parts
+        h.response = HTTPResponse(version, status, reason, HTTPHeader._wrap(headers))
+        try:
+            await h.on_response_received()
+            r = h.response
+            completer.resolve((r.version, r.status_code, r.reason_phrase, r.headers._fields))
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
+            self._settle_response()
+
+    def response_chunk(self, completer: _engine.Completer, chunk: bytes) -> None:
+        self._spawn(self._response_chunk(completer, chunk))
+
+    async def _response_chunk(self, completer: _engine.Completer, chunk: bytes) -> None:
+        try:
+            completer.resolve(await self.handler.on_response_chunk(chunk))
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
+            self._settle_response()
+
+    def response_complete(self, completer: _engine.Completer) -> None:
+        self._spawn(self._response_complete(completer))
+
+    async def _response_complete(self, completer: _engine.Completer) -> None:
+        try:
+            await self.handler.on_response_complete()
+            completer.resolve(None)
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
+        finally:
+            self._settle_response()
+
+    def error(self, message: str) -> None:
+        self._spawn(self._error(message))
+
+    async def _error(self, message: str) -> None:
+        try:
+            await self._report(ProxyError(message))
+        finally:
+            self._settle_response()
+
+    def connect(self, completer: _engine.Completer, host: str, port: int) -> None:
+        self._spawn(self._connect(completer, host, port))
+
+    async def _connect(self, completer: _engine.Completer, host: str, port: int) -> None:
+        try:
+            completer.resolve(await self.handler.on_connect(host, port))
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
+
+    def tunnel_opened(self, host: str, port: int) -> None:
+        self._spawn(self._observe(self.handler.on_tunnel_open(host, port)))
+
+    def tunnel_closed(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
+        self._spawn(self._observe(self.handler.on_tunnel_close(host, port, bytes_up, bytes_down)))
+
+    async def _observe(self, hook: Coroutine[Any, Any, None]) -> None:
+        try:
+            await hook
+        except Exception as exc:
+            await self._report(exc)
+
+    def closed(self) -> None:
+        """The client connection ended: a request still waiting for its response stops
+        waiting. Hooks still running finish on their own (their commands are ignored)."""
+        self._settle_response()
+
+
+# ----------------------------------------------------------------------------------------------
+# building the bridge (called by start_proxy_server on the running loop)
+
+
+class HookRunner:
+    """The bridge between the engine and a handler class on one asyncio loop."""
+
+    def __init__(self, handler_builder: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
+        first = handler_builder()
+        cls = type(first)
+        self.handler_class = cls
+        self.hooks = overridden_hooks(cls)
+        waits_response = "response_complete" in self.hooks and "request" in self.hooks
+        base_ctx = contextvars.copy_context()
+        spare: list[Any] = [first]
+
+        def open_connection(conn_id: int, client_host: str, client_port: int) -> _Connection:
+            handler = spare.pop() if spare else handler_builder()
+            return _Connection(handler, loop, base_ctx.copy(), (client_host, client_port), waits_response)
+
+        self.bridge = _engine.HookBridge(open_connection, self.hooks)
+        self.loop = loop
+        self._fd: int | None = None
+        try:
+            fd = self.bridge.fileno()
+            loop.add_reader(fd, self.bridge.drain)
+            self._fd = fd
+        except NotImplementedError:
+            self.bridge.start_ringer(loop)
+
+    def close(self) -> None:
+        """Unregisters from the loop and stops the bridge (after the server stopped)."""
+        if self._fd is not None:
+            try:
+                self.loop.remove_reader(self._fd)
+            except Exception:  # the loop may already be closed
+                pass
+            self._fd = None
+        self.bridge.close()

@@ -1,0 +1,196 @@
+"""HTTP message heads as handlers see them: `HTTPHeader`, `HTTPRequest`, `HTTPResponse`.
+
+Same names and attributes as asyncio-https-proxy, so its handler scripts run unchanged. Header
+values are `str`; bytes that are not UTF-8 survive the round trip (they travel as Latin-1).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Mapping
+
+__all__ = ["HTTPHeader", "HTTPRequest", "HTTPResponse"]
+
+
+class HTTPHeader:
+    """Ordered header fields: duplicates kept, names looked up case-insensitively.
+
+    Iterating yields ``(name, value)`` pairs in order, names in their original case::
+
+        for name, value in request.headers: ...
+        request.headers.first("content-type")
+        request.headers.set("X-Seen", "1")      # replaces every X-Seen
+        request.headers.add("Via", "segproxy")  # appends, keeps others
+        request.headers.remove("Cookie")
+    """
+
+    __slots__ = ("_fields",)
+
+    def __init__(self, source: bytes | Iterable[tuple[str, str]] | Mapping[str, str] | None = None) -> None:
+        self._fields: list[tuple[str, str]] = []
+        if source is None:
+            return
+        if isinstance(source, (bytes, bytearray)):
+            self._parse(bytes(source))
+        elif isinstance(source, HTTPHeader):
+            self._fields = list(source._fields)
+        elif isinstance(source, Mapping):
+            self._fields = [(str(k), str(v)) for k, v in source.items()]
+        else:
+            self._fields = [(str(k), str(v)) for k, v in source]
+
+    @classmethod
+    def _wrap(cls, fields: list[tuple[str, str]]) -> HTTPHeader:
+        """Adopts a list of (name, value) str pairs as is (the engine's fast path)."""
+        h = cls.__new__(cls)
+        h._fields = fields
+        return h
+
+    def _parse(self, raw: bytes) -> None:
+        for line in raw.decode("latin-1").split("\r\n"):
+            if not line:
+                continue
+            name, sep, value = line.partition(":")
+            if not sep:
+                raise ValueError(f"header line without a colon: {line!r}")
+            self._fields.append((name.strip(), value.strip()))
+
+    # --- reading -------------------------------------------------------------------------
+    def first(self, name: str) -> str | None:
+        """The first value of `name`, or None."""
+        lname = name.lower()
+        for k, v in self._fields:
+            if k.lower() == lname:
+                return v
+        return None
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        value = self.first(name)
+        return default if value is None else value
+
+    def get_all(self, name: str) -> list[str]:
+        """Every value of `name`, in order."""
+        lname = name.lower()
+        return [v for k, v in self._fields if k.lower() == lname]
+
+    def to_dict(self) -> dict[str, str]:
+        """A dict of name -> value; for duplicated names the values are joined with ", "."""
+        out: dict[str, str] = {}
+        for k, v in self._fields:
+            out[k] = f"{out[k]}, {v}" if k in out else v
+        return out
+
+    def items(self) -> list[tuple[str, str]]:
+        return list(self._fields)
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return iter(list(self._fields))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and self.first(name) is not None
+
+    def __len__(self) -> int:
+        return len(self._fields)
+
+    def __getitem__(self, name: str) -> str:
+        value = self.first(name)
+        if value is None:
+            raise KeyError(name)
+        return value
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, HTTPHeader) and self._fields == other._fields
+
+    def __repr__(self) -> str:
+        return f"HTTPHeader({self._fields!r})"
+
+    # --- changing ------------------------------------------------------------------------
+    def add(self, name: str, value: str) -> None:
+        """Appends a field, keeping existing ones with the same name."""
+        self._fields.append((name, str(value)))
+
+    def set(self, name: str, value: str) -> None:
+        """Sets `name` to one value: replaces the first field in place, removes the others."""
+        lname = name.lower()
+        out: list[tuple[str, str]] = []
+        placed = False
+        for k, v in self._fields:
+            if k.lower() == lname:
+                if not placed:
+                    out.append((k, str(value)))
+                    placed = True
+            else:
+                out.append((k, v))
+        if not placed:
+            out.append((name, str(value)))
+        self._fields = out
+
+    def remove(self, name: str) -> None:
+        """Removes every field called `name` (absent is fine)."""
+        lname = name.lower()
+        self._fields = [(k, v) for k, v in self._fields if k.lower() != lname]
+
+    def __setitem__(self, name: str, value: str) -> None:
+        self.set(name, value)
+
+    def __delitem__(self, name: str) -> None:
+        self.remove(name)
+
+
+class HTTPRequest:
+    """A request head. Change any attribute before forwarding to change what is sent.
+
+    `body`, if set to bytes, replaces the client's body (Content-Length follows).
+    """
+
+    __slots__ = ("method", "scheme", "host", "port", "path", "version", "headers", "body")
+
+    def __init__(
+        self,
+        method: str = "GET",
+        scheme: str = "http",
+        host: str = "",
+        port: int = 80,
+        path: str = "/",
+        version: str = "HTTP/1.1",
+        headers: HTTPHeader | Iterable[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+    ) -> None:
+        self.method = method
+        self.scheme = scheme
+        self.host = host
+        self.port = port
+        self.path = path
+        self.version = version
+        self.headers = headers if isinstance(headers, HTTPHeader) else HTTPHeader(headers)
+        self.body = body
+
+    def url(self) -> str:
+        """The absolute URL, e.g. ``http://example.com:8080/a?b=1`` (default ports left out)."""
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        authority = host if self.port == default else f"{host}:{self.port}"
+        return f"{self.scheme}://{authority}{self.path}"
+
+    def __repr__(self) -> str:
+        return f"HTTPRequest({self.method} {self.url()} {self.version})"
+
+
+class HTTPResponse:
+    """A response head. Change it in `on_response_received` to change what the client gets."""
+
+    __slots__ = ("version", "status_code", "reason_phrase", "headers")
+
+    def __init__(
+        self,
+        version: str = "HTTP/1.1",
+        status_code: int = 200,
+        reason_phrase: str = "",
+        headers: HTTPHeader | Iterable[tuple[str, str]] | None = None,
+    ) -> None:
+        self.version = version
+        self.status_code = status_code
+        self.reason_phrase = reason_phrase
+        self.headers = headers if isinstance(headers, HTTPHeader) else HTTPHeader(headers)
+
+    def __repr__(self) -> str:
+        return f"HTTPResponse(status_code={self.status_code}, reason_phrase={self.reason_phrase})"
