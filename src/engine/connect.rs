@@ -35,14 +35,24 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         started: now_epoch(),
         ..Default::default()
     };
-    let result = match plan_connect(engine, &head, conn, &mut record).await {
+    let plan = plan_connect(engine, &head, conn, &mut record).await;
+    let plan = match plan {
+        Ok(plan) if !plan.intercept => open_tunnel(engine, plan, &mut record).await,
+        other => other.map(|plan| Ready { plan, origin: None }),
+    };
+    let result = match plan {
         Err((status, message)) => {
-            let _ = send_error(&mut client.io, status, &message, false).await;
+            // Recorded first, so whoever reads the answer also finds the record.
             record.status = status;
-            Err(message)
+            record.error = Some(message.clone());
+            record.duration = started.elapsed();
+            conn.report_error(engine, &message);
+            engine.access.record(record);
+            let _ = send_error(&mut client.io, status, &message, false).await;
+            return;
         }
-        Ok(plan) if plan.intercept => intercept(engine, client, plan, conn, &mut record).await,
-        Ok(plan) => tunnel(engine, client, plan, conn, &mut record).await,
+        Ok(Ready { plan, origin: None }) => intercept(engine, client, plan, conn, &mut record).await,
+        Ok(Ready { plan, origin: Some(origin) }) => tunnel(engine, client, origin, plan, conn, &mut record).await,
     };
     if let Err(message) = result {
         conn.report_error(engine, &message);
@@ -50,6 +60,20 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
     }
     record.duration = started.elapsed();
     engine.access.record(record);
+}
+
+/// A plan with its connection to the destination (None for interception, which connects
+/// per inner request).
+struct Ready {
+    plan: Plan,
+    origin: Option<BufStream<TcpStream>>,
+}
+
+async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> Result<Ready, (u16, String)> {
+    let (origin, dns) =
+        engine.connector.open_tunnel(&plan.route, &plan.host, plan.port).await.map_err(|e| (e.status(), e.to_string()))?;
+    record.dns = dns;
+    Ok(Ready { plan, origin: Some(origin) })
 }
 
 /// What to do with a CONNECT once rules and the handler have spoken.
@@ -147,17 +171,15 @@ async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan:
     Ok(())
 }
 
-async fn tunnel(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Plan, conn: &mut ConnState, record: &mut AccessRecord) -> Result<(), String> {
-    let Plan { host, port, route, up_policy, down_policy, flow, .. } = plan;
-    let (origin, dns) = match engine.connector.open_tunnel(&route, &host, port).await {
-        Ok(x) => x,
-        Err(e) => {
-            let _ = send_error(&mut client.io, e.status(), &e.to_string(), false).await;
-            record.status = e.status();
-            return Err(e.to_string());
-        }
-    };
-    record.dns = dns;
+async fn tunnel(
+    engine: &Arc<Engine>,
+    mut client: BufStream<TcpStream>,
+    origin: BufStream<TcpStream>,
+    plan: Plan,
+    conn: &mut ConnState,
+    record: &mut AccessRecord,
+) -> Result<(), String> {
+    let Plan { host, port, up_policy, down_policy, flow, .. } = plan;
     client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
     record.status = 200;
     if engine.hooks.tunnel {

@@ -364,6 +364,9 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
     });
     let outcome = exchange(engine, client, head, mode, conn, &mut record, flow.as_ref()).await;
     record.duration = started.elapsed();
+    // The record is written before an error answer goes out, so whoever reads the answer
+    // also finds its record.
+    let mut answer = None;
     let next = match outcome {
         Ok(next) => next,
         Err(failure) => {
@@ -375,10 +378,11 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
                 Some(status) => {
                     record.status = status;
                     let keep = failure.client_reusable && !engine.is_draining();
-                    if send_error(&mut client.io, status, &failure.message, keep).await.is_err() || !keep {
-                        Next::Close
-                    } else {
+                    answer = Some((status, failure.message, keep));
+                    if keep {
                         Next::KeepAlive
+                    } else {
+                        Next::Close
                     }
                 }
                 None => Next::Close,
@@ -395,6 +399,11 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
         flow.finish();
     }
     engine.access.record(record);
+    if let Some((status, message, keep)) = answer {
+        if send_error(&mut client.io, status, &message, keep).await.is_err() {
+            return Next::Close;
+        }
+    }
     next
 }
 
