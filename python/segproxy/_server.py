@@ -112,6 +112,7 @@ class ProxyServer:
         self._handler_builder = handler_builder
         self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
+        self._stopped_future: asyncio.Future[None] | None = None
 
     # --- where it listens -------------------------------------------------------------
     @property
@@ -146,21 +147,47 @@ class ProxyServer:
     def close(self, grace: float = 5.0) -> None:
         """Stop accepting now; exchanges in flight get up to `grace` seconds to finish."""
         if self._closing is None:
-            self._closing = asyncio.ensure_future(self._shutdown(grace))
+            self._engine.begin_shutdown(grace)
+            self._closing = asyncio.ensure_future(self._shutdown())
 
-    async def _shutdown(self, grace: float) -> None:
+    async def _shutdown(self) -> None:
         try:
-            await self._engine.shutdown(grace)
+            await self._stopped()
         finally:
             if self._hooks is not None:  # hooks serve exchanges in flight until the end
                 self._hooks.close()
+
+    def _stopped(self) -> asyncio.Future[None]:
+        """One future for everyone waiting: resolved when the engine's stop pipe is readable."""
+        if self._stopped_future is None:
+            loop = asyncio.get_running_loop()
+            future: asyncio.Future[None] = loop.create_future()
+            fd = self._engine.stopped_fd()
+
+            def settle() -> None:
+                loop.remove_reader(fd)
+                if not future.done():
+                    future.set_result(None)
+
+            try:
+                loop.add_reader(fd, settle)
+            except NotImplementedError:  # loops without add_reader: poll
+                async def poll() -> None:
+                    while not self._engine.is_stopped():
+                        await asyncio.sleep(0.05)
+                    if not future.done():
+                        future.set_result(None)
+
+                loop.create_task(poll())
+            self._stopped_future = future
+        return self._stopped_future
 
     async def wait_closed(self) -> None:
         """Wait until the server has closed (after `close()`)."""
         if self._closing is not None:
             await self._closing
         else:
-            await self._engine.wait_stopped()
+            await asyncio.shield(self._stopped())
 
     async def aclose(self, grace: float = 5.0) -> None:
         self.close(grace)
@@ -169,7 +196,7 @@ class ProxyServer:
     async def serve_forever(self) -> None:
         """Serve until the server is closed; cancelling this closes it."""
         try:
-            await self._engine.wait_stopped()
+            await asyncio.shield(self._stopped())
         except asyncio.CancelledError:
             await self.aclose()
             raise

@@ -26,6 +26,34 @@ use super::tls::PyCertificateAuthority;
 #[pyclass(frozen, module = "segproxy._engine")]
 pub struct EngineServer {
     inner: Arc<ProxyServer>,
+    stopped: StopSignal,
+}
+
+/// A pipe that becomes readable once the server has stopped. Python waits on it with
+/// `loop.add_reader`, so completion never needs the GIL on an engine thread (a thread that
+/// wants the GIL while the interpreter finalizes would crash the process at exit).
+struct StopSignal {
+    read: std::os::fd::OwnedFd,
+}
+
+impl StopSignal {
+    fn watch(server: &Arc<ProxyServer>) -> std::io::Result<StopSignal> {
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let mut fds = [0 as libc::c_int; 2];
+        // SAFETY: pipe2 fills `fds` with two new descriptors that we then own.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_NONBLOCK | libc::O_CLOEXEC) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: freshly created, owned by nobody else.
+        let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+        let server = server.clone();
+        runtime().spawn(async move {
+            server.stopped().await;
+            // SAFETY: one byte from a valid buffer to a descriptor this task owns.
+            unsafe { libc::write(write.as_raw_fd(), b"x".as_ptr().cast(), 1) };
+        });
+        Ok(StopSignal { read })
+    }
 }
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
@@ -147,7 +175,9 @@ pub fn start_server<'py>(
                 std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
                 _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
             })?;
-        Ok(EngineServer { inner: Arc::new(server) })
+        let inner = Arc::new(server);
+        let stopped = StopSignal::watch(&inner).map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
+        Ok(EngineServer { inner, stopped })
     })
 }
 
@@ -215,25 +245,19 @@ impl EngineServer {
         (a.ip().to_string(), a.port())
     }
 
-    /// Stops accepting, lets exchanges in flight finish for up to `grace` seconds, then
-    /// closes the rest. Awaitable.
+    /// Starts shutting down: stop accepting, let exchanges in flight finish for up to `grace`
+    /// seconds, then close the rest. Returns at once; `stopped_fd` tells when it is done.
     #[pyo3(signature = (grace = 5.0))]
-    fn shutdown<'py>(&self, py: Python<'py>, grace: f64) -> PyResult<Bound<'py, PyAny>> {
+    fn begin_shutdown(&self, grace: f64) {
         let server = self.inner.clone();
-        let grace = Duration::from_secs_f64(grace.max(0.0));
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            server.shutdown(grace).await;
-            Ok(())
-        })
+        let grace = Duration::from_secs_f64(if grace.is_finite() { grace.max(0.0) } else { 0.0 });
+        runtime().spawn(async move { server.shutdown(grace).await });
     }
 
-    /// Awaitable that resolves once the server has shut down.
-    fn wait_stopped<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyAny>> {
-        let server = self.inner.clone();
-        pyo3_async_runtimes::tokio::future_into_py(py, async move {
-            server.stopped().await;
-            Ok(())
-        })
+    /// A descriptor that becomes readable once the server has stopped (for `loop.add_reader`).
+    fn stopped_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.stopped.read.as_raw_fd()
     }
 
     fn is_stopped(&self) -> bool {
