@@ -171,7 +171,8 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
     `on_response_complete`.
     """
 
-    response: HTTPResponse | None = None
+    response: HTTPResponse
+    """The response in hand: set before `on_response_received` runs, for each request."""
 
     async def on_request_received(self) -> None:
         await self.forward_http_request()
@@ -414,8 +415,8 @@ class _Connection:
         method, scheme, host, port, path, version, headers = parts
         h.request = HTTPRequest(method, scheme, host, port, path, version, HTTPHeader._wrap(headers))
         h._sp = _FlowState(flow, self.client)
-        if isinstance(h, HTTPSForwardProxyHandler):
-            h.response = None
+        if isinstance(h, HTTPSForwardProxyHandler) and "response" in h.__dict__:
+            del h.response  # the previous request's response must not leak into this one
         try:
             if not self.connected:
                 self.connected = True
