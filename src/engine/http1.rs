@@ -527,6 +527,59 @@ impl BodyWriter {
     }
 }
 
+/// Follows a response that a handler writes as raw bytes, to learn its status and whether it
+/// ended cleanly (a complete head and exactly its Content-Length of body), in which case the
+/// client connection can carry on; anything else closes it after the response.
+#[derive(Default)]
+pub struct RawResponse {
+    head: Vec<u8>,
+    parsed: Option<ResponseHead>,
+    body: u64,
+    broken: bool,
+}
+
+impl RawResponse {
+    pub fn feed(&mut self, bytes: &[u8]) {
+        if self.broken {
+            return;
+        }
+        if self.parsed.is_some() {
+            self.body += bytes.len() as u64;
+            return;
+        }
+        self.head.extend_from_slice(bytes);
+        if let Some(end) = find_head_end(&self.head, 0) {
+            let head = Bytes::copy_from_slice(&self.head[..end]);
+            match parse_response(&head) {
+                Ok(parsed) => {
+                    self.body = (self.head.len() - end) as u64;
+                    self.parsed = Some(parsed);
+                    self.head = Vec::new();
+                }
+                Err(_) => self.broken = true,
+            }
+        } else if self.head.len() > 64 * 1024 {
+            self.broken = true;
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.parsed.as_ref().map(|h| h.status).unwrap_or(0)
+    }
+
+    pub fn reusable(&self, request_method: &str) -> bool {
+        let Some(head) = self.parsed.as_ref().filter(|_| !self.broken) else { return false };
+        if head.version != 1 || head.headers.has_token("connection", "close") {
+            return false;
+        }
+        match response_body_kind(request_method, head) {
+            Ok(BodyKind::Empty) => self.body == 0,
+            Ok(BodyKind::Length(n)) => self.body == n,
+            _ => false,
+        }
+    }
+}
+
 /// Header fields that describe one hop and are never forwarded (RFC 9110 section 7.6.1),
 /// plus those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
@@ -605,6 +658,27 @@ mod tests {
         w.write(&mut wire, b"abc").await.unwrap();
         w.finish(&mut wire).await.unwrap();
         assert_eq!(wire, b"3\r\nabc\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn raw_responses_keep_the_connection_only_when_complete() {
+        let mut r = RawResponse::default();
+        r.feed(b"HTTP/1.1 403 Forbidden\r\nContent-Le");
+        r.feed(b"ngth: 7\r\n\r\nBlock");
+        assert_eq!(r.status(), 403);
+        assert!(!r.reusable("GET"));
+        r.feed(b"ed");
+        assert!(r.reusable("GET"));
+        let mut close = RawResponse::default();
+        close.feed(b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 0\r\n\r\n");
+        assert!(!close.reusable("GET"));
+        let mut unframed = RawResponse::default();
+        unframed.feed(b"HTTP/1.1 200 OK\r\n\r\nbody");
+        assert!(!unframed.reusable("GET"));
+        let mut garbage = RawResponse::default();
+        garbage.feed(b"hello\r\n\r\n");
+        assert_eq!(garbage.status(), 0);
+        assert!(!garbage.reusable("GET"));
     }
 
     #[test]

@@ -18,7 +18,7 @@ use super::segment::{SegmentPolicy, Segmented};
 use super::tls;
 use super::http1::{
     request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
-    RequestHead, ResponseHead,
+    RawResponse, RequestHead, ResponseHead,
 };
 use super::pool::OriginConn;
 use super::server::Engine;
@@ -488,6 +488,7 @@ async fn exchange<C: Io>(
         let handler = conn.handler(engine).expect("a handler exists when hooks are set");
         let mut commands = handler.request(parts_of(&head, &target));
         let mut wrote_raw = false;
+        let mut raw = RawResponse::default();
         loop {
             let command = match tokio::time::timeout(cfg.hook_timeout, commands.recv()).await {
                 Err(_) => {
@@ -505,9 +506,8 @@ async fn exchange<C: Io>(
                 HandlerCommand::Write(bytes) => {
                     wrote_raw = true;
                     record.bytes_down += bytes.len() as u64;
-                    if record.status == 0 {
-                        record.status = status_of_raw(&bytes);
-                    }
+                    raw.feed(&bytes);
+                    record.status = raw.status();
                     client.io.write_all(&bytes).await.map_err(|e| Failure::cut(format!("writing to client failed: {e}")))?;
                 }
                 HandlerCommand::ReadBody(reply) => {
@@ -523,10 +523,12 @@ async fn exchange<C: Io>(
                 }
                 HandlerCommand::Finish => {
                     if wrote_raw {
-                        // The handler wrote its own response; its framing is unknown to us.
+                        // The handler wrote its own response: the connection carries on only
+                        // if that response was complete and well framed.
                         let _ = client.io.flush().await;
                         record.kind = "handler".into();
-                        return Ok(Next::Close);
+                        let keep = raw.reusable(&head.method) && request_body.is_done() && client_keep_alive;
+                        return Ok(if keep { Next::KeepAlive } else { Next::Close });
                     }
                     return Err(Failure::answer(502, "the handler returned without forwarding or answering the request", request_body.is_done()).hook());
                 }
@@ -811,16 +813,6 @@ async fn exchange<C: Io>(
         hook_reply(engine, handler.response_complete(), "on_response_complete", true).await?;
     }
     Ok(if keep_client { Next::KeepAlive } else { Next::Close })
-}
-
-/// The status code of a raw response a handler wrote (for the access log).
-fn status_of_raw(bytes: &[u8]) -> u16 {
-    let line = bytes.split(|b| *b == b'\n').next().unwrap_or(b"");
-    std::str::from_utf8(line)
-        .ok()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
 }
 
 /// A new connection to the destination: TCP (direct or through an upstream proxy), and TLS
