@@ -11,6 +11,10 @@ hooks, rules — slot in the same way):
              and peak RSS
   keepalive  wrk, keep-alive 1 KiB GETs from nginx: req/s, p99 latency,
              proxy CPU µs per request, proxy peak RSS
+  intercept  HTTPS interception: minting time, new-connection handshake rate,
+             intercepted keep-alive GETs (segproxy, mitmproxy, proxy.py, each with
+             its own CA that the client trusts) next to direct HTTPS and segproxy's
+             plain HTTP forwarding, same client (bench/tlsload.py), CPU µs/request
 
     python bench/run.py                 # full run (1 GiB transfers, 5 rounds)
     python bench/run.py --quick         # smoke run, seconds
@@ -70,6 +74,7 @@ class Metric:
     unit: str
     higher_is_better: bool
     rounds: dict[str, list[float]] = field(default_factory=dict)
+    table: str = "main"
 
     def add(self, contender: str, value: float) -> None:
         self.rounds.setdefault(contender, []).append(value)
@@ -87,9 +92,9 @@ class Bench:
     metrics: dict[str, Metric] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
 
-    def metric(self, key: str, label: str, unit: str, higher_is_better: bool) -> Metric:
+    def metric(self, key: str, label: str, unit: str, higher_is_better: bool, table: str = "main") -> Metric:
         if key not in self.metrics:
-            self.metrics[key] = Metric(key, label, unit, higher_is_better)
+            self.metrics[key] = Metric(key, label, unit, higher_is_better, table=table)
         return self.metrics[key]
 
     def order(self, round_no: int, names: list[str]) -> list[str]:
@@ -312,9 +317,196 @@ def section_keepalive(bench: Bench) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+
+# --------------------------------------------------------------------------
+# section: HTTPS interception (minting, handshakes, intercepted keep-alive)
+
+IC_CONTENDERS = ["direct-https", "segproxy", "mitmproxy", "proxy.py", "segproxy-http", "direct-http"]
+
+
+def cpu_seconds_group(pgid: int) -> float:
+    """utime + stime of every process in process group ``pgid`` (a ManagedProcess's children
+    run in a session of their own, so this covers proxy.py's worker processes too)."""
+    total = 0.0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return total
+
+
+class InterceptingProxy:
+    """One intercepting contender: started with its own CA, which `ca_file` names for clients."""
+
+    def __init__(self, name: str, argv: list[str], workdir: Path, port: int, ca_file: Path,
+                 ready_file: Path | None = None, env: dict[str, str] | None = None) -> None:
+        self.name, self.port, self.ca_file = name, port, ca_file
+        self.ready_file = ready_file
+        self.process = ManagedProcess(name, argv, workdir=workdir, env=env)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
+
+    def start(self) -> "InterceptingProxy":
+        self.process.start()
+        self.process.wait_ready(
+            lambda: port_accepts(self.port) and (self.ready_file is None or self.ready_file.exists()),
+            timeout=60, what="listening",
+        )
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+
+def start_interceptors(bench: Bench, origin: NginxOrigin, tmp: Path) -> dict[str, object]:
+    """segproxy (its CLI with --ca-dir), mitmproxy (mitmdump) and proxy.py, each intercepting
+    with its own CA and trusting the origin's test CA. Missing ones are noted and skipped."""
+    a = bench.args
+    out: dict[str, object] = {}
+    origin_ca = str(origin.cert_path)
+    if "segproxy" in bench.contenders:
+        sp = Segproxy(
+            ["--ca-dir", str(tmp / "segproxy-ca"), "--upstream-ca", origin_ca, *a.segproxy_arg],
+            command=shlex.split(a.segproxy_cmd),
+        )
+        sp.__enter__()
+        sp.ca_file = tmp / "segproxy-ca" / "ca-cert.pem"
+        out["segproxy"] = sp
+    mitm = shutil.which(a.mitmdump_cmd) if a.mitmdump_cmd else None
+    if mitm:
+        conf = tmp / "mitm"
+        port = free_port()
+        out["mitmproxy"] = InterceptingProxy(
+            "mitmproxy",
+            [mitm, "-q", "--listen-host", LOOPBACK, "--listen-port", str(port), "--set", f"confdir={conf}",
+             "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}"],
+            tmp, port, conf / "mitmproxy-ca-cert.pem", ready_file=conf / "mitmproxy-ca-cert.pem",
+        ).start()
+    else:
+        bench.notes.append(f"mitmproxy not measured: `{a.mitmdump_cmd}` not found (pip install mitmproxy; --mitmdump-cmd)")
+    proxypy = shutil.which(a.proxypy_cmd) if a.proxypy_cmd else None
+    if proxypy:
+        d = tmp / "proxypy"
+        (d / "certs").mkdir(parents=True)
+        ca_key, ca_cert, sign_key = d / "ca-key.pem", d / "ca-cert.pem", d / "ca-signing-key.pem"
+        openssl = find_binary("openssl")
+        subprocess.run([openssl, "genrsa", "-out", str(ca_key), "2048"], check=True, capture_output=True)
+        subprocess.run([openssl, "req", "-new", "-x509", "-days", "30", "-key", str(ca_key), "-out", str(ca_cert),
+                        "-subj", "/CN=proxy.py bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
+                        "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)
+        subprocess.run([openssl, "genrsa", "-out", str(sign_key), "2048"], check=True, capture_output=True)
+        port = free_port()
+        out["proxy.py"] = InterceptingProxy(
+            "proxy.py",
+            [proxypy, "--hostname", LOOPBACK, "--port", str(port), "--log-level", "WARNING",
+             "--ca-key-file", str(ca_key), "--ca-cert-file", str(ca_cert), "--ca-signing-key-file", str(sign_key),
+             "--ca-cert-dir", str(d / "certs"), "--ca-file", origin_ca],
+            tmp, port, ca_cert,
+        ).start()
+    else:
+        bench.notes.append(f"proxy.py not measured: `{a.proxypy_cmd}` not found (pip install proxy.py; --proxypy-cmd)")
+    return out
+
+
+def section_intercept(bench: Bench) -> None:
+    import tlsload
+
+    a = bench.args
+    duration = a.wrk_duration
+    conns = a.wrk_connections
+    bench.log(f"[intercept] {conns} keep-alive connections, {duration:g} s runs, {a.rounds} rounds, "
+              f"load client: bench/tlsload.py ({os.cpu_count()} processes)")
+    T = "intercept"
+    mint = bench.metric("ic_mint", "mint a certificate for a new host", "ms", False, T)
+    cached = bench.metric("ic_cached", "certificate lookup, cached host", "µs", False, T)
+    hs = bench.metric("ic_handshake", "new TLS connections (CONNECT + full handshake), cached host", "conn/s", True, T)
+    rate = bench.metric("ic_rate", "keep-alive 1 KiB GET over HTTPS", "req/s", True, T)
+    p99 = bench.metric("ic_p99", "keep-alive p99 latency", "ms", False, T)
+    cpu = bench.metric("ic_cpu", "proxy CPU per request", "µs/req", False, T)
+
+    # Minting, in this process (the engine's CA; no network).
+    try:
+        import segproxy
+
+        ca = segproxy.TLSStore().engine_ca
+        ca.time_minting(20)  # warm-up
+        for _ in range(a.rounds):
+            m, c = ca.time_minting(200)
+            mint.add("segproxy", m * 1e3)
+            cached.add("segproxy", c * 1e6)
+    except ImportError as e:
+        bench.notes.append(f"minting not measured: cannot import segproxy ({e})")
+
+    tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-intercept-"))
+    procs: dict[str, object] = {}
+    try:
+        with NginxOrigin(large_size=MIB, worker_processes=a.nginx_workers) as origin:
+            procs = start_interceptors(bench, origin, tmp)
+            origin_ca = str(origin.cert_path)
+
+            def target(name: str) -> tlsload.Target | None:
+                if name == "direct-https":
+                    return tlsload.Target("localhost", origin.https_port, "/1k.bin", True, cafile=origin_ca)
+                if name == "direct-http":
+                    return tlsload.Target(LOOPBACK, origin.http_port, "/1k.bin", False)
+                if name == "segproxy-http":
+                    p = procs.get("segproxy")
+                    return None if p is None else tlsload.Target(LOOPBACK, origin.http_port, "/1k.bin", False,
+                                                                  proxy=(LOOPBACK, p.port))
+                p = procs.get(name)
+                if p is None:
+                    return None
+                return tlsload.Target("localhost", origin.https_port, "/1k.bin", True, cafile=str(p.ca_file),
+                                      proxy=(LOOPBACK, p.port))
+
+            def pid_of(name: str) -> int | None:
+                p = procs.get("segproxy" if name == "segproxy-http" else name)
+                return None if p is None else p.pid
+
+            names = [n for n in IC_CONTENDERS if target(n) is not None]
+            for name in names:  # warm-up: certificates minted, connections and caches warm
+                tlsload.keepalive(target(name), conns, 1.0)
+            tls_names = [n for n in names if target(n).tls]
+            for r in range(a.rounds):
+                for name in bench.order(r, names):
+                    pid = pid_of(name)
+                    c0 = cpu_seconds_group(pid) if pid else 0.0
+                    res = tlsload.keepalive(target(name), conns, duration)
+                    used = cpu_seconds_group(pid) - c0 if pid else None
+                    n = res["requests"]
+                    if n == 0 or res["errors"] > 0.01 * n:
+                        bench.notes.append(f"intercept {name} round {r + 1}: {res['errors']} errors in {n} requests")
+                    rate.add(name, res["rate"])
+                    p99.add(name, res["p99"] * 1e3)
+                    if used is not None and n:
+                        cpu.add(name, used * 1e6 / n)
+                    bench.log(f"  round {r + 1} {name:13s} {res['rate']:9.0f} req/s  p99 {res['p99'] * 1e3:6.2f} ms"
+                              + (f"  cpu {used * 1e6 / n:6.1f} µs/req" if used is not None and n else ""))
+                for name in bench.order(r, tls_names):
+                    res = tlsload.handshakes(target(name), 16, max(1.0, duration / 2))
+                    if res["errors"]:
+                        bench.notes.append(f"handshakes {name} round {r + 1}: {res['errors']} errors "
+                                           f"(first: {res['first_error']})")
+                    hs.add(name, res["rate"])
+                    bench.log(f"  round {r + 1} {name:13s} {res['rate']:9.0f} handshakes/s")
+    finally:
+        for p in procs.values():
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     "tunnel": section_tunnel,
     "keepalive": section_keepalive,
+    "intercept": section_intercept,
 }
 
 
@@ -338,18 +530,28 @@ def ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}×"
 
 
-def report(bench: Bench) -> str:
-    cols = ["direct", "segproxy", "squid"]
+TABLES = {
+    # table: (columns, ratios as (numerator, denominator))
+    "main": (["direct", "segproxy", "squid"], [("segproxy", "direct"), ("segproxy", "squid")]),
+    "intercept": (IC_CONTENDERS, [("segproxy", "proxy.py"), ("segproxy", "mitmproxy"), ("segproxy", "segproxy-http")]),
+}
+
+
+def report(bench: Bench, table: str = "main") -> str:
+    cols, ratios = TABLES[table]
+    metrics = [m for m in bench.metrics.values() if m.table == table]
+    if not metrics:
+        return ""
     lines = [
-        "| metric | unit | better | " + " | ".join(cols) + " | segproxy/direct | segproxy/squid |",
-        "|---|---|---|" + "---:|" * len(cols) + "---:|---:|",
+        "| metric | unit | better | " + " | ".join(cols) + " | " + " | ".join(f"{a}/{b}" for a, b in ratios) + " |",
+        "|---|---|---|" + "---:|" * (len(cols) + len(ratios)),
     ]
-    for m in bench.metrics.values():
+    for m in metrics:
         med = {c: m.median(c) for c in cols}
         lines.append(
             f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | "
             + " | ".join(fmt(med[c]) for c in cols)
-            + f" | {ratio(med['segproxy'], med['direct'])} | {ratio(med['segproxy'], med['squid'])} |"
+            + " | " + " | ".join(ratio(med[a], med[b]) for a, b in ratios) + " |"
         )
     return "\n".join(lines)
 
@@ -421,6 +623,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--segproxy-arg", action="append", default=[], help="extra segproxy CLI argument (repeatable)"
     )
+    ap.add_argument("--mitmdump-cmd", default="mitmdump", help="mitmproxy's mitmdump (intercept section)")
+    ap.add_argument("--proxypy-cmd", default="proxy", help="proxy.py's `proxy` command (intercept section)")
     ap.add_argument("--json", type=Path, help="also write every round and the medians here")
     a = ap.parse_args(argv)
 
@@ -459,7 +663,12 @@ def main(argv: list[str] | None = None) -> int:
           f"{m['squid']}, {m['nginx']}, {m['wrk_version']}")
     print(f"medians of {a.rounds} rounds; tunnel {a.bulk_bytes / MIB:.0f} MiB each way; "
           f"wrk -t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration:g}s\n")
-    print(report(bench))
+    if report(bench):
+        print(report(bench))
+    for table in TABLES:
+        if table != "main" and report(bench, table):
+            print(f"\n### {table}\n")
+            print(report(bench, table))
     for name, why in skipped.items():
         print(f"\n- {name} not measured: {why}")
     for note in bench.notes:
@@ -475,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
                     "higher_is_better": v.higher_is_better,
                     "rounds": v.rounds,
                     "median": {c: v.median(c) for c in v.rounds},
+                    "table": v.table,
                 }
                 for k, v in bench.metrics.items()
             },

@@ -362,7 +362,9 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
     let flow = engine.flows.as_ref().map(|f| {
         f.begin(FlowRecord { id: record.id.clone(), kind: record.kind.clone(), method: head.method.clone(), ..Default::default() })
     });
-    let outcome = exchange(engine, client, head, mode, conn, &mut record, flow.as_ref()).await;
+    // Intercepted flows record the encrypted chunks toward the origin (see `connect_origin`).
+    let wire_up = flow.as_ref().filter(|_| !matches!(mode, Mode::Proxy)).map(|f| f.observer("up"));
+    let outcome = ORIGIN_WIRE_UP.scope(wire_up, exchange(engine, client, head, mode, conn, &mut record, flow.as_ref())).await;
     record.duration = started.elapsed();
     // The record is written before an error answer goes out, so whoever reads the answer
     // also finds its record.
@@ -631,7 +633,7 @@ async fn exchange<C: Io>(
 
     // An origin connection: a pooled one when there is one, else a new one.
     let encoded = out.encode();
-    let up_observer = flow.map(|f| f.observer("up"));
+    let up_observer = flow.filter(|_| plain).map(|f| f.observer("up"));
     let mut origin_conn = None;
     if let Some(mut conn) = engine.pool.take(&pool_key) {
         // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
@@ -815,6 +817,11 @@ async fn exchange<C: Io>(
     Ok(if keep_client { Next::KeepAlive } else { Next::Close })
 }
 
+tokio::task_local! {
+    /// The "up" chunk observer of the intercepted request being forwarded, if flows are recorded.
+    static ORIGIN_WIRE_UP: Option<super::segment::ChunkObserver>;
+}
+
 /// A new connection to the destination: TCP (direct or through an upstream proxy), and TLS
 /// for intercepted flows, with the intercepted flow's up-policy segmenting the encrypted bytes.
 async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &Mode, record: &mut AccessRecord) -> Result<OriginConn, ConnectError> {
@@ -839,7 +846,13 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
         Mode::Intercepted { up_policy, .. } => up_policy.clone(),
         Mode::Proxy => SegmentPolicy::none(),
     };
-    let observer = None;
+    // A pooled connection serves later requests too: report chunks to whichever request's
+    // flow is writing (the task-local set in `forward`), not to the one that opened it.
+    let observer: Option<super::segment::ChunkObserver> = engine.flows.as_ref().map(|_| {
+        Arc::new(|size| {
+            let _ = ORIGIN_WIRE_UP.try_with(|o| o.as_ref().map(|o| o(size)));
+        }) as super::segment::ChunkObserver
+    });
     let io = Segmented::new(tcp.io, up_policy, observer);
     let tls = tokio::time::timeout(
         engine.config.connect_timeout,

@@ -4,7 +4,7 @@ Import from tests as ``from support import NginxOrigin, Squid, ...`` (tests/ is
 on sys.path through tests/conftest.py); the benchmark imports the same module.
 """
 
-from .certs import make_self_signed
+from .certs import make_origin_certs, make_self_signed
 from .dnsclient import query_a
 from .procs import (
     LOOPBACK,
@@ -27,6 +27,7 @@ __all__ = [
     "Tinyproxy",
     "find_binary",
     "free_port",
+    "make_origin_certs",
     "make_self_signed",
     "query_a",
     "port_accepts",

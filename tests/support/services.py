@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from .certs import make_self_signed
+from .certs import make_origin_certs
 from .procs import (
     LOOPBACK,
     ManagedProcess,
@@ -36,10 +36,12 @@ MIB = 1024 * 1024
 
 
 class NginxOrigin(Service):
-    """nginx serving static files over HTTP and HTTPS (self-signed cert).
+    """nginx serving static files over HTTP and HTTPS (a leaf signed by a test CA:
+    trust ``cert_path``).
 
     Files: ``/1k.bin`` (1 KiB), ``/large.bin`` (``large_size`` bytes, 16 MiB by
-    default), ``/index.html`` (small HTML page). Any other file can be dropped
+    default), ``/index.html`` (small HTML page), ``/conn`` (nginx's connection serial number and
+    requests served on it so far: shows connection reuse). Any other file can be dropped
     into ``www`` before or after start. Keep-alive is on with no request limit.
     """
 
@@ -53,7 +55,9 @@ class NginxOrigin(Service):
         self.http_port = free_port()
         self.https_port = free_port()
         self.www = self.dir / "www"
-        self.cert_path: Path = self.dir / "origin.crt"
+        # What clients trust: the test CA that signed the origin's leaf certificate.
+        self.cert_path: Path = self.dir / "origin-ca.crt"
+        self.leaf_path: Path = self.dir / "origin.crt"
 
     def url(self, path: str = "/", tls: bool = False, host: str = LOOPBACK) -> str:
         if tls:
@@ -78,7 +82,7 @@ class NginxOrigin(Service):
 
     def start(self) -> "NginxOrigin":
         self._write_files()
-        self.cert_path, key_path = make_self_signed(self.dir)
+        self.cert_path, self.leaf_path, key_path = make_origin_certs(self.dir)
         d = self.dir
         conf = self.dir / "nginx.conf"
         conf.write_text(
@@ -105,10 +109,11 @@ http {{
     server {{
         listen {LOOPBACK}:{self.http_port};
         listen {LOOPBACK}:{self.https_port} ssl;
-        ssl_certificate {self.cert_path};
+        ssl_certificate {self.leaf_path};
         ssl_certificate_key {key_path};
         root {self.www};
         location = /status {{ return 200 "ok\\n"; }}
+        location = /conn {{ return 200 "$connection $connection_requests\\n"; }}
     }}
 }}
 """
