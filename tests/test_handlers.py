@@ -374,6 +374,11 @@ async def test_exception_in_hook(origin: Origin, where: str) -> None:
             assert status == 502
         else:
             assert status in (None, 200)  # body already started (complete: all sent)
+        # on_response_complete runs after the client has the whole response: wait for it.
+        for _ in range(500):
+            if f"RuntimeError: in {where}" in Failing.errors:
+                break
+            await asyncio.sleep(0.01)
         assert f"RuntimeError: in {where}" in Failing.errors
         # the server carries on
         Failing.where = ""

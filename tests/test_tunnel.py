@@ -78,7 +78,7 @@ async def test_python_ssl_through_tunnel_sees_origin_certificate(proxy, nginx_or
     ctx = ssl.create_default_context(cafile=str(nginx_origin.cert_path))
     raw = connect_through(proxy.port, f"localhost:{nginx_origin.https_port}")
     with ctx.wrap_socket(raw, server_hostname="localhost") as tls:
-        assert tls.getpeercert(binary_form=True) == pem_to_der(nginx_origin.cert_path)
+        assert tls.getpeercert(binary_form=True) == pem_to_der(nginx_origin.leaf_path)
         tls.sendall(b"GET /large.bin HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
         data = bytearray()
         while chunk := tls.recv(1 << 20):
