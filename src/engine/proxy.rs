@@ -622,10 +622,13 @@ async fn exchange<C: Io>(
     let encoded = out.encode();
     let up_observer = flow.map(|f| f.observer("up"));
     let mut origin_conn = None;
+    // The pause armed after the head's last chunk also spaces the body's first chunk.
+    let mut head_pause = None;
     if let Some(mut conn) = engine.pool.take(&pool_key) {
         // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
         let mut w = Segmented::new(&mut conn.io, up_policy.clone(), up_observer.clone());
-        if w.write_all(&encoded).await.is_ok() {
+        if w.write_all(&encoded).await.is_ok() && w.flush().await.is_ok() {
+            head_pause = w.take_pause();
             drop(w);
             origin_conn = Some(conn);
         }
@@ -640,7 +643,9 @@ async fn exchange<C: Io>(
             let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
             w.write_all(&encoded)
                 .await
+                .and(w.flush().await)
                 .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), false))?;
+            head_pause = w.take_pause();
             drop(w);
             new
         }
@@ -650,7 +655,7 @@ async fn exchange<C: Io>(
     // stop reading (413, 501...): a failed send is reported only if no response follows.
     let mut send_failure: Option<String> = None;
     {
-        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer);
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer).with_pause(head_pause);
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
             if let Err(e) = writer.write(&mut w, body).await {
