@@ -12,7 +12,7 @@ import asyncio
 import json
 import random
 import socket
-import struct
+import time
 
 import pytest
 from segproxy import Rules, start_proxy_server
@@ -56,9 +56,16 @@ def assert_spaced(b: list[tuple[float, int]]) -> None:
     assert min(gaps) >= MIN_SPACING, f"chunks closer than {MIN_SPACING}s: {gaps}"
 
 
-def tunnel(addr, origin_port: int) -> socket.socket:
+def tunnel(addr, origin_port: int, rec: Recording | None = None) -> socket.socket:
+    """A CONNECT tunnel; tunnel bytes read with the answer go to ``rec`` as its first read
+    (else there must be none)."""
     s, r = proxy_connect(addr, f"127.0.0.1:{origin_port}")
     assert r.status == 200, r
+    if rec is not None and r.body:
+        rec.reads.append((time.monotonic(), len(r.body)))
+        rec.data += r.body
+    else:
+        assert not r.body, f"unexpected bytes after the CONNECT answer: {r.body[:100]!r}"
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return s
 
@@ -146,8 +153,8 @@ def test_tunnel_up_fixed_chunks_with_delay():
 
 def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched():
     with SourceOrigin(TOTAL, seed=9) as source, Segproxy(seg_args("down")) as proxy:
-        with tunnel(("127.0.0.1", proxy.port), source.port) as s:
-            rec = Recording()
+        rec = Recording()
+        with tunnel(("127.0.0.1", proxy.port), source.port, rec) as s:
             recording_recv(s, TOTAL, rec)
     assert bytes(rec.data) == blob(9, TOTAL)
     b = bursts(rec)
@@ -208,8 +215,6 @@ def test_http_response_body_down_fixed_chunks_with_delay():
                 piece = s.recv(65536)
                 if not piece:
                     break
-                import time
-
                 rec.reads.append((time.monotonic(), len(piece)))
                 rec.data += piece
     head, got = bytes(rec.data).split(b"\r\n\r\n", 1)

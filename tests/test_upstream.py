@@ -17,6 +17,7 @@ from support.loopback import (
     FakeUpstream,
     FramedOrigin,
     HttpOrigin,
+    OneRequestOrigin,
     SinkOrigin,
     basic,
     blob,
@@ -238,3 +239,20 @@ def test_upstream_refusing_connect_gives_502_with_its_status(status, origin):
     assert "CONNECT" in body
     assert "u:p" not in body and "Basic" not in body
     assert len(fake.heads) == 1
+
+
+# --------------------------------------------------------------------------------------
+# reused connections the peer closed (what tinyproxy does after every response)
+
+
+def test_request_on_a_pooled_connection_the_origin_closed_is_retried():
+    with OneRequestOrigin() as origin, Segproxy([]) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as s:
+            for i in range(3):
+                s.sendall(f"GET http://127.0.0.1:{origin.port}/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                r = read_response(s)
+                assert r.status == 200, r
+                assert r.body == f"answered /{i}".encode()
+    # Requests 2 and 3 went first to the pooled connection, which the origin dropped.
+    assert origin.answered == 3
+    assert origin.dropped == 2

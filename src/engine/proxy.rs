@@ -633,6 +633,9 @@ async fn exchange<C: Io>(
             origin_conn = Some(conn);
         }
     }
+    // A pooled connection the peer closed as we wrote reads as closed: a request without a
+    // body is then sent again, once, on a fresh connection.
+    let mut retry_fresh = origin_conn.is_some() && body_empty && replacement_body.is_none();
     let mut origin = match origin_conn {
         Some(c) => c,
         None => {
@@ -655,7 +658,7 @@ async fn exchange<C: Io>(
     // stop reading (413, 501...): a failed send is reported only if no response follows.
     let mut send_failure: Option<String> = None;
     {
-        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer).with_pause(head_pause);
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone()).with_pause(head_pause);
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
             if let Err(e) = writer.write(&mut w, body).await {
@@ -699,11 +702,28 @@ async fn exchange<C: Io>(
             .await
             .map_err(|_| {
                 Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), client_reusable)
-            })?
-            .map_err(|e| match e {
+            })?;
+        let r = match r {
+            Err(HttpError::Closed) | Err(HttpError::Io(_)) if retry_fresh => {
+                retry_fresh = false;
+                let mut new = connect_origin(engine, &route, &target, mode, record)
+                    .await
+                    .map_err(|e| Failure::answer(e.status(), e.to_string(), client_reusable))?;
+                let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
+                w.write_all(&encoded)
+                    .await
+                    .and(w.flush().await)
+                    .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), client_reusable))?;
+                drop(w);
+                origin = new;
+                continue;
+            }
+            r => r.map_err(|e| match e {
                 HttpError::Closed => sent_failed(format!("{} closed the connection without a response", target.authority())),
                 e => sent_failed(format!("bad response from {}: {e}", target.authority())),
-            })?;
+            })?,
+        };
+        retry_fresh = false;
         if (100..200).contains(&r.status) && r.status != 101 {
             continue;
         }

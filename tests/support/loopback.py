@@ -237,11 +237,14 @@ class HttpOrigin:
       has ``n`` and ``seed``.
     - ``GET /blob?n=N&seed=S``: ``blob(S, N)``.
     - anything else: 200 ``origin ok <path>``.
-    Every request's (request line, headers) is appended to ``requests``.
+    Every request's (request line, headers) is appended to ``requests``. With
+    ``keep_alive=False`` every response says ``Connection: close`` (so a proxy opens, and
+    resolves, a new connection per request).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, keep_alive: bool = True) -> None:
         origin = self
+        self.keep_alive = keep_alive
         self.requests: list[tuple[str, list[tuple[str, str]]]] = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -274,6 +277,9 @@ class HttpOrigin:
                 self.send_header("Content-Length", str(len(body)))
                 for k, v in (extra or {}).items():
                     self.send_header(k, v)
+                if not origin.keep_alive:
+                    self.send_header("Connection", "close")
+                    self.close_connection = True
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -467,15 +473,15 @@ def read_response(sock: socket.socket, head_only: bool = False) -> Response:
 
 def proxy_connect(proxy: tuple[str, int], target: str, extra_headers: str = "") -> tuple[socket.socket, Response]:
     """Opens a socket to the proxy and sends ``CONNECT target``; returns the socket and the
-    answer (head only if 200, else the whole answer)."""
+    answer (if 200, its body holds any tunnel bytes read with the head)."""
     s = socket.create_connection(proxy, timeout=TIMEOUT)
     s.sendall(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{extra_headers}\r\n".encode())
     head, rest = read_head(s)
     line, headers = parse_headers(head)
     status = int(line.split(" ", 2)[1])
     if status == 200:
-        assert not rest, f"bytes after the CONNECT answer: {rest[:100]!r}"
-        return s, Response(status, line, headers, b"")
+        # ``body``: tunnel bytes that came with the answer (a destination that speaks first).
+        return s, Response(status, line, headers, rest)
     length = int(header(headers, "Content-Length") or 0)
     body = rest + (recv_exact(s, length - len(rest)) if length > len(rest) else b"")
     return s, Response(status, line, headers, body)
@@ -604,3 +610,26 @@ def split_sizes(total: int, chunk: int) -> list[int]:
     if total % chunk:
         out.append(total % chunk)
     return out
+
+
+class OneRequestOrigin(ThreadedServer):
+    """An HTTP origin that answers the first request of each connection as keep-alive (no
+    ``Connection: close``), then reads the next request and closes without answering: a
+    keep-alive connection closed by the server just as the client reuses it."""
+
+    def __init__(self) -> None:
+        self.answered = 0
+        self.dropped = 0
+        super().__init__()
+
+    def handle(self, conn: socket.socket) -> None:
+        head, _ = read_head(conn)
+        line, _ = parse_headers(head)
+        body = f"answered {line.split(' ')[1]}".encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        self.answered += 1
+        try:
+            read_head(conn)
+        except (OSError, ConnectionError):
+            return
+        self.dropped += 1
