@@ -172,6 +172,8 @@ async def test_dns_options_in_process(dnsmasq_server, origin):
         host = name()
         r = await asyncio.to_thread(proxy_request, server.address, "GET", f"http://{host}:{origin.port}/p")
         assert r.status == 200
+        # The record is written once the exchange is over, just after the client got its answer.
+        assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 1)
         rec = server.access_records()[-1]
         assert rec["dns"] == "custom/off"
     finally:

@@ -338,6 +338,7 @@ async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
         assert r.status == 200 and len(r.body) == 1000
         r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/plain"))
         assert r.status == 200
+        assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 2)
         records = server.access_records()
         assert len(records) == 2
         seg, plain = records

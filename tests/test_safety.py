@@ -124,6 +124,7 @@ async def test_safety_options_in_process(origin):
         assert r.status == 403 and b".example.com" in r.body
         r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/p"))
         assert r.status == 403
+        assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 2)
         records = server.access_records()
         assert [rec["status"] for rec in records] == [403, 403]
         assert all(rec["error"] and "denied" in rec["error"] for rec in records), records
