@@ -393,18 +393,21 @@ def section_rules(bench: Bench) -> None:
         rows.append(f"| {desc} | {fmt(u)} | {fmt(d)} | {fmt(c)} | {ratio(u, base_up)} | {ratio(d, base_down)} |")
     bench.extra.append("\n".join(rows))
 
-    def paired(metric: dict[str, Metric], name: str) -> float:
+    def paired(metric: dict[str, Metric], name: str) -> float | None:
         # Variants run back to back within a round: the median of per-round ratios cancels
-        # most of the machine's drift between rounds.
-        a_vals, b_vals = metric[name].rounds["segproxy"], metric["norules"].rounds["segproxy"]
-        return statistics.median(x / y for x, y in zip(a_vals, b_vals))
+        # most of the machine's drift between rounds. (CPU can read 0 on tiny runs.)
+        a_vals, b_vals = metric[name].rounds.get("segproxy", []), metric["norules"].rounds.get("segproxy", [])
+        ratios = [x / y for x, y in zip(a_vals, b_vals) if y > 0]
+        return statistics.median(ratios) if ratios else None
 
-    u_ratio, d_ratio = paired(up, "none"), paired(down, "none")
-    c_ratio = paired(cpu, "none")
-    verdict = "meets" if min(u_ratio, d_ratio) >= 0.95 else "MISSES"
+    def show(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}×"
+
+    u_ratio, d_ratio, c_ratio = paired(up, "none"), paired(down, "none"), paired(cpu, "none")
+    verdict = "meets" if u_ratio is not None and d_ratio is not None and min(u_ratio, d_ratio) >= 0.95 else "MISSES"
     bench.extra.append(
-        f"strategy=none rule vs no rules (median of per-round ratios): upload {u_ratio:.3f}×, download "
-        f"{d_ratio:.3f}× — {verdict} the target (within 5 %); proxy CPU per GiB {c_ratio:.3f}× "
+        f"strategy=none rule vs no rules (median of per-round ratios): upload {show(u_ratio)}, download "
+        f"{show(d_ratio)} — {verdict} the target (within 5 %); proxy CPU per GiB {show(c_ratio)} "
         f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)."
     )
 
