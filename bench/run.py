@@ -15,6 +15,12 @@ hooks, rules — slot in the same way):
              intercepted keep-alive GETs (segproxy, mitmproxy, proxy.py, each with
              its own CA that the client trusts) next to direct HTTPS and segproxy's
              plain HTTP forwarding, same client (bench/tlsload.py), CPU µs/request
+  rules      segproxy only: tunnel throughput with no rules, with a
+             ``*=segment_upstream,strategy=none`` rule (target: within 5 % of
+             no rules) and with fixed 1 KiB chunks, no delay (both ways)
+  decide     rule decision time with 1,000 rules: Python ``Rules.decide`` and
+             the engine alone (``cargo test --release ... decide_timing``);
+             target under 10 µs per decision
 
     python bench/run.py                 # full run (1 GiB transfers, 5 rounds)
     python bench/run.py --quick         # smoke run, seconds
@@ -91,6 +97,7 @@ class Bench:
     skipped: dict[str, str]
     metrics: dict[str, Metric] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    extra: list[str] = field(default_factory=list)  # more markdown, printed after the table
 
     def metric(self, key: str, label: str, unit: str, higher_is_better: bool, table: str = "main") -> Metric:
         if key not in self.metrics:
@@ -503,10 +510,201 @@ def section_intercept(bench: Bench) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# --------------------------------------------------------------------------
+# section: rules and segmentation cost on the tunnel path (segproxy variants)
+
+RULE_VARIANTS: list[tuple[str, str, list[str]]] = [
+    # (name, description, extra segproxy arguments)
+    ("norules", "no rules", []),
+    ("none", "rule `*=segment_upstream,strategy=none`", ["--segment-rule", "*=segment_upstream,strategy=none"]),
+    (
+        "fixed1k",
+        "rule fixed 1 KiB chunks, no delay, direction=both",
+        ["--segment-rule", "*=segment_upstream,strategy=fixed,chunk=1024,delay=0,direction=both"],
+    ),
+]
+
+
+def section_rules(bench: Bench) -> None:
+    """Tunnel throughput of three segproxy processes that differ only in their rules."""
+    a = bench.args
+    if "segproxy" not in bench.contenders:
+        bench.notes.append("section rules skipped: segproxy is not a contender")
+        return
+    nbytes = a.bulk_bytes
+    bench.log(f"[rules] segproxy tunnel, {nbytes / MIB:.0f} MiB each way, {a.rounds} rounds, variants "
+              + ", ".join(v[0] for v in RULE_VARIANTS))
+    port = free_port()
+    tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-rules-"))
+    server = ManagedProcess(
+        "bulk-server", [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)], workdir=tmp
+    )
+    up = {n: bench.metric(f"rules_{n}_up", f"tunnel upload, {d}", "MiB/s", True) for n, d, _ in RULE_VARIANTS}
+    down = {n: bench.metric(f"rules_{n}_down", f"tunnel download, {d}", "MiB/s", True) for n, d, _ in RULE_VARIANTS}
+    cpu = {n: bench.metric(f"rules_{n}_cpu", f"tunnel proxy CPU, {d}", "s/GiB", False) for n, d, _ in RULE_VARIANTS}
+    procs: dict[str, Segproxy] = {}
+    try:
+        with server:
+            for name, _, extra in RULE_VARIANTS:
+                procs[name] = Segproxy(
+                    [*bench.args.segproxy_arg, *extra], command=shlex.split(bench.args.segproxy_cmd)
+                ).__enter__()
+            server.wait_ready(lambda: port_accepts(port), what="listening")
+            target = (LOOPBACK, port)
+            names = [v[0] for v in RULE_VARIANTS]
+            for name in names:  # warm-up
+                for d in ("up", "down"):
+                    bulk.transfer(d, 8 * MIB, target, (LOOPBACK, procs[name].port))
+            for r in range(a.rounds):
+                for name in bench.order(r, names):
+                    proxy = (LOOPBACK, procs[name].port)
+                    pid = procs[name].pid
+                    c0 = cpu_seconds(pid)
+                    t_up = bulk.transfer("up", nbytes, target, proxy)
+                    t_down = bulk.transfer("down", nbytes, target, proxy)
+                    up[name].add("segproxy", nbytes / MIB / t_up)
+                    down[name].add("segproxy", nbytes / MIB / t_down)
+                    cpu[name].add("segproxy", (cpu_seconds(pid) - c0) / (2 * nbytes / GIB))
+                    bench.log(
+                        f"  round {r + 1} {name:8s} up {nbytes / MIB / t_up:8.0f} MiB/s"
+                        f"  down {nbytes / MIB / t_down:8.0f} MiB/s"
+                    )
+    finally:
+        for p in procs.values():
+            p.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+    base_up, base_down = up["norules"].median("segproxy"), down["norules"].median("segproxy")
+    rows = [
+        "| segproxy tunnel | upload MiB/s | download MiB/s | CPU s/GiB | upload vs no rules | download vs no rules |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for name, desc, _ in RULE_VARIANTS:
+        u, d, c = up[name].median("segproxy"), down[name].median("segproxy"), cpu[name].median("segproxy")
+        rows.append(f"| {desc} | {fmt(u)} | {fmt(d)} | {fmt(c)} | {ratio(u, base_up)} | {ratio(d, base_down)} |")
+    bench.extra.append("\n".join(rows))
+
+    def paired(metric: dict[str, Metric], name: str) -> float | None:
+        # Variants run back to back within a round: the median of per-round ratios cancels
+        # most of the machine's drift between rounds. (CPU can read 0 on tiny runs.)
+        a_vals, b_vals = metric[name].rounds.get("segproxy", []), metric["norules"].rounds.get("segproxy", [])
+        ratios = [x / y for x, y in zip(a_vals, b_vals) if y > 0]
+        return statistics.median(ratios) if ratios else None
+
+    def show(v: float | None) -> str:
+        return "–" if v is None else f"{v:.3f}×"
+
+    u_ratio, d_ratio, c_ratio = paired(up, "none"), paired(down, "none"), paired(cpu, "none")
+    verdict = "meets" if u_ratio is not None and d_ratio is not None and min(u_ratio, d_ratio) >= 0.95 else "MISSES"
+    bench.extra.append(
+        f"strategy=none rule vs no rules (median of per-round ratios): upload {show(u_ratio)}, download "
+        f"{show(d_ratio)} — {verdict} the target (within 5 %); proxy CPU per GiB {show(c_ratio)} "
+        f"(load average at the end {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs)."
+    )
+
+
+# --------------------------------------------------------------------------
+# section: rule decision time with 1,000 rules
+
+
+def thousand_rules_text(count: int = 1000) -> tuple[str, list[str]]:
+    """The same rule mix and hosts as the engine's ``bench_decide`` (src/engine/rules.rs):
+    60 % exact hosts with a fixed policy, 30 % ``*.suffix`` with a method condition, 10 %
+    other globs that block, then ``*``; hosts cycle through exact, suffix, glob and no match."""
+    lines = []
+    for i in range(count):
+        k = i % 10
+        if k <= 5:
+            lines.append(f"host{i}.example.com=segment_upstream,chunk={100 + i},delay=1")
+        elif k <= 8:
+            lines.append(f"*.zone{i}.example.net=direct,method=GET")
+        else:
+            lines.append(f"api{i}-*.example.org=direct,action=block,reason=r{i}")
+    lines.append("*=direct")
+    hosts = []
+    for i in range(max(count, 1)):
+        hosts.append(
+            [f"host{i}.example.com", f"a.b.zone{i // 10 * 10 + 6}.example.net",
+             f"api{i // 10 * 10 + 9}-x.example.org", f"nomatch{i}.test"][i % 4]
+        )
+    return "\n".join(lines) + "\n", hosts
+
+
+CARGO_DECIDE_RE = r"decide\(\) with 1,000 rules: ([0-9.]+)(ns|µs|us|ms|s) per call"
+
+
+def engine_decide_us(bench: Bench) -> float | None:
+    """Runs the engine's own timing test (release build); µs per decision, or None."""
+    import re
+
+    cargo = shutil.which("cargo")
+    if cargo is None:
+        bench.notes.append("engine decide timing skipped: cargo not found")
+        return None
+    cmd = [cargo, "test", "--release", "--no-default-features", "--lib", "--", "--ignored", "--nocapture",
+           "decide_timing"]
+    bench.log(f"  running {' '.join(cmd)} (compiles the test binary the first time)")
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    except subprocess.TimeoutExpired:
+        bench.notes.append("engine decide timing: cargo test timed out")
+        return None
+    m = re.search(CARGO_DECIDE_RE, out.stdout + out.stderr)
+    if out.returncode != 0 or m is None:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
+        bench.notes.append(f"engine decide timing failed (exit {out.returncode}): {' / '.join(tail)}")
+        return None
+    value, unit = float(m.group(1)), m.group(2)
+    return value * {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3, "s": 1e6}[unit]
+
+
+def section_decide(bench: Bench) -> None:
+    a = bench.args
+    try:
+        from segproxy import Rules
+    except ImportError as e:
+        bench.notes.append(f"section decide skipped: cannot import segproxy ({e})")
+        return
+    text, hosts = thousand_rules_text(1000)
+    rules = Rules.parse(text, source="<bench>")
+    iterations = 20_000 if a.quick else 200_000
+    bench.log(f"[decide] {len(rules)} rules, {iterations} decisions per round through Python Rules.decide")
+    py = bench.metric("decide_py", "rule decision, 1,000 rules, Python Rules.decide", "µs", False)
+    decide = rules.decide
+    for h in hosts[:1000]:  # warm-up
+        decide("GET", "https", h, 443, "/")
+    n_hosts = len(hosts)
+    for r in range(a.rounds):
+        t0 = time.perf_counter()
+        for i in range(iterations):
+            decide("GET", "https", hosts[i % n_hosts], 443, "/")
+        per = (time.perf_counter() - t0) / iterations * 1e6
+        py.add("segproxy", per)
+        bench.log(f"  round {r + 1} Python Rules.decide {per:.2f} µs/decision")
+    if a.engine_decide:
+        eng = bench.metric("decide_engine", "rule decision, 1,000 rules, engine alone", "µs", False)
+        for r in range(a.rounds if not a.quick else 1):
+            us = engine_decide_us(bench)
+            if us is None:
+                break
+            eng.add("segproxy", us)
+            bench.log(f"  round {r + 1} engine decide {us:.3f} µs/decision")
+    rows = ["| rule decision, 1,000 rules | µs per decision | target |", "|---|---:|---|"]
+    for key, label in (("decide_py", "Python `Rules.decide` (binding + Decision object)"),
+                       ("decide_engine", "engine `RuleSet::decide` (Rust only)")):
+        m = bench.metrics.get(key)
+        v = m.median("segproxy") if m else None
+        rows.append(f"| {label} | {fmt(v) if v is None or v >= 0.1 else f'{v:.3f}'} | "
+                    f"{'–' if v is None else ('< 10 µs: met' if v < 10 else '< 10 µs: MISSED')} |")
+    bench.extra.append("\n".join(rows))
+
+
 SECTIONS: dict[str, Callable[[Bench], None]] = {
     "tunnel": section_tunnel,
     "keepalive": section_keepalive,
     "intercept": section_intercept,
+    "rules": section_rules,
+    "decide": section_decide,
 }
 
 
@@ -626,11 +824,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mitmdump-cmd", default="mitmdump", help="mitmproxy's mitmdump (intercept section)")
     ap.add_argument("--proxypy-cmd", default="proxy", help="proxy.py's `proxy` command (intercept section)")
     ap.add_argument("--json", type=Path, help="also write every round and the medians here")
+    ap.add_argument(
+        "--engine-decide",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decide section: also time the engine alone with cargo test (default: on, off with --quick)",
+    )
     a = ap.parse_args(argv)
 
     a.rounds = a.rounds or (3 if a.quick else 5)
     a.bulk_bytes = parse_size(a.bulk_size) if a.bulk_size else (32 * MIB if a.quick else GIB)
     a.wrk_duration = a.wrk_duration or (1.0 if a.quick else 10.0)
+    if a.engine_decide is None:
+        a.engine_decide = not a.quick
 
     contenders = [c.strip() for c in a.contenders.split(",") if c.strip()]
     skipped: dict[str, str] = {}
@@ -689,6 +895,7 @@ def main(argv: list[str] | None = None) -> int:
                 for k, v in bench.metrics.items()
             },
             "notes": bench.notes,
+            "extra": bench.extra,
         }
         a.json.write_text(json.dumps(data, indent=2) + "\n")
         bench.log(f"wrote {a.json}")

@@ -635,14 +635,20 @@ async fn exchange<C: Io>(
     let encoded = out.encode();
     let up_observer = flow.filter(|_| plain).map(|f| f.observer("up"));
     let mut origin_conn = None;
+    // The pause armed after the head's last chunk also spaces the body's first chunk.
+    let mut head_pause = None;
     if let Some(mut conn) = engine.pool.take(&pool_key) {
         // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
         let mut w = Segmented::new(&mut conn.io, up_policy.clone(), up_observer.clone());
-        if w.write_all(&encoded).await.is_ok() {
+        if w.write_all(&encoded).await.is_ok() && w.flush().await.is_ok() {
+            head_pause = w.take_pause();
             drop(w);
             origin_conn = Some(conn);
         }
     }
+    // A pooled connection the peer closed as we wrote reads as closed: a request without a
+    // body is then sent again, once, on a fresh connection.
+    let mut retry_fresh = origin_conn.is_some() && body_empty && replacement_body.is_none();
     let mut origin = match origin_conn {
         Some(c) => c,
         None => {
@@ -653,7 +659,9 @@ async fn exchange<C: Io>(
             let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
             w.write_all(&encoded)
                 .await
+                .and(w.flush().await)
                 .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), false))?;
+            head_pause = w.take_pause();
             drop(w);
             new
         }
@@ -663,7 +671,7 @@ async fn exchange<C: Io>(
     // stop reading (413, 501...): a failed send is reported only if no response follows.
     let mut send_failure: Option<String> = None;
     {
-        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer);
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone()).with_pause(head_pause);
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
             if let Err(e) = writer.write(&mut w, body).await {
@@ -707,11 +715,28 @@ async fn exchange<C: Io>(
             .await
             .map_err(|_| {
                 Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), client_reusable)
-            })?
-            .map_err(|e| match e {
+            })?;
+        let r = match r {
+            Err(HttpError::Closed) | Err(HttpError::Io(_)) if retry_fresh => {
+                retry_fresh = false;
+                let mut new = connect_origin(engine, &route, &target, mode, record)
+                    .await
+                    .map_err(|e| Failure::answer(e.status(), e.to_string(), client_reusable))?;
+                let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
+                w.write_all(&encoded)
+                    .await
+                    .and(w.flush().await)
+                    .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), client_reusable))?;
+                drop(w);
+                origin = new;
+                continue;
+            }
+            r => r.map_err(|e| match e {
                 HttpError::Closed => sent_failed(format!("{} closed the connection without a response", target.authority())),
                 e => sent_failed(format!("bad response from {}: {e}", target.authority())),
-            })?;
+            })?,
+        };
+        retry_fresh = false;
         if (100..200).contains(&r.status) && r.status != 101 {
             continue;
         }

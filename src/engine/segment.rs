@@ -183,6 +183,20 @@ impl<S> Segmented<S> {
         &self.policy
     }
 
+    /// Takes the pause still due before the next chunk, so that a new wrapper writing the
+    /// next bytes on the same stream keeps the spacing (see [`Segmented::with_pause`]).
+    pub fn take_pause(&mut self) -> Option<Pin<Box<Sleep>>> {
+        self.pause.take()
+    }
+
+    /// Starts with a pause taken from the wrapper that wrote the previous chunk.
+    pub fn with_pause(mut self, pause: Option<Pin<Box<Sleep>>>) -> Self {
+        if !self.fast {
+            self.pause = pause;
+        }
+        self
+    }
+
     fn draw_chunk_size(&mut self, available: usize) -> usize {
         let size = *self
             .planned

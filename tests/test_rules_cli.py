@@ -1,0 +1,353 @@
+"""Rules: --validate-rules, file:line errors, SegmentedProxy rule files, Rules.parse /
+from_file / decide, specificity, block answers (HTTP and CONNECT) and access log lines.
+
+Real sockets on loopback: a segproxy CLI process or an in-process server, an HTTP origin
+written here (tests/support/loopback.py), raw-socket clients.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import segproxy
+from segproxy import Rules, start_proxy_server
+
+from support import Segproxy, wait_for
+from support.loopback import HttpOrigin, proxy_connect, proxy_request
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def run_cli(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "segproxy", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+# A rules file written for SegmentedProxy, used as it is.
+SEGMENTEDPROXY_RULES = textwrap.dedent(
+    """\
+    # SegmentedProxy rules: HOST_GLOB=MODE[,key=value...]
+
+    example.com=segment_upstream,strategy=fixed,chunk=512,delay=10
+    *.example.com=segment_upstream,strategy=random,min=64,max=256
+    ads.example.com=direct,action=block,reason=ads are blocked
+    *.corp.test=direct,action=upstream,upstream=127.0.0.1:3128
+    api.test=segment_upstream,strategy=fixed,chunk=100,method=POST,scheme=http,path_prefix=/upload
+    *=direct
+    """
+)
+
+
+def test_segproxy_module_is_this_checkout():
+    # The tests must exercise the package of this checkout, not an installed copy.
+    import pathlib
+
+    here = pathlib.Path(__file__).resolve().parent.parent / "python" / "segproxy"
+    assert pathlib.Path(segproxy.__file__).resolve().parent == here
+
+
+# --------------------------------------------------------------------------------------
+# --validate-rules
+
+
+def test_validate_rules_lists_default_and_numbered_rules(tmp_path):
+    rules_file = tmp_path / "sp.rules"
+    rules_file.write_text(SEGMENTEDPROXY_RULES)
+    out = run_cli(
+        "--rules-file", str(rules_file),
+        "--segment-rule", "blocked.test=direct,action=block,reason=nope",
+        "--validate-rules",
+    )
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].startswith("default:"), out.stdout
+    assert "action=direct" in lines[0] and "policy=none" in lines[0]
+    numbered = lines[1:]
+    assert len(numbered) == 7, out.stdout
+    for i, line in enumerate(numbered, start=1):
+        assert line.startswith(f"{i}. "), line
+    # File rules name FILE:LINE (comments and blank lines count as lines).
+    assert f"{rules_file}:3 host=example.com" in numbered[0]
+    assert "policy=fixed chunk=512 delay=10ms" in numbered[0]
+    assert f"{rules_file}:5 host=ads.example.com action=block reason=ads are blocked" in numbered[2]
+    assert "upstream=127.0.0.1:3128" in numbered[3]
+    assert "method=POST" in numbered[4] and "path_prefix=/upload" in numbered[4] and "scheme=http" in numbered[4]
+    assert "host=blocked.test action=block reason=nope" in numbered[6]
+
+
+def test_validate_rules_default_policy_from_flags():
+    out = run_cli("--segmentation", "segment_upstream", "--segment-chunk-size", "300",
+                  "--segment-delay-ms", "5", "--validate-rules")
+    assert out.returncode == 0, out.stderr
+    first = out.stdout.splitlines()[0]
+    # A chunk size without a strategy means fixed.
+    assert "policy=fixed chunk=300 delay=5ms" in first, first
+    assert "rules: (none)" in out.stdout
+
+
+def test_validate_rules_error_names_file_and_line(tmp_path):
+    rules_file = tmp_path / "bad.rules"
+    rules_file.write_text("# comment\nexample.com=direct\n*.x.test=segment_upstream,strategy=fixed,chunk=0\n")
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode != 0
+    assert f"{rules_file}:3" in out.stderr, out.stderr
+    assert "chunk" in out.stderr, out.stderr  # the reason
+    assert "Traceback" not in out.stderr
+
+
+@pytest.mark.parametrize(
+    "line, word",
+    [
+        ("a.test=direct,colour=blue", "colour"),                               # unknown key
+        ("a.test=sideways", "sideways"),                                        # bad mode
+        ("a.test=segment_upstream,strategy=random,min=10,max=5", "min"),       # min > max
+        ("a.test=segment_upstream,delay=-1", "delay"),                          # negative delay
+        ("a.test=direct,action=upstream", "upstream"),                          # upstream without address
+        ("a.test=direct,action=upstream,upstream=nohostport", "nohostport"),
+    ],
+)
+def test_validate_rules_bad_rule_lines(tmp_path, line, word):
+    rules_file = tmp_path / "r.rules"
+    rules_file.write_text(f"ok.test=direct\n\n{line}\n")
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode != 0, out.stdout
+    assert f"{rules_file}:3" in out.stderr, out.stderr
+    assert word in out.stderr, out.stderr
+
+
+def test_segment_rule_error_names_the_flag():
+    out = run_cli("--segment-rule", "ok.test=direct", "--segment-rule", "x=direct,nope=1", "--validate-rules")
+    assert out.returncode != 0
+    assert "--segment-rule#2:1" in out.stderr, out.stderr
+
+
+def test_bad_rules_file_stops_the_server_before_listening(tmp_path):
+    rules_file = tmp_path / "bad.rules"
+    rules_file.write_text("a=direct\nb=direct\nc=segment_upstream,strategy=bogus\n")
+    out = run_cli("--rules-file", str(rules_file), "--listen-port", "0")
+    assert out.returncode != 0
+    assert f"{rules_file}:3" in out.stderr
+    assert "listening" not in out.stderr
+
+
+def test_missing_rules_file_is_an_error(tmp_path):
+    out = run_cli("--rules-file", str(tmp_path / "nope.rules"), "--validate-rules")
+    assert out.returncode != 0
+    assert "nope.rules" in out.stderr
+
+
+# --------------------------------------------------------------------------------------
+# Rules from Python
+
+
+def test_rules_parse_from_file_and_decide(tmp_path):
+    path = tmp_path / "sp.rules"
+    path.write_text(SEGMENTEDPROXY_RULES)
+    rules = Rules.from_file(path)
+    assert len(rules) == 6
+    assert Rules.parse(SEGMENTEDPROXY_RULES).describe().splitlines()[1:] == [
+        line.replace(str(path), "<text>") for line in rules.describe().splitlines()[1:]
+    ]
+
+    d = rules.decide("GET", "http", "example.com", 80, "/")
+    assert d.action == "direct"
+    assert d.rule == f"{path}:3"
+    assert "fixed" in d.policy and "512" in d.policy
+    assert d.explanation and "\n" not in d.explanation
+
+    d = rules.decide("GET", "https", "ads.example.com", 443, "/")
+    assert d.action == "block" and d.reason == "ads are blocked"
+    assert d.rule == f"{path}:5"
+    assert "ads.example.com" in d.explanation
+
+    d = rules.decide("CONNECT", "https", "www.corp.test", 443, "")
+    assert d.action == "upstream" and d.upstream == "127.0.0.1:3128"
+
+    d = rules.decide("GET", "http", "unrelated.org", 80, "/")
+    assert d.rule == f"{path}:8"  # the catch-all
+    assert d.action == "direct"
+
+
+def test_rules_decide_without_match_uses_default_policy():
+    rules = Rules.parse("only.test=direct,action=block", strategy="fixed", chunk=77)
+    d = rules.decide("GET", "http", "other.test", 80, "/")
+    assert d.rule is None
+    assert d.action == "direct"
+    assert "77" in d.policy
+    assert "default" in d.explanation
+
+
+def test_rules_parse_error_names_source_and_line():
+    with pytest.raises(ValueError) as exc:
+        Rules.parse("a.test=direct\n# c\nb.test=direct,strategy=fixed\n", source="mine.rules")
+    assert "mine.rules:3" in str(exc.value)
+
+
+def test_rules_add_is_all_or_nothing():
+    rules = Rules.parse("a.test=direct")
+    with pytest.raises(ValueError):
+        rules.add("b.test=direct\nc.test=oops\n")
+    assert len(rules) == 1
+
+
+def test_upstream_password_is_masked():
+    rules = Rules.parse("*=direct,action=upstream,upstream=alice:s3cret@127.0.0.1:3128")
+    assert "s3cret" not in rules.describe()
+    d = rules.decide("GET", "http", "x.test", 80, "/")
+    assert "s3cret" not in (d.upstream or "") + d.explanation + (d.rule_text or "")
+    assert "alice" in (d.upstream or "")
+
+
+# --------------------------------------------------------------------------------------
+# specificity
+
+
+SPECIFICITY = textwrap.dedent(
+    """\
+    *=direct,action=block,reason=star
+    *.example.com=direct,action=block,reason=suffix
+    www.example.com=direct,action=block,reason=exact
+    *.a.example.com=direct,action=block,reason=longer-suffix
+    api.test=direct,action=block,reason=api-any
+    api.test=direct,action=block,reason=api-get,method=GET
+    api.test=direct,action=block,reason=api-get-v1,method=GET,path_prefix=/v1
+    api.test=direct,action=block,reason=api-get-v1-long,method=GET,path_prefix=/v1/long
+    api.test=direct,action=block,reason=api-https,scheme=https
+    tunnel.test=direct,action=block,reason=tunnel-any
+    tunnel.test=direct,action=block,reason=tunnel-connect,method=CONNECT
+    tie.test=direct
+    tie.test=direct,action=block,reason=tie-block
+    tie.test=direct,action=upstream,upstream=127.0.0.1:9
+    """
+)
+
+
+@pytest.mark.parametrize(
+    "method, scheme, host, path, reason",
+    [
+        ("GET", "http", "www.example.com", "/", "exact"),          # exact beats *.suffix
+        ("GET", "http", "img.example.com", "/", "suffix"),         # *.suffix beats *
+        ("GET", "http", "deep.img.example.com", "/", "suffix"),
+        ("GET", "http", "x.a.example.com", "/", "longer-suffix"),  # longer suffix wins
+        ("GET", "http", "example.org", "/", "star"),
+        ("POST", "http", "api.test", "/v1/x", "api-any"),          # method must match
+        ("GET", "http", "api.test", "/v2", "api-get"),             # method adds specificity
+        ("GET", "http", "api.test", "/v1/x", "api-get-v1"),        # path prefix adds more
+        ("GET", "http", "api.test", "/v1/longer", "api-get-v1-long"),  # longer prefix wins
+        ("PUT", "https", "api.test", "/", "api-https"),            # scheme
+        ("CONNECT", "https", "tunnel.test", "", "tunnel-connect"),  # CONNECT is a method
+        ("GET", "https", "tunnel.test", "/", "tunnel-any"),
+    ],
+)
+def test_specificity(method, scheme, host, path, reason):
+    rules = Rules.parse(SPECIFICITY, source="spec")
+    d = rules.decide(method, scheme, host, 443 if scheme == "https" else 80, path)
+    assert d.action == "block", d
+    assert d.reason == reason, d.explanation
+
+
+def test_specificity_tie_goes_to_block():
+    rules = Rules.parse(SPECIFICITY, source="spec")
+    d = rules.decide("GET", "http", "tie.test", 80, "/")
+    assert d.action == "block" and d.reason == "tie-block"
+    assert d.rule == "spec:13"
+    assert "block" in d.explanation
+    # Order does not matter: block placed last still wins the tie.
+    rules = Rules.parse("t.test=direct,action=upstream,upstream=127.0.0.1:9\nt.test=direct\nt.test=direct,action=block")
+    assert rules.decide("GET", "http", "t.test", 80, "/").action == "block"
+
+
+def test_host_match_is_case_insensitive_and_globs():
+    rules = Rules.parse("Www.Example.COM=direct,action=block\nh?.test=direct,action=block,reason=q\n")
+    assert rules.decide("GET", "http", "WWW.example.com", 80, "/").action == "block"
+    assert rules.decide("GET", "http", "h1.test", 80, "/").reason == "q"
+    assert rules.decide("GET", "http", "h12.test", 80, "/").action == "direct"
+    # *.suffix does not match the bare suffix
+    rules = Rules.parse("*.example.com=direct,action=block")
+    assert rules.decide("GET", "http", "example.com", 80, "/").action == "direct"
+
+
+def test_port_condition():
+    rules = Rules.parse("*=direct,action=block,port=8443,reason=p")
+    assert rules.decide("CONNECT", "https", "a.test", 8443, "").reason == "p"
+    assert rules.decide("CONNECT", "https", "a.test", 443, "").action == "direct"
+
+
+# --------------------------------------------------------------------------------------
+# block through a running proxy, and the access log
+
+
+@pytest.fixture
+def origin():
+    with HttpOrigin() as o:
+        yield o
+
+
+def test_block_answers_403_with_reason_http_and_connect(origin):
+    rules = (
+        f"127.0.0.1=direct,action=block,reason=no origin today,port={origin.port}\n"
+        "*.blocked.test=direct,action=block,reason=blocked zone\n"
+    )
+    with Segproxy(["--segment-rule", rules.splitlines()[0], "--segment-rule", rules.splitlines()[1]],
+                  with_access_log=True) as proxy:
+        addr = ("127.0.0.1", proxy.port)
+        r = proxy_request(addr, "GET", origin.url("/x"))
+        assert r.status == 403
+        assert b"no origin today" in r.body
+        # A blocked name is never resolved: the answer is 403, not a DNS 502.
+        r = proxy_request(addr, "GET", "http://www.blocked.test/y")
+        assert r.status == 403 and b"blocked zone" in r.body
+        s, r = proxy_connect(addr, f"127.0.0.1:{origin.port}")
+        s.close()
+        assert r.status == 403 and b"no origin today" in r.body
+        s, r = proxy_connect(addr, "www.blocked.test:443")
+        s.close()
+        assert r.status == 403 and b"blocked zone" in r.body
+        assert origin.requests == []
+        # Other destinations still pass.
+        r = proxy_request(addr, "GET", f"http://localhost:{origin.port}/ok")
+        assert r.status == 200 and r.body == b"origin ok /ok\n"
+
+        assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 5)
+        lines = proxy.access_log.read_text().splitlines()
+        blocked = [line for line in lines if " 403 " in line]
+        assert len(blocked) == 4, lines
+        for line in blocked:
+            assert "action=block" in line, line
+            assert "rule=--segment-rule#" in line, line
+            assert "policy=" in line
+        ok = [line for line in lines if " 200 " in line]
+        assert ok and "rule=default" in ok[0] and "action=direct" in ok[0], ok
+
+
+async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
+    rules_file = tmp_path / "r.rules"
+    rules_file.write_text(
+        f"# first line is a comment\nlocalhost=segment_upstream,strategy=fixed,chunk=200,direction=both,port={origin.port}\n"
+    )
+    log = tmp_path / "access.log"
+    server = await start_proxy_server(port=0, rules=Rules.from_file(rules_file), access_log=log)
+    try:
+        import asyncio
+
+        r = await asyncio.to_thread(proxy_request, server.address, "GET", f"http://localhost:{origin.port}/blob?n=1000&seed=3")
+        assert r.status == 200 and len(r.body) == 1000
+        r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/plain"))
+        assert r.status == 200
+        assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 2)
+        records = server.access_records()
+        assert len(records) == 2
+        seg, plain = records
+        assert seg["rule"] == f"{rules_file}:2"
+        assert seg["action"] == "direct"
+        assert "fixed" in seg["policy"] and "200" in seg["policy"] and "both" in seg["policy"]
+        assert seg["line"].count("rule=") == 1 and f"rule={rules_file}:2" in seg["line"]
+        assert plain["rule"] == "default" and plain["policy"] == "none"
+        text = log.read_text()
+        assert f"rule={rules_file}:2 action=direct policy=\"fixed" in text, text
+    finally:
+        await server.aclose()
