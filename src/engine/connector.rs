@@ -106,6 +106,12 @@ impl Connector {
 
     /// TCP to `host:port`, trying each resolved address in turn within the connect timeout.
     pub async fn tcp(&self, host: &str, port: u16) -> Result<Connected, ConnectError> {
+        self.connect(host, port, true).await
+    }
+
+    /// `check_addr`: apply the address check (the deny-private switch) to what `host`
+    /// resolves to. Upstream proxies are the operator's own choice and are not checked.
+    async fn connect(&self, host: &str, port: u16, check_addr: bool) -> Result<Connected, ConnectError> {
         let target = authority(host, port);
         let resolved = self
             .resolver
@@ -117,7 +123,7 @@ impl Connector {
             cache => format!("{}/{}", resolved.source, cache.as_str()),
         };
         let addrs = resolved.addrs;
-        if let Some(check) = &self.addr_check {
+        if let Some(check) = self.addr_check.as_ref().filter(|_| check_addr) {
             for a in &addrs {
                 check(a.ip()).map_err(|reason| ConnectError::Denied { host: host.to_string(), reason })?;
             }
@@ -144,7 +150,9 @@ impl Connector {
 
     /// TCP to an upstream proxy; failures name the hop.
     pub async fn tcp_to_hop(&self, hop: &UpstreamHop) -> Result<Connected, ConnectError> {
-        self.tcp(&hop.host, hop.port).await.map_err(|e| ConnectError::Upstream { hop: hop.to_string(), reason: e.to_string() })
+        self.connect(&hop.host, hop.port, false)
+            .await
+            .map_err(|e| ConnectError::Upstream { hop: hop.to_string(), reason: e.to_string() })
     }
 
     /// A byte stream to `host:port` by `route`: direct TCP, or a CONNECT tunnel through the hop.
