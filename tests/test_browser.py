@@ -183,10 +183,19 @@ async def test_page_loads_through_interception_when_our_ca_is_trusted(
     ca_file = tmp_path / "segproxy-ca.pem"
     ca_file.write_bytes(store.get_ca_pem())
     home = nss_home(tmp_path, [("segproxy", ca_file)])  # only our CA: the origin's is unknown to the browser
-    async with await segproxy.start_proxy_server(port=0, tls_store=store, upstream_ca=[origin_ca]) as server:
+    seen_by_handler: list[str] = []
+
+    class Recorder(segproxy.HTTPSForwardProxyHandler):
+        async def on_request_received(self) -> None:
+            seen_by_handler.append(self.request.url())
+            await self.forward_http_request()
+
+    async with await segproxy.start_proxy_server(Recorder, port=0, tls_store=store, upstream_ca=[origin_ca]) as server:
         dom = await dump_dom(home, server.url, f"https://localhost:{port}/page.html")
         records = server.access_records()
     assert "static content" in dom and "dynamic fetched" in dom
+    assert f"https://localhost:{port}/page.html" in seen_by_handler
+    assert f"https://localhost:{port}/data.json" in seen_by_handler
     seen = {r["target"] for r in records if r["kind"] == "intercept" and r["method"] == "GET"}
     assert f"https://localhost:{port}/page.html" in seen
     assert f"https://localhost:{port}/data.json" in seen
