@@ -875,6 +875,8 @@ def main(argv: list[str] | None = None) -> int:
         if table != "main" and report(bench, table):
             print(f"\n### {table}\n")
             print(report(bench, table))
+    for block in bench.extra:
+        print(f"\n{block}")
     for name, why in skipped.items():
         print(f"\n- {name} not measured: {why}")
     for note in bench.notes:
