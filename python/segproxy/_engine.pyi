@@ -6,6 +6,7 @@ from typing import Any, final
 __version__: str
 
 def set_log_level(level: str) -> None: ...
+def limit_malloc_arenas(arenas: int) -> bool: ...
 def start_server(
     host: str = "127.0.0.1",
     port: int = 8080,

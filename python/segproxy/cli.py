@@ -138,6 +138,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with usage on a bad flag
     _engine.set_log_level(args.log_level)
+    _engine.limit_malloc_arenas(1)  # the CLI owns its process: keep memory per thread low
 
     try:
         rules = build_rules(args)

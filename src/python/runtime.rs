@@ -21,3 +21,20 @@ pub fn runtime() -> &'static Runtime {
         rt
     })
 }
+
+/// Caps glibc's malloc arenas (one per thread by default). The command-line proxy calls it
+/// before starting: fewer arenas means less memory held per worker thread, at no measured
+/// cost in request rate. A library user's process is left as it is.
+#[pyo3::pyfunction]
+pub fn limit_malloc_arenas(arenas: i32) -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only adjusts allocator tuning; any positive value is valid.
+        unsafe { libc::mallopt(libc::M_ARENA_MAX, arenas.max(1)) == 1 }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    {
+        let _ = arenas;
+        false
+    }
+}
