@@ -6,61 +6,41 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TypeVar
 
 from . import _engine
 from ._server import ProxyServer, run
 from .rules import Rules
 from .tls import TLSStore, load_or_create_ca
 
-
-def positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be greater than 0: {text!r}")
-    return value
+T = TypeVar("T", int, float)
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def number(
+    kind: type[T], low: float, high: float | None = None, what: str = "", above: bool = False
+) -> Callable[[str], T]:
+    """An argparse type: a number of `kind` within [low, high] (above `low` when `above`),
+    with a message that says so."""
+
+    def parse(text: str) -> T:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {what or ('a whole number' if kind is int else 'a number')}: {text!r}") from None
+        in_range = low < value if above else low <= value  # false for NaN too
+        if not in_range or (high is not None and value > high):
+            bound = f"{low:g}..{high:g}" if high is not None else f"{'greater than' if above else 'at least'} {low:g}"
+            raise argparse.ArgumentTypeError(f"must be {bound}: {text!r}")
+        return value
+
+    return parse
 
 
-def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be 0 or more: {text!r}")
-    return value
-
-
-def port_number(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"port must be 0..65535: {text!r}")
-    return value
+positive_float = number(float, 0, above=True)
+positive_int = number(int, 1)
+non_negative_float = number(float, 0)
+non_negative_int = number(int, 0)
+port_number = number(int, 0, 65535, what="a port number")
 
 
 def build_parser() -> argparse.ArgumentParser:
