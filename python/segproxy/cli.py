@@ -17,7 +17,7 @@ T = TypeVar("T", int, float)
 
 
 def number(
-    kind: type[T], low: float, high: float | None = None, what: str = "", above: bool = False
+    kind: type[T], low: float, high: float | None = None, what: str = "", above: bool = False, subject: str = ""
 ) -> Callable[[str], T]:
     """An argparse type: a number of `kind` within [low, high] (above `low` when `above`),
     with a message that says so."""
@@ -30,7 +30,7 @@ def number(
         in_range = low < value if above else low <= value  # false for NaN too
         if not in_range or (high is not None and value > high):
             bound = f"{low:g}..{high:g}" if high is not None else f"{'greater than' if above else 'at least'} {low:g}"
-            raise argparse.ArgumentTypeError(f"must be {bound}: {text!r}")
+            raise argparse.ArgumentTypeError(f"{subject + ' ' if subject else ''}must be {bound}: {text!r}")
         return value
 
     return parse
@@ -40,7 +40,7 @@ positive_float = number(float, 0, above=True)
 positive_int = number(int, 1)
 non_negative_float = number(float, 0)
 non_negative_int = number(int, 0)
-port_number = number(int, 0, 65535, what="a port number")
+port_number = number(int, 0, 65535, what="a port number", subject="port")
 
 
 def build_parser() -> argparse.ArgumentParser:
