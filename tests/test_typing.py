@@ -5,6 +5,7 @@ them with top-level await)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -31,5 +32,16 @@ def test_mypy_strict(tmp_path: Path) -> None:
         [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--ignore-missing-imports",
          str(ROOT / "python" / "segproxy"), str(ROOT / "examples"), str(tmp_path)],
         capture_output=True, text=True, timeout=280, cwd=ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stubs_match_the_extension() -> None:
+    """`_engine.pyi` describes what the compiled module really exports (mypy.stubtest)."""
+    pytest.importorskip("mypy")
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
+    result = subprocess.run(
+        [sys.executable, "-m", "mypy.stubtest", "segproxy._engine"],
+        capture_output=True, text=True, timeout=280, cwd=ROOT, env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr

@@ -3,6 +3,20 @@
 from collections.abc import Awaitable, Callable
 from typing import Any, final
 
+__all__ = [
+    "CertificateAuthority",
+    "Completer",
+    "EngineServer",
+    "FlowHandle",
+    "HookBridge",
+    "RuleSet",
+    "__version__",
+    "hook_roundtrip",
+    "limit_malloc_arenas",
+    "set_log_level",
+    "start_server",
+]
+
 __version__: str
 
 def set_log_level(level: str) -> None: ...
@@ -37,6 +51,7 @@ def start_server(
     handler: HookBridge | None = None,
 ) -> Awaitable[EngineServer]: ...
 
+@final
 class EngineServer:
     def local_addr(self) -> tuple[str, int]: ...
     def begin_shutdown(self, grace: float = 5.0) -> None: ...
@@ -47,22 +62,24 @@ class EngineServer:
     def flows(self, clear: bool = False) -> list[dict[str, Any]]: ...
     def recording_flows(self) -> bool: ...
 
+@final
 class RuleSet:
-    def __init__(
-        self,
+    def __new__(
+        cls,
         strategy: str = "none",
         chunk: int = 1024,
         min: int = 1,
         max: int = 1024,
         delay_ms: float = 0.0,
         direction: str = "up",
-    ) -> None: ...
+    ) -> RuleSet: ...
     def add_text(self, text: str, source: str = "<text>") -> None: ...
     def add_file(self, path: str) -> None: ...
     def describe(self) -> str: ...
     def __len__(self) -> int: ...
     def decide(self, method: str, scheme: str, host: str, port: int, path: str = "/") -> dict[str, Any]: ...
 
+@final
 class CertificateAuthority:
     @staticmethod
     def generate(
