@@ -405,6 +405,32 @@ async def test_hook_timeout_is_504(origin: Origin) -> None:
         assert r.status_code == 200
 
 
+class SleepsAndNotes(HTTPSForwardProxyHandler):
+    outcome: list[str] = []
+
+    async def on_request_received(self) -> None:
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            SleepsAndNotes.outcome.append("cancelled")
+            raise
+        SleepsAndNotes.outcome.append("finished")
+
+
+async def test_abandoned_hook_is_cancelled(origin: Origin) -> None:
+    SleepsAndNotes.outcome.clear()
+    server = await proxy(SleepsAndNotes, hook_timeout=0.5)
+    async with server, client(server) as c:
+        r = await c.get(f"{origin.base}/abandoned")
+        assert r.status_code == 504
+        for _ in range(300):
+            if SleepsAndNotes.outcome:
+                break
+            await asyncio.sleep(0.01)
+    assert SleepsAndNotes.outcome == ["cancelled"]
+    assert origin.seen == []
+
+
 class AllHooks(HTTPSForwardProxyHandler):
     async def on_client_connected(self) -> None:
         pass

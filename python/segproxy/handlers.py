@@ -24,7 +24,8 @@ How hooks run:
   requests. `on_client_connected` runs once, before the first request's `on_request_received`.
 - An exception in a hook is passed to `on_error`; the client gets a 502 (or its connection is
   closed if the response already started). A hook that takes longer than the server's
-  `hook_timeout` is abandoned and the client gets a 504.
+  `hook_timeout` is abandoned: the client gets a 504 and the hook's task is cancelled (so are
+  hooks still running when the client disconnects).
 """
 
 from __future__ import annotations
@@ -372,7 +373,7 @@ class _Connection:
     """Runs one client connection's hooks; the bridge calls its methods on the loop thread.
     Every method returns at once, starting the hook as a task in the connection's context."""
 
-    __slots__ = ("handler", "loop", "ctx", "client", "waits_response", "connected", "tasks", "response_done")
+    __slots__ = ("handler", "loop", "ctx", "client", "waits_response", "connected", "tasks", "flow_tasks", "response_done")
 
     def __init__(self, handler: Any, loop: asyncio.AbstractEventLoop, ctx: contextvars.Context, client: tuple[str, int], waits_response: bool) -> None:
         self.handler = handler
@@ -382,13 +383,18 @@ class _Connection:
         self.waits_response = waits_response
         self.connected = False
         self.tasks: set[asyncio.Task[None]] = set()
+        # Hooks the engine waits for; cancelled when the engine stops waiting (connection gone).
+        self.flow_tasks: set[asyncio.Task[None]] = set()
         self.response_done: asyncio.Future[None] | None = None
         handler._conn = self
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, None], flow: bool = True) -> None:
         task = self.loop.create_task(coro, context=self.ctx)
         self.tasks.add(task)
         task.add_done_callback(self.tasks.discard)
+        if flow:
+            self.flow_tasks.add(task)
+            task.add_done_callback(self.flow_tasks.discard)
 
     async def _report(self, exc: BaseException) -> None:
         try:
@@ -469,7 +475,7 @@ class _Connection:
             self._settle_response()
 
     def error(self, message: str) -> None:
-        self._spawn(self._error(message))
+        self._spawn(self._error(message), flow=False)
 
     async def _error(self, message: str) -> None:
         try:
@@ -488,10 +494,10 @@ class _Connection:
             completer.fail(_describe(exc))
 
     def tunnel_opened(self, host: str, port: int) -> None:
-        self._spawn(self._observe(self.handler.on_tunnel_open(host, port)))
+        self._spawn(self._observe(self.handler.on_tunnel_open(host, port)), flow=False)
 
     def tunnel_closed(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
-        self._spawn(self._observe(self.handler.on_tunnel_close(host, port, bytes_up, bytes_down)))
+        self._spawn(self._observe(self.handler.on_tunnel_close(host, port, bytes_up, bytes_down)), flow=False)
 
     async def _observe(self, hook: Coroutine[Any, Any, None]) -> None:
         try:
@@ -500,9 +506,17 @@ class _Connection:
             await self._report(exc)
 
     def closed(self) -> None:
-        """The client connection ended: a request still waiting for its response stops
-        waiting. Hooks still running finish on their own (their commands are ignored)."""
+        """The client connection ended (or the engine gave up on a hook after its timeout): a
+        request waiting for its response stops waiting, and hooks still running are cancelled.
+        The cancellation is scheduled after the wake-ups the settled futures caused, so a
+        request hook that was only waiting for its response returns normally."""
         self._settle_response()
+        if self.flow_tasks:
+            self.loop.call_soon(self._cancel_flow_hooks)
+
+    def _cancel_flow_hooks(self) -> None:
+        for task in list(self.flow_tasks):
+            task.cancel()
 
 
 # ----------------------------------------------------------------------------------------------
