@@ -25,7 +25,7 @@ How hooks run:
 - An exception in a hook is passed to `on_error`; the client gets a 502 (or its connection is
   closed if the response already started). A hook that takes longer than the server's
   `hook_timeout` is abandoned: the client gets a 504 and the hook's task is cancelled (so are
-  hooks still running when the client disconnects).
+  hooks still running when their client connection ends).
 """
 
 from __future__ import annotations
