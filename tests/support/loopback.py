@@ -115,8 +115,10 @@ class ThreadedServer:
                 self.connections += 1
                 self._conns.append(conn)
             t = threading.Thread(target=self._run, args=(conn,), daemon=True)
-            self._threads.append(t)
             t.start()
+            # Listed only once started: close() may join it at any moment.
+            with self._lock:
+                self._threads.append(t)
 
     def _run(self, conn: socket.socket) -> None:
         try:
@@ -138,16 +140,21 @@ class ThreadedServer:
     def close(self) -> None:
         self.closed = True
         try:
-            self.sock.close()
+            # shutdown() wakes a thread blocked in accept(); close() alone does not.
+            self.sock.shutdown(socket.SHUT_RDWR)
         except OSError:
             pass
+        self.sock.close()
+        # Once the accept thread is gone no connection or thread is added.
+        self._accept.join(timeout=5)
         with self._lock:
             for c in self._conns:
                 try:
                     c.shutdown(socket.SHUT_RDWR)
                 except OSError:
                     pass
-        for t in self._threads:
+            threads = list(self._threads)
+        for t in threads:
             t.join(timeout=5)
 
     def __enter__(self):
