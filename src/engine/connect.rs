@@ -103,13 +103,14 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
     }
     if engine.hooks.connect {
         if let Some(handler) = conn.handler(engine) {
-            let reply = handler.connect(host.clone(), port);
-            match tokio::time::timeout(engine.config.hook_timeout, reply).await {
+            let mut reply = handler.connect(host.clone(), port);
+            let wait = engine.hook_waits.begin();
+            match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
                 Err(_) => return Err((504, format!("hook on_connect did not return within {:?}", engine.config.hook_timeout))),
-                Ok(Err(_)) => return Err((502, "hook on_connect: the handler went away".into())),
-                Ok(Ok(Err(m))) => return Err((502, format!("hook on_connect failed: {m}"))),
-                Ok(Ok(Ok(ConnectDecision::Default))) => {}
-                Ok(Ok(Ok(c))) => choice = c,
+                Ok(None) => return Err((502, "hook on_connect: the handler went away".into())),
+                Ok(Some(Err(m))) => return Err((502, format!("hook on_connect failed: {m}"))),
+                Ok(Some(Ok(ConnectDecision::Default))) => {}
+                Ok(Some(Ok(c))) => choice = c,
             }
         }
     }

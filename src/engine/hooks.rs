@@ -11,6 +11,8 @@
 //! wait is also bounded by the engine's hook timeout.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -134,4 +136,153 @@ pub trait ConnectionHandler: Send + Sync {
 pub trait Handler: Send + Sync {
     fn hooks(&self) -> HookSet;
     fn open(&self, meta: ConnectionMeta) -> Box<dyn ConnectionHandler>;
+}
+
+/// Waits for handler answers, tracking how many waits are in progress.
+///
+/// A hook answered on another thread typically comes back within a few tens of µs, and parking
+/// a tokio worker and waking it again costs about as much on a small virtual machine. So when a
+/// wait is the only one in progress it first polls for a short budget, yielding to other tasks
+/// between polls, and only then parks. With other waits in progress the proxy is busy and every
+/// wait parks at once: polling never takes CPU from flows that have work to do.
+#[derive(Debug)]
+pub struct HookWaits {
+    in_progress: AtomicUsize,
+    poll_budget: Duration,
+}
+
+/// Default polling budget of a lone wait: longer than a typical trivial hook takes.
+pub const HOOK_POLL_BUDGET: Duration = Duration::from_micros(50);
+
+impl Default for HookWaits {
+    fn default() -> Self {
+        HookWaits::new(HOOK_POLL_BUDGET)
+    }
+}
+
+impl HookWaits {
+    pub fn new(poll_budget: Duration) -> Self {
+        HookWaits { in_progress: AtomicUsize::new(0), poll_budget }
+    }
+
+    /// Starts a wait; it counts as in progress until the returned guard is dropped.
+    pub fn begin(&self) -> HookWait<'_> {
+        let others = self.in_progress.fetch_add(1, Ordering::AcqRel);
+        let budget = if others == 0 { self.poll_budget } else { Duration::ZERO };
+        HookWait { waits: self, budget }
+    }
+
+    /// Waits in progress right now.
+    pub fn in_progress(&self) -> usize {
+        self.in_progress.load(Ordering::Acquire)
+    }
+}
+
+pub struct HookWait<'a> {
+    waits: &'a HookWaits,
+    budget: Duration,
+}
+
+impl HookWait<'_> {
+    /// Polls `try_now` until it gives a value or the budget is spent; None means "await
+    /// normally". `try_now` returns None while the answer is still pending.
+    pub async fn early<T>(&self, mut try_now: impl FnMut() -> Option<T>) -> Option<T> {
+        if self.budget.is_zero() {
+            return None;
+        }
+        let start = Instant::now();
+        loop {
+            if let Some(value) = try_now() {
+                return Some(value);
+            }
+            if start.elapsed() >= self.budget {
+                return None;
+            }
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The answer on `reply` (None: the handler went away), polled first when this wait is
+    /// alone, then awaited.
+    pub async fn reply<T>(&self, reply: &mut Reply<T>) -> Option<Result<T, String>> {
+        let early = self
+            .early(|| match reply.try_recv() {
+                Ok(value) => Some(Some(value)),
+                Err(oneshot::error::TryRecvError::Empty) => None,
+                Err(oneshot::error::TryRecvError::Closed) => Some(None),
+            })
+            .await;
+        match early {
+            Some(answer) => answer,
+            None => reply.await.ok(),
+        }
+    }
+
+    /// The next command on `commands` (None: the handler went away), polled first when alone.
+    pub async fn command(&self, commands: &mut mpsc::UnboundedReceiver<HandlerCommand>) -> Option<HandlerCommand> {
+        let early = self
+            .early(|| match commands.try_recv() {
+                Ok(command) => Some(Some(command)),
+                Err(mpsc::error::TryRecvError::Empty) => None,
+                Err(mpsc::error::TryRecvError::Disconnected) => Some(None),
+            })
+            .await;
+        match early {
+            Some(answer) => answer,
+            None => commands.recv().await,
+        }
+    }
+}
+
+impl Drop for HookWait<'_> {
+    fn drop(&mut self) {
+        self.waits.in_progress.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lone_wait_gets_an_answer_sent_from_another_thread() {
+        let waits = HookWaits::default();
+        for delay_us in [0u64, 10, 200] {
+            let (tx, mut rx) = oneshot::channel::<Result<u32, String>>();
+            let sender = std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_micros(delay_us));
+                tx.send(Ok(7)).unwrap();
+            });
+            let wait = waits.begin();
+            assert_eq!(waits.in_progress(), 1);
+            assert_eq!(wait.reply(&mut rx).await, Some(Ok(7)));
+            drop(wait);
+            sender.join().unwrap();
+        }
+        assert_eq!(waits.in_progress(), 0);
+    }
+
+    #[tokio::test]
+    async fn only_a_lone_wait_polls_and_a_dropped_sender_ends_the_wait() {
+        let waits = HookWaits::new(Duration::from_secs(5));
+        let first = waits.begin();
+        let second = waits.begin();
+        assert_eq!(waits.in_progress(), 2);
+        // The second wait does not poll: with no answer it gives up at once.
+        let t = Instant::now();
+        assert_eq!(second.early(|| None::<()>).await, None);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        drop(second);
+        // A sender dropped while the lone wait polls ends the wait with an error, not a hang.
+        let (tx, mut rx) = oneshot::channel::<Result<u32, String>>();
+        drop(tx);
+        assert!(first.reply(&mut rx).await.is_none());
+        let (tx, mut commands) = mpsc::unbounded_channel();
+        tx.send(HandlerCommand::Finish).unwrap();
+        drop(tx);
+        assert!(matches!(first.command(&mut commands).await, Some(HandlerCommand::Finish)));
+        assert!(first.command(&mut commands).await.is_none());
+        drop(first);
+        assert_eq!(waits.in_progress(), 0);
+    }
 }

@@ -442,11 +442,13 @@ async fn hook_reply<T>(engine: &Engine, reply: Reply<T>, hook: &str, started_res
             Failure::answer(status, msg, false).hook()
         }
     };
-    match tokio::time::timeout(engine.config.hook_timeout, reply).await {
+    let mut reply = reply;
+    let wait = engine.hook_waits.begin();
+    match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
         Err(_) => Err(fail(504, format!("hook {hook} did not return within {:?}", engine.config.hook_timeout))),
-        Ok(Err(_)) => Err(fail(502, format!("hook {hook}: the handler went away"))),
-        Ok(Ok(Err(message))) => Err(fail(502, format!("hook {hook} failed: {message}"))),
-        Ok(Ok(Ok(value))) => Ok(value),
+        Ok(None) => Err(fail(502, format!("hook {hook}: the handler went away"))),
+        Ok(Some(Err(message))) => Err(fail(502, format!("hook {hook} failed: {message}"))),
+        Ok(Some(Ok(value))) => Ok(value),
     }
 }
 
@@ -492,7 +494,10 @@ async fn exchange<C: Io>(
         let mut wrote_raw = false;
         let mut raw = RawResponse::default();
         loop {
-            let command = match tokio::time::timeout(cfg.hook_timeout, commands.recv()).await {
+            let wait = engine.hook_waits.begin();
+            let next = tokio::time::timeout(cfg.hook_timeout, wait.command(&mut commands)).await;
+            drop(wait);
+            let command = match next {
                 Err(_) => {
                     let msg = format!("hook on_request_received did not return within {:?}", cfg.hook_timeout);
                     return Err(if wrote_raw { Failure::cut(msg) } else { Failure::answer(504, msg, false) });

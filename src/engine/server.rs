@@ -15,7 +15,7 @@ use super::ca::CertificateAuthority;
 use super::config::EngineConfig;
 use super::connector::Connector;
 use super::flows::FlowRecorder;
-use super::hooks::{Handler, HookSet};
+use super::hooks::{Handler, HookSet, HookWaits};
 use super::pool::Pool;
 use super::proxy;
 use super::rules::{Intercept, RuleSet};
@@ -37,6 +37,8 @@ pub struct Engine {
     pub handler: Option<Arc<dyn Handler>>,
     /// The hooks the handler implements, learnt once at start.
     pub hooks: HookSet,
+    /// Waits for the handler's answers (a lone wait polls briefly before it parks).
+    pub hook_waits: HookWaits,
     pub flows: Option<Arc<FlowRecorder>>,
     next_conn_id: AtomicU64,
     active: AtomicUsize,
@@ -119,6 +121,7 @@ impl ProxyServer {
             origin_tls,
             handler: parts.handler,
             hooks,
+            hook_waits: HookWaits::default(),
             flows: parts.flows,
             next_conn_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),

@@ -17,7 +17,7 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::hooks::{
-    ConnectDecision, ConnectionHandler, ConnectionMeta, ForwardOrder, Handler, HandlerCommand, HookSet, Reply,
+    ConnectDecision, ConnectionHandler, ConnectionMeta, ForwardOrder, Handler, HandlerCommand, HookSet, HookWaits, Reply,
     RequestParts, ResponseParts,
 };
 use crate::engine::http1::{Header, Headers};
@@ -518,19 +518,24 @@ impl Completer {
 pub fn hook_roundtrip<'py>(py: Python<'py>, bridge: &Bound<'py, HookBridge>, flows: usize, calls: usize) -> PyResult<Bound<'py, PyAny>> {
     let handler: Arc<dyn Handler> = bridge.get().handler();
     runtime();
+    // Waited for as the engine waits for hooks (a lone wait polls briefly first).
+    let waits = Arc::new(HookWaits::default());
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
         let mut tasks = Vec::new();
         for i in 0..flows {
             let handler = handler.clone();
+            let waits = waits.clone();
             tasks.push(tokio::spawn(async move {
                 let conn = handler.open(ConnectionMeta { id: i as u64 + 1, client: ([127, 0, 0, 1], 1).into() });
                 let mut times = Vec::with_capacity(calls);
                 for _ in 0..calls {
                     let t = Instant::now();
-                    match tokio::time::timeout(Duration::from_secs(30), conn.response_chunk(Bytes::from_static(b"ping"))).await {
-                        Ok(Ok(Ok(_))) => times.push(t.elapsed().as_secs_f64() * 1e6),
-                        Ok(Ok(Err(msg))) => return Err(format!("hook failed: {msg}")),
-                        Ok(Err(_)) => return Err("hook reply dropped".to_string()),
+                    let mut reply = conn.response_chunk(Bytes::from_static(b"ping"));
+                    let wait = waits.begin();
+                    match tokio::time::timeout(Duration::from_secs(30), wait.reply(&mut reply)).await {
+                        Ok(Some(Ok(_))) => times.push(t.elapsed().as_secs_f64() * 1e6),
+                        Ok(Some(Err(msg))) => return Err(format!("hook failed: {msg}")),
+                        Ok(None) => return Err("hook reply dropped".to_string()),
                         Err(_) => return Err("hook call timed out (lost wake-up?)".to_string()),
                     }
                 }
