@@ -6,4 +6,7 @@ cd "$(dirname "$0")/.."
 profile=debug; flag=""
 if [ "${1:-}" = "--release" ]; then profile=release; flag="--release"; fi
 PYO3_BUILD_EXTENSION_MODULE=1 cargo build --lib $flag
-cp "target/$profile/lib_engine.so" python/segproxy/_engine.abi3.so
+# A new file renamed over the old one: processes still running the old build keep their
+# mapping (copying over it in place makes them crash).
+cp "target/$profile/lib_engine.so" python/segproxy/_engine.abi3.so.new
+mv -f python/segproxy/_engine.abi3.so.new python/segproxy/_engine.abi3.so

@@ -590,6 +590,29 @@ async def test_connect_and_tunnel_hooks() -> None:
     ]
 
 
+class ConnectRaises(HTTPSForwardProxyHandler):
+    errors: list[str] = []
+
+    async def on_connect(self, host: str, port: int) -> str | None:
+        raise RuntimeError("no CONNECT today")
+
+    async def on_error(self, error: Exception) -> None:
+        ConnectRaises.errors.append(f"{type(error).__name__}: {error}")
+
+
+async def test_exception_in_on_connect_is_reported_once() -> None:
+    ConnectRaises.errors.clear()
+    async with await proxy(ConnectRaises) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(b"CONNECT 127.0.0.1:9 HTTP/1.1\r\n\r\n")
+        head = await reader.readuntil(b"\r\n\r\n")
+        assert b" 502 " in head
+        assert b"no CONNECT today" in await reader.read()
+        writer.close()
+        await asyncio.sleep(0.2)  # a second report would arrive by now
+    assert ConnectRaises.errors == ["RuntimeError: no CONNECT today"]
+
+
 class Segmenting(HTTPSForwardProxyHandler):
     async def on_request_received(self) -> None:
         self.set_segmentation("fixed", chunk=1000)
@@ -616,6 +639,21 @@ def test_header_type() -> None:
     h.add("X", "1")
     h.remove("host")
     assert list(h) == [("Set-Cookie", "3"), ("X", "1")]
+
+
+def test_header_type_asyncio_https_proxy_parts() -> None:
+    """What asyncio-https-proxy scripts use: the live `headers` list, last-wins `to_dict`,
+    `to_raw`."""
+    h = HTTPHeader(b"Host: a\r\nAccept: x\r\naccept: y\r\n")
+    fields = h.headers
+    fields.append(("X-Custom-Header", "Hello"))
+    assert h.first("x-custom-header") == "Hello"
+    assert h.to_dict() == {"Host": "a", "Accept": "x", "accept": "y", "X-Custom-Header": "Hello"}
+    assert HTTPHeader([("A", "1"), ("A", "2")]).to_dict() == {"A": "2"}
+    h.remove("accept")
+    assert h.headers is fields and fields == [("Host", "a"), ("X-Custom-Header", "Hello")]
+    assert h.to_raw() == b"Host: a\r\nX-Custom-Header: Hello\r\n"
+    assert HTTPHeader([("X", "caf\u00e9 \u2713")]).to_raw() == "X: caf\u00e9 \u2713\r\n".encode()
 
 
 # ------------------------------------------------------------------------------------------
@@ -811,6 +849,63 @@ class CompatBlocker(HTTPSProxyHandler):
     async def on_client_connected(self) -> None:
         self.write_response(b"HTTP/1.1 418 I'm a teapot\r\nContent-Length: 3\r\n\r\ntea")
         await self.flush_response()
+
+
+class CompatHeaderAppend(HTTPSForwardProxyHandler):
+    """asyncio-https-proxy's header example: append to the raw field list, then forward."""
+
+    async def on_request_received(self) -> None:
+        self.request.headers.headers.append(("X-Custom-Header", "Hello from the proxy!"))
+        await super().on_request_received()
+
+
+class CompatCustomClient(HTTPSProxyHandler):
+    """asyncio-https-proxy's custom-client example: fetch with httpx, streaming the request
+    body in and the response out through write_response."""
+
+    origin_ca: Path | None = None
+    seen_response: list[object] = []
+
+    async def on_request_received(self) -> None:
+        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.origin_ca)) if self.origin_ca else True
+        async with httpx.AsyncClient(verify=verify) as remote:
+            async with remote.stream(
+                self.request.method,
+                self.request.url(),
+                headers=self.request.headers.to_dict(),
+                content=self.read_request_body(),
+            ) as response:
+                self.write_response(f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n".encode())
+                for key, value in response.headers.items():
+                    self.write_response(f"{key}: {value}\r\n".encode())
+                self.write_response(b"\r\n")
+                async for chunk in response.aiter_bytes():
+                    self.write_response(chunk)
+
+
+async def test_asyncio_https_proxy_example_patterns(origin: Origin, intercept: Intercept) -> None:
+    """The two example styles not covered above: a forward handler appending to
+    `headers.headers`, and an `HTTPSProxyHandler` doing its own fetching with httpx."""
+    assert HTTPSForwardProxyHandler().response is None  # before any response, as upstream
+    async with await proxy(lambda: CompatHeaderAppend()) as server, client(server) as c:
+        r = await c.get(f"{origin.base}/appended")
+        assert r.text == "GET /appended"
+    assert origin.seen[-1].headers["x-custom-header"] == "Hello from the proxy!"
+
+    CompatCustomClient.origin_ca = None
+    async with await proxy(lambda: CompatCustomClient()) as server, client(server) as c:
+        r = await c.post(f"{origin.base}/echo-plain", content=b"plain body")
+        assert (r.status_code, r.text, r.headers["x-origin"]) == (200, "plain body", "yes")
+    CompatCustomClient.origin_ca = intercept.origin_ca
+    async with await intercept.proxy(lambda: CompatCustomClient()) as server:
+        async with intercept.client(server, limits=httpx.Limits(max_connections=1)) as c:
+            for n in range(2):  # the second request reuses the intercepted connection
+                body = b"secret %d " % n * 1000
+                r = await c.post(f"{intercept.base}/echo-tls", content=body)
+                assert (r.status_code, r.content) == (200, body)
+        posts = [rec for rec in server.access_records() if rec["method"] == "POST"]
+        assert len(posts) == 2 and len({rec["client"] for rec in posts}) == 1, posts
+    assert [s.body for s in intercept.origin.seen] == [b"secret %d " % n * 1000 for n in range(2)]
 
 
 async def test_asyncio_https_proxy_script_runs(intercept: Intercept) -> None:

@@ -363,6 +363,24 @@ def test_upstream_insecure_skips_verification(ca_dir, ca_path, nginx_origin):
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
 
 
+def test_upstream_trust_options_from_python(tls_store, ca_path, nginx_origin):
+    """`upstream_ca` as one path (not only a list) and `upstream_insecure=True`, from Python."""
+    url = f"https://localhost:{nginx_origin.https_port}/1k.bin"
+    env_free = {k: os.environ.pop(k) for k in ("SSL_CERT_FILE", "SSL_CERT_DIR") if k in os.environ}
+    try:
+        for options, expected in (
+            ({"upstream_ca": str(nginx_origin.cert_path)}, b"200"),
+            ({"upstream_ca": nginx_origin.cert_path}, b"200"),
+            ({"upstream_insecure": True}, b"200"),
+            ({}, b"502"),
+        ):
+            with ProxyThread(tls_store=tls_store, **options) as p:
+                r = curl("-x", p.url, "--cacert", str(ca_path), "-w", "%{http_code}", "-o", "/dev/null", url)
+                assert r.stdout == expected, (options, r.stdout, r.stderr)
+    finally:
+        os.environ.update(env_free)
+
+
 def test_ssl_cert_file_is_honoured(ca_dir, ca_path, nginx_origin):
     env = dict(os.environ, SSL_CERT_FILE=str(nginx_origin.cert_path))
     with Segproxy(["--ca-dir", str(ca_dir)], env=env) as p:

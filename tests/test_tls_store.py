@@ -94,6 +94,30 @@ def test_key_file_readable_by_others_is_warned_about(tmp_path):
     assert loaded.get_ca_pem() == store.get_ca_pem()
     text = str(record[0].message).lower()
     assert "read" in text or "permission" in text or "0600" in text or "others" in text, text
+    assert record[0].filename == __file__  # the warning points at the caller's line
+    (tmp_path / "dir").mkdir()
+    store.save_ca_to_disk(tmp_path / "dir" / "ca-key.pem", tmp_path / "dir" / "ca-cert.pem")
+    (tmp_path / "dir" / "ca-key.pem").chmod(0o644)
+    with pytest.warns(UserWarning, match="ca-key.pem") as record:
+        load_or_create_ca(tmp_path / "dir")
+    assert record[0].filename == __file__
+
+
+def test_path_keywords_of_both_spellings(tmp_path):
+    """key_file/cert_file (asyncio-https-proxy) and key_path/cert_path name the same paths."""
+    store = TLSStore.generate_ca(country="FR", state="IDF", locality="Paris", organization="o", common_name="kw CA")
+    store.save_ca_to_disk(key_path=tmp_path / "k.pem", cert_path=tmp_path / "c.pem")
+    store.save_ca_to_disk(key_file=tmp_path / "k2.pem", cert_file=tmp_path / "c2.pem")
+    for loaded in (
+        TLSStore.load_ca_from_disk(key_path=tmp_path / "k.pem", cert_path=tmp_path / "c.pem"),
+        TLSStore.load_ca_from_disk(key_file=tmp_path / "k2.pem", cert_file=tmp_path / "c2.pem"),
+        TLSStore.load_ca_from_disk(tmp_path / "k.pem", cert_path=tmp_path / "c.pem"),
+    ):
+        assert loaded.get_ca_pem() == store.get_ca_pem()
+    with pytest.raises(TypeError, match="once each"):
+        TLSStore.load_ca_from_disk(tmp_path / "k.pem", tmp_path / "c.pem", key_path=tmp_path / "k.pem")
+    with pytest.raises(TypeError, match="needs"):
+        TLSStore.load_ca_from_disk(tmp_path / "k.pem")
 
 
 def test_load_or_create_ca_creates_then_reuses(tmp_path):
@@ -132,6 +156,11 @@ def test_cli_ca_dir_print_and_export(tmp_path):
     # Without --ca-dir: a usage error.
     r = run_cli("--print-ca")
     assert r.returncode == 2 and b"--ca-dir" in r.stderr
+    # A key others can read still works, with a plain warning naming the file.
+    (d / "ca-key.pem").chmod(0o644)
+    r = run_cli("--ca-dir", str(d), "--print-ca")
+    assert r.returncode == 0 and r.stdout == pem
+    assert r.stderr.decode().startswith("segproxy: warning: ") and "ca-key.pem" in r.stderr.decode(), r.stderr
 
 
 def test_engine_minting_timer_available():

@@ -6,16 +6,16 @@ import asyncio
 import os
 import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from types import TracebackType
-from typing import Any, TypedDict
+from typing import Any, Literal, TypedDict, Unpack
 
 from . import _engine
 from .handlers import HookRunner
 from .rules import Rules
 from .tls import TLSStore
 
-__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyServer", "run", "start_proxy_server"]
+__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "start_proxy_server"]
 
 
 class AccessRecord(TypedDict):
@@ -70,6 +70,36 @@ class BoundSocket:
 
     def __repr__(self) -> str:
         return f"<BoundSocket {self._host}:{self._port}>"
+
+
+StrPath = str | os.PathLike[str]
+
+
+class ProxyOptions(TypedDict, total=False):
+    """The keyword options of `start_proxy_server` (defaults in `ENGINE_OPTIONS`)."""
+
+    connect_timeout: float
+    idle_timeout: float
+    header_timeout: float
+    response_timeout: float
+    max_connections: int
+    max_header_bytes: int
+    access_log: StrPath | None
+    access_records: int
+    hook_timeout: float
+    rules: Rules | str | None
+    dns_server: str | None
+    dns_port: int
+    dns_transport: Literal["udp", "tcp"]
+    dns_cache_size: int
+    allow_domains: str | Iterable[str]
+    deny_domains: str | Iterable[str]
+    deny_private: bool
+    upstream_ca: StrPath | Iterable[StrPath]
+    upstream_insecure: bool
+    record_flows: bool
+    flows_file: StrPath | None
+    flows_capacity: int
 
 
 #: Engine options `start_proxy_server` accepts as keywords, with their defaults.
@@ -237,8 +267,8 @@ async def start_proxy_server(
     handler_builder: Callable[[], Any] | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
-    tls_store: Any = None,
-    **options: Any,
+    tls_store: TLSStore | None = None,
+    **options: Unpack[ProxyOptions],
 ) -> ProxyServer:
     """Start a proxy on `host:port` (port 0 picks a free one) and return its `ProxyServer`.
 
@@ -261,8 +291,8 @@ async def start_proxy_server(
     if tls_store is not None and not isinstance(tls_store, TLSStore):
         raise TypeError(f"tls_store must be a segproxy.TLSStore, not {type(tls_store).__name__}")
     for list_option in ("allow_domains", "deny_domains"):
-        kwargs[list_option] = list(kwargs[list_option])
-    kwargs["upstream_ca"] = [os.fspath(p) for p in kwargs["upstream_ca"]]
+        kwargs[list_option] = [str(d) for d in _one_or_many(kwargs[list_option])]
+    kwargs["upstream_ca"] = [os.fspath(p) for p in _one_or_many(kwargs["upstream_ca"])]
     hooks = None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
     try:
         engine = await _engine.start_server(
@@ -280,14 +310,21 @@ async def start_proxy_server(
     return ProxyServer(engine, handler_builder, hooks)
 
 
+def _one_or_many(value: Any) -> list[Any]:
+    """A list option given as one value (a str or path) or as several."""
+    if isinstance(value, (str, bytes, os.PathLike)):
+        return [value]
+    return list(value)
+
+
 def run(
     handler_builder: Callable[[], Any] | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
-    tls_store: Any = None,
+    tls_store: TLSStore | None = None,
     *,
     on_ready: Callable[[ProxyServer], None] | None = None,
-    **options: Any,
+    **options: Unpack[ProxyOptions],
 ) -> None:
     """Run a proxy from a plain script until Ctrl-C or SIGTERM (blocking).
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
@@ -132,10 +133,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     tls_store: TLSStore | None = None
     if args.ca_dir is not None:
         try:
-            tls_store = load_or_create_ca(args.ca_dir)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                tls_store = load_or_create_ca(args.ca_dir)
         except ValueError as exc:
             print(f"segproxy: {exc}", file=sys.stderr)
             return 1
+        for warning in caught:  # a command-line user wants the message, not a source line
+            print(f"segproxy: warning: {warning.message}", file=sys.stderr)
     if args.print_ca or args.export_ca:
         if tls_store is None:
             parser.print_usage(sys.stderr)

@@ -172,8 +172,11 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
     `on_response_complete`.
     """
 
-    response: HTTPResponse
-    """The response in hand: set before `on_response_received` runs, for each request."""
+    # None until a response head arrived for the request in hand, as in asyncio-https-proxy;
+    # typed as set because the response hooks, where it is read, always see it set.
+    response: HTTPResponse = None  # type: ignore[assignment]
+    """The response in hand: set before `on_response_received` runs, for each request, and
+    still there when `forward_http_request()` returns if the class overrides a response hook."""
 
     async def on_request_received(self) -> None:
         await self.forward_http_request()

@@ -72,12 +72,20 @@ class HTTPHeader:
         lname = name.lower()
         return [v for k, v in self._fields if k.lower() == lname]
 
+    @property
+    def headers(self) -> list[tuple[str, str]]:
+        """The fields themselves, a list of ``(name, value)`` pairs: changing the list changes
+        the head (asyncio-https-proxy scripts append to it)."""
+        return self._fields
+
     def to_dict(self) -> dict[str, str]:
-        """A dict of name -> value; for duplicated names the values are joined with ", "."""
-        out: dict[str, str] = {}
-        for k, v in self._fields:
-            out[k] = f"{out[k]}, {v}" if k in out else v
-        return out
+        """A dict of name -> value; of a repeated name only the last value is kept, as in
+        asyncio-https-proxy (`get_all` gives every value)."""
+        return dict(self._fields)
+
+    def to_raw(self) -> bytes:
+        """The fields as they go on the wire: ``Name: value\r\n`` each, in order."""
+        return b"".join(_wire(f"{k}: {v}\r\n") for k, v in self._fields)
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
@@ -122,18 +130,26 @@ class HTTPHeader:
                 out.append((k, v))
         if not placed:
             out.append((name, str(value)))
-        self._fields = out
+        self._fields[:] = out  # in place: a list obtained from `headers` stays the head's
 
     def remove(self, name: str) -> None:
         """Removes every field called `name` (absent is fine)."""
         lname = name.lower()
-        self._fields = [(k, v) for k, v in self._fields if k.lower() != lname]
+        self._fields[:] = [(k, v) for k, v in self._fields if k.lower() != lname]
 
     def __setitem__(self, name: str, value: str) -> None:
         self.set(name, value)
 
     def __delitem__(self, name: str) -> None:
         self.remove(name)
+
+
+def _wire(text: str) -> bytes:
+    """Header text as bytes, as the engine sends it: Latin-1 when it fits, else UTF-8."""
+    try:
+        return text.encode("latin-1")
+    except UnicodeEncodeError:
+        return text.encode("utf-8")
 
 
 class HTTPRequest:

@@ -41,12 +41,14 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         other => other.map(|plan| Ready { plan, origin: None }),
     };
     let result = match plan {
-        Err((status, message)) => {
+        Err(Refusal { status, message, handler_knows }) => {
             // Recorded first, so whoever reads the answer also finds the record.
             record.status = status;
             record.error = Some(message.clone());
             record.duration = started.elapsed();
-            conn.report_error(engine, &message);
+            if !handler_knows {
+                conn.report_error(engine, &message);
+            }
             engine.access.record(record);
             let _ = send_error(&mut client.io, status, &message, false).await;
             return;
@@ -69,7 +71,7 @@ struct Ready {
     origin: Option<BufStream<TcpStream>>,
 }
 
-async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> Result<Ready, (u16, String)> {
+async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> Result<Ready, Refusal> {
     let (origin, dns) =
         engine.connector.open_tunnel(&plan.route, &plan.host, plan.port).await.map_err(|e| (e.status(), e.to_string()))?;
     record.dns = dns;
@@ -87,8 +89,22 @@ struct Plan {
     flow: Option<FlowHandle>,
 }
 
-/// Errors carry the status to answer with.
-async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnState, record: &mut AccessRecord) -> Result<Plan, (u16, String)> {
+/// Why a CONNECT is answered with an error: the status and a one-line reason.
+struct Refusal {
+    status: u16,
+    message: String,
+    /// The handler's own hook raised, and the handler has seen that exception already: the
+    /// refusal is not reported to it a second time.
+    handler_knows: bool,
+}
+
+impl From<(u16, String)> for Refusal {
+    fn from((status, message): (u16, String)) -> Self {
+        Refusal { status, message, handler_knows: false }
+    }
+}
+
+async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnState, record: &mut AccessRecord) -> Result<Plan, Refusal> {
     let (host, port) =
         split_authority(&head.target, None).map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
     let decision = decide(engine, "CONNECT", Scheme::Https, &host, port, "", record);
@@ -106,9 +122,11 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
             let mut reply = handler.connect(host.clone(), port);
             let wait = engine.hook_waits.begin();
             match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
-                Err(_) => return Err((504, format!("hook on_connect did not return within {:?}", engine.config.hook_timeout))),
-                Ok(None) => return Err((502, "hook on_connect: the handler went away".into())),
-                Ok(Some(Err(m))) => return Err((502, format!("hook on_connect failed: {m}"))),
+                Err(_) => return Err((504, format!("hook on_connect did not return within {:?}", engine.config.hook_timeout)).into()),
+                Ok(None) => return Err((502, "hook on_connect: the handler went away".to_string()).into()),
+                Ok(Some(Err(m))) => {
+                    return Err(Refusal { status: 502, message: format!("hook on_connect failed: {m}"), handler_knows: true })
+                }
                 Ok(Some(Ok(ConnectDecision::Default))) => {}
                 Ok(Some(Ok(c))) => choice = c,
             }
@@ -116,7 +134,7 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
     }
     if let ConnectDecision::Block(reason) = choice {
         record.kind = "block".into();
-        return Err((403, reason));
+        return Err((403, reason).into());
     }
     engine.filter.check_host(&host).map_err(|reason| (403, format!("destination {host} denied: {reason}")))?;
     let intercept = match (&choice, &engine.ca) {
