@@ -56,6 +56,8 @@ def test_version():
         (["--idle-timeout", "soon"], "not a number"),
         (["--max-connections", "0"], "must be at least 1"),
         (["--log-level", "loud"], "invalid choice"),
+        (["--dns-port", "5353"], "--dns-port needs --dns-server"),
+        (["--dns-transport", "tcp"], "--dns-transport needs --dns-server"),
     ],
 )
 def test_bad_arguments_exit_2_with_usage(args, complaint):
@@ -180,3 +182,31 @@ def test_access_log_has_one_line_per_request_and_tunnel():
     assert nf["kind"] == "forward"
     assert "not a proxy request" in bad.string
     assert all(float(m["ms"]) >= 0 for m in parsed)
+
+
+def test_segmentedproxy_command_line_runs_unchanged():
+    """SegmentedProxy's documented invocation: upper-case --log-level and --access-log as a
+    plain flag (the lines then go to stderr); `--access-log -` sends them to stdout."""
+    with RecordingOrigin() as origin:
+        with Segproxy(["--log-level", "DEBUG", "--access-log"]) as sp:
+            assert get_via(sp.port, origin.url("/sp-compat")).status == 200
+            assert wait_for(lambda: origin.url("/sp-compat") in sp.output(), timeout=5), sp.output()
+            line = next(l for l in sp.output().splitlines() if LINE_RE.match(l))
+            assert LINE_RE.match(line)["target"] == origin.url("/sp-compat")
+        port = free_port()
+        proc = subprocess.Popen(MODULE + ["--listen-port", str(port), "--access-log", "-", "--log-level", "Error"],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        try:
+            assert wait_for(lambda: port_accepts(port), timeout=15)
+            assert get_via(port, origin.url("/to-stdout")).status == 200
+            time.sleep(0.2)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            out, err = proc.communicate(timeout=10)
+        assert proc.returncode == 0, err
+        lines = [l for l in out.splitlines() if LINE_RE.match(l)]
+        assert len(lines) == 1 and origin.url("/to-stdout") in lines[0], (out, err)
+        assert "/to-stdout" not in err
+    r = run(MODULE + ["--segmentation", "segment_upstream", "--validate-rules"])
+    # A bare segment_upstream default, as SegmentedProxy: nothing to segment with.
+    assert r.returncode == 0 and "policy=none" in r.stdout.splitlines()[0], r.stdout

@@ -183,7 +183,7 @@ def test_rules_decide_without_match_uses_default_policy():
 
 def test_rules_parse_error_names_source_and_line():
     with pytest.raises(ValueError) as exc:
-        Rules.parse("a.test=direct\n# c\nb.test=direct,strategy=fixed\n", source="mine.rules")
+        Rules.parse("a.test=direct\n# c\nb.test=direct,strategy=fixed,chunk=0\n", source="mine.rules")
     assert "mine.rules:3" in str(exc.value)
 
 
@@ -351,3 +351,26 @@ async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
         assert f"rule={rules_file}:2 action=direct policy=\"fixed" in text, text
     finally:
         await server.aclose()
+
+
+def test_lines_segmentedproxy_accepts_validate_with_notes(tmp_path):
+    """Lines SegmentedProxy's parser accepts are accepted here too, with SegmentedProxy's
+    meaning; keys that do nothing are named in a note instead of failing the file."""
+    rules_file = tmp_path / "sp-lenient.rules"
+    rules_file.write_text(
+        "a.test=direct,strategy=fixed,chunk=10\n"
+        "b.test=direct,reason=foo\n"
+        "c.test=direct,action=direct,upstream=h.test:1\n"
+        "d.test=direct,path_prefix=api\n"
+        "e.test=direct,upstream=h.test:1\n"
+    )
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()[1:]
+    assert "policy=none" in lines[0] and "mode direct does not segment" in lines[0]
+    assert "action=direct" in lines[1] and "reason= ignored" in lines[1]
+    assert "action=direct" in lines[2] and "upstream= ignored" in lines[2]
+    assert "path_prefix=/api" in lines[3] and "note" not in lines[3]
+    rules = Rules.from_file(rules_file)
+    assert rules.decide("GET", "http", "e.test", 80, "/").action == "direct"
+    assert rules.decide("GET", "http", "d.test", 80, "/api/v1").rule == f"{rules_file}:4"

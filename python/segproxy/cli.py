@@ -16,6 +16,11 @@ from .tls import TLSStore, load_or_create_ca
 
 T = TypeVar("T", int, float)
 
+#: Engine log levels; SegmentedProxy's names (DEBUG, INFO, ...) are accepted in any case.
+LOG_LEVELS = ["critical", "error", "warning", "warn", "info", "debug", "trace", "off"]
+#: `--access-log` given without a file (SegmentedProxy's form): the lines go to stderr.
+STDERR = "<stderr>"
+
 
 def number(
     kind: type[T], low: float, high: float | None = None, what: str = "", above: bool = False, subject: str = ""
@@ -63,18 +68,18 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--segment-rule", action="append", default=[], metavar="RULE", help="a rule HOST_GLOB=MODE[,key=value...]; repeatable")
     seg.add_argument("--rules-file", action="append", default=[], metavar="FILE", help="a file of rules, one a line, # comments; repeatable")
     seg.add_argument("--segmentation", choices=["direct", "segment_upstream"], default="direct", help="default mode when no rule matches (default: direct)")
-    seg.add_argument("--segment-strategy", choices=["none", "fixed", "random"], default=None, help="default strategy (default: fixed when a chunk size or delay is given)")
+    seg.add_argument("--segment-strategy", choices=["none", "fixed", "random"], default=None, help="default strategy (default: fixed when a chunk size or delay is given, random with a min or max size, else none)")
     seg.add_argument("--segment-chunk-size", type=positive_int, default=None, metavar="BYTES", help="default chunk size for the fixed strategy (default: 1024)")
     seg.add_argument("--segment-min-size", type=positive_int, default=None, metavar="BYTES", help="smallest chunk for the random strategy")
     seg.add_argument("--segment-max-size", type=positive_int, default=None, metavar="BYTES", help="largest chunk for the random strategy")
-    seg.add_argument("--segment-delay-ms", type=non_negative_float, default=0.0, metavar="MS", help="default pause between chunks in milliseconds (default: 0)")
+    seg.add_argument("--segment-delay-ms", type=non_negative_float, default=None, metavar="MS", help="default pause between chunks in milliseconds (default: 0)")
     seg.add_argument("--segment-direction", choices=["up", "down", "both"], default="up", help="default direction segmented: up = client to destination (default), down, both")
     seg.add_argument("--validate-rules", action="store_true", help="print the default policy and the numbered rules, then exit (non-zero on any error)")
     seg.add_argument("--record-flows", metavar="FILE", default=None, help="write one JSON line per flow with its decision and per-chunk sizes and times")
     net = parser.add_argument_group("DNS and destinations")
     net.add_argument("--dns-server", metavar="IP", default=None, help="resolve with this DNS server instead of the system resolver")
-    net.add_argument("--dns-port", type=port_number, default=53, help="port of --dns-server (default: 53)")
-    net.add_argument("--dns-transport", choices=["udp", "tcp"], default="udp", help="udp (falls back to tcp) or tcp (default: udp)")
+    net.add_argument("--dns-port", type=port_number, default=None, help="port of --dns-server (default: 53)")
+    net.add_argument("--dns-transport", choices=["udp", "tcp"], default=None, help="with --dns-server: udp (falls back to tcp) or tcp (default: udp)")
     net.add_argument("--dns-cache-size", type=non_negative_int, default=1024, metavar="N", help="TTL-respecting cache entries, 0 turns it off (default: 1024)")
     net.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN", help="only these destinations (.example.com includes subdomains); repeatable")
     net.add_argument("--deny-domain", action="append", default=[], metavar="DOMAIN", help="refuse these destinations with 403; repeatable")
@@ -86,9 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--upstream-ca", action="append", default=[], metavar="FILE", help="also trust the CAs in FILE when verifying origins; repeatable")
     tls.add_argument("--upstream-insecure", action="store_true", help="do not verify origin certificates of intercepted flows")
     output = parser.add_argument_group("logging")
-    output.add_argument("--log-level", default="warning", choices=["error", "warning", "info", "debug", "trace", "off"], help="engine log level on stderr (default: warning)")
-    output.add_argument("--access-log", metavar="FILE", default=None, help="append one line per request or tunnel to FILE")
+    output.add_argument("--log-level", type=str.lower, default="warning", choices=LOG_LEVELS, help="engine log level on stderr, any case (default: warning)")
+    output.add_argument("--access-log", metavar="FILE", nargs="?", const=STDERR, default=None, help="one line per request or tunnel, appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout")
     return parser
+
+
+def access_log_path(value: str | None) -> str | None:
+    """The file the engine appends access lines to: `--access-log` alone means stderr, `-`
+    stdout (opened through /dev so the engine writes them like any file)."""
+    if value == STDERR:
+        return "/dev/stderr"
+    if value == "-":
+        return "/dev/stdout"
+    return value
 
 
 def build_rules(args: argparse.Namespace) -> Rules:
@@ -97,14 +112,20 @@ def build_rules(args: argparse.Namespace) -> Rules:
     if args.segmentation == "direct":
         strategy = "none"
     elif strategy is None:
-        # Like a rule: a chunk size or delay without a strategy means fixed.
-        strategy = "random" if (args.segment_min_size or args.segment_max_size) else "fixed"
+        # As in a rule: a chunk size or delay without a strategy means fixed, a min or max
+        # size random, and nothing at all no segmentation (SegmentedProxy's default).
+        if args.segment_chunk_size is not None or args.segment_delay_ms is not None:
+            strategy = "fixed"
+        elif args.segment_min_size is not None or args.segment_max_size is not None:
+            strategy = "random"
+        else:
+            strategy = "none"
     rules = Rules(
         strategy=strategy,
         chunk=args.segment_chunk_size or 1024,
         min=args.segment_min_size or 1,
         max=args.segment_max_size or (args.segment_chunk_size or 1024),
-        delay_ms=args.segment_delay_ms,
+        delay_ms=args.segment_delay_ms or 0.0,
         direction=args.segment_direction,
     )
     for path in args.rules_file:
@@ -118,6 +139,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Runs the proxy until SIGINT/SIGTERM; exits the process (0, or 1 if it cannot listen)."""
     parser = build_parser()
     args = parser.parse_args(argv)  # exits 2 with usage on a bad flag
+    if args.dns_server is None:
+        for given, flag in ((args.dns_port, "--dns-port"), (args.dns_transport, "--dns-transport")):
+            if given is not None:
+                parser.error(f"{flag} needs --dns-server (the system resolver has no port or transport to set)")
     _engine.set_log_level(args.log_level)
     _engine.limit_malloc_arenas(1)  # the CLI owns its process: keep memory per thread low
 
@@ -181,12 +206,12 @@ def _serve(
             header_timeout=args.header_timeout,
             response_timeout=args.response_timeout,
             max_connections=args.max_connections,
-            access_log=args.access_log,
+            access_log=access_log_path(args.access_log),
             access_records=0,  # nobody reads them in a CLI process: keep memory for traffic
             rules=rules,
             dns_server=args.dns_server,
-            dns_port=args.dns_port,
-            dns_transport=args.dns_transport,
+            dns_port=args.dns_port or 53,
+            dns_transport=args.dns_transport or "udp",
             dns_cache_size=args.dns_cache_size,
             allow_domains=args.allow_domain,
             deny_domains=args.deny_domain,

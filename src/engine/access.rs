@@ -71,28 +71,44 @@ pub fn now_epoch() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
+/// Where access lines go besides memory.
+enum Sink {
+    File(LineWriter<File>),
+    /// The process's own stream, written through Rust's handle: reopening `/dev/stderr`
+    /// would get a file offset of its own and overwrite other output sent to a file there.
+    Stdout,
+    Stderr,
+}
+
 pub struct AccessLog {
-    file: Option<Mutex<LineWriter<File>>>,
+    file: Option<Mutex<Sink>>,
     recent: Mutex<VecDeque<AccessRecord>>,
     capacity: usize,
 }
 
 impl AccessLog {
-    /// `capacity` records are kept in memory (0 keeps none); `path` also appends lines to a file.
+    /// `capacity` records are kept in memory (0 keeps none); `path` also appends lines to a file
+    /// (`/dev/stdout` and `/dev/stderr` mean the process's own streams).
     pub fn new(path: Option<&Path>, capacity: usize) -> std::io::Result<Self> {
         let file = match path {
-            Some(p) => Some(Mutex::new(LineWriter::new(
+            Some(p) if p == Path::new("/dev/stdout") => Some(Mutex::new(Sink::Stdout)),
+            Some(p) if p == Path::new("/dev/stderr") => Some(Mutex::new(Sink::Stderr)),
+            Some(p) => Some(Mutex::new(Sink::File(LineWriter::new(
                 std::fs::OpenOptions::new().create(true).append(true).open(p)?,
-            ))),
+            )))),
             None => None,
         };
         Ok(AccessLog { file, recent: Mutex::new(VecDeque::new()), capacity })
     }
 
     pub fn record(&self, record: AccessRecord) {
-        if let Some(f) = &self.file {
+        if let Some(sink) = &self.file {
             let line = record.to_line();
-            let _ = writeln!(f.lock().unwrap(), "{line}");
+            let _ = match &mut *sink.lock().unwrap_or_else(|e| e.into_inner()) {
+                Sink::File(f) => writeln!(f, "{line}"),
+                Sink::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
+                Sink::Stderr => writeln!(std::io::stderr().lock(), "{line}"),
+            };
         }
         log::info!(target: "segproxy::access", "{}", record.to_line());
         if self.capacity > 0 {

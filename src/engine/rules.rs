@@ -15,30 +15,36 @@
 //!   No character classes. A trailing dot and IPv6 brackets are ignored.
 //! - `MODE`: `direct` (no segmentation) or `segment_upstream` (segment as the
 //!   keys say).
-//! - Keys (case-insensitive; empty `,,` segments are skipped):
+//! - Keys (case-insensitive; empty `,,` segments are skipped; a repeated key
+//!   keeps its last value, as in SegmentedProxy):
 //!   - `strategy=none|fixed|random`, `chunk=N`, `min=N` (alias `chunk_min`),
-//!     `max=N` (alias `chunk_max`), `delay=MS` — `segment_upstream` only.
-//!     Without `strategy`, `min`/`max` mean random, otherwise fixed; fixed
-//!     without `chunk` uses SegmentedProxy's default of 1024 bytes (so a bare
-//!     `segment_upstream` is `fixed chunk=1024 delay=0ms`).
-//!   - `action=direct|upstream|block` (default direct). `upstream=` without
-//!     `action=` implies `action=upstream`.
-//!   - `upstream=[USER:PASS@]HOST:PORT` (IPv6 hosts in brackets). Credentials
-//!     are sent as Basic `Proxy-Authorization`; they are masked (`user:***@`)
-//!     in [`Rule::text`], descriptions, explanations and `Debug` output.
-//!   - `reason=TEXT`: the block message (`action=block` only). It may contain
+//!     `max=N` (alias `chunk_max`), `delay=MS`. Without `strategy`, `chunk` or
+//!     `delay` mean fixed and `min`/`max` mean random (SegmentedProxy forwards
+//!     such lines unsegmented; we do what they say); with none of them the
+//!     rule does not segment. Fixed without `chunk` uses SegmentedProxy's
+//!     default of 1024 bytes.
+//!   - `action=direct|upstream|block` (default direct).
+//!   - `upstream=[USER:PASS@]HOST:PORT` (IPv6 hosts in brackets), used by
+//!     `action=upstream`. Credentials are sent as Basic `Proxy-Authorization`;
+//!     they are masked (`user:***@`) in [`Rule::text`], descriptions,
+//!     explanations and `Debug` output.
+//!   - `reason=TEXT`: the block message (`action=block`). It may contain
 //!     anything except a comma, which always separates keys.
 //!   - `scheme=http|https`, `method=M` (any HTTP token, `CONNECT` included,
 //!     matched case-insensitively), `path_prefix=/p` (plain byte prefix of the
-//!     request path, case-sensitive; an opaque CONNECT has no path, so such
-//!     rules never match it), `port=N`.
+//!     request path, case-sensitive, a missing leading `/` added; an opaque
+//!     CONNECT has no path, so such rules never match it), `port=N`.
 //!   - Ours: `direction=up|down|both` (which way bytes are segmented; `up` is
 //!     client→destination; default: the rule set's default, normally up) and
 //!     `intercept=yes|no` (unset: the engine default).
 //!
-//! Unknown keys, duplicate keys, bad numbers, contradictions (e.g. `chunk`
-//! with `strategy=random`, segmentation keys with mode `direct`) and invalid
-//! policies are errors reported as `FILE:LINE: message`.
+//! Every line SegmentedProxy accepts is accepted. Keys that have no effect
+//! there have none here either (segmentation keys under mode `direct`,
+//! `upstream=` without `action=upstream`, `reason=` without `action=block`,
+//! sizes the strategy does not use); [`Rule::describe`] notes them. Unknown
+//! keys or modes, bad numbers, invalid policies (validated whatever the mode)
+//! and `action=block` with `upstream=` are errors reported as
+//! `FILE:LINE: message`.
 //!
 //! # Specificity
 //!
@@ -309,6 +315,9 @@ pub struct Rule {
     pub source: RuleSource,
     /// The rule line as written (trimmed), with any upstream password masked.
     pub text: String,
+    /// What the line says that has no effect (SegmentedProxy accepts such lines; we accept
+    /// them too and say so in `describe`).
+    pub notes: Vec<String>,
 }
 
 impl Rule {
@@ -347,6 +356,9 @@ impl Rule {
         );
         if self.intercept != Intercept::Default {
             out += &format!(" intercept={}", self.intercept);
+        }
+        if !self.notes.is_empty() {
+            out += &format!(" (note: {})", self.notes.join("; "));
         }
         out
     }
@@ -829,6 +841,7 @@ fn parse_rule(
     let mut keys = Keys::default();
     let mut seen: Vec<&str> = Vec::new();
     let mut text_parts: Vec<String> = Vec::new();
+    let mut notes: Vec<String> = Vec::new();
     for part in parts {
         let (key, value) = part
             .split_once('=')
@@ -845,9 +858,12 @@ fn parse_rule(
                 .ok_or_else(|| format!("unknown key '{k}' (known: {})", KNOWN_KEYS.join(", ")))?,
         };
         if seen.contains(&canonical) {
-            return Err(format!("duplicate key '{canonical}'"));
+            // SegmentedProxy takes the last value; so do we, and say so.
+            notes.push(format!("{canonical} given twice, the last value counts"));
+            text_parts.retain(|p| canonical_key(p) != canonical);
+        } else {
+            seen.push(canonical);
         }
-        seen.push(canonical);
         if value.is_empty() {
             return Err(format!("empty value for {canonical}"));
         }
@@ -882,10 +898,10 @@ fn parse_rule(
                 keys.method = Some(value.to_ascii_uppercase());
             }
             "path_prefix" => {
-                if !value.starts_with('/') {
-                    return Err(format!("path_prefix '{value}' must start with '/'"));
-                }
-                keys.path_prefix = Some(value.to_string());
+                // As SegmentedProxy: `api` means `/api`.
+                let prefix = if value.starts_with('/') { value.to_string() } else { format!("/{value}") };
+                shown = format!("path_prefix={prefix}");
+                keys.path_prefix = Some(prefix);
             }
             "port" => keys.port = Some(parse_port(value)?),
             "direction" => {
@@ -912,8 +928,8 @@ fn parse_rule(
         text_parts.push(shown);
     }
 
-    let policy = build_policy(segmenting, &keys)?;
-    let action = build_action(&mut keys)?;
+    let policy = build_policy(segmenting, &keys, &mut notes)?;
+    let action = build_action(&mut keys, &mut notes)?;
     // The stored text is rebuilt from the parts so a password cannot survive in it.
     let mut text = format!("{}={}", glob.trim(), mode);
     for part in &text_parts {
@@ -932,7 +948,20 @@ fn parse_rule(
         intercept: keys.intercept.unwrap_or_default(),
         source,
         text,
+        notes,
     })
+}
+
+/// The canonical key of a `key=value` part already accepted.
+fn canonical_key(part: &str) -> &str {
+    let key = part.split_once('=').map_or(part, |(k, _)| k).trim();
+    if key.eq_ignore_ascii_case("chunk_min") {
+        "min"
+    } else if key.eq_ignore_ascii_case("chunk_max") {
+        "max"
+    } else {
+        KNOWN_KEYS.iter().copied().find(|k| k.eq_ignore_ascii_case(key)).unwrap_or(key)
+    }
 }
 
 const KNOWN_KEYS: &[&str] = &[
@@ -972,85 +1001,76 @@ fn parse_host_glob(glob: &str) -> Result<String, String> {
     Ok(glob.to_ascii_lowercase())
 }
 
-fn build_policy(segmenting: bool, k: &Keys<'_>) -> Result<SegmentPolicy, String> {
-    let has_size = k.chunk.is_some() || k.min.is_some() || k.max.is_some();
-    if !segmenting {
-        if k.strategy.is_some() || has_size || k.delay.is_some() {
-            return Err("mode direct does not segment; use segment_upstream with strategy/chunk/min/max/delay".into());
-        }
-        return Ok(SegmentPolicy::none());
-    }
+/// The segmentation policy of a rule. Lines SegmentedProxy accepts are accepted, validated
+/// as it validates them (whatever the mode), and keys that do nothing are noted:
+/// - mode `direct` never segments;
+/// - no `strategy`: `chunk` or `delay` means fixed, `min`/`max` mean random (SegmentedProxy
+///   silently forwards those unsegmented; we do what the line says), nothing means none;
+/// - sizes that the strategy does not use are ignored.
+fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Result<SegmentPolicy, String> {
     let random_keys = k.min.is_some() || k.max.is_some();
     let strategy_name = match k.strategy.map(str::to_ascii_lowercase) {
         Some(s) => s,
-        None if random_keys && k.chunk.is_some() => {
-            return Err("give chunk (fixed) or min/max (random), not both, or set strategy".into())
-        }
+        None if k.chunk.is_some() || (k.delay.is_some() && !random_keys) => "fixed".to_string(),
         None if random_keys => "random".to_string(),
-        None => "fixed".to_string(),
+        None => "none".to_string(),
     };
     let strategy = match strategy_name.as_str() {
         "none" => {
-            if has_size {
-                return Err("strategy=none takes no chunk/min/max".into());
+            if k.chunk.is_some() || random_keys {
+                notes.push("chunk/min/max ignored with strategy=none".into());
             }
             Strategy::None
         }
         "fixed" => {
             if random_keys {
-                return Err("min/max apply to strategy=random; fixed uses chunk".into());
+                notes.push("min/max ignored by strategy=fixed (it uses chunk)".into());
             }
-            Strategy::Fixed {
-                chunk: k.chunk.unwrap_or(DEFAULT_CHUNK),
-            }
+            Strategy::Fixed { chunk: k.chunk.unwrap_or(DEFAULT_CHUNK) }
         }
         "random" => {
             if k.chunk.is_some() {
-                return Err("chunk applies to strategy=fixed; random uses min and max".into());
+                notes.push("chunk ignored by strategy=random (it uses min and max)".into());
             }
             match (k.min, k.max) {
                 (Some(min), Some(max)) => Strategy::Random { min, max },
                 _ => return Err("strategy=random needs both min and max".into()),
             }
         }
-        other => {
-            return Err(format!(
-                "unknown strategy '{other}' (expected none, fixed or random)"
-            ))
-        }
+        other => return Err(format!("unknown strategy '{other}' (expected none, fixed or random)")),
     };
-    let policy = SegmentPolicy {
-        strategy,
-        delay: Duration::from_millis(k.delay.unwrap_or(0)),
-    };
+    let policy = SegmentPolicy { strategy, delay: Duration::from_millis(k.delay.unwrap_or(0)) };
     policy.validate()?;
+    if !segmenting {
+        if policy != SegmentPolicy::none() {
+            notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
+        }
+        return Ok(SegmentPolicy::none());
+    }
     Ok(policy)
 }
 
-fn build_action(k: &mut Keys<'_>) -> Result<Action, String> {
-    let name = match k.action.map(str::to_ascii_lowercase) {
-        Some(a) => a,
-        None if k.upstream.is_some() => "upstream".to_string(),
-        None => "direct".to_string(),
-    };
+/// The action of a rule (default direct). As in SegmentedProxy, `upstream=` takes effect only
+/// with `action=upstream` and `reason=` only with `action=block`; otherwise they are noted.
+fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, String> {
+    let name = k.action.map(str::to_ascii_lowercase).unwrap_or_else(|| "direct".to_string());
     if name != "block" && k.reason.is_some() {
-        return Err("reason= applies only to action=block".into());
+        notes.push("reason= ignored (it is the message of action=block)".into());
     }
     match name.as_str() {
-        "direct" | "block" if k.upstream.is_some() => Err(format!(
-            "upstream= does not apply to action={name}; use action=upstream"
-        )),
-        "direct" => Ok(Action::Direct),
-        "block" => Ok(Action::Block {
-            reason: k.reason.unwrap_or("blocked by rule").to_string(),
-        }),
+        "block" if k.upstream.is_some() => Err("action=block cannot have upstream=".into()),
+        "direct" => {
+            if k.upstream.is_some() {
+                notes.push("upstream= ignored: the action is direct (add action=upstream)".into());
+            }
+            Ok(Action::Direct)
+        }
+        "block" => Ok(Action::Block { reason: k.reason.unwrap_or("blocked by rule").to_string() }),
         "upstream" => match k.upstream.take() {
             Some(up) => Ok(Action::Upstream(up)),
             None => Err("action=upstream needs upstream=HOST:PORT".into()),
         },
-        other => Err(format!(
-            "unknown action '{other}' (expected direct, upstream or block)"
-        )),
+        other => Err(format!("unknown action '{other}' (expected direct, upstream or block)")),
     }
 }
 
@@ -1153,12 +1173,12 @@ mod tests {
         assert_eq!(r.scheme, Some(Scheme::Https));
         assert_eq!(r.method.as_deref(), Some("CONNECT"));
 
+        // A bare segment_upstream gives no strategy, size or delay: no segmentation, as in
+        // SegmentedProxy.
         let r = one("*.example.com=segment_upstream,action=upstream,upstream=127.0.0.1:3128");
-        assert_eq!(
-            r.policy,
-            SegmentPolicy::fixed(DEFAULT_CHUNK, Duration::ZERO)
-        );
+        assert_eq!(r.policy, SegmentPolicy::none());
         assert!(matches!(r.action, Action::Upstream(_)));
+        assert!(r.notes.is_empty());
 
         let r = one("example.com=direct");
         assert!(r.policy.is_passthrough());
@@ -1201,11 +1221,10 @@ mod tests {
             one("a=direct,intercept=yes,direction=down").intercept,
             Intercept::Yes
         );
-        // upstream= alone implies action=upstream.
-        assert!(matches!(
-            one("a=direct,upstream=proxy.local:8080").action,
-            Action::Upstream(_)
-        ));
+        // As in SegmentedProxy, upstream= needs action=upstream; alone it is noted, not used.
+        let r = one("a=direct,upstream=proxy.local:8080");
+        assert_eq!(r.action, Action::Direct);
+        assert!(r.describe().contains("upstream= ignored"), "{}", r.describe());
         // reason may contain '=' and '#'.
         assert_eq!(
             one("a=direct,action=block,reason=policy #4: a=b").action,
@@ -1219,6 +1238,45 @@ mod tests {
                 reason: "blocked by rule".into()
             }
         );
+    }
+
+    #[test]
+    fn lines_segmentedproxy_accepts_are_accepted_and_their_dead_keys_noted() {
+        let note = |line: &str, needle: &str| {
+            let r = one(line);
+            assert!(r.notes.iter().any(|n| n.contains(needle)), "{line}: {:?}", r.notes);
+            r
+        };
+        let r = note("x=direct,strategy=fixed,chunk=10", "mode direct does not segment");
+        assert_eq!(r.policy, SegmentPolicy::none());
+        assert!(r.describe().contains("(note: mode direct"), "{}", r.describe());
+        let r = note("x=direct,reason=foo", "reason= ignored");
+        assert_eq!(r.action, Action::Direct);
+        let r = note("x=direct,action=direct,upstream=h:1", "upstream= ignored");
+        assert_eq!(r.action, Action::Direct);
+        let r = note("x=direct,action=upstream,upstream=h:1,reason=r", "reason= ignored");
+        assert!(matches!(r.action, Action::Upstream(_)));
+        let r = note("x=segment_upstream,strategy=random,min=1,max=5,chunk=10", "chunk ignored");
+        assert_eq!(r.policy, SegmentPolicy::random(1, 5, Duration::ZERO));
+        let r = note("x=segment_upstream,strategy=fixed,chunk=7,min=1", "min/max ignored");
+        assert_eq!(r.policy, SegmentPolicy::fixed(7, Duration::ZERO));
+        let r = note("x=segment_upstream,strategy=none,chunk=1", "ignored with strategy=none");
+        assert_eq!(r.policy, SegmentPolicy::none());
+        // A chunk size with min/max and no strategy: the chunk size decides (fixed).
+        let r = note("x=segment_upstream,chunk=5,min=1,max=2", "min/max ignored");
+        assert_eq!(r.policy, SegmentPolicy::fixed(5, Duration::ZERO));
+        // Repeated keys: the last value counts, and the shown text keeps only that one.
+        let r = note("x=direct,action=block,action=direct", "action given twice");
+        assert_eq!(r.action, Action::Direct);
+        assert_eq!(r.text, "x=direct,action=direct");
+        let r = note("x=segment_upstream,min=1,chunk_min=2,max=3", "min given twice");
+        assert_eq!(r.policy, SegmentPolicy::random(2, 3, Duration::ZERO));
+        // path_prefix without its slash gets one, as in SegmentedProxy.
+        let r = one("x=direct,path_prefix=api");
+        assert_eq!(r.path_prefix.as_deref(), Some("/api"));
+        assert!(r.notes.is_empty());
+        // Plain rules carry no note.
+        assert!(one("x=segment_upstream,chunk=5,delay=1").notes.is_empty());
     }
 
     #[test]
@@ -1244,14 +1302,6 @@ mod tests {
             ("a=direct,colour=red", "unknown key 'colour'"),
             ("a=direct,action", "expected key=value"),
             ("a=direct,action=", "empty value for action"),
-            (
-                "a=direct,action=block,action=direct",
-                "duplicate key 'action'",
-            ),
-            (
-                "a=segment_upstream,min=1,chunk_min=2,max=3",
-                "duplicate key 'min'",
-            ),
             ("a=segment_upstream,chunk=-1", "invalid number for chunk"),
             (
                 "a=segment_upstream,chunk=0",
@@ -1263,35 +1313,17 @@ mod tests {
             ),
             ("a=segment_upstream,min=9,max=5", "min <= max"),
             ("a=segment_upstream,min=0,max=5", "min > 0"),
-            ("a=segment_upstream,chunk=5,min=1,max=2", "not both"),
-            (
-                "a=segment_upstream,strategy=fixed,min=1",
-                "min/max apply to strategy=random",
-            ),
-            (
-                "a=segment_upstream,strategy=random,chunk=1,min=1,max=2",
-                "chunk applies to strategy=fixed",
-            ),
-            (
-                "a=segment_upstream,strategy=none,chunk=1",
-                "strategy=none takes no",
-            ),
             (
                 "a=segment_upstream,strategy=zigzag",
                 "unknown strategy 'zigzag'",
             ),
             ("a=segment_upstream,delay=1.5", "invalid number for delay"),
-            ("a=direct,chunk=5", "mode direct does not segment"),
             ("a=direct,action=upstream", "needs upstream=HOST:PORT"),
-            (
-                "a=direct,action=block,upstream=h:1",
-                "does not apply to action=block",
-            ),
+            ("a=direct,action=block,upstream=h:1", "cannot have upstream="),
+            // Validated whatever the mode, as SegmentedProxy does.
+            ("a=direct,strategy=random,min=5", "needs both min and max"),
+            ("a=direct,strategy=fixed,chunk=0", "chunk > 0"),
             ("a=direct,action=teleport", "unknown action 'teleport'"),
-            (
-                "a=direct,reason=why",
-                "reason= applies only to action=block",
-            ),
             ("a=direct,upstream=nohost", "must be HOST:PORT"),
             ("a=direct,upstream=h:0", "invalid port"),
             ("a=direct,upstream=h:70000", "invalid port"),
@@ -1299,7 +1331,6 @@ mod tests {
             ("a=direct,upstream=u@h:1", "USER:PASS@"),
             ("a=direct,scheme=ftp", "invalid scheme 'ftp'"),
             ("a=direct,method=GE T", "invalid method"),
-            ("a=direct,path_prefix=api", "must start with '/'"),
             ("a=direct,port=0", "invalid port"),
             ("a=direct,direction=sideways", "invalid direction"),
             ("a=direct,intercept=maybe", "invalid intercept"),
