@@ -11,7 +11,7 @@ import pytest
 
 from support import wait_for
 from support.clients import Conn, get_via, request
-from support.origins import ScriptedOrigin, blackhole_port, refused_port
+from support.origins import ScriptedOrigin, blackhole_port, full_backlog_port, refused_port
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -152,6 +152,23 @@ async def test_refused_port_gets_502_naming_destination(proxy, origin):
         c.send(f"CONNECT 127.0.0.1:{port} HTTP/1.1\r\n\r\n".encode())
         r = c.read_response()
         assert r.status == 502 and f"127.0.0.1:{port}" in one_line_reason(r)
+    still_serves(proxy, origin)
+
+
+async def test_connect_timeout_gets_502_naming_destination(make_proxy, origin):
+    proxy = await make_proxy(connect_timeout=1.0)
+    lsock, fillers, port = full_backlog_port()
+    try:
+        t0 = time.monotonic()
+        r = get_via(proxy.port, f"http://127.0.0.1:{port}/slow-connect")
+        elapsed = time.monotonic() - t0
+        assert r.status == 502, r
+        assert one_line_reason(r) == f"segproxy: timed out connecting to 127.0.0.1:{port}"
+        assert 0.9 <= elapsed < 10, elapsed
+    finally:
+        for c in fillers:
+            c.close()
+        lsock.close()
     still_serves(proxy, origin)
 
 

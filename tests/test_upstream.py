@@ -241,6 +241,21 @@ def test_upstream_refusing_connect_gives_502_with_its_status(status, origin):
     assert len(fake.heads) == 1
 
 
+@pytest.mark.parametrize("reply, words", [("close", "closed the connection"), ("407", "answered 407")])
+def test_failing_upstream_on_plain_http_is_named(reply, words, origin):
+    """Plain HTTP goes to the upstream in absolute form: when the upstream fails, the 502
+    names that hop (not the destination behind it); its 407 is for the rule's credentials,
+    which the client cannot fix, so it becomes a 502 too."""
+    with FakeUpstream(request_reply=reply) as fake:
+        with Segproxy(["--segment-rule", upstream_rule(f"u:p@127.0.0.1:{fake.port}")]) as proxy:
+            r = proxy_request(("127.0.0.1", proxy.port), "GET", origin.url("/via"))
+    assert r.status == 502, r
+    body = r.body.decode()
+    assert f"upstream proxy 127.0.0.1:{fake.port}" in body and words in body, body
+    assert "u:p" not in body
+    assert fake.heads and fake.heads[0][0] == f"GET {origin.url('/via')} HTTP/1.1"
+
+
 # --------------------------------------------------------------------------------------
 # reused connections the peer closed (what tinyproxy does after every response)
 

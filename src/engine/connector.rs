@@ -63,7 +63,8 @@ impl ConnectError {
     pub fn status(&self) -> u16 {
         match self {
             ConnectError::Denied { .. } => 403,
-            ConnectError::Timeout { .. } => 504,
+            // A connect that times out is a connect failure (504 is for a destination that
+            // accepted the request and then sent no response in time).
             _ => 502,
         }
     }

@@ -636,6 +636,14 @@ async fn exchange<C: Io>(
         }
     };
 
+    // Who answers on the origin connection, as error messages name it: the destination, or
+    // the upstream proxy when plain HTTP goes through one.
+    let (peer, via_upstream) = match &route {
+        Route::Upstream(hop) if target.scheme != "https" => (format!("upstream proxy {hop} (for {})", target.authority()), true),
+        Route::Upstream(hop) => (format!("{} (through upstream proxy {hop})", target.authority()), false),
+        Route::Direct => (target.authority(), false),
+    };
+
     // An origin connection: a pooled one when there is one, else a new one.
     let encoded = out.encode();
     let up_observer = flow.filter(|_| plain).map(|f| f.observer("up"));
@@ -665,7 +673,7 @@ async fn exchange<C: Io>(
             w.write_all(&encoded)
                 .await
                 .and(w.flush().await)
-                .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), false))?;
+                .map_err(|e| Failure::answer(502, format!("sending request to {peer} failed: {e}"), false))?;
             head_pause = w.take_pause();
             drop(w);
             new
@@ -710,7 +718,7 @@ async fn exchange<C: Io>(
     // A body the handler replaced may still be unread: then this connection cannot carry on.
     let client_reusable = request_body.is_done() && send_failure.is_none();
     let sent_failed = |e: String| match &send_failure {
-        Some(send) => Failure::answer(502, format!("sending request body to {} failed: {send}", target.authority()), false),
+        Some(send) => Failure::answer(502, format!("sending request body to {peer} failed: {send}"), false),
         None => Failure::answer(502, e, client_reusable),
     };
 
@@ -719,7 +727,7 @@ async fn exchange<C: Io>(
         let r = tokio::time::timeout(cfg.response_timeout, origin.read_response_head(cfg.max_header_bytes))
             .await
             .map_err(|_| {
-                Failure::answer(504, format!("no response from {} within {:?}", target.authority(), cfg.response_timeout), client_reusable)
+                Failure::answer(504, format!("no response from {peer} within {:?}", cfg.response_timeout), client_reusable)
             })?;
         let r = match r {
             Err(HttpError::Closed) | Err(HttpError::Io(_)) if retry_fresh => {
@@ -731,14 +739,14 @@ async fn exchange<C: Io>(
                 w.write_all(&encoded)
                     .await
                     .and(w.flush().await)
-                    .map_err(|e| Failure::answer(502, format!("sending request to {} failed: {e}", target.authority()), client_reusable))?;
+                    .map_err(|e| Failure::answer(502, format!("sending request to {peer} failed: {e}"), client_reusable))?;
                 drop(w);
                 origin = new;
                 continue;
             }
             r => r.map_err(|e| match e {
-                HttpError::Closed => sent_failed(format!("{} closed the connection without a response", target.authority())),
-                e => sent_failed(format!("bad response from {}: {e}", target.authority())),
+                HttpError::Closed => sent_failed(format!("{peer} closed the connection without a response")),
+                e => sent_failed(format!("bad response from {peer}: {e}")),
             })?,
         };
         retry_fresh = false;
@@ -747,6 +755,14 @@ async fn exchange<C: Io>(
         }
         break r;
     };
+    if via_upstream && response.status == 407 {
+        // The credentials come from the rule, not the client: the client cannot fix this.
+        return Err(Failure::answer(
+            502,
+            format!("{peer} answered 407 {}: check the credentials in the rule's upstream=", response.reason),
+            client_reusable,
+        ));
+    }
     record.status = response.status;
 
     if response.status == 101 && is_upgrade {
@@ -754,7 +770,7 @@ async fn exchange<C: Io>(
     }
 
     let origin_kind = response_body_kind(&out.method, &response)
-        .map_err(|m| Failure::answer(502, format!("bad response from {}: {m}", target.authority()), client_reusable))?;
+        .map_err(|m| Failure::answer(502, format!("bad response from {peer}: {m}"), client_reusable))?;
     let origin_keep_alive = send_failure.is_none()
         && origin_kind != BodyKind::CloseDelimited
         && !response.headers.has_token("connection", "close")
@@ -815,8 +831,8 @@ async fn exchange<C: Io>(
     loop {
         let piece = tokio::time::timeout(cfg.idle_timeout, reader.next(&mut origin))
             .await
-            .map_err(|_| Failure::cut(format!("{} stalled in the middle of the response body", target.authority())))?
-            .map_err(|e| Failure::cut(format!("reading response body from {}: {e}", target.authority())))?;
+            .map_err(|_| Failure::cut(format!("{peer} stalled in the middle of the response body")))?
+            .map_err(|e| Failure::cut(format!("reading response body from {peer}: {e}")))?;
         let Some(piece) = piece else { break };
         let piece = if rewrites_body {
             let handler = conn.handler(engine).expect("handler");

@@ -348,8 +348,11 @@ class FakeUpstream(ThreadedServer):
     ``heads`` holds (request line, headers) per request.
     """
 
-    def __init__(self, connect_status: int = 200) -> None:
+    def __init__(self, connect_status: int = 200, request_reply: str = "answer") -> None:
+        """``request_reply`` for absolute-form requests: "answer", "close" (hang up without a
+        response) or "407" (ask for credentials)."""
         self.connect_status = connect_status
+        self.request_reply = request_reply
         self.heads: list[tuple[str, list[tuple[str, str]]]] = []
         super().__init__()
 
@@ -371,6 +374,12 @@ class FakeUpstream(ThreadedServer):
                 if rest:
                     out.sendall(rest)
                 relay(conn, out)
+            return
+        if self.request_reply == "close":
+            return
+        if self.request_reply == "407":
+            conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=x\r\n"
+                         b"Content-Length: 0\r\n\r\n")
             return
         body = f"fake upstream saw {target}".encode()
         conn.sendall(

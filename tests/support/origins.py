@@ -33,6 +33,7 @@ import hashlib
 import json
 import random
 import socket
+import time
 import ssl
 import threading
 from dataclasses import dataclass, field
@@ -454,6 +455,29 @@ def blackhole_port() -> tuple[socket.socket, int]:
     s.bind((LOOPBACK, 0))
     s.listen(16)
     return s, s.getsockname()[1]
+
+
+def full_backlog_port() -> tuple[socket.socket, list[socket.socket], int]:
+    """A listener whose accept queue is full, so a new connect to it hangs until the
+    connector's timeout (the kernel drops the SYNs): (listener, fillers, port). The caller
+    closes them all."""
+    s = socket.socket()
+    s.bind((LOOPBACK, 0))
+    s.listen(0)
+    port = s.getsockname()[1]
+    fillers: list[socket.socket] = []
+    for _ in range(16):  # bounded: the queue holds a handful at most
+        c = socket.socket()
+        c.setblocking(False)
+        fillers.append(c)
+        if c.connect_ex((LOOPBACK, port)) not in (0, 115):  # 115: EINPROGRESS
+            break
+        time.sleep(0.02)
+        try:
+            c.getpeername()
+        except OSError:  # this one did not get in: the queue is full
+            break
+    return s, fillers, port
 
 
 def refused_port() -> int:
