@@ -17,7 +17,7 @@ import time
 import pytest
 from segproxy import Rules, start_proxy_server
 
-from support import Segproxy, wait_for
+from support import Segproxy, free_port, wait_for
 from support.loopback import (
     TIMEOUT,
     EchoOrigin,
@@ -296,6 +296,39 @@ async def test_flow_records_in_memory():
         assert sum(ups) > len(up) and max(ups) <= 500
         assert sum(downs) >= 1500 and max(downs) <= 500
         assert server.flows(clear=True) and server.flows() == []
+    finally:
+        await server.aclose()
+
+
+async def test_refused_and_failed_flows_are_recorded_with_their_status():
+    """A blocked CONNECT, one to a refused port and a failed HTTP request are flows too, with
+    the status the client got and the reason; a tunnel that opened has status 200."""
+    rules = Rules.parse("blocked.test=direct,action=block,reason=not this one", source="r")
+    server = await start_proxy_server(port=0, rules=rules, record_flows=True)
+    dead = free_port()
+    try:
+        with FramedOrigin() as framed:
+
+            def run():
+                for target in ("blocked.test:443", f"127.0.0.1:{dead}"):
+                    s, r = proxy_connect(server.address, target)
+                    s.close()
+                    assert r.status in (403, 502), r
+                with tunnel(server.address, framed.port) as s:
+                    framed_exchange(s, b"x" * 100, 10, 1)
+                assert proxy_request(server.address, "GET", f"http://127.0.0.1:{dead}/gone").status == 502
+
+            await asyncio.to_thread(run)
+        assert await asyncio.to_thread(wait_for, lambda: len(server.flows()) >= 4)
+        by_target = {f["target"]: f for f in server.flows()}
+        blocked = by_target["blocked.test:443"]
+        assert (blocked["status"], blocked["rule"]) == (403, "r:1") and "not this one" in blocked["error"]
+        refused = by_target[f"127.0.0.1:{dead}"]
+        assert refused["status"] == 502 and f"127.0.0.1:{dead}" in refused["error"]
+        opened = by_target[f"127.0.0.1:{framed.port}"]
+        assert (opened["status"], opened["error"], opened["kind"]) == (200, None, "tunnel")
+        failed = next(f for f in server.flows() if f["method"] == "GET")
+        assert failed["status"] == 502 and failed["error"] and failed["end"] is not None
     finally:
         await server.aclose()
 

@@ -50,6 +50,9 @@ class FlowRecord(TypedDict):
     action: str
     policy: str
     direction: str
+    status: int
+    """The status the client got (0 if the connection ended first); 200 for a tunnel."""
+    error: str | None
     start: float
     end: float | None
     dropped_chunks: int

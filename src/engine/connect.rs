@@ -36,6 +36,9 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         ..Default::default()
     };
     let plan = plan_connect(engine, &head, conn, &mut record).await;
+    // A CONNECT refused before its flow began (bad target, block, hook, denied) is still a
+    // flow to record; one refused later (the tunnel could not open) finishes its own.
+    let began = plan.is_ok();
     let plan = match plan {
         Ok(plan) if !plan.intercept => open_tunnel(engine, plan, &mut record).await,
         other => other.map(|plan| Ready { plan, origin: None }),
@@ -48,6 +51,20 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
             record.duration = started.elapsed();
             if !handler_knows {
                 conn.report_error(engine, &message);
+            }
+            if let (false, Some(flows)) = (began, &engine.flows) {
+                flows.begin(FlowRecord {
+                    id: record.id.clone(),
+                    kind: record.kind.clone(),
+                    method: "CONNECT".into(),
+                    target: head.target.clone(),
+                    rule: record.rule.clone(),
+                    action: record.action.clone(),
+                    policy: record.policy.clone(),
+                    status,
+                    error: Some(message.clone()),
+                    ..Default::default()
+                });
             }
             engine.access.record(record);
             let _ = send_error(&mut client.io, status, &message, false).await;
@@ -72,8 +89,19 @@ struct Ready {
 }
 
 async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> Result<Ready, Refusal> {
-    let (origin, dns) =
-        engine.connector.open_tunnel(&plan.route, &plan.host, plan.port).await.map_err(|e| (e.status(), e.to_string()))?;
+    let (origin, dns) = match engine.connector.open_tunnel(&plan.route, &plan.host, plan.port).await {
+        Ok(opened) => opened,
+        Err(e) => {
+            let refusal = (e.status(), e.to_string());
+            if let Some(f) = &plan.flow {
+                f.update(|f| {
+                    f.status = refusal.0;
+                    f.error = Some(refusal.1.clone());
+                });
+            }
+            return Err(refusal.into());
+        }
+    };
     record.dns = dns;
     Ok(Ready { plan, origin: Some(origin) })
 }
@@ -185,6 +213,7 @@ async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan:
     let mode = Mode::Intercepted { host, port, up_policy };
     let _ = serve_http(engine, BufStream::new(tls_stream), conn, &mode).await;
     if let Some(f) = flow {
+        f.update(|f| f.status = 200);
         f.finish();
     }
     Ok(())
@@ -239,6 +268,10 @@ async fn tunnel(
     record.bytes_up = totals.a_to_b;
     record.bytes_down = totals.b_to_a;
     if let Some(f) = flow {
+        f.update(|f| {
+            f.status = 200;
+            f.error = err.as_ref().map(|e| e.to_string());
+        });
         f.finish();
     }
     finish_tunnel(engine, conn, host, port, record, err)

@@ -12,6 +12,9 @@ use super::segment::ChunkObserver;
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
 pub const MAX_CHUNKS_PER_FLOW: usize = 100_000;
+/// Most chunks kept across the finished flows held in memory (32 bytes each, so about
+/// 32 MiB); the oldest flows are let go first.
+pub const MAX_STORED_CHUNKS: usize = 1_000_000;
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ChunkEvent {
@@ -37,6 +40,10 @@ pub struct FlowRecord {
     pub end: Option<f64>,
     pub chunks: Vec<ChunkEvent>,
     pub dropped_chunks: u64,
+    /// The status the client got (0 if none: the connection ended first).
+    pub status: u16,
+    /// Why the flow failed, if it did.
+    pub error: Option<String>,
 }
 
 impl FlowRecord {
@@ -47,7 +54,7 @@ impl FlowRecord {
             .map(|c| format!("[\"{}\",{},{:.6}]", c.direction, c.size, c.t))
             .collect();
         format!(
-            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}]}}",
+            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}]}}",
             json_str(&self.id),
             json_str(&self.kind),
             json_str(&self.method),
@@ -56,6 +63,8 @@ impl FlowRecord {
             json_str(&self.action),
             json_str(&self.policy),
             json_str(&self.direction),
+            self.status,
+            self.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
             self.start,
             self.end.map(|e| format!("{e:.6}")).unwrap_or_else(|| "null".into()),
             self.dropped_chunks,
@@ -82,12 +91,20 @@ pub fn json_str(s: &str) -> String {
     out
 }
 
-/// Keeps the last `capacity` finished flows; one flow in progress is a `FlowHandle`.
+/// Keeps the last `capacity` finished flows (and at most `MAX_STORED_CHUNKS` chunks among
+/// them); one flow in progress is a `FlowHandle`. Capacity 0 keeps none in memory (a
+/// recorder that only writes its file).
 pub struct FlowRecorder {
     epoch: Instant,
     capacity: usize,
-    done: Mutex<VecDeque<FlowRecord>>,
+    done: Mutex<Finished>,
     file: Option<Mutex<LineWriter<File>>>,
+}
+
+#[derive(Default)]
+struct Finished {
+    flows: VecDeque<FlowRecord>,
+    chunks: usize,
 }
 
 impl FlowRecorder {
@@ -96,7 +113,7 @@ impl FlowRecorder {
             Some(p) => Some(Mutex::new(LineWriter::new(File::create(p)?))),
             None => None,
         };
-        Ok(FlowRecorder { epoch: Instant::now(), capacity: capacity.max(1), done: Mutex::new(VecDeque::new()), file })
+        Ok(FlowRecorder { epoch: Instant::now(), capacity, done: Mutex::new(Finished::default()), file })
     }
 
     pub fn now(&self) -> f64 {
@@ -105,48 +122,66 @@ impl FlowRecorder {
 
     pub fn begin(self: &Arc<Self>, mut record: FlowRecord) -> FlowHandle {
         record.start = self.now();
-        FlowHandle { recorder: self.clone(), record: Arc::new(Mutex::new(record)) }
+        FlowHandle { inner: Arc::new(InProgress { recorder: self.clone(), record: Mutex::new(record) }) }
     }
 
     fn finish(&self, mut record: FlowRecord) {
         record.end = Some(self.now());
         if let Some(f) = &self.file {
-            let _ = writeln!(f.lock().unwrap(), "{}", record.to_json());
+            let _ = writeln!(f.lock().unwrap_or_else(|e| e.into_inner()), "{}", record.to_json());
         }
-        let mut done = self.done.lock().unwrap();
-        if done.len() >= self.capacity {
-            done.pop_front();
+        if self.capacity == 0 {
+            return;
         }
-        done.push_back(record);
+        let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
+        done.chunks += record.chunks.len();
+        done.flows.push_back(record);
+        while done.flows.len() > self.capacity || (done.chunks > MAX_STORED_CHUNKS && done.flows.len() > 1) {
+            if let Some(old) = done.flows.pop_front() {
+                done.chunks -= old.chunks.len();
+            }
+        }
     }
 
     pub fn flows(&self) -> Vec<FlowRecord> {
-        self.done.lock().unwrap().iter().cloned().collect()
+        self.done.lock().unwrap_or_else(|e| e.into_inner()).flows.iter().cloned().collect()
     }
 
     pub fn clear(&self) {
-        self.done.lock().unwrap().clear();
+        *self.done.lock().unwrap_or_else(|e| e.into_inner()) = Finished::default();
     }
 }
 
-/// A flow being recorded. Finished (and stored) when the last clone is dropped or on `finish`.
+/// A flow being recorded. Finished (and stored) when the last clone is dropped, whatever
+/// path the flow ended on, or on `finish`.
 #[derive(Clone)]
 pub struct FlowHandle {
+    inner: Arc<InProgress>,
+}
+
+struct InProgress {
     recorder: Arc<FlowRecorder>,
-    record: Arc<Mutex<FlowRecord>>,
+    record: Mutex<FlowRecord>,
+}
+
+impl Drop for InProgress {
+    fn drop(&mut self) {
+        let record = std::mem::take(&mut *self.record.lock().unwrap_or_else(|e| e.into_inner()));
+        self.recorder.finish(record);
+    }
 }
 
 impl FlowHandle {
     pub fn update(&self, f: impl FnOnce(&mut FlowRecord)) {
-        f(&mut self.record.lock().unwrap());
+        f(&mut self.inner.record.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     /// An observer for the segmenting writer of one direction.
     pub fn observer(&self, direction: &'static str) -> ChunkObserver {
         let handle = self.clone();
         Arc::new(move |size| {
-            let t = handle.recorder.now();
-            let mut r = handle.record.lock().unwrap();
+            let t = handle.inner.recorder.now();
+            let mut r = handle.inner.record.lock().unwrap_or_else(|e| e.into_inner());
             if r.chunks.len() < MAX_CHUNKS_PER_FLOW {
                 r.chunks.push(ChunkEvent { direction, size, t });
             } else {
@@ -155,8 +190,46 @@ impl FlowHandle {
         })
     }
 
+    /// Ends the flow now (observers still held elsewhere keep it open until they go).
     pub fn finish(self) {
-        let record = std::mem::take(&mut *self.record.lock().unwrap());
-        self.recorder.finish(record);
+        drop(self);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flow(recorder: &Arc<FlowRecorder>, id: &str, chunks: usize) {
+        let f = recorder.begin(FlowRecord { id: id.into(), ..Default::default() });
+        let observe = f.observer("up");
+        for _ in 0..chunks {
+            observe(10);
+        }
+    }
+
+    #[test]
+    fn dropped_handles_finish_their_flow_and_memory_stays_bounded() {
+        let recorder = Arc::new(FlowRecorder::new(3, None).unwrap());
+        for i in 0..5 {
+            flow(&recorder, &i.to_string(), 2);
+        }
+        let ids: Vec<String> = recorder.flows().into_iter().map(|f| f.id).collect();
+        assert_eq!(ids, ["2", "3", "4"]);
+        assert!(recorder.flows().iter().all(|f| f.end.is_some() && f.chunks.len() == 2));
+
+        // The chunk budget lets old flows go before the flow count does.
+        let recorder = Arc::new(FlowRecorder::new(1000, None).unwrap());
+        for i in 0..3 {
+            flow(&recorder, &i.to_string(), MAX_CHUNKS_PER_FLOW + 5);
+        }
+        let kept = recorder.flows();
+        assert!(kept.iter().map(|f| f.chunks.len()).sum::<usize>() <= MAX_STORED_CHUNKS);
+        assert_eq!(kept.last().unwrap().id, "2");
+        assert_eq!(kept.last().unwrap().dropped_chunks, 5);
+
+        let file_only = Arc::new(FlowRecorder::new(0, None).unwrap());
+        flow(&file_only, "x", 1);
+        assert!(file_only.flows().is_empty());
     }
 }

@@ -397,6 +397,8 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
             f.rule = record.rule.clone();
             f.action = record.action.clone();
             f.policy = record.policy.clone();
+            f.status = record.status;
+            f.error = record.error.clone();
         });
         flow.finish();
     }

@@ -146,6 +146,8 @@ pub fn start_server<'py>(
     let resolver = DnsResolver::new(DnsSettings { config: dns_config, cache_size: dns_cache_size, ..DnsSettings::default() })
         .map_err(|e| PyValueError::new_err(e.to_string()))?;
     let connector = Connector { connect_timeout: config.connect_timeout, resolver, addr_check: None };
+    // Flows written to a file only (no record_flows) are not also kept in memory.
+    let flows_capacity = if record_flows { flows_capacity } else { 0 };
     let flows = if record_flows || flows_file.is_some() {
         Some(Arc::new(FlowRecorder::new(flows_capacity, flows_file.as_deref()).map_err(|e| {
             PyOSError::new_err(format!("cannot write flow records to {}: {e}", flows_file.as_deref().unwrap_or_else(|| "".as_ref()).display()))
@@ -212,6 +214,8 @@ fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyD
     d.set_item("action", &f.action)?;
     d.set_item("policy", &f.policy)?;
     d.set_item("direction", &f.direction)?;
+    d.set_item("status", f.status)?;
+    d.set_item("error", f.error.as_deref())?;
     d.set_item("start", f.start)?;
     d.set_item("end", f.end)?;
     d.set_item("dropped_chunks", f.dropped_chunks)?;
