@@ -374,3 +374,31 @@ def test_lines_segmentedproxy_accepts_validate_with_notes(tmp_path):
     rules = Rules.from_file(rules_file)
     assert rules.decide("GET", "http", "e.test", 80, "/").action == "direct"
     assert rules.decide("GET", "http", "d.test", 80, "/api/v1").rule == f"{rules_file}:4"
+
+
+def test_rules_from_objects():
+    from segproxy import Rule
+
+    rules = Rules.from_rules(
+        [
+            Rule("*.example.test", strategy="fixed", chunk=512, delay=10),
+            Rule("ads.example.test", action="block", reason="no ads"),
+            Rule("*", action="upstream", upstream="u:p@127.0.0.1:3128", method="GET", intercept=False),
+            "plain.test=direct",
+        ],
+        source="mine",
+    )
+    assert len(rules) == 4
+    d = rules.decide("GET", "http", "a.example.test", 80, "/")
+    assert d.rule == "mine:1" and "fixed chunk=512 delay=10ms" in d.policy
+    d = rules.decide("GET", "http", "ads.example.test", 80, "/")
+    assert (d.action, d.reason) == ("block", "no ads")
+    d = rules.decide("GET", "http", "other.test", 80, "/")
+    assert d.action == "upstream" and d.intercept == "no" and "p@" not in (d.upstream or "")
+    assert Rule("a.test", path_prefix="/api", port=8080).text() == "a.test=direct,path_prefix=/api,port=8080"
+    rules.add(Rule("late.test", action="block"))
+    assert rules.decide("GET", "http", "late.test", 80, "/").action == "block"
+    with pytest.raises(ValueError, match="mine:2"):
+        Rules.from_rules([Rule("ok.test"), Rule("bad.test", strategy="random", min=9, max=1)], source="mine")
+    with pytest.raises(ValueError, match="comma"):
+        Rule("x.test", action="block", reason="a, b").text()

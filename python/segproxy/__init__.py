@@ -8,10 +8,10 @@ hooks into flows. Start one on a running asyncio loop::
 """
 
 from ._engine import __version__
-from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyServer, run, start_proxy_server
+from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, start_proxy_server
 from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
-from .rules import Decision, Rules
+from .rules import Decision, Rule, Rules
 from .tls import TLSStore, load_or_create_ca
 
 __all__ = [
@@ -25,7 +25,9 @@ __all__ = [
     "HTTPSForwardProxyHandler",
     "HTTPSProxyHandler",
     "ProxyError",
+    "ProxyOptions",
     "ProxyServer",
+    "Rule",
     "Rules",
     "TLSStore",
     "load_or_create_ca",

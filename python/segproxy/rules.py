@@ -14,12 +14,13 @@ The most specific matching rule wins (exact host, then ``*.suffix``, then other 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from collections.abc import Iterable
+from dataclasses import dataclass, fields
 from typing import Literal
 
 from . import _engine
 
-__all__ = ["Decision", "Rules"]
+__all__ = ["Decision", "Rule", "Rules"]
 
 Strategy = Literal["none", "fixed", "random"]
 DirectionName = Literal["up", "down", "both"]
@@ -42,8 +43,58 @@ class Decision:
     explanation: str
 
 
+@dataclass(frozen=True)
+class Rule:
+    """One rule as an object; ``Rule(...).text()`` is its line in the rule syntax.
+
+    ``Rule("*.example.test", strategy="fixed", chunk=512, delay=10)`` segments (a rule
+    with any of strategy, chunk, min, max or delay uses mode ``segment_upstream``);
+    ``Rule("ads.test", action="block", reason="no ads")`` blocks. Unset fields are left out.
+    """
+
+    host: str
+    strategy: Strategy | None = None
+    chunk: int | None = None
+    min: int | None = None
+    max: int | None = None
+    delay: int | None = None
+    """Milliseconds between chunks."""
+    action: Literal["direct", "upstream", "block"] | None = None
+    upstream: str | None = None
+    """``[USER:PASS@]HOST:PORT`` of the upstream proxy (with ``action="upstream"``)."""
+    reason: str | None = None
+    scheme: Literal["http", "https"] | None = None
+    method: str | None = None
+    path_prefix: str | None = None
+    port: int | None = None
+    direction: DirectionName | None = None
+    intercept: bool | None = None
+
+    _SEGMENTING = ("strategy", "chunk", "min", "max", "delay")
+
+    def text(self) -> str:
+        """The rule line, e.g. ``*.example.test=segment_upstream,strategy=fixed,chunk=512``."""
+        mode = "segment_upstream" if any(getattr(self, k) is not None for k in self._SEGMENTING) else "direct"
+        parts = [f"{self.host}={mode}"]
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name == "host" or value is None:
+                continue
+            if f.name == "intercept":
+                value = "yes" if value else "no"
+            text = str(value)
+            if "," in text or "\n" in text:
+                raise ValueError(f"rule {self.host}: {f.name} cannot contain a comma or a line break: {text!r}")
+            parts.append(f"{f.name}={text}")
+        return ",".join(parts)
+
+
 class Rules:
-    """An ordered rule set with a default segmentation policy."""
+    """An ordered rule set with a default segmentation policy.
+
+    Built from text (`parse`), a file (`from_file`) or `Rule` objects (`from_rules`); each
+    add is all or nothing.
+    """
 
     def __init__(
         self,
@@ -69,9 +120,18 @@ class Rules:
         rules.add_file(path)
         return rules
 
-    def add(self, text: str, source: str = "<text>") -> Rules:
-        """Add rules (all or none); returns self for chaining."""
-        self._set.add_text(text, source)
+    @classmethod
+    def from_rules(cls, rules: Iterable[Rule | str], source: str = "<rules>", **default_policy: object) -> Rules:
+        """Rules from `Rule` objects (or rule lines); errors name ``source:N``, N counting
+        from 1 in the order given."""
+        built = cls(**default_policy)  # type: ignore[arg-type]
+        built.add("\n".join(r.text() if isinstance(r, Rule) else r for r in rules), source)
+        return built
+
+    def add(self, text: str | Rule, source: str = "<text>") -> Rules:
+        """Add rules: text (one rule a line) or one `Rule` (all or none); returns self for
+        chaining."""
+        self._set.add_text(text.text() if isinstance(text, Rule) else text, source)
         return self
 
     def add_file(self, path: str | os.PathLike[str]) -> Rules:
