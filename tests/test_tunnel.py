@@ -176,6 +176,28 @@ async def test_raw_101_upgrade_relays_both_ways(proxy, origin):
     assert wait_for(lambda: any(r["kind"] == "upgrade" for r in proxy.access_records()))
 
 
+async def test_upgraded_bytes_are_segmented_like_a_tunnel(make_proxy, origin):
+    proxy = await make_proxy(rules="*=segment_upstream,strategy=fixed,chunk=3,direction=both", record_flows=True)
+    with Conn(proxy.port) as c:
+        c.send(
+            f"GET {origin.url('/upgrade')} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo-proto\r\n\r\n".encode()
+        )
+        assert c._read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 101")
+        c.send(b"hello world")
+        c.sock.shutdown(socket.SHUT_WR)
+        while c._fill():
+            pass
+        assert c.buf == b"HELLO WORLDBYE"  # content unchanged
+    assert wait_for(lambda: proxy.flows(), timeout=5)
+    [flow] = proxy.flows()
+    ups = [n for d, n, _ in flow["chunks"] if d == "up"]
+    downs = [n for d, n, _ in flow["chunks"] if d == "down"]
+    # Head and upgraded bytes alike leave in chunks of at most 3 bytes, each way.
+    assert ups and downs and max(ups) <= 3 and max(downs) <= 3, flow["chunks"]
+    assert sum(downs) >= len(b"HELLO WORLDBYE") + len(b"HTTP/1.1 101")
+    assert sum(ups) >= len(b"hello world") + len(b"GET /upgrade HTTP/1.1")
+
+
 def ws_frame(payload: bytes, opcode: int = 1) -> bytes:
     mask = os.urandom(4)
     masked = bytes(b ^ mask[i % 4] for i, b in enumerate(payload))

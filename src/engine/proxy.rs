@@ -14,7 +14,7 @@ use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
 use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::{ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
 use super::rules::{Action, Decision, Scheme};
-use super::segment::{SegmentPolicy, Segmented};
+use super::segment::{ChunkObserver, SegmentPolicy, Segmented};
 use super::tls;
 use super::http1::{
     request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
@@ -768,7 +768,9 @@ async fn exchange<C: Io>(
     record.status = response.status;
 
     if response.status == 101 && is_upgrade {
-        return upgrade(engine, client, origin, response, record).await;
+        let down_observer = flow.filter(|_| plain).map(|f| f.observer("down"));
+        let segmenting = Segmenting { up: up_policy, down: down_policy, up_observer, down_observer };
+        return upgrade(engine, client, origin, response, record, segmenting).await;
     }
 
     let origin_kind = response_body_kind(&out.method, &response)
@@ -913,17 +915,29 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
 }
 
 /// After `101 Switching Protocols` the connection carries another protocol: relay bytes.
+/// How an upgraded connection's bytes are segmented each way, as the flow's policy says.
+struct Segmenting {
+    up: SegmentPolicy,
+    down: SegmentPolicy,
+    up_observer: Option<ChunkObserver>,
+    down_observer: Option<ChunkObserver>,
+}
+
 async fn upgrade<C: Io>(
     engine: &Arc<Engine>,
     client: &mut BufStream<C>,
     origin: OriginConn,
     mut response: ResponseHead,
     record: &mut AccessRecord,
+    segmenting: Segmenting,
 ) -> Result<Next, Failure> {
     response.version = 1;
     strip_hop_by_hop(&mut response.headers, true);
     response.headers.push("Connection", "Upgrade");
-    client.io.write_all(&response.encode()).await.map_err(|e| Failure::cut(e.to_string()))?;
+    {
+        let mut head = Segmented::new(&mut client.io, segmenting.down.clone(), segmenting.down_observer.clone());
+        head.write_all(&response.encode()).await.and(head.flush().await).map_err(|e| Failure::cut(e.to_string()))?;
+    }
     record.kind = "upgrade".into();
     let client_prefix = client.buf.split().freeze();
     let origin_prefix = origin.buf.clone().freeze();
@@ -931,6 +945,9 @@ async fn upgrade<C: Io>(
     let origin_side = Rewind::new(origin_prefix, origin.io);
     let (ar, aw) = tokio::io::split(client_side);
     let (br, bw) = tokio::io::split(origin_side);
+    // The upgraded bytes are segmented like a tunnel's: toward the origin (up) and the client.
+    let bw = Segmented::new(bw, segmenting.up, segmenting.up_observer);
+    let aw = Segmented::new(aw, segmenting.down, segmenting.down_observer);
     let (totals, _err) = pump((ar, aw), (br, bw), engine.config.tunnel_buffer_bytes, engine.config.idle_timeout).await;
     record.bytes_up += totals.a_to_b;
     record.bytes_down += totals.b_to_a;
