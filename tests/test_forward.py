@@ -14,7 +14,7 @@ import pytest
 
 from support import Segproxy, wait_for
 from support.clients import Conn, curl, get_via, request
-from support.origins import MIB, RecordingOrigin, pattern_chunks, pattern_sha256
+from support.origins import MIB, RecordingOrigin, ScriptedOrigin, pattern_chunks, pattern_sha256
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -253,6 +253,25 @@ async def test_head_204_304_have_no_body_and_keep_framing(proxy, origin):
         assert r.status == 200 and json.loads(r.body)["target"] == "/after"
         assert c.buf == b""
     assert origin.connections == 1
+
+
+async def test_other_transfer_codings_survive_rechunking(proxy, origin):
+    """`Transfer-Encoding: gzip, chunked`: the proxy re-frames the chunks but the gzip coding
+    belongs to the message, so it is still named, both ways."""
+    with Conn(proxy.port) as c:
+        c.send(
+            f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+            "5\r\nhello\r\n0\r\n\r\n".encode()
+        )
+        assert c.read_response().status == 200
+    [req] = origin.requests
+    assert req.header("transfer-encoding") == "gzip, chunked" and req.body == b"hello"
+    reply = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"
+    with ScriptedOrigin(reply) as coded, Conn(proxy.port) as c:
+        c.send(f"GET {coded.url('/')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        r = c.read_response()
+        assert r.status == 200 and r.body == b"abc"
+        assert r.header("transfer-encoding") == "gzip, chunked", r.raw_head
 
 
 @pytest.mark.parametrize("path", ["/gen-chunked/300001", "/gen-close/300001", "/gen/300001"])

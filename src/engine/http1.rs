@@ -344,6 +344,20 @@ pub fn request_body_kind(head: &RequestHead) -> Result<BodyKind, String> {
     }
 }
 
+/// The value of Transfer-Encoding for a body re-framed as chunked: the sender's other codings
+/// (gzip, ...) kept in order, then `chunked`. The codings belong to the message; only the
+/// chunked framing is this hop's.
+pub fn chunked_transfer_encoding(original: &Headers) -> String {
+    let mut codings: Vec<&str> = original
+        .get_all("transfer-encoding")
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty() && !t.eq_ignore_ascii_case("chunked"))
+        .collect();
+    codings.push("chunked");
+    codings.join(", ")
+}
+
 /// The framing of a response body, given the request method it answers (RFC 9112 section 6.3).
 pub fn response_body_kind(request_method: &str, head: &ResponseHead) -> Result<BodyKind, String> {
     if request_method.eq_ignore_ascii_case("HEAD")
@@ -608,6 +622,18 @@ mod tests {
     async fn parse_req(raw: &[u8]) -> Result<RequestHead, HttpError> {
         let mut s = BufStream::new(raw);
         s.read_request_head(8192).await
+    }
+
+    #[test]
+    fn rechunking_keeps_other_transfer_codings() {
+        let mut h = Headers::default();
+        assert_eq!(chunked_transfer_encoding(&h), "chunked");
+        h.push("Transfer-Encoding", "gzip, chunked");
+        assert_eq!(chunked_transfer_encoding(&h), "gzip, chunked");
+        let mut h = Headers::default();
+        h.push("Transfer-Encoding", "gzip");
+        h.push("transfer-encoding", "Chunked");
+        assert_eq!(chunked_transfer_encoding(&h), "gzip, chunked");
     }
 
     #[tokio::test]

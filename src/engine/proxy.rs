@@ -17,7 +17,7 @@ use super::rules::{Action, Decision, Scheme};
 use super::segment::{ChunkObserver, SegmentPolicy, Segmented};
 use super::tls;
 use super::http1::{
-    request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
+    chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
     RawResponse, RequestHead, ResponseHead,
 };
 use super::pool::OriginConn;
@@ -610,7 +610,7 @@ async fn exchange<C: Io>(
             BodyKind::Length(b.len() as u64)
         }
         (None, BodyKind::Chunked) => {
-            out.headers.push("Transfer-Encoding", "chunked");
+            out.headers.push("Transfer-Encoding", chunked_transfer_encoding(&head.headers));
             BodyKind::Chunked
         }
         (None, k) => k,
@@ -782,6 +782,9 @@ async fn exchange<C: Io>(
 
     // The response as the client gets it: re-framed as chunked when its length is unknown
     // or a chunk hook may change it.
+    // Transfer codings other than chunked are the message's; stripping the hop-by-hop headers
+    // removes them, so the re-chunked response names them again.
+    let rechunked_te = response.headers.contains("transfer-encoding").then(|| chunked_transfer_encoding(&response.headers));
     let mut back = ResponseHead { version: 1, ..response };
     strip_hop_by_hop(&mut back.headers, false);
     if hooks.response {
@@ -809,7 +812,7 @@ async fn exchange<C: Io>(
         BodyKind::Empty => BodyKind::Empty,
         _ if head.version == 1 => {
             back.headers.remove("content-length");
-            back.headers.push("Transfer-Encoding", "chunked");
+            back.headers.push("Transfer-Encoding", rechunked_te.unwrap_or_else(|| "chunked".into()));
             BodyKind::Chunked
         }
         _ => {
