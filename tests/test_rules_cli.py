@@ -402,3 +402,17 @@ def test_rules_from_objects():
         Rules.from_rules([Rule("ok.test"), Rule("bad.test", strategy="random", min=9, max=1)], source="mine")
     with pytest.raises(ValueError, match="comma"):
         Rule("x.test", action="block", reason="a, b").text()
+
+
+def test_validate_rules_names_every_bad_line(tmp_path):
+    first = tmp_path / "one.rules"
+    first.write_text("ok.test=direct\nbad.test=fast\n# fine\nworse.test=direct,colour=red\n")
+    second = tmp_path / "two.rules"
+    second.write_text("x.test=segment_upstream,strategy=random,min=9,max=1\n")
+    out = run_cli("--rules-file", str(first), "--rules-file", str(second),
+                  "--segment-rule", "y.test=direct,action=upstream", "--validate-rules")
+    assert out.returncode == 1, out
+    lines = out.stderr.strip().splitlines()
+    assert [line.split(" ", 1)[0] for line in lines] == [
+        f"{first}:2:", f"{first}:4:", f"{second}:1:", "--segment-rule#1:1:"
+    ], out.stderr

@@ -128,10 +128,20 @@ def build_rules(args: argparse.Namespace) -> Rules:
         delay_ms=args.segment_delay_ms or 0.0,
         direction=args.segment_direction,
     )
+    # Every file and rule is read, so that one run names every bad line.
+    errors: list[str] = []
     for path in args.rules_file:
-        rules.add_file(path)
+        try:
+            rules.add_file(path)
+        except ValueError as exc:
+            errors.append(str(exc))
     for index, rule in enumerate(args.segment_rule, start=1):
-        rules.add(rule, source=f"--segment-rule#{index}")
+        try:
+            rules.add(rule, source=f"--segment-rule#{index}")
+        except ValueError as exc:
+            errors.append(str(exc))
+    if errors:
+        raise ValueError("\n".join(errors))
     return rules
 
 

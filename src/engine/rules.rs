@@ -365,21 +365,27 @@ impl Rule {
 }
 
 /// A parse error, shown as `FILE:LINE: message` (`FILE: message` for line 0,
-/// used when the file itself cannot be read).
+/// used when the file itself cannot be read). When a text has several bad lines, the first
+/// is this error and the others are in `more`, shown one a line after it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct RuleError {
     pub source: String,
     pub line: usize,
     pub message: String,
+    pub more: Vec<RuleError>,
 }
 
 impl fmt::Display for RuleError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.line == 0 {
-            write!(f, "{}: {}", self.source, self.message)
+            write!(f, "{}: {}", self.source, self.message)?;
         } else {
-            write!(f, "{}:{}: {}", self.source, self.line, self.message)
+            write!(f, "{}:{}: {}", self.source, self.line, self.message)?;
         }
+        for other in &self.more {
+            write!(f, "\n{other}")?;
+        }
+        Ok(())
     }
 }
 
@@ -491,12 +497,22 @@ impl RuleSet {
     pub fn add_text(&mut self, text: &str, source: &str) -> Result<(), RuleError> {
         let text = text.strip_prefix('\u{feff}').unwrap_or(text);
         let mut parsed = Vec::new();
+        let mut errors: Vec<RuleError> = Vec::new();
         for (i, line) in text.lines().enumerate() {
             let trimmed = line.trim();
             if trimmed.is_empty() || trimmed.starts_with('#') {
                 continue;
             }
-            parsed.push(self.parse_line(trimmed, source, i + 1)?);
+            // Every bad line is reported, not only the first.
+            match self.parse_line(trimmed, source, i + 1) {
+                Ok(rule) => parsed.push(rule),
+                Err(e) => errors.push(e),
+            }
+        }
+        if !errors.is_empty() {
+            let mut first = errors.remove(0);
+            first.more = errors;
+            return Err(first);
         }
         for rule in parsed {
             self.push(rule);
@@ -523,6 +539,7 @@ impl RuleSet {
             source: name.clone(),
             line: 0,
             message: format!("cannot read rules file: {e}"),
+            more: Vec::new(),
         })?;
         self.add_text(&text, &name)
     }
@@ -552,6 +569,7 @@ impl RuleSet {
             source: source.to_string(),
             line: line_no,
             message,
+            more: Vec::new(),
         })
     }
 
@@ -1288,6 +1306,13 @@ mod tests {
         assert_eq!(
             e.to_string(),
             "rules.txt:4: invalid number for chunk: 'abc'"
+        );
+
+        // Every bad line is named, in order.
+        let e = RuleSet::parse("a=fast\nok=direct\nb=direct,colour=red\n", "r.txt").unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "r.txt:1: unknown mode 'fast' (expected direct or segment_upstream)\nr.txt:3: unknown key 'colour' (known: strategy, chunk, min, max, delay, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
         );
 
         // All or nothing.
