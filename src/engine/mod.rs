@@ -17,6 +17,7 @@ pub mod segment;
 pub mod server;
 pub mod tls;
 pub mod tunnel;
+#[cfg(test)] mod e2e_tests;
 
 pub use config::EngineConfig;
 pub use server::{Engine, EngineParts, ProxyServer};
