@@ -149,15 +149,11 @@ async def test_idle_connect_tunnel_is_closed(make_proxy):
 
 
 # --------------------------------------------------------------------------------------
-# Pool idle expiry through the Python API (only when an option exposes it)
+# Pool idle expiry through the Python API
 
 
 async def test_pool_idle_expiry_through_the_python_api(make_proxy, origin):
-    options = segproxy._server.ENGINE_OPTIONS
-    name = next((n for n in ("pool_idle_timeout", "pool_idle") if n in options), None)
-    if name is None:
-        pytest.skip("no start_proxy_server option sets the pool idle timeout")
-    proxy = await make_proxy(**{name: 0.3})
+    proxy = await make_proxy(pool_idle_timeout=0.3)
     assert get_via(proxy.port, origin.url("/one")).status == 200
     assert wait_for(lambda: origin.call(lambda: len(origin._writers)) == 0, timeout=15)
     assert get_via(proxy.port, origin.url("/two")).status == 200

@@ -49,6 +49,7 @@ def start_server(
     flows_file: str | None = None,
     flows_capacity: int = 1000,
     handler: HookBridge | None = None,
+    pool_idle_timeout: float = 30.0,
 ) -> Awaitable[EngineServer]: ...
 
 @final

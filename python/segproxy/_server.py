@@ -90,6 +90,7 @@ class ProxyOptions(TypedDict, total=False):
     access_log: StrPath | None
     access_records: int
     hook_timeout: float
+    pool_idle_timeout: float
     rules: Rules | str | None
     dns_server: str | None
     dns_port: int
@@ -116,6 +117,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "access_log": None,
     "access_records": 10000,
     "hook_timeout": 30.0,
+    "pool_idle_timeout": 30.0,
     "rules": None,
     "dns_server": None,
     "dns_port": 53,

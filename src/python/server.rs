@@ -85,7 +85,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     hook_timeout = 30.0, rules = None, dns_server = None, dns_port = 53, dns_transport = "udp",
     dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
-    flows_file = None, flows_capacity = 1000, handler = None,
+    flows_file = None, flows_capacity = 1000, handler = None, pool_idle_timeout = 30.0,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -116,6 +116,7 @@ pub fn start_server<'py>(
     flows_file: Option<PathBuf>,
     flows_capacity: usize,
     handler: Option<PyRef<'py, HookBridge>>,
+    pool_idle_timeout: f64,
 ) -> PyResult<Bound<'py, PyAny>> {
     if max_connections == 0 {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
@@ -129,6 +130,7 @@ pub fn start_server<'py>(
         max_connections,
         max_header_bytes: max_header_bytes.max(1024),
         hook_timeout: seconds("hook_timeout", hook_timeout)?,
+        pool_idle_timeout: seconds("pool_idle_timeout", pool_idle_timeout)?,
         ..EngineConfig::default()
     };
     let dns_config = match dns_server {
