@@ -405,6 +405,33 @@ async def test_hook_timeout_is_504(origin: Origin) -> None:
         assert r.status_code == 200
 
 
+class SleepsInResponse(HTTPSForwardProxyHandler):
+    async def on_response_received(self) -> None:
+        if self.request.path == "/slow":
+            await asyncio.sleep(30)
+
+
+class SleepsInConnect(HTTPSForwardProxyHandler):
+    async def on_connect(self, host: str, port: int) -> str | None:
+        await asyncio.sleep(30)
+        return None
+
+
+async def test_response_and_connect_hook_timeouts_are_504(origin: Origin) -> None:
+    async with await proxy(SleepsInResponse, hook_timeout=0.5) as server, client(server) as c:
+        t = time.monotonic()
+        r = await c.get(f"{origin.base}/slow")
+        assert r.status_code == 504 and "on_response_received" in r.text
+        assert time.monotonic() - t < 4
+        assert (await c.get(f"{origin.base}/fast")).status_code == 200
+    async with await proxy(SleepsInConnect, hook_timeout=0.5) as server:
+        reader, writer = await asyncio.open_connection(server.host, server.port)
+        writer.write(f"CONNECT 127.0.0.1:{origin.port} HTTP/1.1\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert b" 504 " in head and b"on_connect" in await reader.read()
+        writer.close()
+
+
 class SleepsAndNotes(HTTPSForwardProxyHandler):
     outcome: list[str] = []
 
@@ -794,6 +821,28 @@ class TunnelOnly(HTTPSForwardProxyHandler):
 
     async def on_request_received(self) -> None:
         raise AssertionError("a tunnelled flow is never decrypted")
+
+
+class NotesErrors(HTTPSForwardProxyHandler):
+    errors: list[str] = []
+
+    async def on_error(self, error: Exception) -> None:
+        NotesErrors.errors.append(str(error))
+
+
+async def test_client_rejecting_our_certificate_reaches_on_error(intercept: Intercept) -> None:
+    NotesErrors.errors.clear()
+    async with await intercept.proxy(NotesErrors) as server:
+        # The client trusts only the origin's CA, not ours: its handshake fails.
+        ctx = ssl.create_default_context(cafile=str(intercept.origin_ca))
+        async with httpx.AsyncClient(proxy=server.url, verify=ctx, timeout=20) as c:
+            with pytest.raises(httpx.ConnectError):
+                await c.get(f"{intercept.base}/refused")
+        await eventually(lambda: bool(NotesErrors.errors))
+        # The proxy carries on for a client that trusts it.
+        async with intercept.client(server) as c:
+            assert (await c.get(f"{intercept.base}/fine")).text == "GET /fine"
+    assert any("rejected our certificate" in e for e in NotesErrors.errors), NotesErrors.errors
 
 
 async def test_on_connect_tunnel_skips_interception(intercept: Intercept) -> None:
