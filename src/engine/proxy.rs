@@ -638,13 +638,9 @@ async fn exchange<C: Io>(
         }
     };
 
-    // Who answers on the origin connection, as error messages name it: the destination, or
-    // the upstream proxy when plain HTTP goes through one.
-    let (peer, via_upstream) = match &route {
-        Route::Upstream(hop) if target.scheme != "https" => (format!("upstream proxy {hop} (for {})", target.authority()), true),
-        Route::Upstream(hop) => (format!("{} (through upstream proxy {hop})", target.authority()), false),
-        Route::Direct => (target.authority(), false),
-    };
+    // Named in error messages; formatted only when one is written, not per request.
+    let peer = Peer { route: &route, target: &target };
+    let via_upstream = matches!(route, Route::Upstream(_)) && target.scheme != "https";
 
     // An origin connection: a pooled one when there is one, else a new one.
     let encoded = out.encode();
@@ -918,6 +914,25 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
 }
 
 /// After `101 Switching Protocols` the connection carries another protocol: relay bytes.
+/// Who answers on an origin connection, as error messages name it: the destination, or the
+/// upstream proxy when plain HTTP goes through one.
+struct Peer<'a> {
+    route: &'a Route,
+    target: &'a Target,
+}
+
+impl std::fmt::Display for Peer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.route {
+            Route::Upstream(hop) if self.target.scheme != "https" => {
+                write!(f, "upstream proxy {hop} (for {})", self.target.authority())
+            }
+            Route::Upstream(hop) => write!(f, "{} (through upstream proxy {hop})", self.target.authority()),
+            Route::Direct => f.write_str(&self.target.authority()),
+        }
+    }
+}
+
 /// How an upgraded connection's bytes are segmented each way, as the flow's policy says.
 struct Segmenting {
     up: SegmentPolicy,
