@@ -57,6 +57,10 @@ class FlowRecord(TypedDict):
     end: float | None
     dropped_chunks: int
     chunks: list[tuple[str, int, float]]
+    """(direction, size, seconds) of every chunk, at its start."""
+    short_chunks: list[tuple[int, str]]
+    """(index into ``chunks``, why) of each chunk shorter than the policy asked: "flush" (the
+    message ended), "idle" (the source was quiet for 1 ms) or "end" (the stream ended)."""
 
 
 class BoundSocket:

@@ -18,7 +18,7 @@ use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
 use super::server::Engine;
 use super::tls;
-use super::tunnel::pump;
+use super::tunnel::{pump, SEGMENTING_BUFFER};
 #[cfg(target_os = "linux")]
 use super::tunnel::splice_pump;
 
@@ -198,8 +198,10 @@ async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan:
     let ca = engine.ca.clone().expect("interception needs a CA");
     client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
     record.status = 200;
-    let prefix: Bytes = client.buf.split().freeze();
-    let down = Segmented::new(client.io, down_policy, flow.as_ref().map(|f| f.observer("down")));
+    let BufStream { io: client_io, buf: client_buf } = client;
+    let prefix = leftover(client_buf);
+    let down_segmenting = !down_policy.is_passthrough();
+    let down = Segmented::new(client_io, down_policy, flow.as_ref().map(|f| f.observer("down")));
     let accepted =
         tokio::time::timeout(engine.config.header_timeout, tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host)).await;
     let tls_stream = match accepted {
@@ -210,7 +212,7 @@ async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan:
         }
         Ok(Ok((s, _sni))) => s,
     };
-    let mode = Mode::Intercepted { host, port, up_policy };
+    let mode = Mode::Intercepted { host, port, up_policy, down_segmenting };
     let _ = serve_http(engine, BufStream::new(tls_stream), conn, &mode).await;
     if let Some(f) = flow {
         f.update(|f| f.status = 200);
@@ -235,13 +237,16 @@ async fn tunnel(
             h.tunnel_opened(host.clone(), port);
         }
     }
-    let client_prefix: Bytes = client.buf.split().freeze();
-    let origin_prefix: Bytes = origin.buf.clone().freeze();
+    // Bytes read past the heads go first; the head buffers are let go before the tunnel
+    // settles in, so an idle tunnel holds no buffer.
+    let BufStream { io: client_io, buf: client_buf } = client;
+    let BufStream { io: origin_io, buf: origin_buf } = origin;
+    let client_prefix = leftover(client_buf);
+    let origin_prefix = leftover(origin_buf);
     #[cfg(target_os = "linux")]
     if up_policy.is_passthrough() && down_policy.is_passthrough() && flow.is_none() {
         // Nothing to segment or record: relay in the kernel.
-        let mut client_io = client.io;
-        let mut origin_io = origin.io;
+        let (mut client_io, mut origin_io) = (client_io, origin_io);
         let prefixes = async {
             origin_io.write_all(&client_prefix).await?;
             client_io.write_all(&origin_prefix).await
@@ -254,14 +259,19 @@ async fn tunnel(
         record.bytes_down = totals.b_to_a + origin_prefix.len() as u64;
         return finish_tunnel(engine, conn, host, port, record, err);
     }
-    let (cr, cw) = client.io.into_split();
-    let (or, ow) = origin.io.into_split();
+    let (cr, cw) = client_io.into_split();
+    let (or, ow) = origin_io.into_split();
     let to_origin = Segmented::new(ow, up_policy, flow.as_ref().map(|f| f.observer("up")));
     let to_client = Segmented::new(cw, down_policy, flow.as_ref().map(|f| f.observer("down")));
+    let buffer = if to_origin.is_passthrough() && to_client.is_passthrough() {
+        engine.config.tunnel_buffer_bytes
+    } else {
+        SEGMENTING_BUFFER
+    };
     let (totals, err) = pump(
         (Rewind::new(client_prefix, cr), to_client),
         (Rewind::new(origin_prefix, or), to_origin),
-        engine.config.tunnel_buffer_bytes,
+        buffer,
         engine.config.idle_timeout,
     )
     .await;
@@ -293,5 +303,15 @@ fn finish_tunnel(
     match err {
         Some(e) if e.kind() != std::io::ErrorKind::TimedOut => Err(format!("tunnel ended: {e}")),
         _ => Ok(()),
+    }
+}
+
+/// The bytes a head buffer holds past the head, in an allocation of their own (the buffer's
+/// spare capacity is freed with it).
+fn leftover(buf: bytes::BytesMut) -> Bytes {
+    if buf.is_empty() {
+        Bytes::new()
+    } else {
+        Bytes::copy_from_slice(&buf)
     }
 }

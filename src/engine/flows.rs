@@ -8,7 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::segment::ChunkObserver;
+use super::segment::{ChunkObserver, ShortChunk};
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
 pub const MAX_CHUNKS_PER_FLOW: usize = 100_000;
@@ -21,8 +21,10 @@ pub struct ChunkEvent {
     /// "up" (client -> destination) or "down".
     pub direction: &'static str,
     pub size: usize,
-    /// Seconds since the recorder started (monotonic clock).
+    /// Seconds since the recorder started (monotonic clock) when the chunk started.
     pub t: f64,
+    /// Set when the chunk is shorter than the policy asked, and why.
+    pub short: Option<ShortChunk>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -53,8 +55,14 @@ impl FlowRecord {
             .iter()
             .map(|c| format!("[\"{}\",{},{:.6}]", c.direction, c.size, c.t))
             .collect();
+        let short: Vec<String> = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| c.short.map(|why| format!("[{i},\"{}\"]", why.as_str())))
+            .collect();
         format!(
-            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}]}}",
+            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}],\"short_chunks\":[{}]}}",
             json_str(&self.id),
             json_str(&self.kind),
             json_str(&self.method),
@@ -68,7 +76,8 @@ impl FlowRecord {
             self.start,
             self.end.map(|e| format!("{e:.6}")).unwrap_or_else(|| "null".into()),
             self.dropped_chunks,
-            chunks.join(",")
+            chunks.join(","),
+            short.join(",")
         )
     }
 }
@@ -179,11 +188,11 @@ impl FlowHandle {
     /// An observer for the segmenting writer of one direction.
     pub fn observer(&self, direction: &'static str) -> ChunkObserver {
         let handle = self.clone();
-        Arc::new(move |size| {
+        Arc::new(move |size, short| {
             let t = handle.inner.recorder.now();
             let mut r = handle.inner.record.lock().unwrap_or_else(|e| e.into_inner());
             if r.chunks.len() < MAX_CHUNKS_PER_FLOW {
-                r.chunks.push(ChunkEvent { direction, size, t });
+                r.chunks.push(ChunkEvent { direction, size, t, short });
             } else {
                 r.dropped_chunks += 1;
             }
@@ -204,7 +213,7 @@ mod tests {
         let f = recorder.begin(FlowRecord { id: id.into(), ..Default::default() });
         let observe = f.observer("up");
         for _ in 0..chunks {
-            observe(10);
+            observe(10, None);
         }
     }
 

@@ -15,6 +15,7 @@ pub mod rules;
 pub mod safety;
 pub mod segment;
 pub mod server;
+pub mod timer;
 pub mod tls;
 pub mod tunnel;
 #[cfg(test)] mod e2e_tests;

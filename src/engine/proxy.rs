@@ -14,7 +14,8 @@ use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
 use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::{ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
 use super::rules::{Action, Decision, Scheme};
-use super::segment::{ChunkObserver, SegmentPolicy, Segmented};
+use super::segment::{read_flushing, Carry, ChunkObserver, SegmentPolicy, Segmented};
+use super::tunnel::SEGMENTING_BUFFER;
 use super::tls;
 use super::http1::{
     chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
@@ -30,8 +31,9 @@ pub enum Mode {
     /// A client talking to us as its proxy: absolute-form targets and CONNECT.
     Proxy,
     /// Requests inside an intercepted CONNECT: origin-form targets for this destination.
-    /// `up_policy` segments the encrypted bytes of new origin connections.
-    Intercepted { host: String, port: u16, up_policy: SegmentPolicy },
+    /// `up_policy` segments the encrypted bytes of new origin connections;
+    /// `down_segmenting` says whether the client's encrypted bytes are segmented below TLS.
+    Intercepted { host: String, port: u16, up_policy: SegmentPolicy, down_segmenting: bool },
 }
 
 /// Per-connection facts shared by its exchanges.
@@ -429,9 +431,34 @@ impl Failure {
     fn cut(message: impl Into<String>) -> Self {
         Failure { respond: None, message: message.into(), client_reusable: false, from_hook: false }
     }
+    /// The client went away: nothing can be answered.
+    fn client_gone(message: impl Into<String>) -> Self {
+        Failure::cut(message)
+    }
     fn hook(mut self) -> Self {
         self.from_hook = true;
         self
+    }
+}
+
+/// Writes a request head through its segmenting writer: flushed when it is the whole message,
+/// else left for the body to complete its last chunk.
+async fn write_head<W: AsyncWrite + Unpin>(w: &mut Segmented<W>, head: &[u8], whole_message: bool) -> io::Result<()> {
+    w.write_all(head).await?;
+    if whole_message {
+        w.flush().await
+    } else {
+        w.progress().await
+    }
+}
+
+/// A request body that could not be read: malformed framing is the client's error (400);
+/// a client that went away mid-body was sent nothing and is recorded as gone.
+fn body_read_failure(e: io::Error, what: &str) -> Failure {
+    if e.kind() == io::ErrorKind::InvalidData {
+        Failure::answer(400, format!("reading {what}: {e}"), false)
+    } else {
+        Failure::client_gone(format!("client went away while sending the {what}: {e}"))
     }
 }
 
@@ -646,13 +673,16 @@ async fn exchange<C: Io>(
     let encoded = out.encode();
     let up_observer = flow.filter(|_| plain).map(|f| f.observer("up"));
     let mut origin_conn = None;
-    // The pause armed after the head's last chunk also spaces the body's first chunk.
-    let mut head_pause = None;
+    // The head and the body are one segmented stream: what the head's writer holds of an
+    // incomplete chunk, and its schedule, go on in the body's writer. A request without a
+    // body is complete with its head, so that is flushed.
+    let head_is_message = body_empty && replacement_body.as_ref().is_none_or(|b| b.is_empty());
+    let mut head_carry = Carry::default();
     if let Some(mut conn) = engine.pool.take(&pool_key) {
         // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
         let mut w = Segmented::new(&mut conn.io, up_policy.clone(), up_observer.clone());
-        if w.write_all(&encoded).await.is_ok() && w.flush().await.is_ok() {
-            head_pause = w.take_pause();
+        if write_head(&mut w, &encoded, head_is_message).await.is_ok() {
+            head_carry = w.take_carry();
             drop(w);
             origin_conn = Some(conn);
         }
@@ -668,11 +698,10 @@ async fn exchange<C: Io>(
                 Failure::answer(status, e.to_string(), body_empty)
             })?;
             let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
-            w.write_all(&encoded)
+            write_head(&mut w, &encoded, head_is_message)
                 .await
-                .and(w.flush().await)
                 .map_err(|e| Failure::answer(502, format!("sending request to {peer} failed: {e}"), false))?;
-            head_pause = w.take_pause();
+            head_carry = w.take_carry();
             drop(w);
             new
         }
@@ -682,7 +711,9 @@ async fn exchange<C: Io>(
     // stop reading (413, 501...): a failed send is reported only if no response follows.
     let mut send_failure: Option<String> = None;
     {
-        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone()).with_pause(head_pause);
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone()).with_carry(head_carry);
+        // Below TLS, an intercepted flow's writer may hold bytes too: flush it when idle.
+        let segmenting = !w.is_passthrough() || matches!(mode, Mode::Intercepted { up_policy, .. } if !up_policy.is_passthrough());
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
             if let Err(e) = writer.write(&mut w, body).await {
@@ -692,11 +723,17 @@ async fn exchange<C: Io>(
             if expects_continue && !request_body.is_done() {
                 let _ = client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
             }
-            while let Some(piece) = tokio::time::timeout(cfg.idle_timeout, request_body.next(client))
-                .await
-                .map_err(|_| Failure::cut("client stopped sending the request body"))?
-                .map_err(|e| Failure::answer(400, format!("reading request body: {e}"), false))?
-            {
+            loop {
+                let read = read_flushing(request_body.next(client), &mut w, segmenting);
+                let piece = match tokio::time::timeout(cfg.idle_timeout, read).await {
+                    Err(_) => return Err(Failure::cut("client stopped sending the request body")),
+                    Ok(Err(e)) => {
+                        send_failure = Some(e.to_string());
+                        break;
+                    }
+                    Ok(Ok(piece)) => piece.map_err(|e| body_read_failure(e, "request body"))?,
+                };
+                let Some(piece) = piece else { break };
                 record.bytes_up += piece.len() as u64;
                 if let Err(e) = writer.write(&mut w, &piece).await {
                     send_failure = Some(e.to_string());
@@ -824,6 +861,7 @@ async fn exchange<C: Io>(
     }
     let down_observer = flow.map(|f| f.observer("down"));
     let mut to_client = Segmented::new(&mut client.io, down_policy, down_observer);
+    let segmenting = !to_client.is_passthrough() || matches!(mode, Mode::Intercepted { down_segmenting: true, .. });
     to_client
         .write_all(&back.encode())
         .await
@@ -832,9 +870,11 @@ async fn exchange<C: Io>(
     let mut reader = BodyReader::new(origin_kind);
     let mut writer = BodyWriter::new(client_kind);
     loop {
-        let piece = tokio::time::timeout(cfg.idle_timeout, reader.next(&mut origin))
+        let read = read_flushing(reader.next(&mut origin), &mut to_client, segmenting);
+        let piece = tokio::time::timeout(cfg.idle_timeout, read)
             .await
             .map_err(|_| Failure::cut(format!("{peer} stalled in the middle of the response body")))?
+            .map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?
             .map_err(|e| Failure::cut(format!("reading response body from {peer}: {e}")))?;
         let Some(piece) = piece else { break };
         let piece = if rewrites_body {
@@ -898,8 +938,8 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
     // A pooled connection serves later requests too: report chunks to whichever request's
     // flow is writing (the task-local set in `forward`), not to the one that opened it.
     let observer: Option<super::segment::ChunkObserver> = engine.flows.as_ref().map(|_| {
-        Arc::new(|size| {
-            let _ = ORIGIN_WIRE_UP.try_with(|o| o.as_ref().map(|o| o(size)));
+        Arc::new(|size, short| {
+            let _ = ORIGIN_WIRE_UP.try_with(|o| o.as_ref().map(|o| o(size, short)));
         }) as super::segment::ChunkObserver
     });
     let io = Segmented::new(tcp.io, up_policy, observer);
@@ -952,10 +992,12 @@ async fn upgrade<C: Io>(
     response.version = 1;
     strip_hop_by_hop(&mut response.headers, true);
     response.headers.push("Connection", "Upgrade");
-    {
+    // The 101 head and the bytes after it are one segmented stream toward the client.
+    let head_carry = {
         let mut head = Segmented::new(&mut client.io, segmenting.down.clone(), segmenting.down_observer.clone());
-        head.write_all(&response.encode()).await.and(head.flush().await).map_err(|e| Failure::cut(e.to_string()))?;
-    }
+        head.write_all(&response.encode()).await.and(head.progress().await).map_err(|e| Failure::cut(e.to_string()))?;
+        head.take_carry()
+    };
     record.kind = "upgrade".into();
     let client_prefix = client.buf.split().freeze();
     let origin_prefix = origin.buf.clone().freeze();
@@ -965,8 +1007,9 @@ async fn upgrade<C: Io>(
     let (br, bw) = tokio::io::split(origin_side);
     // The upgraded bytes are segmented like a tunnel's: toward the origin (up) and the client.
     let bw = Segmented::new(bw, segmenting.up, segmenting.up_observer);
-    let aw = Segmented::new(aw, segmenting.down, segmenting.down_observer);
-    let (totals, _err) = pump((ar, aw), (br, bw), engine.config.tunnel_buffer_bytes, engine.config.idle_timeout).await;
+    let aw = Segmented::new(aw, segmenting.down, segmenting.down_observer).with_carry(head_carry);
+    let buffer = if aw.is_passthrough() && bw.is_passthrough() { engine.config.tunnel_buffer_bytes } else { SEGMENTING_BUFFER };
+    let (totals, _err) = pump((ar, aw), (br, bw), buffer, engine.config.idle_timeout).await;
     record.bytes_up += totals.a_to_b;
     record.bytes_down += totals.b_to_a;
     Ok(Next::Close)

@@ -1,25 +1,8 @@
 //! Segmentation: the one adapter every output path puts in front of its writer.
 //!
-//! [`Segmented`] wraps an `AsyncWrite` and re-groups the bytes a caller writes
-//! into chunks chosen by a [`SegmentPolicy`], flushing after each chunk and
-//! optionally pausing between chunks. It changes timing and grouping only:
-//! no byte is ever altered, dropped, duplicated or reordered.
-//!
-//! Chunking rules:
-//! - Each `poll_write` starts at most one chunk: `min(policy size, buf.len())`
-//!   bytes (the policy size is fixed N, a fresh uniform draw in `[min, max]`
-//!   for random, or the whole buffer for none). A chunk therefore never spans
-//!   two caller writes; a short write makes a short chunk.
-//! - A chunk is written fully to the inner writer, then the inner writer is
-//!   flushed, then the observer is called with the chunk size, then (if the
-//!   delay is non-zero) a `tokio::time::sleep` must elapse before the next
-//!   chunk's first byte is accepted, also across separate writes.
-//! - If the inner writer accepts only part of a chunk, the rest is copied into
-//!   a small internal buffer (at most one chunk) and `poll_write` reports the
-//!   whole chunk as accepted; the rest is written before anything else, and
-//!   `poll_flush` / `poll_shutdown` drain it. As with any buffering writer,
-//!   callers must flush or shut down before dropping the wrapper.
-//!
+//! [`Segmented`] wraps an `AsyncWrite` and re-groups the bytes written through it into chunks
+//! chosen by a [`SegmentPolicy`], spacing chunk starts by the policy's delay. It changes
+//! timing and grouping only: no byte is ever altered, dropped, duplicated or reordered.
 //! TCP_NODELAY is the caller's job: without it the kernel may coalesce chunks.
 
 use std::fmt;
@@ -28,17 +11,18 @@ use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::time::Sleep;
+
+use super::timer::{self, PreciseSleep};
 
 /// How writes are cut into chunks.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Strategy {
     /// Every caller write is one chunk.
     None,
-    /// Chunks of exactly `chunk` bytes (the last one of a write may be shorter).
+    /// Chunks of exactly `chunk` bytes (only a flush or the end of the stream makes a shorter one).
     Fixed { chunk: usize },
     /// Each chunk has a fresh uniform size in `[min, max]`.
     Random { min: usize, max: usize },
@@ -120,10 +104,56 @@ impl fmt::Display for SegmentPolicy {
     }
 }
 
-/// Called once per chunk written (after the flush), with the chunk's size.
-pub type ChunkObserver = Arc<dyn Fn(usize) + Send + Sync>;
+/// Why a chunk is shorter than the policy asked (see [`Segmented`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ShortChunk {
+    /// The writer was flushed: the message ended (an HTTP body, a TLS flight) and its last
+    /// bytes go out rather than wait for bytes that may never come.
+    Flush,
+    /// The source had nothing more for [`IDLE_FLUSH`]: the held bytes went out.
+    Idle,
+    /// The stream ended (shutdown).
+    End,
+}
+
+impl ShortChunk {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ShortChunk::Flush => "flush",
+            ShortChunk::Idle => "idle",
+            ShortChunk::End => "end",
+        }
+    }
+}
+
+/// How long a source must stay quiet before the bytes of a chunk not yet complete go out
+/// short. The relays (tunnels, HTTP bodies) wait this long for more input, then flush.
+pub const IDLE_FLUSH: Duration = Duration::from_millis(1);
+
+/// Called once per chunk as it starts, with its size and, for a short chunk, why it is short.
+pub type ChunkObserver = Arc<dyn Fn(usize, Option<ShortChunk>) + Send + Sync>;
+
+/// Bytes and schedule handed from one [`Segmented`] to the next on the same stream (a
+/// request head's writer to its body's), so the stream is chunked as one.
+#[derive(Debug, Default)]
+pub struct Carry {
+    pending: Vec<u8>,
+    next_at: Option<Instant>,
+    planned: Option<usize>,
+}
 
 /// An `AsyncWrite` that segments what is written through it; reads pass through.
+///
+/// Chunks are exact: with `fixed` every chunk has exactly the policy's size and with `random`
+/// every chunk's size is drawn in `[min, max]`, whatever the sizes of the caller's writes. A
+/// chunk that is not complete yet is held (at most one chunk's bytes) until more bytes
+/// complete it. The one exception is a short chunk at a flush ([`ShortChunk`]): the caller
+/// flushes at the end of a message, and the relays flush when their source has been quiet for
+/// [`IDLE_FLUSH`]; `poll_shutdown` sends the stream's last bytes.
+///
+/// Delays are kept by deadline: chunk k+1 starts no earlier than chunk k's start plus the
+/// delay (a timer precise to tens of microseconds, [`super::timer`]), so errors never add up.
+/// When bytes arrive late, the chunk starts when they arrive.
 pub struct Segmented<S> {
     inner: S,
     policy: SegmentPolicy,
@@ -131,18 +161,21 @@ pub struct Segmented<S> {
     /// Passthrough policy and no observer: forward every call untouched.
     fast: bool,
     rng: fastrand::Rng,
-    /// Size drawn for the next chunk; kept across `Pending` so a retried write
-    /// does not re-draw (only matters for random).
+    /// Size drawn for the next chunk (kept until that chunk starts).
     planned: Option<usize>,
-    /// Accepted bytes of the current chunk the inner writer has not taken yet.
-    tail: Vec<u8>,
-    tail_pos: usize,
-    /// Size of a chunk fully handed to the inner writer but not yet flushed/observed.
-    finishing: Option<usize>,
-    /// The pause that must elapse before the next chunk starts.
-    pause: Option<Pin<Box<Sleep>>>,
-    /// An error hit while finishing a chunk after its bytes were already
-    /// reported as accepted; returned by the next call.
+    /// Accepted bytes not yet written: the start of the next chunk, or the rest of the chunk
+    /// being written (its first `in_flight` bytes).
+    pending: Vec<u8>,
+    in_flight: usize,
+    /// A chunk whose bytes are all written but the inner writer not yet flushed.
+    unflushed: bool,
+    /// The earliest start of the next chunk.
+    next_at: Option<Instant>,
+    sleep: Option<PreciseSleep>,
+    /// What a short chunk at the next flush is called.
+    flush_reason: ShortChunk,
+    /// An error hit while finishing a chunk after its bytes were already reported as
+    /// accepted; returned by the next call.
     error: Option<io::Error>,
 }
 
@@ -156,10 +189,12 @@ impl<S> Segmented<S> {
             fast,
             rng: fastrand::Rng::new(),
             planned: None,
-            tail: Vec::new(),
-            tail_pos: 0,
-            finishing: None,
-            pause: None,
+            pending: Vec::new(),
+            in_flight: 0,
+            unflushed: false,
+            next_at: None,
+            sleep: None,
+            flush_reason: ShortChunk::Flush,
             error: None,
         }
     }
@@ -168,13 +203,13 @@ impl<S> Segmented<S> {
         &self.inner
     }
 
-    /// Writing to the inner stream directly bypasses segmentation (and any
-    /// pending tail): flush the wrapper first.
+    /// Writing to the inner stream directly bypasses segmentation (and any held bytes):
+    /// flush the wrapper first.
     pub fn get_mut(&mut self) -> &mut S {
         &mut self.inner
     }
 
-    /// Returns the inner stream. Unflushed tail bytes are lost: flush first.
+    /// Returns the inner stream. Held bytes are lost: flush first.
     pub fn into_inner(self) -> S {
         self.inner
     }
@@ -183,57 +218,125 @@ impl<S> Segmented<S> {
         &self.policy
     }
 
-    /// Takes the pause still due before the next chunk, so that a new wrapper writing the
-    /// next bytes on the same stream keeps the spacing (see [`Segmented::with_pause`]).
-    pub fn take_pause(&mut self) -> Option<Pin<Box<Sleep>>> {
-        self.pause.take()
+    /// True when writes go straight to the inner writer (nothing is ever held).
+    pub fn is_passthrough(&self) -> bool {
+        self.fast
     }
 
-    /// Starts with a pause taken from the wrapper that wrote the previous chunk.
-    pub fn with_pause(mut self, pause: Option<Pin<Box<Sleep>>>) -> Self {
-        if !self.fast {
-            self.pause = pause;
+    /// True while bytes are accepted but not yet written.
+    pub fn holds_bytes(&self) -> bool {
+        !self.pending.is_empty() || self.unflushed
+    }
+
+    /// Takes the held bytes and the schedule, for a new wrapper writing the rest of the
+    /// same stream ([`Segmented::with_carry`]). Drive [`Segmented::progress`] first, so no
+    /// chunk is half written.
+    pub fn take_carry(&mut self) -> Carry {
+        debug_assert_eq!(self.in_flight, 0, "a chunk is half written");
+        Carry { pending: std::mem::take(&mut self.pending), next_at: self.next_at.take(), planned: self.planned.take() }
+    }
+
+    /// Goes on from where the previous wrapper on the same stream stopped.
+    pub fn with_carry(mut self, carry: Carry) -> Self {
+        if self.fast {
+            debug_assert!(carry.pending.is_empty(), "held bytes given to a passthrough writer");
+            self.pending = carry.pending;
+            self.fast = self.pending.is_empty();
+            return self;
         }
+        self.pending = carry.pending;
+        self.next_at = carry.next_at;
+        self.planned = carry.planned;
         self
     }
 
-    fn draw_chunk_size(&mut self, available: usize) -> usize {
-        let size = *self
-            .planned
-            .get_or_insert_with(|| match self.policy.strategy {
-                Strategy::None => usize::MAX,
-                // max(1) keeps an unvalidated zero from looping forever.
-                Strategy::Fixed { chunk } => chunk.max(1),
-                Strategy::Random { min, max } => self.rng.usize(min.max(1)..=max.max(min).max(1)),
-            });
-        size.min(available)
+    /// The size of the next chunk, given that `offered` more bytes are at hand.
+    fn chunk_size(&mut self, offered: usize) -> usize {
+        match self.policy.strategy {
+            // Every write is one chunk (with the bytes held from before, if a carry brought any).
+            Strategy::None => self.pending.len() + offered,
+            // max(1) keeps an unvalidated zero from looping forever.
+            Strategy::Fixed { chunk } => chunk.max(1),
+            Strategy::Random { min, max } => {
+                let rng = &mut self.rng;
+                *self.planned.get_or_insert_with(|| rng.usize(min.max(1)..=max.max(min).max(1)))
+            }
+        }
+    }
+
+    /// Starts a chunk now: arms the next deadline and tells the observer.
+    fn begin_chunk(&mut self, size: usize, short: Option<ShortChunk>) {
+        self.planned = None;
+        if !self.policy.delay.is_zero() {
+            self.next_at = Some(Instant::now() + self.policy.delay);
+        }
+        if let Some(observer) = &self.observer {
+            observer(size, short);
+        }
+    }
+
+    /// Ready once the next chunk may start.
+    fn poll_deadline(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        if let Some(at) = self.next_at {
+            let sleep = self.sleep.get_or_insert_with(|| timer::sleep_until(at));
+            ready!(Pin::new(sleep).poll(cx));
+            self.sleep = None;
+            self.next_at = None;
+        }
+        Poll::Ready(())
     }
 }
 
 impl<S: AsyncWrite + Unpin> Segmented<S> {
-    /// Drives the current chunk to completion: drain the tail, flush, observe,
-    /// and arm the pause.
-    fn poll_finish_chunk(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        while self.tail_pos < self.tail.len() {
-            let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.tail[self.tail_pos..]))?;
-            if n == 0 {
-                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+    /// Writes what can go now: the rest of a chunk in flight, then every complete chunk whose
+    /// time has come; with `all`, also the held bytes of a chunk not yet complete (short).
+    fn poll_progress(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<()>> {
+        loop {
+            while self.in_flight > 0 {
+                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight]))?;
+                if n == 0 {
+                    return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+                }
+                self.pending.drain(..n);
+                self.in_flight -= n;
+                self.unflushed = true;
             }
-            self.tail_pos += n;
+            if self.unflushed {
+                ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
+                self.unflushed = false;
+            }
+            let held = self.pending.len();
+            if held == 0 {
+                return Poll::Ready(Ok(()));
+            }
+            let size = self.chunk_size(0);
+            if held < size && !all {
+                return Poll::Ready(Ok(()));
+            }
+            ready!(self.poll_deadline(cx));
+            let short = (held < size).then_some(self.flush_reason);
+            let size = size.min(held);
+            self.begin_chunk(size, short);
+            self.in_flight = size;
         }
-        self.tail.clear();
-        self.tail_pos = 0;
-        if let Some(size) = self.finishing {
-            ready!(Pin::new(&mut self.inner).poll_flush(cx))?;
-            self.finishing = None;
-            if let Some(observer) = &self.observer {
-                observer(size);
-            }
-            if !self.policy.delay.is_zero() {
-                self.pause = Some(Box::pin(tokio::time::sleep(self.policy.delay)));
-            }
+    }
+
+    /// Writes what can go now without waiting for more input (see `poll_progress`); the
+    /// relays call it after each write, so a chunk the socket took only part of goes on.
+    pub async fn progress(&mut self) -> io::Result<()> {
+        if self.fast {
+            return Ok(());
         }
-        Poll::Ready(Ok(()))
+        std::future::poll_fn(|cx| self.poll_progress(cx, false)).await
+    }
+
+    /// Sends the held bytes as a short chunk marked [`ShortChunk::Idle`]: the source has
+    /// been quiet for [`IDLE_FLUSH`].
+    pub async fn idle_flush(&mut self) -> io::Result<()> {
+        self.flush_reason = ShortChunk::Idle;
+        let result = tokio::io::AsyncWriteExt::flush(self).await;
+        self.flush_reason = ShortChunk::Flush;
+        result
     }
 
     fn take_error(&mut self) -> io::Result<()> {
@@ -245,21 +348,13 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Segmented<S> {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
+    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.fast {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
@@ -268,37 +363,49 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        ready!(this.poll_finish_chunk(cx))?;
-        if let Some(pause) = this.pause.as_mut() {
-            ready!(pause.as_mut().poll(cx));
-            this.pause = None;
+        // Complete chunks held from before go first, each at its time.
+        ready!(this.poll_progress(cx, false))?;
+        let size = this.chunk_size(buf.len());
+        let held = this.pending.len();
+        if held + buf.len() < size {
+            // Not a chunk yet: hold the bytes until more come or a flush.
+            this.pending.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
         }
-
-        let len = this.draw_chunk_size(buf.len());
-        let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..len]))?;
-        if n == 0 {
-            // Inner is closed; report it as-is (callers turn it into WriteZero).
-            return Poll::Ready(Ok(0));
-        }
-        this.planned = None;
-        if n < len {
-            this.tail.extend_from_slice(&buf[n..len]);
-        }
-        this.finishing = Some(len);
-        // Finish eagerly so the flush, the observer and the pause's clock all
-        // start now, not at the caller's next write. The chunk is accepted
-        // either way; a late error is kept for the next call.
-        if let Poll::Ready(Err(e)) = this.poll_finish_chunk(cx) {
+        // A chunk can start once its time has come; until then nothing is accepted, which is
+        // the backpressure that keeps at most one chunk held.
+        ready!(this.poll_deadline(cx));
+        let accepted = if held == 0 {
+            // The common case: the chunk goes straight from the caller's buffer.
+            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..size]))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            this.begin_chunk(size, None);
+            this.pending.extend_from_slice(&buf[n..size]);
+            this.in_flight = size - n;
+            this.unflushed = true;
+            size
+        } else {
+            let take = size - held;
+            this.pending.extend_from_slice(&buf[..take]);
+            this.begin_chunk(size, None);
+            this.in_flight = size;
+            take
+        };
+        // Finish the chunk eagerly; its bytes are accepted either way, and a late error is
+        // kept for the next call.
+        if let Poll::Ready(Err(e)) = this.poll_progress(cx, false) {
             this.error = Some(e);
         }
-        Poll::Ready(Ok(len))
+        Poll::Ready(Ok(accepted))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         if !this.fast {
             this.take_error()?;
-            ready!(this.poll_finish_chunk(cx))?;
+            ready!(this.poll_progress(cx, true))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -307,27 +414,19 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         let this = self.get_mut();
         if !this.fast {
             this.take_error()?;
-            // A pending chunk goes out before the FIN; a pending pause does not
-            // delay it (there is no next chunk to space out).
-            ready!(this.poll_finish_chunk(cx))?;
+            this.flush_reason = ShortChunk::End;
+            ready!(this.poll_progress(cx, true))?;
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        bufs: &[io::IoSlice<'_>],
-    ) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.fast {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         // Segmenting: one buffer at a time, like the default implementation.
-        let buf = bufs
-            .iter()
-            .find(|b| !b.is_empty())
-            .map_or(&[][..], |b| &**b);
+        let buf = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
         Pin::new(this).poll_write(cx, buf)
     }
 
@@ -341,9 +440,30 @@ impl<S> fmt::Debug for Segmented<S> {
         f.debug_struct("Segmented")
             .field("policy", &self.policy)
             .field("observer", &self.observer.is_some())
-            .field("pending_tail", &(self.tail.len() - self.tail_pos))
+            .field("held", &self.pending.len())
             .finish_non_exhaustive()
     }
+}
+
+/// Awaits `read` (a read from the relay's source); if it stays pending for [`IDLE_FLUSH`]
+/// while `writer` holds bytes of a chunk not yet complete, flushes them meanwhile, so a quiet
+/// source never keeps bytes back. The read itself is never cancelled.
+pub async fn read_flushing<T, F, W>(read: F, writer: &mut W, segmenting: bool) -> io::Result<T>
+where
+    F: Future<Output = T>,
+    W: AsyncWrite + Unpin,
+{
+    if !segmenting {
+        return Ok(read.await);
+    }
+    tokio::pin!(read);
+    tokio::select! {
+        biased;
+        r = &mut read => return Ok(r),
+        _ = tokio::time::sleep(IDLE_FLUSH) => {}
+    }
+    tokio::io::AsyncWriteExt::flush(writer).await?;
+    Ok(read.await)
 }
 
 #[cfg(test)]
@@ -357,7 +477,7 @@ mod tests {
     fn recorder() -> (ChunkObserver, Arc<Mutex<Vec<usize>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        (Arc::new(move |n| s.lock().unwrap().push(n)), seen)
+        (Arc::new(move |n, _| s.lock().unwrap().push(n)), seen)
     }
 
     #[test]
@@ -436,13 +556,14 @@ mod tests {
 
         let chunks = seen.lock().unwrap().clone();
         assert_eq!(chunks.iter().sum::<usize>(), expected.len());
-        // Each accepted write is exactly one chunk.
-        assert_eq!(chunks, write_sizes);
-        for &c in &chunks {
+        assert_eq!(write_sizes.iter().sum::<usize>(), expected.len());
+        // Every chunk but the stream's last has exactly the policy's size, whatever the writes.
+        let (_, whole) = chunks.split_last().unwrap_or((&0, &[]));
+        for &c in whole {
             match policy.strategy {
                 Strategy::None => {}
-                Strategy::Fixed { chunk } => assert!(c <= chunk),
-                Strategy::Random { max, .. } => assert!(c <= max),
+                Strategy::Fixed { chunk } => assert_eq!(c, chunk),
+                Strategy::Random { min, max } => assert!((min..=max).contains(&c), "{c} not in {min}..={max}"),
             }
         }
     }
@@ -487,17 +608,105 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn fixed_chunks_split_each_write_and_never_span_writes() {
+    async fn fixed_chunks_span_writes_and_only_a_flush_or_the_end_is_short() {
         let (a, mut b) = tokio::io::duplex(1 << 20);
-        let (obs, seen) = recorder();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let s = seen.clone();
+        let obs: ChunkObserver = Arc::new(move |n, short| s.lock().unwrap().push((n, short)));
         let mut w = Segmented::new(a, SegmentPolicy::fixed(4, Duration::ZERO), Some(obs));
-        w.write_all(b"0123456789").await.unwrap(); // 4 4 2
-        w.write_all(b"abc").await.unwrap(); // 3: not merged with the 2 before
+        w.write_all(b"0123456789").await.unwrap(); // 4 4, "89" held
+        w.write_all(b"abc").await.unwrap(); // "89ab" completes a chunk, "c" held
+        w.flush().await.unwrap(); // "c" goes short
+        w.write_all(b"defgh").await.unwrap(); // 4, "h" held
+        w.idle_flush().await.unwrap();
+        w.write_all(b"ij").await.unwrap();
         w.shutdown().await.unwrap();
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
-        assert_eq!(got, b"0123456789abc");
-        assert_eq!(*seen.lock().unwrap(), vec![4, 4, 2, 3]);
+        assert_eq!(got, b"0123456789abcdefghij");
+        use ShortChunk::*;
+        assert_eq!(
+            *seen.lock().unwrap(),
+            vec![(4, None), (4, None), (4, None), (1, Some(Flush)), (4, None), (1, Some(Idle)), (2, Some(End))]
+        );
+    }
+
+    #[tokio::test]
+    async fn exact_sizes_across_tiny_writes() {
+        let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
+        let mut rng = fastrand::Rng::with_seed(7);
+        for policy in [SegmentPolicy::fixed(100, Duration::ZERO), SegmentPolicy::random(50, 150, Duration::ZERO)] {
+            let (a, mut b) = tokio::io::duplex(1 << 20);
+            let (obs, seen) = recorder();
+            let mut w = Segmented::new(a, policy.clone(), Some(obs));
+            let mut off = 0;
+            while off < data.len() {
+                let n = rng.usize(1..=37).min(data.len() - off);
+                w.write_all(&data[off..off + n]).await.unwrap();
+                off += n;
+            }
+            w.shutdown().await.unwrap();
+            drop(w);
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            assert!(got == data);
+            let chunks = seen.lock().unwrap().clone();
+            let (_, whole) = chunks.split_last().unwrap();
+            match policy.strategy {
+                Strategy::Fixed { chunk } => assert!(whole.iter().all(|&c| c == chunk), "{whole:?}"),
+                Strategy::Random { min, max } => assert!(whole.iter().all(|c| (min..=max).contains(c)), "{whole:?}"),
+                Strategy::None => unreachable!(),
+            }
+        }
+    }
+
+    /// A head written through one wrapper and a body through the next are chunked as one
+    /// stream: the carry moves the held bytes and the schedule.
+    #[tokio::test]
+    async fn carry_continues_the_stream_in_a_new_writer() {
+        let (mut a, mut b) = tokio::io::duplex(1 << 20);
+        let (obs, seen) = recorder();
+        let policy = SegmentPolicy::fixed(10, Duration::from_millis(3));
+        let start = Instant::now();
+        let carry = {
+            let mut head = Segmented::new(&mut a, policy.clone(), Some(obs.clone()));
+            head.write_all(&[1u8; 25]).await.unwrap(); // 10 10, 5 held
+            head.progress().await.unwrap();
+            head.take_carry()
+        };
+        let mut body = Segmented::new(&mut a, policy, Some(obs)).with_carry(carry);
+        body.write_all(&[2u8; 15]).await.unwrap(); // 5 + 5, then 10
+        body.flush().await.unwrap();
+        // Four chunks, three gaps of at least 3 ms, with no gap lost at the hand-over.
+        assert!(start.elapsed() >= Duration::from_millis(9));
+        drop(body);
+        drop(a);
+        let mut got = Vec::new();
+        b.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got.len(), 40);
+        assert_eq!(*seen.lock().unwrap(), vec![10, 10, 10, 10]);
+    }
+
+    /// While a relay's source is quiet, the bytes held for an incomplete chunk go out after
+    /// IDLE_FLUSH, and the read goes on undisturbed.
+    #[tokio::test]
+    async fn read_flushing_sends_held_bytes_while_the_source_is_quiet() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let mut w = Segmented::new(a, SegmentPolicy::fixed(100, Duration::ZERO), None);
+        w.write_all(&[5u8; 30]).await.unwrap();
+        assert!(w.holds_bytes());
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let reader = tokio::spawn(async move {
+            let mut got = [0u8; 30];
+            b.read_exact(&mut got).await.unwrap();
+            let _ = tx.send(got[0]);
+            b
+        });
+        // The "source" answers only once the held bytes have reached the other side.
+        let answered = read_flushing(rx, &mut w, true).await.unwrap();
+        assert_eq!(answered, Ok(5));
+        assert!(!w.holds_bytes());
+        drop(reader.await.unwrap());
     }
 
     #[tokio::test]
@@ -550,7 +759,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(2);
         let count = Arc::new(AtomicUsize::new(0));
         let c = count.clone();
-        let obs: ChunkObserver = Arc::new(move |n| {
+        let obs: ChunkObserver = Arc::new(move |n, _| {
             c.fetch_add(n, Ordering::SeqCst);
         });
         let reader = tokio::spawn(async move {
@@ -566,24 +775,47 @@ mod tests {
         assert_eq!(count.load(Ordering::SeqCst), 50);
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn delay_applies_between_chunks_and_across_writes() {
+    #[tokio::test]
+    async fn delay_spaces_chunk_starts_by_deadline_across_writes() {
         let (a, mut b) = tokio::io::duplex(1 << 16);
-        let mut w = Segmented::new(
-            a,
-            SegmentPolicy::fixed(10, Duration::from_millis(100)),
-            None,
-        );
-        let start = tokio::time::Instant::now();
-        w.write_all(&[0u8; 30]).await.unwrap(); // 3 chunks: 2 pauses inside
-        assert!(start.elapsed() >= Duration::from_millis(200));
-        w.write_all(&[0u8; 5]).await.unwrap(); // waits for the 3rd chunk's pause
-        assert!(start.elapsed() >= Duration::from_millis(300));
-        w.shutdown().await.unwrap();
+        let (obs, seen) = recorder();
+        let mut w = Segmented::new(a, SegmentPolicy::fixed(10, Duration::from_millis(20)), Some(obs));
+        let start = Instant::now();
+        w.write_all(&[0u8; 30]).await.unwrap(); // chunks start at 0, 20, 40 ms
+        assert!(start.elapsed() >= Duration::from_millis(40));
+        w.write_all(&[0u8; 5]).await.unwrap(); // held
+        w.shutdown().await.unwrap(); // the short last chunk waits for its time too: 60 ms
+        assert!(start.elapsed() >= Duration::from_millis(60));
         drop(w);
         let mut got = Vec::new();
         b.read_to_end(&mut got).await.unwrap();
         assert_eq!(got.len(), 35);
+        assert_eq!(*seen.lock().unwrap(), vec![10, 10, 10, 5]);
+    }
+
+    /// Deadlines are absolute: 50 chunks 2 ms apart take 98 ms and more, never less, and the
+    /// time spent writing does not add up from gap to gap.
+    #[tokio::test]
+    async fn gaps_are_never_shorter_than_asked() {
+        let (a, mut b) = tokio::io::duplex(1 << 16);
+        let starts = Arc::new(Mutex::new(Vec::new()));
+        let s = starts.clone();
+        let obs: ChunkObserver = Arc::new(move |_, _| s.lock().unwrap().push(Instant::now()));
+        let reader = tokio::spawn(async move {
+            let mut got = Vec::new();
+            b.read_to_end(&mut got).await.unwrap();
+            got.len()
+        });
+        let mut w = Segmented::new(a, SegmentPolicy::fixed(3, Duration::from_millis(2)), Some(obs));
+        w.write_all(&[9u8; 150]).await.unwrap();
+        w.shutdown().await.unwrap();
+        drop(w);
+        assert_eq!(reader.await.unwrap(), 150);
+        let starts = starts.lock().unwrap();
+        assert_eq!(starts.len(), 50);
+        for pair in starts.windows(2) {
+            assert!(pair[1] - pair[0] >= Duration::from_millis(2), "gap {:?}", pair[1] - pair[0]);
+        }
     }
 
     /// Real loopback TCP: sender with TCP_NODELAY, fixed 1000-byte chunks

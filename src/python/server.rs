@@ -223,6 +223,9 @@ fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyD
     d.set_item("dropped_chunks", f.dropped_chunks)?;
     let chunks: Vec<(&str, usize, f64)> = f.chunks.iter().map(|c| (c.direction, c.size, c.t)).collect();
     d.set_item("chunks", chunks)?;
+    let short: Vec<(usize, &str)> =
+        f.chunks.iter().enumerate().filter_map(|(i, c)| c.short.map(|why| (i, why.as_str()))).collect();
+    d.set_item("short_chunks", short)?;
     Ok(d)
 }
 
