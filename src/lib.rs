@@ -2,3 +2,4 @@
 pub mod engine;
 #[cfg(feature = "python")]
 mod python;
+

@@ -35,7 +35,9 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         started: now_epoch(),
         ..Default::default()
     };
-    let plan = plan_connect(engine, &head, conn, &mut record).await;
+    // Each stage is boxed: the connection's future then weighs what the current stage needs
+    // (an idle tunnel holds only the tunnel's state), not the largest stage's.
+    let plan = Box::pin(plan_connect(engine, &head, conn, &mut record)).await;
     // A CONNECT refused before its flow began (bad target, block, hook, denied) is still a
     // flow to record; one refused later (the tunnel could not open) finishes its own.
     let began = plan.is_ok();
@@ -70,8 +72,8 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
             let _ = send_error(&mut client.io, status, &message, false).await;
             return;
         }
-        Ok(Ready { plan, origin: None }) => intercept(engine, client, plan, conn, &mut record).await,
-        Ok(Ready { plan, origin: Some(origin) }) => tunnel(engine, client, origin, plan, conn, &mut record).await,
+        Ok(Ready { plan, origin: None }) => Box::pin(intercept(engine, client, plan, conn, &mut record)).await,
+        Ok(Ready { plan, origin: Some(origin) }) => Box::pin(tunnel(engine, client, origin, plan, conn, &mut record)).await,
     };
     if let Err(message) = result {
         conn.report_error(engine, &message);
@@ -213,7 +215,7 @@ async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan:
         Ok(Ok((s, _sni))) => s,
     };
     let mode = Mode::Intercepted { host, port, up_policy, down_segmenting };
-    let _ = serve_http(engine, BufStream::new(tls_stream), conn, &mode).await;
+    let _ = Box::pin(serve_http(engine, BufStream::new(tls_stream), conn, &mode)).await;
     if let Some(f) = flow {
         f.update(|f| f.status = 200);
         f.finish();
@@ -268,12 +270,13 @@ async fn tunnel(
     } else {
         SEGMENTING_BUFFER
     };
-    let (totals, err) = pump(
+    // Boxed: a spliced tunnel's future does not carry this relay's larger state.
+    let (totals, err) = Box::pin(pump(
         (Rewind::new(client_prefix, cr), to_client),
         (Rewind::new(origin_prefix, or), to_origin),
         buffer,
         engine.config.idle_timeout,
-    )
+    ))
     .await;
     record.bytes_up = totals.a_to_b;
     record.bytes_down = totals.b_to_a;

@@ -583,3 +583,4 @@ async fn e2e_pooled_idle_upstream_connection_is_closed_promptly() {
         .await
         .expect("closed within pool_idle_timeout + 1.5 s");
 }
+

@@ -8,6 +8,7 @@ pub mod connector;
 pub mod dns;
 pub mod flows;
 pub mod hooks;
+pub mod memory;
 pub mod http1;
 pub mod pool;
 pub mod proxy;

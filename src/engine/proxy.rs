@@ -207,8 +207,9 @@ impl Drop for ConnState {
 pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketAddr, id: u64) {
     let mut conn = ConnState::new(id, peer);
     let client = BufStream::new(stream);
-    if let Some((head, client)) = serve_http(engine, client, &mut conn, &Mode::Proxy).await {
-        super::connect::handle_connect(engine, client, head, &mut conn).await;
+    // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
+    if let Some((head, client)) = Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await {
+        Box::pin(super::connect::handle_connect(engine, client, head, &mut conn)).await;
     }
 }
 
@@ -265,7 +266,8 @@ pub async fn serve_http<C: Io>(
             let _ = send_error(&mut client.io, 400, "CONNECT inside an intercepted connection is not supported", false).await;
             return None;
         }
-        match forward(engine, &mut client, head, conn, mode).await {
+        // Boxed: between requests a kept-alive connection holds only this loop's state.
+        match Box::pin(forward(engine, &mut client, head, conn, mode)).await {
             Next::KeepAlive if !engine.is_draining() => continue,
             _ => {
                 let _ = client.io.shutdown().await;

@@ -138,6 +138,7 @@ impl ProxyServer {
             stopped_flag: Arc::new(Default::default()),
         };
         tokio::spawn(accept_loop(listener, engine.clone()));
+        tokio::spawn(super::memory::return_after_bursts(engine.clone()));
         tokio::spawn(sweep_pool(engine));
         Ok(server)
     }
