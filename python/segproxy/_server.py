@@ -36,6 +36,9 @@ class AccessRecord(TypedDict):
     dns: str
     error: str | None
     started: float
+    outcome: str
+    """What happened: "ok", "blocked", "rejected", "refused_limit", "error",
+    "client_aborted", "origin_aborted", "idle_timeout" or "cut_at_shutdown"."""
     line: str
 
 
@@ -53,6 +56,8 @@ class FlowRecord(TypedDict):
     status: int
     """The status the client got (0 if the connection ended first); 200 for a tunnel."""
     error: str | None
+    outcome: str
+    """What happened, as in `AccessRecord.outcome`."""
     start: float
     end: float | None
     dropped_chunks: int

@@ -7,7 +7,65 @@ use std::io::{LineWriter, Write};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Mutex;
+use std::ops::{Deref, DerefMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
+
+use super::flows::FlowHandle;
+
+/// What happened to a flow, as its access and flow records say.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Outcome {
+    /// Still running (never seen in a written record).
+    #[default]
+    Unfinished,
+    /// The exchange completed, or the tunnel ended with both sides closing.
+    Ok,
+    /// A rule, the handler or the destination filter refused it (403).
+    Blocked,
+    /// The request could not be accepted as sent (400, 408, 431).
+    Rejected,
+    /// The server was at its connection limit (503).
+    RefusedLimit,
+    /// The proxy answered an error (502, 504...) or a tunnel failed.
+    Error,
+    /// The client went away before the exchange completed.
+    ClientAborted,
+    /// The destination cut the response after it had started.
+    OriginAborted,
+    /// Nothing moved for the idle timeout.
+    IdleTimeout,
+    /// The server shut down and cut it at the shutdown deadline.
+    CutAtShutdown,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Unfinished => "unfinished",
+            Outcome::Ok => "ok",
+            Outcome::Blocked => "blocked",
+            Outcome::Rejected => "rejected",
+            Outcome::RefusedLimit => "refused_limit",
+            Outcome::Error => "error",
+            Outcome::ClientAborted => "client_aborted",
+            Outcome::OriginAborted => "origin_aborted",
+            Outcome::IdleTimeout => "idle_timeout",
+            Outcome::CutAtShutdown => "cut_at_shutdown",
+        }
+    }
+
+    /// The outcome of an error answer with this status.
+    pub fn of_status(status: u16) -> Outcome {
+        match status {
+            403 => Outcome::Blocked,
+            503 => Outcome::RefusedLimit,
+            400..=499 => Outcome::Rejected,
+            _ => Outcome::Error,
+        }
+    }
+}
 
 #[derive(Clone, Debug, Default)]
 pub struct AccessRecord {
@@ -32,6 +90,7 @@ pub struct AccessRecord {
     pub error: Option<String>,
     /// Seconds since the Unix epoch when the exchange started.
     pub started: f64,
+    pub outcome: Outcome,
 }
 
 impl AccessRecord {
@@ -52,6 +111,8 @@ impl AccessRecord {
             policy = self.policy,
             dns = or_dash(&self.dns),
         );
+        line.push_str(" outcome=");
+        line.push_str(self.outcome.as_str());
         if let Some(e) = &self.error {
             line.push_str(&format!(" error=\"{}\"", e.replace('"', "'")));
         }
@@ -126,5 +187,76 @@ impl AccessLog {
 
     pub fn clear(&self) {
         self.recent.lock().unwrap().clear();
+    }
+}
+
+/// An access record being filled as its flow goes; written once, when committed or dropped.
+///
+/// Every connection the proxy touches leaves exactly one record, whatever path it ends on: a
+/// record dropped before its outcome was set was cut off (its future dropped), which happens
+/// at the shutdown deadline ([`Outcome::CutAtShutdown`]) or when the client's connection task
+/// ended under it ([`Outcome::ClientAborted`]). A flow record attached with
+/// [`PendingRecord::attach_flow`] gets the same status, error and outcome.
+pub struct PendingRecord<'a> {
+    log: &'a AccessLog,
+    closing: &'a watch::Receiver<bool>,
+    record: AccessRecord,
+    flow: Option<FlowHandle>,
+    written: bool,
+}
+
+impl<'a> PendingRecord<'a> {
+    pub fn new(log: &'a AccessLog, closing: &'a watch::Receiver<bool>, record: AccessRecord) -> Self {
+        PendingRecord { log, closing, record, flow: None, written: false }
+    }
+
+    pub fn attach_flow(&mut self, flow: FlowHandle) {
+        self.flow = Some(flow);
+    }
+
+    /// Writes the record now (and finishes the attached flow's copy of its facts).
+    pub fn commit(mut self) {
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let record = &mut self.record;
+        if record.outcome == Outcome::Unfinished {
+            record.outcome = if *self.closing.borrow() { Outcome::CutAtShutdown } else { Outcome::ClientAborted };
+        }
+        if let Some(flow) = self.flow.take() {
+            flow.update(|f| {
+                f.target.clone_from(&record.target);
+                f.rule.clone_from(&record.rule);
+                f.action.clone_from(&record.action);
+                f.policy.clone_from(&record.policy);
+                f.status = record.status;
+                f.error.clone_from(&record.error);
+                f.outcome = record.outcome;
+            });
+        }
+        self.log.record(std::mem::take(record));
+    }
+}
+
+impl Deref for PendingRecord<'_> {
+    type Target = AccessRecord;
+    fn deref(&self) -> &AccessRecord {
+        &self.record
+    }
+}
+
+impl DerefMut for PendingRecord<'_> {
+    fn deref_mut(&mut self) -> &mut AccessRecord {
+        &mut self.record
+    }
+}
+
+impl Drop for PendingRecord<'_> {
+    fn drop(&mut self) {
+        self.write();
     }
 }

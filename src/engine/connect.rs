@@ -8,7 +8,7 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::access::{now_epoch, AccessRecord};
+use super::access::{now_epoch, AccessRecord, Outcome, PendingRecord};
 use super::connector::Rewind;
 use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::ConnectDecision;
@@ -24,7 +24,7 @@ use super::tunnel::splice_pump;
 
 pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, head: RequestHead, conn: &mut ConnState) {
     let started = Instant::now();
-    let mut record = AccessRecord {
+    let mut record = PendingRecord::new(&engine.access, &engine.closing, AccessRecord {
         id: conn.info.next_id(),
         client: Some(conn.info.peer),
         method: "CONNECT".into(),
@@ -34,13 +34,16 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         policy: "none".into(),
         started: now_epoch(),
         ..Default::default()
-    };
+    });
     // Each stage is boxed: the connection's future then weighs what the current stage needs
     // (an idle tunnel holds only the tunnel's state), not the largest stage's.
     let plan = Box::pin(plan_connect(engine, &head, conn, &mut record)).await;
     // A CONNECT refused before its flow began (bad target, block, hook, denied) is still a
     // flow to record; one refused later (the tunnel could not open) finishes its own.
     let began = plan.is_ok();
+    if let Some(f) = plan.as_ref().ok().and_then(|p| p.flow.as_ref()) {
+        record.attach_flow(f.clone());
+    }
     let plan = match plan {
         Ok(plan) if !plan.intercept => open_tunnel(engine, plan, &mut record).await,
         other => other.map(|plan| Ready { plan, origin: None }),
@@ -50,6 +53,7 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
             // Recorded first, so whoever reads the answer also finds the record.
             record.status = status;
             record.error = Some(message.clone());
+            record.outcome = Outcome::of_status(status);
             record.duration = started.elapsed();
             if !handler_knows {
                 conn.report_error(engine, &message);
@@ -65,10 +69,11 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
                     policy: record.policy.clone(),
                     status,
                     error: Some(message.clone()),
+                    outcome: Outcome::of_status(status),
                     ..Default::default()
                 });
             }
-            engine.access.record(record);
+            record.commit();
             let _ = send_error(&mut client.io, status, &message, false).await;
             return;
         }
@@ -78,9 +83,14 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
     if let Err(message) = result {
         conn.report_error(engine, &message);
         record.error = Some(message);
+        if record.outcome == Outcome::Unfinished {
+            record.outcome = Outcome::Error;
+        }
+    } else if record.outcome == Outcome::Unfinished {
+        record.outcome = Outcome::Ok;
     }
     record.duration = started.elapsed();
-    engine.access.record(record);
+    record.commit();
 }
 
 /// A plan with its connection to the destination (None for interception, which connects
@@ -295,9 +305,14 @@ fn finish_tunnel(
     conn: &mut ConnState,
     host: String,
     port: u16,
-    record: &AccessRecord,
+    record: &mut AccessRecord,
     err: Option<std::io::Error>,
 ) -> Result<(), String> {
+    record.outcome = match &err {
+        None => Outcome::Ok,
+        Some(e) if e.kind() == std::io::ErrorKind::TimedOut => Outcome::IdleTimeout,
+        Some(_) => Outcome::Error,
+    };
     if engine.hooks.tunnel {
         if let Some(h) = conn.handler(engine) {
             h.tunnel_closed(host, port, record.bytes_up, record.bytes_down);

@@ -8,6 +8,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
+use super::access::Outcome;
 use super::segment::{ChunkObserver, ShortChunk};
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
@@ -46,6 +47,7 @@ pub struct FlowRecord {
     pub status: u16,
     /// Why the flow failed, if it did.
     pub error: Option<String>,
+    pub outcome: Outcome,
 }
 
 impl FlowRecord {
@@ -62,7 +64,7 @@ impl FlowRecord {
             .filter_map(|(i, c)| c.short.map(|why| format!("[{i},\"{}\"]", why.as_str())))
             .collect();
         format!(
-            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}],\"short_chunks\":[{}]}}",
+            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"outcome\":\"{}\",\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}],\"short_chunks\":[{}]}}",
             json_str(&self.id),
             json_str(&self.kind),
             json_str(&self.method),
@@ -72,6 +74,7 @@ impl FlowRecord {
             json_str(&self.policy),
             json_str(&self.direction),
             self.status,
+            self.outcome.as_str(),
             self.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
             self.start,
             self.end.map(|e| format!("{e:.6}")).unwrap_or_else(|| "null".into()),

@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::access::{now_epoch, AccessRecord};
+use super::access::{now_epoch, AccessRecord, Outcome, PendingRecord};
 use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
 use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::{ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
@@ -244,6 +244,7 @@ pub async fn serve_http<C: Io>(
         let head = match tokio::time::timeout(cfg.header_timeout, client.read_request_head(cfg.max_header_bytes)).await {
             Err(_) => {
                 let _ = send_error(&mut client.io, 408, "request head not received in time", false).await;
+                log_refusal(engine, &mut conn.info, 408, "request head not received in time");
                 return None;
             }
             Ok(Err(HttpError::Closed)) | Ok(Err(HttpError::Io(_))) => return None,
@@ -279,6 +280,7 @@ pub async fn serve_http<C: Io>(
 
 fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why: &str) {
     engine.access.record(AccessRecord {
+        outcome: Outcome::of_status(status),
         id: info.next_id(),
         client: Some(info.peer),
         method: "-".into(),
@@ -352,7 +354,7 @@ pub fn route_for(action: &Action) -> Route {
 /// One plain (or intercepted) HTTP exchange: request out, response back, bodies streamed.
 async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: RequestHead, conn: &mut ConnState, mode: &Mode) -> Next {
     let started = Instant::now();
-    let mut record = AccessRecord {
+    let mut record = PendingRecord::new(&engine.access, &engine.closing, AccessRecord {
         id: conn.info.next_id(),
         client: Some(conn.info.peer),
         method: head.method.clone(),
@@ -362,10 +364,13 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
         policy: "none".into(),
         started: now_epoch(),
         ..Default::default()
-    };
+    });
     let flow = engine.flows.as_ref().map(|f| {
         f.begin(FlowRecord { id: record.id.clone(), kind: record.kind.clone(), method: head.method.clone(), ..Default::default() })
     });
+    if let Some(f) = &flow {
+        record.attach_flow(f.clone());
+    }
     // Intercepted flows record the encrypted chunks toward the origin (see `connect_origin`).
     let wire_up = flow.as_ref().filter(|_| !matches!(mode, Mode::Proxy)).map(|f| f.observer("up"));
     let outcome = ORIGIN_WIRE_UP.scope(wire_up, exchange(engine, client, head, mode, conn, &mut record, flow.as_ref())).await;
@@ -374,9 +379,13 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
     // also finds its record.
     let mut answer = None;
     let next = match outcome {
-        Ok(next) => next,
+        Ok(next) => {
+            record.outcome = Outcome::Ok;
+            next
+        }
         Err(failure) => {
             record.error = Some(failure.message.clone());
+            record.outcome = failure.outcome;
             if !failure.from_hook {
                 conn.report_error(engine, &failure.message);
             }
@@ -395,18 +404,9 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
             }
         }
     };
-    if let Some(flow) = flow {
-        flow.update(|f| {
-            f.target = record.target.clone();
-            f.rule = record.rule.clone();
-            f.action = record.action.clone();
-            f.policy = record.policy.clone();
-            f.status = record.status;
-            f.error = record.error.clone();
-        });
-        flow.finish();
-    }
-    engine.access.record(record);
+    // The flow record takes the access record's facts as it is written.
+    drop(flow);
+    record.commit();
     if let Some((status, message, keep)) = answer {
         if send_error(&mut client.io, status, &message, keep).await.is_err() {
             return Next::Close;
@@ -417,6 +417,8 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
 
 /// Why an exchange stopped, and whether the client can still be answered.
 struct Failure {
+    /// What the records will say happened.
+    outcome: Outcome,
     /// Status to answer with; None when the response had already started (just close).
     respond: Option<u16>,
     message: String,
@@ -428,14 +430,18 @@ struct Failure {
 
 impl Failure {
     fn answer(status: u16, message: impl Into<String>, client_reusable: bool) -> Self {
-        Failure { respond: Some(status), message: message.into(), client_reusable, from_hook: false }
+        Failure { respond: Some(status), message: message.into(), client_reusable, from_hook: false, outcome: Outcome::of_status(status) }
     }
     fn cut(message: impl Into<String>) -> Self {
-        Failure { respond: None, message: message.into(), client_reusable: false, from_hook: false }
+        Failure { respond: None, message: message.into(), client_reusable: false, from_hook: false, outcome: Outcome::OriginAborted }
     }
     /// The client went away: nothing can be answered.
     fn client_gone(message: impl Into<String>) -> Self {
-        Failure::cut(message)
+        Failure { outcome: Outcome::ClientAborted, ..Failure::cut(message) }
+    }
+    /// The response had started when something other than the destination failed.
+    fn cut_error(message: impl Into<String>) -> Self {
+        Failure { outcome: Outcome::Error, ..Failure::cut(message) }
     }
     fn hook(mut self) -> Self {
         self.from_hook = true;
@@ -468,7 +474,7 @@ fn body_read_failure(e: io::Error, what: &str) -> Failure {
 async fn hook_reply<T>(engine: &Engine, reply: Reply<T>, hook: &str, started_response: bool) -> Result<T, Failure> {
     let fail = |status: u16, msg: String| {
         if started_response {
-            Failure::cut(msg).hook()
+            Failure::cut_error(msg).hook()
         } else {
             Failure::answer(status, msg, false).hook()
         }
@@ -531,7 +537,7 @@ async fn exchange<C: Io>(
             let command = match next {
                 Err(_) => {
                     let msg = format!("hook on_request_received did not return within {:?}", cfg.hook_timeout);
-                    return Err(if wrote_raw { Failure::cut(msg) } else { Failure::answer(504, msg, false) });
+                    return Err(if wrote_raw { Failure::cut_error(msg) } else { Failure::answer(504, msg, false) });
                 }
                 Ok(None) => HandlerCommand::Fail("the handler went away".into()),
                 Ok(Some(c)) => c,
@@ -546,7 +552,7 @@ async fn exchange<C: Io>(
                     record.bytes_down += bytes.len() as u64;
                     raw.feed(&bytes);
                     record.status = raw.status();
-                    client.io.write_all(&bytes).await.map_err(|e| Failure::cut(format!("writing to client failed: {e}")))?;
+                    client.io.write_all(&bytes).await.map_err(|e| Failure::client_gone(format!("writing to client failed: {e}")))?;
                 }
                 HandlerCommand::ReadBody(reply) => {
                     let piece = tokio::time::timeout(cfg.idle_timeout, request_body.next(client)).await;
@@ -572,7 +578,7 @@ async fn exchange<C: Io>(
                 }
                 HandlerCommand::Fail(message) => {
                     let msg = format!("hook on_request_received failed: {message}");
-                    return Err(if wrote_raw { Failure::cut(msg).hook() } else { Failure::answer(502, msg, false).hook() });
+                    return Err(if wrote_raw { Failure::cut_error(msg).hook() } else { Failure::answer(502, msg, false).hook() });
                 }
             }
         }
@@ -726,9 +732,12 @@ async fn exchange<C: Io>(
                 let _ = client.io.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
             }
             loop {
-                let read = read_flushing(request_body.next(client), &mut w, segmenting);
+                let read = read_flushing(request_body.next(client), w.idle_flush(), segmenting);
                 let piece = match tokio::time::timeout(cfg.idle_timeout, read).await {
-                    Err(_) => return Err(Failure::cut("client stopped sending the request body")),
+                    Err(_) => {
+                        let stalled = Failure::cut("client stopped sending the request body");
+                        return Err(Failure { outcome: Outcome::IdleTimeout, ..stalled });
+                    }
                     Ok(Err(e)) => {
                         send_failure = Some(e.to_string());
                         break;
@@ -867,12 +876,12 @@ async fn exchange<C: Io>(
     to_client
         .write_all(&back.encode())
         .await
-        .map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
+        .map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
 
     let mut reader = BodyReader::new(origin_kind);
     let mut writer = BodyWriter::new(client_kind);
     loop {
-        let read = read_flushing(reader.next(&mut origin), &mut to_client, segmenting);
+        let read = read_flushing(reader.next(&mut origin), to_client.idle_flush(), segmenting);
         let piece = tokio::time::timeout(cfg.idle_timeout, read)
             .await
             .map_err(|_| Failure::cut(format!("{peer} stalled in the middle of the response body")))?
@@ -892,10 +901,10 @@ async fn exchange<C: Io>(
         writer
             .write(&mut to_client, &piece)
             .await
-            .map_err(|e| Failure::cut(format!("writing response body to client failed: {e}")))?;
+            .map_err(|e| Failure::client_gone(format!("writing response body to client failed: {e}")))?;
     }
-    writer.finish(&mut to_client).await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
-    to_client.flush().await.map_err(|e| Failure::cut(format!("writing response to client failed: {e}")))?;
+    writer.finish(&mut to_client).await.map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
+    to_client.flush().await.map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
     drop(to_client);
 
     if origin_keep_alive {
@@ -997,7 +1006,7 @@ async fn upgrade<C: Io>(
     // The 101 head and the bytes after it are one segmented stream toward the client.
     let head_carry = {
         let mut head = Segmented::new(&mut client.io, segmenting.down.clone(), segmenting.down_observer.clone());
-        head.write_all(&response.encode()).await.and(head.progress().await).map_err(|e| Failure::cut(e.to_string()))?;
+        head.write_all(&response.encode()).await.and(head.progress().await).map_err(|e| Failure::client_gone(e.to_string()))?;
         head.take_carry()
     };
     record.kind = "upgrade".into();

@@ -446,14 +446,15 @@ impl<S> fmt::Debug for Segmented<S> {
 }
 
 /// Awaits `read` (a read from the relay's source); if it stays pending for [`IDLE_FLUSH`]
-/// while `writer` holds bytes of a chunk not yet complete, flushes them meanwhile, so a quiet
-/// source never keeps bytes back. The read itself is never cancelled.
-pub async fn read_flushing<T, F, W>(read: F, writer: &mut W, segmenting: bool) -> io::Result<T>
+/// while the writer may hold bytes of a chunk not yet complete (`holding`), runs `flush` (the
+/// writer's flush) meanwhile, so a quiet source never keeps bytes back. The read itself is
+/// never cancelled. `flush` is only polled when it runs.
+pub async fn read_flushing<T, R, F>(read: R, flush: F, holding: bool) -> io::Result<T>
 where
-    F: Future<Output = T>,
-    W: AsyncWrite + Unpin,
+    R: Future<Output = T>,
+    F: Future<Output = io::Result<()>>,
 {
-    if !segmenting {
+    if !holding {
         return Ok(read.await);
     }
     tokio::pin!(read);
@@ -462,7 +463,7 @@ where
         r = &mut read => return Ok(r),
         _ = tokio::time::sleep(IDLE_FLUSH) => {}
     }
-    tokio::io::AsyncWriteExt::flush(writer).await?;
+    flush.await?;
     Ok(read.await)
 }
 
@@ -703,7 +704,7 @@ mod tests {
             b
         });
         // The "source" answers only once the held bytes have reached the other side.
-        let answered = read_flushing(rx, &mut w, true).await.unwrap();
+        let answered = read_flushing(rx, w.idle_flush(), true).await.unwrap();
         assert_eq!(answered, Ok(5));
         assert!(!w.holds_bytes());
         drop(reader.await.unwrap());

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::access::AccessLog;
+use super::access::{now_epoch, AccessLog, AccessRecord, Outcome};
 use super::ca::CertificateAuthority;
 use super::config::EngineConfig;
 use super::connector::Connector;
@@ -79,6 +79,8 @@ pub struct ProxyServer {
     close_tx: watch::Sender<bool>,
     stopped: Arc<Notify>,
     stopped_flag: Arc<std::sync::atomic::AtomicBool>,
+    /// The accept loop: shutdown waits for it, so the listener is closed when shutdown returns.
+    accepting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 impl ProxyServer {
@@ -136,8 +138,9 @@ impl ProxyServer {
             close_tx,
             stopped: Arc::new(Notify::new()),
             stopped_flag: Arc::new(Default::default()),
+            accepting: std::sync::Mutex::new(None),
         };
-        tokio::spawn(accept_loop(listener, engine.clone()));
+        *server.accepting.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(accept_loop(listener, engine.clone())));
         tokio::spawn(super::memory::return_after_bursts(engine.clone()));
         tokio::spawn(sweep_pool(engine));
         Ok(server)
@@ -154,6 +157,10 @@ impl ProxyServer {
     /// Stops accepting, lets in-flight exchanges finish for up to `grace`, then closes the rest.
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.drain_tx.send(true);
+        let accepting = self.accepting.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(task) = accepting {
+            let _ = task.await;
+        }
         let engine = &self.engine;
         let deadline = tokio::time::Instant::now() + grace;
         while engine.active_connections() > 0 {
@@ -211,7 +218,7 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
         let _ = stream.set_nodelay(true);
         let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
         if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
-            tokio::spawn(refuse(stream, engine.clone()));
+            tokio::spawn(refuse(stream, peer, id, engine.clone()));
             continue;
         }
         let engine = engine.clone();
@@ -232,8 +239,21 @@ fn finish_connection(engine: &Engine) {
     }
 }
 
-async fn refuse(mut stream: TcpStream, engine: Arc<Engine>) {
+async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<Engine>) {
     let body = format!("segproxy: too many connections (limit {})\n", engine.config.max_connections);
+    engine.access.record(AccessRecord {
+        id: format!("{id}.1"),
+        client: Some(peer),
+        method: "-".into(),
+        target: "-".into(),
+        status: 503,
+        kind: "refused".into(),
+        policy: "none".into(),
+        error: Some(body.trim_end().to_string()),
+        started: now_epoch(),
+        outcome: Outcome::RefusedLimit,
+        ..Default::default()
+    });
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         body.len(),

@@ -95,7 +95,7 @@ where
         }
         let holding = writer.holds_bytes();
         let read = tokio::select! {
-            r = tokio::time::timeout(clock.idle, read_flushing(reader.read(&mut buf), &mut writer, holding)) => r,
+            r = tokio::time::timeout(clock.idle, read_flushing(reader.read(&mut buf), writer.idle_flush(), holding)) => r,
             _ = stop_rx.wait_for(|s| *s) => break None,
         };
         match read {

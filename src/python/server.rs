@@ -202,6 +202,7 @@ fn record_to_dict<'py>(py: Python<'py>, r: &AccessRecord) -> PyResult<Bound<'py,
     d.set_item("dns", &r.dns)?;
     d.set_item("error", &r.error)?;
     d.set_item("started", r.started)?;
+    d.set_item("outcome", r.outcome.as_str())?;
     d.set_item("line", r.to_line())?;
     Ok(d)
 }
@@ -218,6 +219,7 @@ fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyD
     d.set_item("direction", &f.direction)?;
     d.set_item("status", f.status)?;
     d.set_item("error", f.error.as_deref())?;
+    d.set_item("outcome", f.outcome.as_str())?;
     d.set_item("start", f.start)?;
     d.set_item("end", f.end)?;
     d.set_item("dropped_chunks", f.dropped_chunks)?;
