@@ -36,6 +36,9 @@ async def test_server_surface(origin):
         assert sock.getsockname() == (host, port) and sock.family == socket.AF_INET
         assert server.is_serving()
         assert get_via(port, origin.url("/x")).status == 200
+        # The record is written once the response's last byte went out: the client may
+        # read that byte first.
+        assert wait_for(server.access_records, timeout=10)
         [rec] = server.access_records(clear=True)
         assert set(rec) >= {"id", "client", "method", "target", "status", "bytes_up", "bytes_down", "duration", "kind", "error", "line"}
         assert rec["client"].startswith("127.0.0.1:") and rec["duration"] > 0

@@ -191,8 +191,8 @@ impl FlowHandle {
     /// An observer for the segmenting writer of one direction.
     pub fn observer(&self, direction: &'static str) -> ChunkObserver {
         let handle = self.clone();
-        Arc::new(move |size, short| {
-            let t = handle.inner.recorder.now();
+        Arc::new(move |size, short, at: Instant| {
+            let t = at.saturating_duration_since(handle.inner.recorder.epoch).as_secs_f64();
             let mut r = handle.inner.record.lock().unwrap_or_else(|e| e.into_inner());
             if r.chunks.len() < MAX_CHUNKS_PER_FLOW {
                 r.chunks.push(ChunkEvent { direction, size, t, short });
@@ -216,7 +216,7 @@ mod tests {
         let f = recorder.begin(FlowRecord { id: id.into(), ..Default::default() });
         let observe = f.observer("up");
         for _ in 0..chunks {
-            observe(10, None);
+            observe(10, None, Instant::now());
         }
     }
 

@@ -949,8 +949,8 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
     // A pooled connection serves later requests too: report chunks to whichever request's
     // flow is writing (the task-local set in `forward`), not to the one that opened it.
     let observer: Option<super::segment::ChunkObserver> = engine.flows.as_ref().map(|_| {
-        Arc::new(|size, short| {
-            let _ = ORIGIN_WIRE_UP.try_with(|o| o.as_ref().map(|o| o(size, short)));
+        Arc::new(|size, short, at| {
+            let _ = ORIGIN_WIRE_UP.try_with(|o| o.as_ref().map(|o| o(size, short, at)));
         }) as super::segment::ChunkObserver
     });
     let io = Segmented::new(tcp.io, up_policy, observer);

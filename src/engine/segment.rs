@@ -130,8 +130,9 @@ impl ShortChunk {
 /// short. The relays (tunnels, HTTP bodies) wait this long for more input, then flush.
 pub const IDLE_FLUSH: Duration = Duration::from_millis(1);
 
-/// Called once per chunk as it starts, with its size and, for a short chunk, why it is short.
-pub type ChunkObserver = Arc<dyn Fn(usize, Option<ShortChunk>) + Send + Sync>;
+/// Called once per chunk as it starts (its first byte written), with its size, why it is short
+/// (for a short chunk) and the time it started.
+pub type ChunkObserver = Arc<dyn Fn(usize, Option<ShortChunk>, Instant) + Send + Sync>;
 
 /// Bytes and schedule handed from one [`Segmented`] to the next on the same stream (a
 /// request head's writer to its body's), so the stream is chunked as one.
@@ -171,6 +172,8 @@ pub struct Segmented<S> {
     unflushed: bool,
     /// The earliest start of the next chunk.
     next_at: Option<Instant>,
+    /// A chunk begun whose first byte is not written yet: its size and why it is short.
+    starting: Option<(usize, Option<ShortChunk>)>,
     sleep: Option<PreciseSleep>,
     /// What a short chunk at the next flush is called.
     flush_reason: ShortChunk,
@@ -193,6 +196,7 @@ impl<S> Segmented<S> {
             in_flight: 0,
             unflushed: false,
             next_at: None,
+            starting: None,
             sleep: None,
             flush_reason: ShortChunk::Flush,
             error: None,
@@ -264,14 +268,23 @@ impl<S> Segmented<S> {
         }
     }
 
-    /// Starts a chunk now: arms the next deadline and tells the observer.
+    /// Begins a chunk: its size is settled; it starts with its first written byte.
     fn begin_chunk(&mut self, size: usize, short: Option<ShortChunk>) {
         self.planned = None;
-        if !self.policy.delay.is_zero() {
-            self.next_at = Some(Instant::now() + self.policy.delay);
-        }
-        if let Some(observer) = &self.observer {
-            observer(size, short);
+        self.starting = Some((size, short));
+    }
+
+    /// The chunk's first byte was written just now: the next chunk's deadline counts from
+    /// here (a later time than the write itself, so a gap is never shorter than asked).
+    fn mark_started(&mut self) {
+        if let Some((size, short)) = self.starting.take() {
+            let now = Instant::now();
+            if !self.policy.delay.is_zero() {
+                self.next_at = Some(now + self.policy.delay);
+            }
+            if let Some(observer) = &self.observer {
+                observer(size, short, now);
+            }
         }
     }
 
@@ -297,6 +310,7 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
+                self.mark_started();
                 self.pending.drain(..n);
                 self.in_flight -= n;
                 self.unflushed = true;
@@ -382,6 +396,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
                 return Poll::Ready(Ok(0));
             }
             this.begin_chunk(size, None);
+            this.mark_started();
             this.pending.extend_from_slice(&buf[n..size]);
             this.in_flight = size - n;
             this.unflushed = true;
@@ -478,7 +493,7 @@ mod tests {
     fn recorder() -> (ChunkObserver, Arc<Mutex<Vec<usize>>>) {
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        (Arc::new(move |n, _| s.lock().unwrap().push(n)), seen)
+        (Arc::new(move |n, _, _| s.lock().unwrap().push(n)), seen)
     }
 
     #[test]
@@ -613,7 +628,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 20);
         let seen = Arc::new(Mutex::new(Vec::new()));
         let s = seen.clone();
-        let obs: ChunkObserver = Arc::new(move |n, short| s.lock().unwrap().push((n, short)));
+        let obs: ChunkObserver = Arc::new(move |n, short, _| s.lock().unwrap().push((n, short)));
         let mut w = Segmented::new(a, SegmentPolicy::fixed(4, Duration::ZERO), Some(obs));
         w.write_all(b"0123456789").await.unwrap(); // 4 4, "89" held
         w.write_all(b"abc").await.unwrap(); // "89ab" completes a chunk, "c" held
@@ -760,7 +775,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(2);
         let count = Arc::new(AtomicUsize::new(0));
         let c = count.clone();
-        let obs: ChunkObserver = Arc::new(move |n, _| {
+        let obs: ChunkObserver = Arc::new(move |n, _, _| {
             c.fetch_add(n, Ordering::SeqCst);
         });
         let reader = tokio::spawn(async move {
@@ -801,7 +816,7 @@ mod tests {
         let (a, mut b) = tokio::io::duplex(1 << 16);
         let starts = Arc::new(Mutex::new(Vec::new()));
         let s = starts.clone();
-        let obs: ChunkObserver = Arc::new(move |_, _| s.lock().unwrap().push(Instant::now()));
+        let obs: ChunkObserver = Arc::new(move |_, _, at| s.lock().unwrap().push(at));
         let reader = tokio::spawn(async move {
             let mut got = Vec::new();
             b.read_to_end(&mut got).await.unwrap();
