@@ -36,7 +36,14 @@ class AccessRecord(TypedDict):
     dns: str
     error: str | None
     started: float
+    host: str
+    """The destination as the rules saw it ("" before it was known)."""
+    port: int
+    scheme: str
+    mode: str
+    """The mode word of the rule that decided (SegmentedProxy's ``mode=``)."""
     line: str
+    """SegmentedProxy's ``ACCESS rid=...`` line (our fields after its fields)."""
 
 
 class FlowRecord(TypedDict):
@@ -88,6 +95,7 @@ class ProxyOptions(TypedDict, total=False):
     max_connections: int
     max_header_bytes: int
     access_log: StrPath | None
+    access_log_format: Literal["text", "json"]
     access_records: int
     hook_timeout: float
     pool_idle_timeout: float
@@ -115,6 +123,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "max_connections": 1024,
     "max_header_bytes": 65536,
     "access_log": None,
+    "access_log_format": "text",
     "access_records": 10000,
     "hook_timeout": 30.0,
     "pool_idle_timeout": 30.0,
