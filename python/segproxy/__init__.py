@@ -12,9 +12,10 @@ from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyS
 from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rule, Rules
-from .tls import TLSStore, load_or_create_ca
+from .tls import CERTIFICATE_VALIDITY_DAYS, TLSStore, load_or_create_ca
 
 __all__ = [
+    "CERTIFICATE_VALIDITY_DAYS",
     "AccessRecord",
     "BoundSocket",
     "Decision",
