@@ -173,9 +173,10 @@ def _key_pem(key: Any) -> str:
     if hasattr(key, "private_bytes"):
         from cryptography.hazmat.primitives import serialization
 
-        return key.private_bytes(
+        pem: bytes = key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-        ).decode()
+        )
+        return pem.decode()
     raise TypeError(f"ca_key must be PEM text or a cryptography private key, not {type(key).__name__}")
 
 
@@ -186,5 +187,6 @@ def _cert_pem(cert: Any) -> str:
     if hasattr(cert, "public_bytes"):
         from cryptography.hazmat.primitives import serialization
 
-        return cert.public_bytes(serialization.Encoding.PEM).decode()
+        cert_bytes: bytes = cert.public_bytes(serialization.Encoding.PEM)
+        return cert_bytes.decode()
     raise TypeError(f"ca_cert must be PEM text or a cryptography x509.Certificate, not {type(cert).__name__}")
