@@ -15,7 +15,15 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from segproxy import HTTPHeader, HTTPRequest, HTTPResponse, HTTPSProxyHandler, TLSStore, start_proxy_server
+from segproxy import (
+    HTTPHeader,
+    HTTPRequest,
+    HTTPResponse,
+    HTTPSForwardProxyHandler,
+    HTTPSProxyHandler,
+    TLSStore,
+    start_proxy_server,
+)
 from segproxy.tls import CERTIFICATE_VALIDITY_DAYS
 
 pytestmark = pytest.mark.timeout(60)
@@ -231,3 +239,67 @@ def test_certificate_validity_days_is_the_minted_period():
     ca = x509.load_pem_x509_certificate(store.get_ca_pem())
     assert (ca.not_valid_after_utc - ca.not_valid_before_utc).days >= CERTIFICATE_VALIDITY_DAYS - 1
     assert 0 < CERTIFICATE_VALIDITY_DAYS <= 398  # what browsers accept
+
+
+# --------------------------------------------------------------------------------------
+# hooks: on_response_complete when forwarding fails; Transfer-Encoding as the origin sent it
+
+
+def closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_on_response_complete_runs_when_forwarding_fails():
+    events: list[str] = []
+    done = asyncio.Event()
+
+    class Watch(HTTPSForwardProxyHandler):
+        async def on_response_complete(self) -> None:
+            events.append("complete")
+
+        async def on_error(self, error: Exception) -> None:
+            events.append(f"error: {error}")
+            done.set()
+
+    import httpx
+
+    server = await start_proxy_server(Watch, port=0)
+    try:
+        async with httpx.AsyncClient(proxy=server.url, timeout=20) as client:
+            r = await client.get(f"http://127.0.0.1:{closed_port()}/nothing-listens")
+        assert r.status_code == 502
+        await asyncio.wait_for(done.wait(), 20)
+        # As in asyncio-https-proxy: the completion hook first, then the error.
+        assert events[0] == "complete" and events[1].startswith("error: "), events
+        assert len(events) == 2, events
+    finally:
+        await server.aclose()
+
+
+async def test_response_hooks_see_transfer_encoding():
+    from support.origins import RecordingOrigin
+
+    seen: list[list[tuple[str, str]]] = []
+
+    class Look(HTTPSForwardProxyHandler):
+        async def on_response_received(self) -> None:
+            seen.append(list(self.response.headers))
+
+    import httpx
+
+    with RecordingOrigin() as origin:
+        server = await start_proxy_server(Look, port=0)
+        try:
+            async with httpx.AsyncClient(proxy=server.url, timeout=20) as client:
+                r = await client.get(origin.url("/gen-chunked/1000"))
+                assert r.status_code == 200 and len(r.content) == 1000
+                r = await client.get(origin.url("/gen/10"))
+                assert r.status_code == 200 and len(r.content) == 10
+        finally:
+            await server.aclose()
+    assert ("Transfer-Encoding", "chunked") in seen[0], seen
+    assert not any(name.lower() == "transfer-encoding" for name, _ in seen[1]), seen

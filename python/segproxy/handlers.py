@@ -189,7 +189,8 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
         return chunk
 
     async def on_response_complete(self) -> None:
-        """The response was sent in full."""
+        """The response was sent in full, or forwarding failed (then `on_error` follows), as
+        in asyncio-https-proxy."""
 
     async def forward_http_request(self) -> None:
         """Forwards `self.request` as it is now. If this class overrides a response hook, returns
@@ -339,7 +340,14 @@ def overridden_hooks(cls: type) -> list[str]:
     connected = _overrides(cls, "on_client_connected", HTTPSProxyHandler)
     if connected:
         hooks.append("client_connected")
-    if not forward or connected or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler):
+    # on_response_complete also runs when forwarding fails (see _Connection._error), which
+    # Python sees only for requests it forwarded itself.
+    if (
+        not forward
+        or connected
+        or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler)
+        or _overrides(cls, "on_response_complete", HTTPSForwardProxyHandler)
+    ):
         hooks.append("request")
     if forward:
         chunk = _overrides(cls, "on_response_chunk", HTTPSForwardProxyHandler)
@@ -486,6 +494,14 @@ class _Connection:
 
     async def _error(self, message: str) -> None:
         try:
+            # A forwarded request that failed before its response completed still gets
+            # on_response_complete, then on_error, as in asyncio-https-proxy.
+            pending = self.response_done is not None and not self.response_done.done()
+            if pending and isinstance(self.handler, HTTPSForwardProxyHandler):
+                try:
+                    await self.handler.on_response_complete()
+                except Exception as exc:
+                    await self._report(exc)
             await self._report(ProxyError(message))
         finally:
             self._settle_response()

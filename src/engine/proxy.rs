@@ -818,15 +818,24 @@ async fn exchange<C: Io>(
     // Transfer codings other than chunked are the message's; stripping the hop-by-hop headers
     // removes them, so the re-chunked response names them again.
     let rechunked_te = response.headers.contains("transfer-encoding").then(|| chunked_transfer_encoding(&response.headers));
+    // Hooks see Transfer-Encoding as the origin sent it (asyncio-https-proxy shows it); the
+    // body is re-framed whatever they do with it.
+    let origin_te: Vec<_> = if hooks.response {
+        response.headers.0.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")).cloned().collect()
+    } else {
+        Vec::new()
+    };
     let mut back = ResponseHead { version: 1, ..response };
     strip_hop_by_hop(&mut back.headers, false);
     if hooks.response {
         let handler = conn.handler(engine).expect("handler");
+        let mut hook_headers = back.headers.clone();
+        hook_headers.0.extend(origin_te);
         let parts = ResponseParts {
             version: format!("HTTP/1.{}", back.version),
             status: back.status,
             reason: back.reason.clone(),
-            headers: back.headers.clone(),
+            headers: hook_headers,
         };
         let changed = hook_reply(engine, handler.response(parts), "on_response_received", false).await?;
         back.status = changed.status;
