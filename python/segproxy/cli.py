@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from . import _engine
 from ._server import ProxyServer, run
@@ -49,8 +49,16 @@ non_negative_int = number(int, 0)
 port_number = number(int, 0, 65535, what="a port number", subject="port")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with every usage error on one line (``segproxy: error: ...``, exit 2); the
+    usage stays in ``--help``."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="segproxy",
         description="A programmable HTTP/HTTPS forward proxy for traffic experiments.",
     )
@@ -233,8 +241,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             warn(str(warning.message))
     if args.print_ca or args.export_ca:
         if tls_store is None:
-            parser.print_usage(sys.stderr)
-            print("segproxy: error: --print-ca and --export-ca need --ca-dir", file=sys.stderr)
+            error("--print-ca and --export-ca need --ca-dir")
             return 2
         if args.export_ca:
             try:

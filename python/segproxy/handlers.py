@@ -547,11 +547,22 @@ class _Connection:
 # building the bridge (called by start_proxy_server on the running loop)
 
 
+def _checked(handler: Any, builder: Callable[[], Any]) -> Any:
+    """`handler` if it is a handler; a TypeError naming what the builder returned otherwise
+    (raised by `start_proxy_server`, which calls the builder once before it listens)."""
+    if not isinstance(handler, HTTPSProxyHandler):
+        raise TypeError(
+            f"handler_builder returned {type(handler).__name__}, not an HTTPSProxyHandler "
+            f"(pass the handler class, or a function returning an instance): {builder!r}"
+        )
+    return handler
+
+
 class HookRunner:
     """The bridge between the engine and a handler class on one asyncio loop."""
 
     def __init__(self, handler_builder: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
-        first = handler_builder()
+        first = _checked(handler_builder(), handler_builder)
         cls = type(first)
         self.handler_class = cls
         self.hooks = overridden_hooks(cls)
@@ -560,7 +571,7 @@ class HookRunner:
         spare: list[Any] = [first]
 
         def open_connection(conn_id: int, client_host: str, client_port: int) -> _Connection:
-            handler = spare.pop() if spare else handler_builder()
+            handler = spare.pop() if spare else _checked(handler_builder(), handler_builder)
             return _Connection(handler, loop, base_ctx.copy(), (client_host, client_port), waits_response)
 
         self.bridge = _engine.HookBridge(open_connection, self.hooks)
