@@ -210,3 +210,74 @@ def test_cli_failures_are_one_line(tmp_path, args, code, needle):
     assert len(lines) == 1 and lines[0].startswith("segproxy: error: "), out.stderr
     assert needle in lines[0], out.stderr
     assert "Traceback" not in out.stderr
+
+
+# --------------------------------------------------------------------------------------
+# lifecycle: a dropped server frees its port, servers(), async with, Rules snapshots
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def a_free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_a_server_dropped_without_aclose_frees_its_port():
+    import gc
+
+    port = a_free_port()
+    server = await start_proxy_server(port=port)
+    assert server in segproxy.servers()
+    # A notebook cell run again while the first server still runs: the error says which
+    # server holds the port and how to close it.
+    with pytest.raises(OSError, match=r"segproxy\.servers\(\)"):
+        await start_proxy_server(port=port)
+    del server
+    gc.collect()
+    assert await asyncio.to_thread(wait_for, lambda: port_is_free(port), 10)
+    again = await start_proxy_server(port=port)
+    try:
+        assert again.port == port and again.is_serving()
+        assert segproxy.servers()[-1] is again
+    finally:
+        await again.aclose()
+    assert again not in segproxy.servers()
+
+
+async def test_proxy_server_is_an_async_context_manager():
+    async with await start_proxy_server(port=0) as server:
+        assert server.is_serving() and server in segproxy.servers()
+    assert not server.is_serving() and server not in segproxy.servers()
+
+
+async def test_rules_are_a_snapshot_taken_at_start():
+    rules = segproxy.Rules.parse("other.test=direct")
+    assert "snapshot" in repr(rules)
+    with RecordingOrigin() as origin:
+        server = await start_proxy_server(port=0, rules=rules)
+        try:
+            rules.add("127.0.0.1=direct,action=block")
+            assert len(rules) == 2
+            import httpx
+
+            async with httpx.AsyncClient(proxy=server.url, timeout=20) as client:
+                # The running server still uses the rules it started with.
+                assert (await client.get(origin.url("/snap"))).status_code == 200
+        finally:
+            await server.aclose()
+        server = await start_proxy_server(port=0, rules=rules)
+        try:
+            async with httpx.AsyncClient(proxy=server.url, timeout=20) as client:
+                assert (await client.get(origin.url("/snap"))).status_code == 403
+        finally:
+            await server.aclose()

@@ -8,7 +8,7 @@ hooks into flows. Start one on a running asyncio loop::
 """
 
 from ._engine import __version__
-from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, start_proxy_server
+from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, servers, start_proxy_server
 from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rule, Rules
@@ -34,5 +34,6 @@ __all__ = [
     "load_or_create_ca",
     "__version__",
     "run",
+    "servers",
     "start_proxy_server",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
+import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypedDict, Unpack
@@ -15,7 +17,29 @@ from .handlers import HookRunner
 from .rules import Rules
 from .tls import TLSStore
 
-__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "start_proxy_server"]
+__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "servers", "start_proxy_server"]
+
+#: Every ProxyServer of this process, by creation order; weak, so it keeps none alive.
+_SERVERS: weakref.WeakValueDictionary[int, ProxyServer] = weakref.WeakValueDictionary()
+_ORDER = itertools.count()
+
+
+def servers() -> list[ProxyServer]:
+    """The servers of this process still serving, oldest first: a notebook that lost its
+    handle on one (a re-run cell) closes it with ``await segproxy.servers()[0].aclose()``."""
+    return [server for _, server in sorted(_SERVERS.items()) if server.is_serving()]
+
+
+def _collected(engine: _engine.EngineServer, hooks: HookRunner | None) -> None:
+    """A ProxyServer was garbage-collected without being closed: its listener closes now
+    (exchanges in flight get a second), and its hooks leave the loop."""
+    if not engine.is_stopped():
+        engine.begin_shutdown(1.0)
+    if hooks is not None:
+        try:
+            hooks.close()
+        except Exception:  # the loop may be gone already
+            pass
 
 
 class AccessRecord(TypedDict):
@@ -157,6 +181,9 @@ class ProxyServer:
         self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
         self._stopped_future: asyncio.Future[None] | None = None
+        _SERVERS[next(_ORDER)] = self
+        # Dropped without aclose(): the listener closes, so the port can be used again.
+        self._finalizer = weakref.finalize(self, _collected, engine, hooks)
 
     # --- where it listens -------------------------------------------------------------
     @property
@@ -198,6 +225,7 @@ class ProxyServer:
         try:
             await self._stopped()
         finally:
+            self._finalizer.detach()
             if self._hooks is not None:  # hooks serve exchanges in flight until the end
                 self._hooks.close()
 
@@ -317,6 +345,17 @@ async def start_proxy_server(
             handler=None if hooks is None else hooks.bridge,
             **kwargs,
         )
+    except OSError as exc:
+        if hooks is not None:
+            hooks.close()
+        holder = next((s for s in servers() if s.port == port and port != 0), None)
+        if holder is not None:
+            # Typically a notebook cell run again: the first server still listens.
+            raise OSError(
+                f"{exc}; {holder!r} of this process listens there: close it "
+                f"(await segproxy.servers()[{servers().index(holder)}].aclose()) or use port=0"
+            ) from exc
+        raise
     except BaseException:
         if hooks is not None:
             hooks.close()
