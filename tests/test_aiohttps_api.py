@@ -303,3 +303,24 @@ async def test_response_hooks_see_transfer_encoding():
             await server.aclose()
     assert ("Transfer-Encoding", "chunked") in seen[0], seen
     assert not any(name.lower() == "transfer-encoding" for name, _ in seen[1]), seen
+
+
+@pytest.mark.parametrize("scheme, host_header, host, port", [
+    ("http", "example.com", "example.com", 80),
+    ("https", "example.com", "example.com", 443),
+    ("http", "example.com:8080", "example.com", 8080),
+    ("https", "[::1]:8443", "::1", 8443),
+    ("https", "[::1]", "::1", 443),
+])
+def test_parse_host_from_the_host_header(scheme, host_header, host, port):
+    request = HTTPRequest(scheme=scheme)
+    request.parse_headers(f"Host: {host_header}\r\nAccept: */*\r\n".encode())
+    request.parse_host()
+    assert (request.host, request.port) == (host, port)
+
+
+def test_parse_host_without_host_header():
+    request = HTTPRequest()
+    request.parse_headers(b"Accept: */*\r\n")
+    with pytest.raises(ValueError, match="Host"):
+        request.parse_host()

@@ -210,6 +210,25 @@ class HTTPRequest:
         """Set `headers` from raw header lines (``Name: value\r\n`` each)."""
         self.headers = HTTPHeader(raw_headers)
 
+    def parse_host(self) -> None:
+        """Set `host` and `port` from the Host header (for an origin-form request, such as
+        one read inside a TLS tunnel); without a port in it, the scheme's default. ValueError
+        if there is no Host header or its port is not a number."""
+        value = self.headers.first("Host")
+        if not value:
+            raise ValueError("Host header is missing")
+        value = value.strip()
+        default = 443 if self.scheme == "https" else 80
+        if value.startswith("["):
+            host, _, rest = value[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        elif value.count(":") == 1:
+            host, port = value.split(":")
+        else:
+            host, port = value, ""
+        self.host = host
+        self.port = int(port) if port else default
+
     def url(self) -> str:
         """The absolute URL, e.g. ``http://example.com:8080/a?b=1`` (default ports left out)."""
         default = 443 if self.scheme == "https" else 80
