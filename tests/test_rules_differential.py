@@ -37,6 +37,8 @@ class SPRule:
     scheme: str | None
     method: str | None
     path_prefix: str | None
+    strategy: str | None = None
+    """`strategy=` as written (None when absent: SegmentedProxy's default is none)."""
 
 
 def sp_parse(text: str) -> SPRule:
@@ -50,6 +52,7 @@ def sp_parse(text: str) -> SPRule:
         raise ValueError("segment rule missing mode")
     mode = parts[0]
     strategy, chunk, delay, min_chunk, max_chunk = "none", 1024, 0, None, None
+    written_strategy = None
     action, upstream, reason, scheme, method, path_prefix = "direct", None, None, None, None, None
     for p in parts[1:]:
         if "=" not in p:
@@ -57,7 +60,7 @@ def sp_parse(text: str) -> SPRule:
         k, v = p.split("=", 1)
         k, v = k.strip().lower(), v.strip()
         if k == "strategy":
-            strategy = v.lower()
+            strategy = written_strategy = v.lower()
         elif k == "chunk":
             chunk = int(v)
         elif k in {"min", "chunk_min"}:
@@ -112,7 +115,7 @@ def sp_parse(text: str) -> SPRule:
         raise ValueError("upstream action requires upstream=HOST:PORT")
     if action == "block" and upstream is not None:
         raise ValueError("block action cannot include upstream")
-    return SPRule(host_glob, mode, action, upstream, reason, scheme, method, path_prefix)
+    return SPRule(host_glob, mode, action, upstream, reason, scheme, method, path_prefix, written_strategy)
 
 
 def sp_matches(rule: SPRule, method: str, scheme: str, host: str, path: str) -> bool:
@@ -284,8 +287,13 @@ def check_rule_set(seed: int) -> None:
         assert d.action == rule.action, context
         assert d.mode == rule.mode, context
         assert d.explanation.startswith(sp_explain(rule, method, scheme, host, path, want_score) + ";"), context
-        if rule.mode != "segment_upstream":
+        # The policy: no segmentation where SegmentedProxy has none (mode other than
+        # segment_upstream, or strategy=none); the strategy it names otherwise. (Without
+        # strategy=, a chunk size or delay means fixed here: a documented difference.)
+        if rule.mode != "segment_upstream" or rule.strategy == "none":
             assert d.policy == "none", context
+        elif rule.strategy is not None:
+            assert d.policy.split()[0] == rule.strategy, context
         if rule.action == "block":
             assert d.reason == (rule.reason or "blocked by rule"), context
         if rule.action == "upstream":

@@ -1355,6 +1355,11 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
         Some(d) => d as u64,
         None => 0,
     };
+    if strategy == Strategy::None && delay > 0 {
+        // SegmentedProxy relays strategy=none unsegmented, delay or not.
+        notes.push("delay ignored with strategy=none (nothing is segmented)".into());
+    }
+    let delay = if strategy == Strategy::None { 0 } else { delay };
     let policy = SegmentPolicy { strategy, delay: Duration::from_millis(delay) };
     if !segmenting {
         if policy != SegmentPolicy::none() {
@@ -1520,13 +1525,10 @@ mod tests {
             one("a=segment_upstream,delay=7").policy,
             SegmentPolicy::fixed(DEFAULT_CHUNK, ms(7))
         );
-        assert_eq!(
-            one("a=segment_upstream,strategy=none,delay=7").policy,
-            SegmentPolicy {
-                strategy: Strategy::None,
-                delay: ms(7)
-            }
-        );
+        // As in SegmentedProxy, strategy=none relays unsegmented, delay or not.
+        let r = one("a=segment_upstream,strategy=none,delay=7");
+        assert_eq!(r.policy, SegmentPolicy::none());
+        assert!(r.notes.iter().any(|n| n.contains("delay ignored with strategy=none")), "{:?}", r.notes);
         assert_eq!(
             one("a=segment_upstream,Strategy=FIXED,CHUNK=9").policy,
             SegmentPolicy::fixed(9, Duration::ZERO)
