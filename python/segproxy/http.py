@@ -237,7 +237,7 @@ class HTTPRequest:
         return f"{self.scheme}://{authority}{self.path}"
 
     def __repr__(self) -> str:
-        return f"HTTPRequest({self.method} {self.url()} {self.version})"
+        return f"HTTPRequest(host={self.host}, port={self.port})"  # as asyncio-https-proxy
 
 
 class HTTPResponse:

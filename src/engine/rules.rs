@@ -1361,6 +1361,12 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
     }
     let delay = if strategy == Strategy::None { 0 } else { delay };
     let policy = SegmentPolicy { strategy, delay: Duration::from_millis(delay) };
+    if segmenting && k.strategy.is_none() && strategy != Strategy::None {
+        // Our reading, said out loud so that no SegmentedProxy user meets it by surprise.
+        notes.push(format!(
+            "no strategy=: segmented as strategy={strategy_name} (SegmentedProxy does not segment a line without strategy=)"
+        ));
+    }
     if !segmenting {
         if policy != SegmentPolicy::none() {
             notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
@@ -1597,8 +1603,10 @@ mod tests {
         let r = one("x=direct,path_prefix=api");
         assert_eq!(r.path_prefix.as_deref(), Some("/api"));
         assert!(r.notes.is_empty());
-        // Plain rules carry no note.
-        assert!(one("x=segment_upstream,chunk=5,delay=1").notes.is_empty());
+        // Plain rules carry no note; a size without strategy= is noted (our reading).
+        assert!(one("x=segment_upstream,strategy=fixed,chunk=5,delay=1").notes.is_empty());
+        let r = note("x=segment_upstream,chunk=5,delay=1", "segmented as strategy=fixed (SegmentedProxy does not");
+        assert_eq!(r.policy, SegmentPolicy::fixed(5, ms(1)));
     }
 
     #[test]
