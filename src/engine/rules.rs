@@ -1,5 +1,5 @@
 //! The rules engine: SegmentedProxy's rule syntax, parsing with `file:line`
-//! errors, and the "most specific rule wins" decision.
+//! errors, and the decision by SegmentedProxy's score.
 //!
 //! # Syntax
 //!
