@@ -184,6 +184,9 @@ class ProxyServer:
         _SERVERS[next(_ORDER)] = self
         # Dropped without aclose(): the listener closes, so the port can be used again.
         self._finalizer = weakref.finalize(self, _collected, engine, hooks)
+        # Not at interpreter exit: the process ends anyway, and engine threads must not be
+        # woken while Python finalizes.
+        self._finalizer.atexit = False
 
     # --- where it listens -------------------------------------------------------------
     @property
