@@ -243,8 +243,12 @@ async def test_a_server_dropped_without_aclose_frees_its_port():
     with pytest.raises(OSError, match=r"segproxy\.servers\(\)"):
         await start_proxy_server(port=port)
     del server
-    gc.collect()
-    assert await asyncio.to_thread(wait_for, lambda: port_is_free(port), 10)
+
+    def collected_and_free() -> bool:
+        gc.collect()
+        return port_is_free(port)
+
+    assert await asyncio.to_thread(wait_for, collected_and_free, 20)
     again = await start_proxy_server(port=port)
     try:
         assert again.port == port and again.is_serving()

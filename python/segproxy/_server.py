@@ -351,13 +351,17 @@ async def start_proxy_server(
     except OSError as exc:
         if hooks is not None:
             hooks.close()
-        holder = next((s for s in servers() if s.port == port and port != 0), None)
-        if holder is not None:
-            # Typically a notebook cell run again: the first server still listens.
-            raise OSError(
-                f"{exc}; {holder!r} of this process listens there: close it "
-                f"(await segproxy.servers()[{servers().index(holder)}].aclose()) or use port=0"
-            ) from exc
+        running = servers()
+        index = next((i for i, s in enumerate(running) if s.port == port and port != 0), None)
+        if index is not None:
+            # Typically a notebook cell run again: the first server still listens. (No
+            # reference to it stays in this frame: the traceback must not keep it alive.)
+            message = (
+                f"{exc}; {running[index]!r} of this process listens there: close it "
+                f"(await segproxy.servers()[{index}].aclose()) or use port=0"
+            )
+            del running
+            raise OSError(message) from exc
         raise
     except BaseException:
         if hooks is not None:
