@@ -449,9 +449,8 @@ impl Rule {
             out += &format!(" path={}", shorten(p));
         }
         out += &format!(" action={}", self.action.name());
-        match &self.action {
-            Action::Upstream(up) => out += &format!(" upstream={up}"),
-            _ => {}
+        if let Action::Upstream(up) = &self.action {
+            out += &format!(" upstream={up}");
         }
         if let Some(reason) = &self.written_reason {
             out += &format!(" reason={}", shorten(reason));
