@@ -102,7 +102,14 @@ def test_validate_rules_default_policy_from_flags():
     # A chunk size without a strategy means fixed.
     assert first == "Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up", first
     assert "Rules: (none)" in out.stdout
-    assert out.stderr == ""
+    # Our reading of sizes without a strategy is said (SegmentedProxy would not segment).
+    assert out.stderr.strip() == (
+        "segproxy: warning: --segment-chunk-size, --segment-delay-ms without --segment-strategy: "
+        "the default policy segments (SegmentedProxy does not segment without a strategy)"
+    ), out.stderr
+    out = run_cli("--segmentation", "segment_upstream", "--segment-strategy", "fixed", "--segment-chunk-size", "300",
+                  "--validate-rules")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
 @pytest.mark.parametrize("flags", [
@@ -559,3 +566,15 @@ async def test_access_records_match_the_json_fields(origin):
         assert " strategy=none dur_ms=" in rec["line"] and f" target={origin.url('/rec')} " in rec["line"]
     finally:
         await server.aclose()
+
+
+def test_intercept_rule_without_ca_dir_is_warned(tmp_path):
+    rules_file = tmp_path / "i.rules"
+    rules_file.write_text("a.test=direct\nbank.test=direct,intercept=yes\n")
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode == 0
+    assert out.stderr.strip() == (
+        f"segproxy: warning: {rules_file}:2: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled"
+    ), out.stderr
+    out = run_cli("--rules-file", str(rules_file), "--ca-dir", str(tmp_path / "ca"), "--validate-rules")
+    assert out.returncode == 0 and out.stderr == "", out.stderr

@@ -127,8 +127,14 @@ DEFAULT_POLICY_FLAGS = (
 
 def default_policy_warning(args: argparse.Namespace) -> str | None:
     """The warning for default-policy flags given without ``--segmentation
-    segment_upstream`` (they have no effect then, as in SegmentedProxy)."""
+    segment_upstream`` (they have no effect then, as in SegmentedProxy), or for a default
+    strategy inferred from sizes (SegmentedProxy, which has no --segment-strategy, does not
+    segment then)."""
     if args.segmentation == "segment_upstream":
+        sizes = [flag for name, flag in DEFAULT_POLICY_FLAGS[1:] if getattr(args, name) is not None]
+        if args.segment_strategy is None and sizes:
+            return (f"{', '.join(sizes)} without --segment-strategy: the default policy segments "
+                    "(SegmentedProxy does not segment without a strategy)")
         return None
     given = [flag for name, flag in DEFAULT_POLICY_FLAGS if getattr(args, name) is not None]
     if not given:
@@ -224,6 +230,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     policy_warning = default_policy_warning(args)
     if policy_warning:
         warn(policy_warning)
+    if args.ca_dir is None:
+        for line in rules.describe().splitlines():
+            if " intercept=yes " in line:
+                source = line.split(" source=", 1)[1].split(" ", 1)[0]
+                warn(f"{source}: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled")
     if args.validate_rules:
         print(rules.describe(), end="")
         return 0
