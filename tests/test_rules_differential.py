@@ -16,6 +16,7 @@ documented difference; see docs/comparison.md).
 from __future__ import annotations
 
 import random
+import re
 from dataclasses import dataclass
 from fnmatch import fnmatch
 
@@ -39,6 +40,10 @@ class SPRule:
     path_prefix: str | None
     strategy: str | None = None
     """`strategy=` as written (None when absent: SegmentedProxy's default is none)."""
+    chunk: int = 1024
+    delay: int = 0
+    min_chunk: int | None = None
+    max_chunk: int | None = None
 
 
 def sp_parse(text: str) -> SPRule:
@@ -115,7 +120,34 @@ def sp_parse(text: str) -> SPRule:
         raise ValueError("upstream action requires upstream=HOST:PORT")
     if action == "block" and upstream is not None:
         raise ValueError("block action cannot include upstream")
-    return SPRule(host_glob, mode, action, upstream, reason, scheme, method, path_prefix, written_strategy)
+    return SPRule(host_glob, mode, action, upstream, reason, scheme, method, path_prefix, written_strategy,
+                  chunk, delay, min_chunk, max_chunk)
+
+
+def sp_shorten(value: str, max_len: int = 24) -> str:
+    return value if len(value) <= max_len else value[: max_len - 3] + "..."
+
+
+def sp_format_rule(rule: SPRule) -> str:
+    """SegmentedProxy's `--validate-rules` line for a rule (its main.py, `format_rule`)."""
+    parts = [f"host={rule.host_glob}"]
+    if rule.scheme:
+        parts.append(f"scheme={rule.scheme}")
+    if rule.method:
+        parts.append(f"method={rule.method}")
+    if rule.path_prefix:
+        parts.append(f"path={sp_shorten(rule.path_prefix)}")
+    parts.append(f"action={rule.action}")
+    if rule.upstream:
+        parts.append(f"upstream={rule.upstream[0]}:{rule.upstream[1]}")
+    if rule.reason:
+        parts.append(f"reason={sp_shorten(rule.reason)}")
+    parts += [f"mode={rule.mode}", f"strategy={rule.strategy or 'none'}", f"chunk={rule.chunk}", f"delay={rule.delay}"]
+    if rule.min_chunk is not None:
+        parts.append(f"min={rule.min_chunk}")
+    if rule.max_chunk is not None:
+        parts.append(f"max={rule.max_chunk}")
+    return " ".join(parts)
 
 
 def sp_matches(rule: SPRule, method: str, scheme: str, host: str, path: str) -> bool:
@@ -269,6 +301,18 @@ def check_rule_set(seed: int) -> None:
         return
     rules = Rules.parse("\n".join(line for line, _ in accepted), source="gen")
     sp_rules = [r for _, r in accepted]
+    # --validate-rules: each line starts with SegmentedProxy's (our fields follow it). The
+    # one difference: a segment_upstream line with sizes and no strategy= lists the strategy
+    # segproxy uses (and says so in a warning).
+    listed = rules.describe().splitlines()[2:]
+    assert len(listed) == len(sp_rules)
+    for i, (line, rule) in enumerate(zip(listed, sp_rules)):
+        ours = line.split(". ", 1)[1].split(" source=", 1)[0]
+        want = sp_format_rule(rule)
+        if rule.mode == "segment_upstream" and rule.strategy is None:
+            ours = re.sub(r" strategy=\S+ ", " strategy=? ", ours)
+            want = re.sub(r" strategy=\S+ ", " strategy=? ", want)
+        assert ours == want, f"seed {seed}: {accepted[i][0]!r}"
     for _ in range(25):
         method, scheme, host, port, path = gen_request(rng, hosts)
         want, want_score = sp_decide(sp_rules, method, scheme, host, path)

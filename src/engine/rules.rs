@@ -371,6 +371,9 @@ pub struct Rule {
     pub notes: Vec<String>,
     /// `reason=` as written, if given and not empty (SegmentedProxy lists it whatever the action).
     pub written_reason: Option<String>,
+    /// `upstream=` as written (password masked), shown whatever the action, as SegmentedProxy
+    /// lists it.
+    pub written_upstream: Option<String>,
 }
 
 /// A rule's segmentation keys as written (SegmentedProxy's defaults where absent), shown
@@ -449,7 +452,7 @@ impl Rule {
             out += &format!(" path={}", shorten(p));
         }
         out += &format!(" action={}", self.action.name());
-        if let Action::Upstream(up) = &self.action {
+        if let Some(up) = &self.written_upstream {
             out += &format!(" upstream={up}");
         }
         if let Some(reason) = &self.written_reason {
@@ -1057,6 +1060,8 @@ struct Keys<'a> {
     delay: Option<i64>,
     action: Option<&'a str>,
     upstream: Option<UpstreamProxy>,
+    /// `upstream=` as listed: the proxy, or the value as written when its port is out of range.
+    upstream_text: Option<String>,
     reason: Option<&'a str>,
     scheme: Option<Scheme>,
     method: Option<String>,
@@ -1146,6 +1151,14 @@ fn parse_rule(
                 if up.credentials.is_some() {
                     shown = format!("upstream={up}");
                 }
+                keys.upstream_text = Some(match value.rsplit_once('@') {
+                    _ if up.port != 0 => up.to_string(),
+                    Some((_, hostport)) if up.credentials.is_some() => {
+                        let user = up.credentials.as_ref().map_or("", |(u, _)| u.as_str());
+                        format!("{user}:***@{hostport}")
+                    }
+                    _ => value.to_string(),
+                });
                 keys.upstream = Some(up);
             }
             "reason" => keys.reason = Some(value),
@@ -1202,6 +1215,7 @@ fn parse_rule(
     // SegmentedProxy's order: the policy, the delay, then the action.
     let policy = build_policy(segmenting, &keys, &mut notes)?;
     let written_reason = keys.reason.filter(|r| !r.is_empty()).map(str::to_string);
+    let written_upstream = keys.upstream_text.take();
     let action = build_action(&mut keys, &mut notes)?;
     // The stored text is rebuilt from the parts so a password cannot survive in it.
     let mut text = format!("{}={}", glob.trim(), mode);
@@ -1239,6 +1253,7 @@ fn parse_rule(
         text,
         notes,
         written_reason,
+        written_upstream,
     })
 }
 
