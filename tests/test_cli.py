@@ -60,10 +60,12 @@ def test_version():
         (["--dns-transport", "tcp"], "--dns-transport needs --dns-server"),
     ],
 )
-def test_bad_arguments_exit_2_with_usage(args, complaint):
+def test_bad_arguments_exit_2_with_one_line(args, complaint):
     r = run(MODULE + args)
     assert r.returncode == 2
-    assert r.stderr.startswith("usage: segproxy"), r.stderr
+    # The error on one line, then a one-line usage.
+    first, usage = r.stderr.splitlines()
+    assert first.startswith("segproxy: error: ") and usage.startswith("usage: segproxy "), r.stderr
     assert complaint in r.stderr
     assert r.stdout == ""
 
@@ -139,9 +141,13 @@ def test_options_reach_the_engine():
             assert held.read_response().status == 504
 
 
+# SegmentedProxy's access line (time, level, ACCESS and its fields in its order), then ours.
 LINE_RE = re.compile(
-    r"^(?P<id>\d+\.\d+) (?P<client>127\.0\.0\.1:\d+) (?P<method>\S+) (?P<target>\S+) (?P<status>\d{3}) "
-    r"up=(?P<up>\d+) down=(?P<down>\d+) (?P<ms>\d+\.\d)ms kind=(?P<kind>\S+)"
+    r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO ACCESS rid=(?P<id>\d+\.\d+) method=(?P<method>\S+) "
+    r"host=(?P<host>\S+) port=(?P<port>\d+) scheme=(?P<scheme>\S+) action=(?P<action>\S+) mode=(?P<mode>\S+) "
+    r"strategy=(?P<strategy>\S+) dur_ms=(?P<ms>\d+)(?: dns=\S+ cache=\S+ transport=\S+ fallback=\S+)? "
+    r"bytes_up=(?P<up>\d+) bytes_down=(?P<down>\d+) status=(?P<status>\d{3}) client=(?P<client>\S+) "
+    r"target=(?P<target>\S+) kind=(?P<kind>\S+) rule=(?P<rule>\S+)"
 )
 
 
@@ -209,4 +215,5 @@ def test_segmentedproxy_command_line_runs_unchanged():
         assert "/to-stdout" not in err
     r = run(MODULE + ["--segmentation", "segment_upstream", "--validate-rules"])
     # A bare segment_upstream default, as SegmentedProxy: nothing to segment with.
-    assert r.returncode == 0 and "policy=none" in r.stdout.splitlines()[0], r.stdout
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[0].startswith("Default policy: mode=segment_upstream strategy=none "), r.stdout

@@ -192,7 +192,7 @@ def test_repeated_rules_file_rules_from_both_apply(tmp_path, origin):
 
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 3, timeout=10)
         lines = proxy.access_log.read_text().splitlines()
-        blocked = [line for line in lines if " 403 " in line]
+        blocked = [line for line in lines if " status=403 " in line]
         assert any(f"rule={one}:2" in line and "/one/x" in line for line in blocked), lines
         assert any(f"rule={two}:2" in line and "/two/y" in line for line in blocked), lines
 
@@ -202,15 +202,15 @@ def test_validate_rules_lists_rules_of_both_files_with_file_and_line(tmp_path):
     out = run_cli("--rules-file", str(one), "--rules-file", str(two), "--validate-rules")
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("default:"), out.stdout
-    numbered = lines[1:]
+    assert lines[0].startswith("Default policy: "), out.stdout
+    numbered = lines[2:]
     assert len(numbered) == 3, out.stdout
-    assert numbered[0].startswith(f"1. {one}:2 host=127.0.0.1"), numbered
+    assert numbered[0].startswith("01. host=127.0.0.1") and f"source={one}:2" in numbered[0], numbered
     assert "reason=blocked by file one" in numbered[0]
-    assert numbered[1].startswith(f"2. {two}:2 host=127.0.0.1"), numbered
+    assert numbered[1].startswith("02. host=127.0.0.1") and f"source={two}:2" in numbered[1], numbered
     assert "reason=blocked by file two" in numbered[1]
-    assert numbered[2].startswith(f"3. {two}:3 host=late.test"), numbered
-    assert "policy=fixed chunk=64" in numbered[2]
+    assert numbered[2].startswith("03. host=late.test") and f"source={two}:3" in numbered[2], numbered
+    assert "strategy=fixed chunk=64" in numbered[2]
 
 
 def test_validate_rules_bad_line_in_second_file_names_that_file_and_line(tmp_path):

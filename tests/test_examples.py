@@ -119,8 +119,8 @@ def test_forward_proxy(origin: str) -> None:
     try:
         r = curl("-x", example.proxy, f"{origin}/plain?x=1")
         assert r.returncode == 0 and json.loads(r.stdout)["path"] == "/plain?x=1"
-        line = example.wait_for("GET http://127.0.0.1")
-        assert " 200 " in line
+        line = example.wait_for("target=http://127.0.0.1")
+        assert line.startswith("ACCESS rid=") and " method=GET " in line and " status=200 " in line
     finally:
         assert example.stop() == 0
 

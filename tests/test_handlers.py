@@ -679,8 +679,10 @@ def test_header_type_asyncio_https_proxy_parts() -> None:
     assert HTTPHeader([("A", "1"), ("A", "2")]).to_dict() == {"A": "2"}
     h.remove("accept")
     assert h.headers is fields and fields == [("Host", "a"), ("X-Custom-Header", "Hello")]
-    assert h.to_raw() == b"Host: a\r\nX-Custom-Header: Hello\r\n"
-    assert HTTPHeader([("X", "caf\u00e9 \u2713")]).to_raw() == "X: caf\u00e9 \u2713\r\n".encode()
+    # It ends with the blank line, as there: a head is status line + to_raw().
+    assert h.to_raw() == b"Host: a\r\nX-Custom-Header: Hello\r\n\r\n"
+    assert HTTPHeader([("X", "caf\u00e9 \u2713")]).to_raw() == "X: caf\u00e9 \u2713\r\n\r\n".encode()
+    assert HTTPHeader(b"\r\n").to_raw() == b"\r\n\r\n"
 
 
 # ------------------------------------------------------------------------------------------

@@ -65,8 +65,14 @@ def test_overridden_hooks() -> None:
         async def on_connect(self, host: str, port: int) -> None:
             return None
 
+    class Done(HTTPSForwardProxyHandler):
+        async def on_response_complete(self) -> None:
+            pass
+
     assert overridden_hooks(Req) == ["request"]
     assert overridden_hooks(Tun) == ["connect", "tunnel"]
+    # on_response_complete runs when forwarding fails too: Python forwards these requests.
+    assert overridden_hooks(Done) == ["request", "response", "response_complete", "error"]
 
 
 async def test_roundtrip_sequential_and_context() -> None:

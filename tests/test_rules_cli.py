@@ -64,19 +64,34 @@ def test_validate_rules_lists_default_and_numbered_rules(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
-    assert lines[0].startswith("default:"), out.stdout
-    assert "action=direct" in lines[0] and "policy=none" in lines[0]
-    numbered = lines[1:]
+    # SegmentedProxy's format: its fields in its order, ours (source=..., policy=...) after.
+    assert lines[0] == "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up", out.stdout
+    assert lines[1] == "Rules:"
+    numbered = lines[2:]
     assert len(numbered) == 7, out.stdout
     for i, line in enumerate(numbered, start=1):
-        assert line.startswith(f"{i}. "), line
-    # File rules name FILE:LINE (comments and blank lines count as lines).
-    assert f"{rules_file}:3 host=example.com" in numbered[0]
-    assert "policy=fixed chunk=512 delay=10ms" in numbered[0]
-    assert f"{rules_file}:5 host=ads.example.com action=block reason=ads are blocked" in numbered[2]
-    assert "upstream=127.0.0.1:3128" in numbered[3]
-    assert "method=POST" in numbered[4] and "path_prefix=/upload" in numbered[4] and "scheme=http" in numbered[4]
-    assert "host=blocked.test action=block reason=nope" in numbered[6]
+        assert line.startswith(f"{i:02d}. host="), line
+    assert numbered[0].startswith(
+        "01. host=example.com action=direct mode=segment_upstream strategy=fixed chunk=512 delay=10 "
+        f"source={rules_file}:3 "
+    ), numbered[0]
+    assert numbered[1].startswith(
+        "02. host=*.example.com action=direct mode=segment_upstream strategy=random chunk=1024 delay=0 min=64 max=256 "
+    ), numbered[1]
+    assert numbered[2].startswith(
+        "03. host=ads.example.com action=block reason=ads are blocked mode=direct strategy=none chunk=1024 delay=0 "
+        f"source={rules_file}:5"
+    ), numbered[2]
+    assert numbered[3].startswith("04. host=*.corp.test action=upstream upstream=127.0.0.1:3128 mode=direct "), numbered[3]
+    assert numbered[4].startswith(
+        "05. host=api.test scheme=http method=POST path=/upload action=direct mode=segment_upstream strategy=fixed chunk=100 delay=0 "
+    ), numbered[4]
+    assert numbered[6].startswith("07. host=blocked.test action=block reason=nope mode=direct "), numbered[6]
+    assert "source=--segment-rule#1:1" in numbered[6]
+    assert out.stderr == ""
+    # No rules: SegmentedProxy's "(none)".
+    out = run_cli("--validate-rules")
+    assert out.stdout.splitlines()[1] == "Rules: (none)", out.stdout
 
 
 def test_validate_rules_default_policy_from_flags():
@@ -85,8 +100,83 @@ def test_validate_rules_default_policy_from_flags():
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
     # A chunk size without a strategy means fixed.
-    assert "policy=fixed chunk=300 delay=5ms" in first, first
-    assert "rules: (none)" in out.stdout
+    assert first == "Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up", first
+    assert "Rules: (none)" in out.stdout
+    # Our reading of sizes without a strategy is said (SegmentedProxy would not segment).
+    assert out.stderr.strip() == (
+        "segproxy: warning: --segment-chunk-size, --segment-delay-ms without --segment-strategy: "
+        "the default policy segments (SegmentedProxy does not segment without a strategy)"
+    ), out.stderr
+    out = run_cli("--segmentation", "segment_upstream", "--segment-strategy", "fixed", "--segment-chunk-size", "300",
+                  "--validate-rules")
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+
+
+@pytest.mark.parametrize("flags", [
+    ["--segment-strategy", "fixed", "--segment-chunk-size", "100"],
+    ["--segment-chunk-size", "100"],
+    ["--segment-delay-ms", "5", "--segmentation", "direct"],
+])
+def test_default_policy_without_segment_upstream_warns(flags):
+    out = run_cli(*flags, "--validate-rules")
+    assert out.returncode == 0, out.stderr
+    assert "Default policy: mode=direct strategy=none" in out.stdout
+    warning = out.stderr.strip()
+    assert warning.startswith("segproxy: warning: --segment-"), out.stderr
+    assert "without --segmentation segment_upstream" in warning and "\n" not in warning
+
+
+@pytest.mark.parametrize("flags", [
+    ["--segmentation", "segment_upstream", "--segment-strategy", "random"],
+    ["--segmentation", "segment_upstream", "--segment-strategy", "random", "--segment-min-size", "5"],
+    ["--segmentation", "segment_upstream", "--segment-max-size", "5"],
+])
+def test_default_random_strategy_needs_min_and_max(flags):
+    out = run_cli(*flags, "--validate-rules")
+    assert out.returncode == 1
+    assert out.stderr.strip() == (
+        "segproxy: error: random strategy requires both min and max (--segment-min-size and --segment-max-size)"
+    ), out.stderr
+    with pytest.raises(ValueError, match="random strategy requires both min and max"):
+        Rules(strategy="random", min=5)
+
+
+def test_validate_rules_warns_about_lines_segmentedproxy_accepts(tmp_path):
+    """Lines SegmentedProxy accepts though they look wrong are accepted with its meaning, and
+    --validate-rules warns about each, naming the line."""
+    rules_file = tmp_path / "odd.rules"
+    rules_file.write_text(
+        "# odd but accepted by SegmentedProxy\n"
+        "fast.test=fast\n"
+        "=direct,action=block\n"
+        "*.corp.test=direct,action=upstream,upstream=127.0.0.1:70000\n"
+        "ok.test=segment_upstream,chunk=5\n"
+    )
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode == 0, out.stderr
+    warnings = out.stderr.strip().splitlines()
+    assert len(warnings) == 4, out.stderr
+    assert warnings[0].startswith(f"segproxy: warning: {rules_file}:2: unknown mode 'fast'"), warnings
+    assert warnings[1].startswith(f"segproxy: warning: {rules_file}:3: empty host glob"), warnings
+    assert warnings[2].startswith(f"segproxy: warning: {rules_file}:4: upstream port 70000 is out of range"), warnings
+    # Our one reading of a line SegmentedProxy takes differently is said too.
+    assert warnings[3].startswith(f"segproxy: warning: {rules_file}:5: no strategy=: segmented as strategy=fixed"), warnings
+    numbered = out.stdout.splitlines()[2:]
+    assert numbered[0].startswith("01. host=fast.test action=direct mode=fast strategy=none"), numbered
+    assert numbered[1].startswith("02. host= action=block mode=direct"), numbered
+    # Their meaning, as in SegmentedProxy: no segmentation, a rule that matches nothing.
+    rules = Rules.from_file(rules_file)
+    assert rules.decide("GET", "http", "fast.test", 80, "/").policy == "none"
+    assert rules.decide("GET", "http", "x.test", 80, "/").rule is None
+    assert len(rules.warnings()) == 4
+
+
+def test_out_of_range_upstream_port_answers_502(origin):
+    with Segproxy(["--segment-rule", "*=direct,action=upstream,upstream=127.0.0.1:99999"]) as proxy:
+        r = proxy_request(("127.0.0.1", proxy.port), "GET", origin.url("/x"))
+        assert r.status == 502, r
+        assert b"127.0.0.1:0" in r.body or b"upstream" in r.body.lower(), r.body
+    assert origin.requests == []
 
 
 def test_validate_rules_error_names_file_and_line(tmp_path):
@@ -103,7 +193,8 @@ def test_validate_rules_error_names_file_and_line(tmp_path):
     "line, word",
     [
         ("a.test=direct,colour=blue", "colour"),                               # unknown key
-        ("a.test=sideways", "sideways"),                                        # bad mode
+        ("a.test=direct,strategy=sideways", "sideways"),                        # bad strategy
+        ("a.test=segment_upstream,strategy=random,min=10", "requires both min and max"),
         ("a.test=segment_upstream,strategy=random,min=10,max=5", "min"),       # min > max
         ("a.test=segment_upstream,delay=-1", "delay"),                          # negative delay
         ("a.test=direct,action=upstream", "upstream"),                          # upstream without address
@@ -190,7 +281,7 @@ def test_rules_parse_error_names_source_and_line():
 def test_rules_add_is_all_or_nothing():
     rules = Rules.parse("a.test=direct")
     with pytest.raises(ValueError):
-        rules.add("b.test=direct\nc.test=oops\n")
+        rules.add("b.test=direct\nc.test=direct,strategy=oops\n")
     assert len(rules) == 1
 
 
@@ -232,7 +323,9 @@ SPECIFICITY = textwrap.dedent(
         ("GET", "http", "www.example.com", "/", "exact"),          # exact beats *.suffix
         ("GET", "http", "img.example.com", "/", "suffix"),         # *.suffix beats *
         ("GET", "http", "deep.img.example.com", "/", "suffix"),
-        ("GET", "http", "x.a.example.com", "/", "longer-suffix"),  # longer suffix wins
+        # *.example.com and *.a.example.com score the same (1200): the earlier wins, as in
+        # SegmentedProxy.
+        ("GET", "http", "x.a.example.com", "/", "suffix"),
         ("GET", "http", "example.org", "/", "star"),
         ("POST", "http", "api.test", "/v1/x", "api-any"),          # method must match
         ("GET", "http", "api.test", "/v2", "api-get"),             # method adds specificity
@@ -314,13 +407,14 @@ def test_block_answers_403_with_reason_http_and_connect(origin):
 
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 5)
         lines = proxy.access_log.read_text().splitlines()
-        blocked = [line for line in lines if " 403 " in line]
+        assert all(line.split(" ", 3)[2:3] == ["INFO"] and " ACCESS rid=" in line for line in lines), lines
+        blocked = [line for line in lines if " status=403 " in line]
         assert len(blocked) == 4, lines
         for line in blocked:
             assert "action=block" in line, line
             assert "rule=--segment-rule#" in line, line
             assert "policy=" in line
-        ok = [line for line in lines if " 200 " in line]
+        ok = [line for line in lines if " status=200 " in line]
         assert ok and "rule=default" in ok[0] and "action=direct" in ok[0], ok
 
 
@@ -348,7 +442,8 @@ async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
         assert seg["line"].count("rule=") == 1 and f"rule={rules_file}:2" in seg["line"]
         assert plain["rule"] == "default" and plain["policy"] == "none"
         text = log.read_text()
-        assert f"rule={rules_file}:2 action=direct policy=\"fixed" in text, text
+        assert f" action=direct mode=segment_upstream strategy=fixed " in text, text
+        assert f"rule={rules_file}:2 policy=\"fixed" in text, text
     finally:
         await server.aclose()
 
@@ -366,11 +461,16 @@ def test_lines_segmentedproxy_accepts_validate_with_notes(tmp_path):
     )
     out = run_cli("--rules-file", str(rules_file), "--validate-rules")
     assert out.returncode == 0, out.stderr
-    lines = out.stdout.splitlines()[1:]
-    assert "policy=none" in lines[0] and "mode direct does not segment" in lines[0]
-    assert "action=direct" in lines[1] and "reason= ignored" in lines[1]
-    assert "action=direct" in lines[2] and "upstream= ignored" in lines[2]
-    assert "path_prefix=/api" in lines[3] and "note" not in lines[3]
+    lines = out.stdout.splitlines()[2:]
+    assert 'policy="none"' in lines[0] and "mode=direct strategy=fixed chunk=10" in lines[0]
+    assert "action=direct" in lines[1] and "reason=foo" in lines[1]
+    assert "action=direct" in lines[2]
+    assert "path=/api" in lines[3]
+    warnings = out.stderr.splitlines()
+    assert any(f"{rules_file}:1: mode direct does not segment" in w for w in warnings), warnings
+    assert any(f"{rules_file}:2: reason= ignored" in w for w in warnings), warnings
+    assert any(f"{rules_file}:3: upstream= ignored" in w for w in warnings), warnings
+    assert not any(f"{rules_file}:4" in w for w in warnings), warnings
     rules = Rules.from_file(rules_file)
     assert rules.decide("GET", "http", "e.test", 80, "/").action == "direct"
     assert rules.decide("GET", "http", "d.test", 80, "/api/v1").rule == f"{rules_file}:4"
@@ -406,13 +506,75 @@ def test_rules_from_objects():
 
 def test_validate_rules_names_every_bad_line(tmp_path):
     first = tmp_path / "one.rules"
-    first.write_text("ok.test=direct\nbad.test=fast\n# fine\nworse.test=direct,colour=red\n")
+    first.write_text("ok.test=direct\nbad.test=direct,strategy=fast\n# fine\nworse.test=direct,colour=red\n")
     second = tmp_path / "two.rules"
     second.write_text("x.test=segment_upstream,strategy=random,min=9,max=1\n")
     out = run_cli("--rules-file", str(first), "--rules-file", str(second),
                   "--segment-rule", "y.test=direct,action=upstream", "--validate-rules")
     assert out.returncode == 1, out
     lines = out.stderr.strip().splitlines()
-    assert [line.split(" ", 1)[0] for line in lines] == [
+    assert all(line.startswith("segproxy: error: ") for line in lines), out.stderr
+    assert [line.split(" ", 3)[2] for line in lines] == [
         f"{first}:2:", f"{first}:4:", f"{second}:1:", "--segment-rule#1:1:"
     ], out.stderr
+
+
+# --------------------------------------------------------------------------------------
+# SegmentedProxy's log lines: the decision with its score (debug), ACCESS lines, JSON lines
+
+
+def test_debug_log_shows_the_decision_and_score(origin):
+    rule = "127.0.0.1=direct,method=GET,reason=x"
+    with Segproxy(["--log-level", "DEBUG", "--segment-rule", rule]) as proxy:
+        assert proxy_request(("127.0.0.1", proxy.port), "GET", origin.url("/dbg")).status == 200
+        want = (f"HTTP forward decision: matched host_glob=127.0.0.1 method=GET; ctx host=127.0.0.1 scheme=http "
+                f"method=GET path=/dbg; score=1600; action=direct; rule 1 at --segment-rule#1:1")
+        assert wait_for(lambda: want in proxy.output(), timeout=10), proxy.output()
+        assert f"HTTP forward 127.0.0.1:{origin.port} /dbg (rule=127.0.0.1 score=1600 action=direct mode=direct strategy=none rid=" in proxy.output()
+
+
+def test_access_log_json_lines_have_the_record_fields(origin, tmp_path):
+    with Segproxy(["--access-log-format", "json"], with_access_log=True) as proxy:
+        addr = ("127.0.0.1", proxy.port)
+        assert proxy_request(addr, "GET", origin.url("/j1")).status == 200
+        s, r = proxy_connect(addr, "blocked.invalid:443")
+        s.close()
+        assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 2)
+        lines = proxy.access_log.read_text().splitlines()
+    import json
+
+    records = [json.loads(line) for line in lines]
+    fields = {"id", "client", "method", "target", "status", "bytes_up", "bytes_down", "duration", "kind", "rule",
+              "action", "policy", "dns", "error", "started", "host", "port", "scheme", "mode", "outcome", "line"}
+    assert all(set(rec) == fields for rec in records), records
+    get = next(rec for rec in records if rec["method"] == "GET")
+    assert get["target"] == origin.url("/j1") and get["status"] == 200 and get["host"] == "127.0.0.1"
+    assert get["port"] == origin.port and get["scheme"] == "http" and get["error"] is None
+    assert get["line"].startswith(f"ACCESS rid={get['id']} method=GET host=127.0.0.1 port={origin.port} scheme=http ")
+
+
+async def test_access_records_match_the_json_fields(origin):
+    server = await start_proxy_server(port=0)
+    try:
+        import asyncio
+
+        r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/rec"))
+        assert r.status == 200
+        assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 1)
+        [rec] = server.access_records()
+        assert (rec["host"], rec["port"], rec["scheme"], rec["mode"]) == ("127.0.0.1", origin.port, "http", "direct")
+        assert " strategy=none dur_ms=" in rec["line"] and f" target={origin.url('/rec')} " in rec["line"]
+    finally:
+        await server.aclose()
+
+
+def test_intercept_rule_without_ca_dir_is_warned(tmp_path):
+    rules_file = tmp_path / "i.rules"
+    rules_file.write_text("a.test=direct\nbank.test=direct,intercept=yes\n")
+    out = run_cli("--rules-file", str(rules_file), "--validate-rules")
+    assert out.returncode == 0
+    assert out.stderr.strip() == (
+        f"segproxy: warning: {rules_file}:2: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled"
+    ), out.stderr
+    out = run_cli("--rules-file", str(rules_file), "--ca-dir", str(tmp_path / "ca"), "--validate-rules")
+    assert out.returncode == 0 and out.stderr == "", out.stderr

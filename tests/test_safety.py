@@ -55,7 +55,7 @@ def test_deny_domain_with_subdomains(dnsmasq_server, origin):
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 12)
         log = proxy.access_log.read_text().splitlines()
     assert all("/denied" not in line for line, _ in origin.requests)
-    denied = [line for line in log if " 403 " in line]
+    denied = [line for line in log if " status=403 " in line]
     assert len(denied) == 9 and all("denied" in line for line in denied), log
 
 

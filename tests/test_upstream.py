@@ -69,7 +69,7 @@ def test_http_through_tinyproxy(tinyproxy_proxy, origin):
                 assert r.status == 200 and r.body == f"origin ok /tp-{t}-{i}\n".encode()
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 3)
         log = proxy.access_log.read_text()
-        assert f"action=upstream:127.0.0.1:{tinyproxy_proxy.port}" in log, log
+        assert f"action=upstream " in log and f" upstream=127.0.0.1:{tinyproxy_proxy.port} " in log, log
     tp_log = tinyproxy_proxy.log.read_text()
     # tinyproxy got every request, in absolute form.
     for path in (f"/tp-{t}", f"/tp-{t}-0", f"/tp-{t}-1"):
@@ -171,10 +171,10 @@ def test_segproxy_chained_to_segproxy(origin):
             assert wait_for(lambda: first.access_log.read_text().count("\n") >= 3)
             first_log = first.access_log.read_text()
             second_log = second.access_log.read_text()
-    assert first_log.count(f"action=upstream:127.0.0.1:{second.port}") == 3, first_log
+    assert first_log.count(f" upstream=127.0.0.1:{second.port} ") == 3, first_log
     # The second proxy saw all three, as a plain direct proxy.
-    assert f"GET {origin.url('/chain')} 200" in second_log, second_log
-    assert f"CONNECT 127.0.0.1:{framed.port} 200" in second_log, second_log
+    assert f"method=GET " in second_log and f" status=200 client=" in second_log and f" target={origin.url('/chain')} " in second_log, second_log
+    assert f"method=CONNECT host=127.0.0.1 port={framed.port} " in second_log, second_log
     assert second_log.count("action=direct") == 3
     assert len(origin.requests) == 2
     for _, headers in origin.requests:

@@ -8,13 +8,14 @@ hooks into flows. Start one on a running asyncio loop::
 """
 
 from ._engine import __version__
-from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, start_proxy_server
+from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, servers, start_proxy_server
 from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rule, Rules
-from .tls import TLSStore, load_or_create_ca
+from .tls import CERTIFICATE_VALIDITY_DAYS, TLSStore, load_or_create_ca
 
 __all__ = [
+    "CERTIFICATE_VALIDITY_DAYS",
     "AccessRecord",
     "BoundSocket",
     "Decision",
@@ -33,5 +34,6 @@ __all__ = [
     "load_or_create_ca",
     "__version__",
     "run",
+    "servers",
     "start_proxy_server",
 ]

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import signal
 import socket
+import weakref
 from collections.abc import Callable, Iterable
 from types import TracebackType
 from typing import Any, Literal, TypedDict, Unpack
@@ -15,7 +17,29 @@ from .handlers import HookRunner
 from .rules import Rules
 from .tls import TLSStore
 
-__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "start_proxy_server"]
+__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "servers", "start_proxy_server"]
+
+#: Every ProxyServer of this process, by creation order; weak, so it keeps none alive.
+_SERVERS: weakref.WeakValueDictionary[int, ProxyServer] = weakref.WeakValueDictionary()
+_ORDER = itertools.count()
+
+
+def servers() -> list[ProxyServer]:
+    """The servers of this process still serving, oldest first: a notebook that lost its
+    handle on one (a re-run cell) closes it with ``await segproxy.servers()[0].aclose()``."""
+    return [server for _, server in sorted(_SERVERS.items()) if server.is_serving()]
+
+
+def _collected(engine: _engine.EngineServer, hooks: HookRunner | None) -> None:
+    """A ProxyServer was garbage-collected without being closed: its listener closes now
+    (exchanges in flight get a second), and its hooks leave the loop."""
+    if not engine.is_stopped():
+        engine.begin_shutdown(1.0)
+    if hooks is not None:
+        try:
+            hooks.close()
+        except Exception:  # the loop may be gone already
+            pass
 
 
 class AccessRecord(TypedDict):
@@ -39,7 +63,14 @@ class AccessRecord(TypedDict):
     outcome: str
     """What happened: "ok", "blocked", "rejected", "refused_limit", "error",
     "client_aborted", "origin_aborted", "idle_timeout" or "cut_at_shutdown"."""
+    host: str
+    """The destination as the rules saw it ("" before it was known)."""
+    port: int
+    scheme: str
+    mode: str
+    """The mode word of the rule that decided (SegmentedProxy's ``mode=``)."""
     line: str
+    """SegmentedProxy's ``ACCESS rid=...`` line (our fields after its fields)."""
 
 
 class FlowRecord(TypedDict):
@@ -97,6 +128,7 @@ class ProxyOptions(TypedDict, total=False):
     max_connections: int
     max_header_bytes: int
     access_log: StrPath | None
+    access_log_format: Literal["text", "json"]
     access_records: int
     hook_timeout: float
     pool_idle_timeout: float
@@ -124,6 +156,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "max_connections": 1024,
     "max_header_bytes": 65536,
     "access_log": None,
+    "access_log_format": "text",
     "access_records": 10000,
     "hook_timeout": 30.0,
     "pool_idle_timeout": 30.0,
@@ -157,6 +190,12 @@ class ProxyServer:
         self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
         self._stopped_future: asyncio.Future[None] | None = None
+        _SERVERS[next(_ORDER)] = self
+        # Dropped without aclose(): the listener closes, so the port can be used again.
+        self._finalizer = weakref.finalize(self, _collected, engine, hooks)
+        # Not at interpreter exit: the process ends anyway, and engine threads must not be
+        # woken while Python finalizes.
+        self._finalizer.atexit = False
 
     # --- where it listens -------------------------------------------------------------
     @property
@@ -198,6 +237,7 @@ class ProxyServer:
         try:
             await self._stopped()
         finally:
+            self._finalizer.detach()
             if self._hooks is not None:  # hooks serve exchanges in flight until the end
                 self._hooks.close()
 
@@ -317,6 +357,21 @@ async def start_proxy_server(
             handler=None if hooks is None else hooks.bridge,
             **kwargs,
         )
+    except OSError as exc:
+        if hooks is not None:
+            hooks.close()
+        running = servers()
+        index = next((i for i, s in enumerate(running) if s.port == port and port != 0), None)
+        if index is not None:
+            # Typically a notebook cell run again: the first server still listens. (No
+            # reference to it stays in this frame: the traceback must not keep it alive.)
+            message = (
+                f"{exc}; {running[index]!r} of this process listens there: close it "
+                f"(await segproxy.servers()[{index}].aclose()) or use port=0"
+            )
+            del running
+            raise OSError(message) from exc
+        raise
     except BaseException:
         if hooks is not None:
             hooks.close()

@@ -7,7 +7,7 @@ import os
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import TypeVar
+from typing import NoReturn, TypeVar
 
 from . import _engine
 from ._server import ProxyServer, run
@@ -49,8 +49,16 @@ non_negative_int = number(int, 0)
 port_number = number(int, 0, 65535, what="a port number", subject="port")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a usage error as one ``segproxy: error: ...`` line first (for scripts
+    that read it), then a one-line usage pointing at ``--help``; exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\nusage: {self.prog} [OPTIONS] (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="segproxy",
         description="A programmable HTTP/HTTPS forward proxy for traffic experiments.",
     )
@@ -92,7 +100,8 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--upstream-insecure", action="store_true", help="do not verify origin certificates of intercepted flows")
     output = parser.add_argument_group("logging")
     output.add_argument("--log-level", type=str.lower, default="warning", choices=LOG_LEVELS, help="engine log level on stderr, any case (default: warning)")
-    output.add_argument("--access-log", metavar="FILE", nargs="?", const=STDERR, default=None, help="one line per request or tunnel, appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout")
+    output.add_argument("--access-log", metavar="FILE", nargs="?", const=STDERR, default=None, help="one line per request or tunnel (SegmentedProxy's ACCESS rid=... line), appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout")
+    output.add_argument("--access-log-format", choices=["text", "json"], default="text", help="text: SegmentedProxy's ACCESS line, our fields after its fields (default); json: one JSON object a line with the fields of server.access_records()")
     return parser
 
 
@@ -104,6 +113,34 @@ def access_log_path(value: str | None) -> str | None:
     if value == "-":
         return "/dev/stdout"
     return value
+
+
+#: The flags that set the default policy, which only `--segmentation segment_upstream` uses.
+DEFAULT_POLICY_FLAGS = (
+    ("segment_strategy", "--segment-strategy"),
+    ("segment_chunk_size", "--segment-chunk-size"),
+    ("segment_min_size", "--segment-min-size"),
+    ("segment_max_size", "--segment-max-size"),
+    ("segment_delay_ms", "--segment-delay-ms"),
+)
+
+
+def default_policy_warning(args: argparse.Namespace) -> str | None:
+    """The warning for default-policy flags given without ``--segmentation
+    segment_upstream`` (they have no effect then, as in SegmentedProxy), or for a default
+    strategy inferred from sizes (SegmentedProxy, which has no --segment-strategy, does not
+    segment then)."""
+    if args.segmentation == "segment_upstream":
+        sizes = [flag for name, flag in DEFAULT_POLICY_FLAGS[1:] if getattr(args, name) is not None]
+        if args.segment_strategy is None and sizes:
+            return (f"{', '.join(sizes)} without --segment-strategy: the default policy segments "
+                    "(SegmentedProxy does not segment without a strategy)")
+        return None
+    given = [flag for name, flag in DEFAULT_POLICY_FLAGS if getattr(args, name) is not None]
+    if not given:
+        return None
+    return (f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+            "--segmentation segment_upstream: requests that no rule matches are not segmented")
 
 
 def build_rules(args: argparse.Namespace) -> Rules:
@@ -120,14 +157,21 @@ def build_rules(args: argparse.Namespace) -> Rules:
             strategy = "random"
         else:
             strategy = "none"
-    rules = Rules(
-        strategy=strategy,
-        chunk=args.segment_chunk_size or 1024,
-        min=args.segment_min_size or 1,
-        max=args.segment_max_size or (args.segment_chunk_size or 1024),
-        delay_ms=args.segment_delay_ms or 0.0,
-        direction=args.segment_direction,
-    )
+    if strategy == "random" and (args.segment_min_size is None or args.segment_max_size is None):
+        # SegmentedProxy's reason, naming our flags.
+        raise ValueError("random strategy requires both min and max (--segment-min-size and --segment-max-size)")
+    if args.segmentation == "direct":  # the default policy flags do nothing (see the warning)
+        rules = Rules(direction=args.segment_direction, mode="direct")
+    else:
+        rules = Rules(
+            strategy=strategy,
+            chunk=args.segment_chunk_size or 1024,
+            min=args.segment_min_size,
+            max=args.segment_max_size,
+            delay_ms=args.segment_delay_ms or 0.0,
+            direction=args.segment_direction,
+            mode=args.segmentation,
+        )
     # Every file and rule is read, so that one run names every bad line.
     errors: list[str] = []
     for path in args.rules_file:
@@ -145,6 +189,25 @@ def build_rules(args: argparse.Namespace) -> Rules:
     return rules
 
 
+def error(message: str) -> None:
+    """Each line of `message` as ``segproxy: error: LINE`` on stderr."""
+    for line in str(message).splitlines() or [""]:
+        print(f"segproxy: error: {line}", file=sys.stderr)
+
+
+def describe_os_error(exc: BaseException) -> str:
+    """One line for an error: an OSError's reason and file name, without Python's
+    ``[Errno N]`` prefix."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f" ({exc.filename})" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def warn(message: str) -> None:
+    print(f"segproxy: warning: {message}", file=sys.stderr)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Runs the proxy until SIGINT/SIGTERM; exits the process (0, or 1 if it cannot listen)."""
     parser = build_parser()
@@ -159,8 +222,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         rules = build_rules(args)
     except ValueError as exc:
-        print(f"{exc}", file=sys.stderr)
+        error(str(exc))
         return 1
+    # Lines SegmentedProxy accepts that do nothing or look wrong: said once, naming the line.
+    for note in rules.warnings():
+        warn(note)
+    policy_warning = default_policy_warning(args)
+    if policy_warning:
+        warn(policy_warning)
+    if args.ca_dir is None:
+        for line in rules.describe().splitlines():
+            if " intercept=yes " in line:
+                source = line.split(" source=", 1)[1].split(" ", 1)[0]
+                warn(f"{source}: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled")
     if args.validate_rules:
         print(rules.describe(), end="")
         return 0
@@ -171,19 +245,21 @@ def main(argv: Sequence[str] | None = None) -> int:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
                 tls_store = load_or_create_ca(args.ca_dir)
-        except ValueError as exc:
-            print(f"segproxy: {exc}", file=sys.stderr)
+        except (OSError, ValueError) as exc:
+            error(f"--ca-dir {args.ca_dir}: {describe_os_error(exc)}")
             return 1
         for warning in caught:  # a command-line user wants the message, not a source line
-            print(f"segproxy: warning: {warning.message}", file=sys.stderr)
+            warn(str(warning.message))
     if args.print_ca or args.export_ca:
         if tls_store is None:
-            parser.print_usage(sys.stderr)
-            print("segproxy: error: --print-ca and --export-ca need --ca-dir", file=sys.stderr)
-            return 2
+            parser.error("--print-ca and --export-ca need --ca-dir")
         if args.export_ca:
-            with open(args.export_ca, "wb") as f:
-                f.write(tls_store.get_ca_pem())
+            try:
+                with open(args.export_ca, "wb") as f:
+                    f.write(tls_store.get_ca_pem())
+            except OSError as exc:
+                error(f"--export-ca {args.export_ca}: {describe_os_error(exc)}")
+                return 1
         if args.print_ca:
             sys.stdout.write(tls_store.get_ca_pem().decode())
         return 0
@@ -217,6 +293,7 @@ def _serve(
             response_timeout=args.response_timeout,
             max_connections=args.max_connections,
             access_log=access_log_path(args.access_log),
+            access_log_format=args.access_log_format,
             access_records=0,  # nobody reads them in a CLI process: keep memory for traffic
             rules=rules,
             dns_server=args.dns_server,
@@ -231,6 +308,6 @@ def _serve(
             flows_file=args.record_flows,
         )
     except (OSError, ValueError) as exc:
-        print(f"segproxy: {exc}", file=sys.stderr)
+        error(describe_os_error(exc))
         return 1
     return 0

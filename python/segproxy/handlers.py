@@ -189,7 +189,8 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
         return chunk
 
     async def on_response_complete(self) -> None:
-        """The response was sent in full."""
+        """The response was sent in full, or forwarding failed (then `on_error` follows), as
+        in asyncio-https-proxy."""
 
     async def forward_http_request(self) -> None:
         """Forwards `self.request` as it is now. If this class overrides a response hook, returns
@@ -339,7 +340,14 @@ def overridden_hooks(cls: type) -> list[str]:
     connected = _overrides(cls, "on_client_connected", HTTPSProxyHandler)
     if connected:
         hooks.append("client_connected")
-    if not forward or connected or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler):
+    # on_response_complete also runs when forwarding fails (see _Connection._error), which
+    # Python sees only for requests it forwarded itself.
+    if (
+        not forward
+        or connected
+        or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler)
+        or _overrides(cls, "on_response_complete", HTTPSForwardProxyHandler)
+    ):
         hooks.append("request")
     if forward:
         chunk = _overrides(cls, "on_response_chunk", HTTPSForwardProxyHandler)
@@ -486,6 +494,14 @@ class _Connection:
 
     async def _error(self, message: str) -> None:
         try:
+            # A forwarded request that failed before its response completed still gets
+            # on_response_complete, then on_error, as in asyncio-https-proxy.
+            pending = self.response_done is not None and not self.response_done.done()
+            if pending and isinstance(self.handler, HTTPSForwardProxyHandler):
+                try:
+                    await self.handler.on_response_complete()
+                except Exception as exc:
+                    await self._report(exc)
             await self._report(ProxyError(message))
         finally:
             self._settle_response()
@@ -531,11 +547,22 @@ class _Connection:
 # building the bridge (called by start_proxy_server on the running loop)
 
 
+def _checked(handler: Any, builder: Callable[[], Any]) -> Any:
+    """`handler` if it is a handler; a TypeError naming what the builder returned otherwise
+    (raised by `start_proxy_server`, which calls the builder once before it listens)."""
+    if not isinstance(handler, HTTPSProxyHandler):
+        raise TypeError(
+            f"handler_builder returned {type(handler).__name__}, not an HTTPSProxyHandler "
+            f"(pass the handler class, or a function returning an instance): {builder!r}"
+        )
+    return handler
+
+
 class HookRunner:
     """The bridge between the engine and a handler class on one asyncio loop."""
 
     def __init__(self, handler_builder: Callable[[], Any], loop: asyncio.AbstractEventLoop) -> None:
-        first = handler_builder()
+        first = _checked(handler_builder(), handler_builder)
         cls = type(first)
         self.handler_class = cls
         self.hooks = overridden_hooks(cls)
@@ -544,7 +571,7 @@ class HookRunner:
         spare: list[Any] = [first]
 
         def open_connection(conn_id: int, client_host: str, client_port: int) -> _Connection:
-            handler = spare.pop() if spare else handler_builder()
+            handler = spare.pop() if spare else _checked(handler_builder(), handler_builder)
             return _Connection(handler, loop, base_ctx.copy(), (client_host, client_port), waits_response)
 
         self.bridge = _engine.HookBridge(open_connection, self.hooks)

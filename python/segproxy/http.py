@@ -7,6 +7,7 @@ values are `str`; bytes that are not UTF-8 survive the round trip (they travel a
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
+from urllib.parse import urlsplit
 
 __all__ = ["HTTPHeader", "HTTPRequest", "HTTPResponse"]
 
@@ -84,8 +85,10 @@ class HTTPHeader:
         return dict(self._fields)
 
     def to_raw(self) -> bytes:
-        """The fields as they go on the wire: ``Name: value\r\n`` each, in order."""
-        return b"".join(_wire(f"{k}: {v}\r\n") for k, v in self._fields)
+        """The fields as they go on the wire, ending with the blank line that ends a head:
+        ``Name: value\r\n`` each, in order, then ``\r\n`` (as asyncio-https-proxy: no
+        fields give ``\r\n\r\n``)."""
+        return b"\r\n".join(_wire(f"{k}: {v}") for k, v in self._fields) + b"\r\n\r\n"
 
     def items(self) -> list[tuple[str, str]]:
         return list(self._fields)
@@ -180,6 +183,52 @@ class HTTPRequest:
         self.headers = headers if isinstance(headers, HTTPHeader) else HTTPHeader(headers)
         self.body = body
 
+    def parse_request_line(self, request_line: bytes) -> None:
+        """Set method, version, scheme, host, port and path from a request line, e.g.
+        ``b"GET http://example.com:8080/a HTTP/1.1"`` or ``b"CONNECT example.com:443 HTTP/1.1"``
+        (asyncio-https-proxy's parser: ValueError for a line that is not three words)."""
+        parts = request_line.decode("latin-1").strip().split(" ")
+        if len(parts) != 3:
+            raise ValueError(f"Invalid request line: {request_line!r}")
+        self.method, target, self.version = parts
+        if self.method == "CONNECT":
+            if ":" not in target:
+                raise ValueError(f"Invalid CONNECT request line: {request_line!r}")
+            self.scheme = "https"
+            host, port = target.rsplit(":", 1)
+            self.host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            self.port = int(port)
+            self.path = ""
+            return
+        uri = urlsplit(target)
+        self.scheme = "https" if uri.scheme == "https" else "http"
+        self.host = uri.hostname or ""
+        self.port = uri.port or (443 if self.scheme == "https" else 80)
+        self.path = (uri.path or "/") + (f"?{uri.query}" if uri.query else "") if uri.netloc else target
+
+    def parse_headers(self, raw_headers: bytes) -> None:
+        """Set `headers` from raw header lines (``Name: value\r\n`` each)."""
+        self.headers = HTTPHeader(raw_headers)
+
+    def parse_host(self) -> None:
+        """Set `host` and `port` from the Host header (for an origin-form request, such as
+        one read inside a TLS tunnel); without a port in it, the scheme's default. ValueError
+        if there is no Host header or its port is not a number."""
+        value = self.headers.first("Host")
+        if not value:
+            raise ValueError("Host header is missing")
+        value = value.strip()
+        default = 443 if self.scheme == "https" else 80
+        if value.startswith("["):
+            host, _, rest = value[1:].partition("]")
+            port = rest[1:] if rest.startswith(":") else ""
+        elif value.count(":") == 1:
+            host, port = value.split(":")
+        else:
+            host, port = value, ""
+        self.host = host
+        self.port = int(port) if port else default
+
     def url(self) -> str:
         """The absolute URL, e.g. ``http://example.com:8080/a?b=1`` (default ports left out)."""
         default = 443 if self.scheme == "https" else 80
@@ -188,7 +237,7 @@ class HTTPRequest:
         return f"{self.scheme}://{authority}{self.path}"
 
     def __repr__(self) -> str:
-        return f"HTTPRequest({self.method} {self.url()} {self.version})"
+        return f"HTTPRequest(host={self.host}, port={self.port})"  # as asyncio-https-proxy
 
 
 class HTTPResponse:
@@ -207,6 +256,21 @@ class HTTPResponse:
         self.status_code = status_code
         self.reason_phrase = reason_phrase
         self.headers = headers if isinstance(headers, HTTPHeader) else HTTPHeader(headers)
+
+    def parse_status_line(self, status_line: bytes) -> None:
+        """Set version, status_code and reason_phrase from a status line such as
+        ``b"HTTP/1.1 404 Not Found"`` (the reason may be absent; ValueError if the line has no
+        status code)."""
+        parts = status_line.decode("latin-1").strip().split(" ", 2)
+        if len(parts) < 2:
+            raise ValueError(f"Invalid status line: {status_line!r}")
+        self.version = parts[0]
+        self.status_code = int(parts[1])
+        self.reason_phrase = parts[2] if len(parts) > 2 else ""
+
+    def parse_headers(self, raw_headers: bytes) -> None:
+        """Set `headers` from raw header lines (``Name: value\r\n`` each)."""
+        self.headers = HTTPHeader(raw_headers)
 
     def __repr__(self) -> str:
         return f"HTTPResponse(status_code={self.status_code}, reason_phrase={self.reason_phrase})"

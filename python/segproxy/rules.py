@@ -7,8 +7,13 @@ The text format is SegmentedProxy's, one rule a line::
         [,scheme=http|https][,method=M][,path_prefix=/p][,port=N]
         [,direction=up|down|both][,intercept=yes|no]
 
-The most specific matching rule wins (exact host, then ``*.suffix``, then other globs, then
-``*``; scheme, method, port and path prefix add specificity; on a tie ``block`` wins).
+The rule with SegmentedProxy's highest score wins: +1000 for a host glob other than ``*``,
++500 for a glob without ``*`` or ``?`` (else +200 for ``*.suffix``), +100 each for
+``scheme=``, ``method=`` and (ours) ``port=``, plus the length of ``path_prefix``; on equal
+scores a ``block`` rule wins, then the earlier rule.
+
+A server uses a copy of its `Rules` taken when it starts: changing a `Rules` object later
+does not change a running server.
 """
 
 from __future__ import annotations
@@ -41,6 +46,12 @@ class Decision:
     """FILE:LINE of the rule that matched, None for the default."""
     rule_text: str | None
     explanation: str
+    """SegmentedProxy's explain line (``matched host_glob=...; ctx ...; score=N;
+    action=A``), then which rule it was; or ``no rule matched; using default policy``."""
+    score: int | None = None
+    """SegmentedProxy's score of the winning rule; None when no rule matched."""
+    mode: str = "direct"
+    """The winning rule's mode word (or the default policy's)."""
 
 
 @dataclass(frozen=True)
@@ -93,19 +104,28 @@ class Rules:
     """An ordered rule set with a default segmentation policy.
 
     Built from text (`parse`), a file (`from_file`) or `Rule` objects (`from_rules`); each
-    add is all or nothing.
+    add is all or nothing. A server takes a snapshot of its rules when it starts: later
+    changes to this object do not reach it (start a new server to use them).
     """
 
     def __init__(
         self,
         strategy: Strategy = "none",
         chunk: int = 1024,
-        min: int = 1,
-        max: int = 1024,
+        min: int | None = None,
+        max: int | None = None,
         delay_ms: float = 0.0,
         direction: DirectionName = "up",
+        mode: str | None = None,
     ) -> None:
-        self._set = _engine.RuleSet(strategy, chunk, min, max, delay_ms, direction)
+        """The default policy, used when no rule matches; `mode` is the mode word listings
+        and access lines show for it (default: ``segment_upstream`` if it segments, else
+        ``direct``)."""
+        if strategy == "random" and (min is None or max is None):
+            raise ValueError("random strategy requires both min and max")
+        self._set = _engine.RuleSet(
+            strategy, chunk, 1 if min is None else min, 1024 if max is None else max, delay_ms, direction, mode
+        )
 
     @classmethod
     def parse(cls, text: str, source: str = "<text>", **default_policy: object) -> Rules:
@@ -143,14 +163,20 @@ class Rules:
         return Decision(**self._set.decide(method, scheme, host, port, path))
 
     def describe(self) -> str:
-        """The default policy and the numbered rules, as ``--validate-rules`` prints them."""
+        """The default policy and the numbered rules, as ``--validate-rules`` prints them
+        (SegmentedProxy's format: ``Default policy: ...``, ``Rules:``, ``01. host=...``)."""
         return self._set.describe()
+
+    def warnings(self) -> list[str]:
+        """``FILE:LINE: note`` for each accepted line that does nothing or looks wrong (an
+        unknown mode word, an empty host, an out-of-range upstream port, dead keys)."""
+        return self._set.warnings()
 
     def __len__(self) -> int:
         return len(self._set)
 
     def __repr__(self) -> str:
-        return f"<segproxy.Rules {len(self)} rules>"
+        return f"<segproxy.Rules {len(self)} rules; a server uses a snapshot taken when it starts>"
 
     @property
     def engine_rules(self) -> _engine.RuleSet:

@@ -7,25 +7,45 @@ certificate per host (cached) when a CONNECT is intercepted.
 from __future__ import annotations
 
 import os
+import ssl
+import tempfile
 import warnings
 from pathlib import Path
+from typing import Any
 
 from . import _engine
 
-__all__ = ["TLSStore", "load_or_create_ca"]
+__all__ = ["CERTIFICATE_VALIDITY_DAYS", "TLSStore", "load_or_create_ca"]
 
 StrPath = str | os.PathLike[str]
+
+#: Days between a minted certificate's not-before and not-after (asyncio-https-proxy's name).
+#: Shorter than there (100 years): browsers refuse leaf certificates valid over 398 days.
+CERTIFICATE_VALIDITY_DAYS: int = _engine.CertificateAuthority.leaf_validity_days()
 
 
 class TLSStore:
     """A CA that signs certificates for intercepted hosts on the fly.
 
     ``TLSStore()`` makes a fresh CA with default names; ``TLSStore.generate_ca(...)`` names it;
-    ``TLSStore.load_ca_from_disk(key_file, cert_file)`` reuses one saved before.
+    ``TLSStore.load_ca_from_disk(key_file, cert_file)`` reuses one saved before;
+    ``TLSStore(ca_key, ca_cert)`` (asyncio-https-proxy's constructor) takes a CA key and
+    certificate as `cryptography` objects or as PEM text.
     """
 
-    def __init__(self, ca: _engine.CertificateAuthority | None = None) -> None:
-        self._ca = ca if ca is not None else _engine.CertificateAuthority.generate()
+    def __init__(self, ca_key: Any = None, ca_cert: Any = None, *, ca: _engine.CertificateAuthority | None = None) -> None:
+        if isinstance(ca_key, _engine.CertificateAuthority):
+            ca, ca_key = ca_key, None
+        if ca is not None:
+            if ca_key is not None or ca_cert is not None:
+                raise TypeError("TLSStore: give either a CA (ca=) or its key and certificate, not both")
+            self._ca = ca
+        elif ca_key is None and ca_cert is None:
+            self._ca = _engine.CertificateAuthority.generate()
+        elif ca_key is None or ca_cert is None:
+            raise TypeError("TLSStore(ca_key, ca_cert) needs both the CA key and the CA certificate")
+        else:
+            self._ca = _engine.CertificateAuthority.from_pem(_key_pem(ca_key), _cert_pem(ca_cert))
 
     @classmethod
     def generate_ca(
@@ -90,6 +110,20 @@ class TLSStore:
         """The certificate chain served for `host` (minted now if not cached)."""
         return self._ca.leaf_pem(host).encode()
 
+    def get_ssl_context(self, domain: str) -> ssl.SSLContext:
+        """A server-side `ssl.SSLContext` serving the certificate minted for `domain` (cached),
+        for handlers that terminate TLS themselves, as in asyncio-https-proxy."""
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        # ssl loads a certificate and key from files only; these are private to this user
+        # (mode 0600) and gone when the block ends.
+        with tempfile.NamedTemporaryFile() as cert_file, tempfile.NamedTemporaryFile() as key_file:
+            cert_file.write(self.get_cert_pem(domain))
+            cert_file.flush()
+            key_file.write(self._ca.leaf_key_pem().encode())
+            key_file.flush()
+            context.load_cert_chain(certfile=cert_file.name, keyfile=key_file.name)
+        return context
+
     @property
     def minted(self) -> int:
         """How many leaf certificates were minted so far."""
@@ -130,3 +164,29 @@ def _paths(
 
 def _text(value: str | bytes) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+def _key_pem(key: Any) -> str:
+    """PKCS#8 PEM of a CA key given as PEM text or a `cryptography` private key."""
+    if isinstance(key, (str, bytes)):
+        return _text(key)
+    if hasattr(key, "private_bytes"):
+        from cryptography.hazmat.primitives import serialization
+
+        pem: bytes = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return pem.decode()
+    raise TypeError(f"ca_key must be PEM text or a cryptography private key, not {type(key).__name__}")
+
+
+def _cert_pem(cert: Any) -> str:
+    """PEM of a CA certificate given as PEM text or a `cryptography` x509.Certificate."""
+    if isinstance(cert, (str, bytes)):
+        return _text(cert)
+    if hasattr(cert, "public_bytes"):
+        from cryptography.hazmat.primitives import serialization
+
+        cert_bytes: bytes = cert.public_bytes(serialization.Encoding.PEM)
+        return cert_bytes.decode()
+    raise TypeError(f"ca_cert must be PEM text or a cryptography x509.Certificate, not {type(cert).__name__}")

@@ -91,33 +91,148 @@ pub struct AccessRecord {
     /// Seconds since the Unix epoch when the exchange started.
     pub started: f64,
     pub outcome: Outcome,
+    /// The destination as the rules saw it ("-" and 0 before it was known).
+    pub host: String,
+    pub port: u16,
+    /// "http" or "https" ("-" before it was known).
+    pub scheme: String,
+    /// The mode word of the rule that decided ("direct", "segment_upstream", ...).
+    pub mode: String,
 }
 
 impl AccessRecord {
+    /// SegmentedProxy's access line, its fields in its order (`ACCESS rid= method= host=
+    /// port= scheme= action= mode= strategy= dur_ms=`, then `dns= cache= transport=
+    /// fallback=` when a name was resolved, `bytes_up= bytes_down=`), then ours: `status=
+    /// client= target= kind= rule= [upstream=] policy="..." [via=] [error="..."]`.
     pub fn to_line(&self) -> String {
-        let client = self.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        use std::fmt::Write as _;
+        let (action, upstream) = match self.action.split_once(':') {
+            Some((a, hop)) => (a, Some(hop)),
+            None => (or_dash(&self.action), None),
+        };
+        let strategy = self.policy.split_whitespace().next().unwrap_or("none");
         let mut line = format!(
-            "{id} {client} {method} {target} {status} up={up} down={down} {ms:.1}ms kind={kind} rule={rule} action={action} policy=\"{policy}\" dns={dns}",
+            "ACCESS rid={id} method={method} host={host} port={port} scheme={scheme} action={action} mode={mode} strategy={strategy} dur_ms={ms}",
             id = self.id,
             method = self.method,
-            target = self.target,
-            status = self.status,
-            up = self.bytes_up,
-            down = self.bytes_down,
-            ms = self.duration.as_secs_f64() * 1000.0,
-            kind = self.kind,
-            rule = or_dash(&self.rule),
-            action = or_dash(&self.action),
-            policy = self.policy,
-            dns = or_dash(&self.dns),
+            host = or_dash(&self.host),
+            port = self.port,
+            scheme = or_dash(&self.scheme),
+            mode = if self.mode.is_empty() { "direct" } else { &self.mode },
+            ms = self.duration.as_millis(),
         );
-        line.push_str(" outcome=");
-        line.push_str(self.outcome.as_str());
+        let via = self.dns.strip_prefix("via ");
+        if via.is_none() && !self.dns.is_empty() {
+            // Ours is "SOURCE/CACHE" ("system/miss", "custom/hit") or "literal"; the
+            // transport is known for the system resolver only (SegmentedProxy says udp, 0).
+            let (dns, cache) = self.dns.split_once('/').unwrap_or((&self.dns, "-"));
+            let (transport, fallback) = if dns == "system" { ("udp", "0") } else { ("-", "-") };
+            let _ = write!(line, " dns={dns} cache={cache} transport={transport} fallback={fallback}");
+        }
+        let client = self.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        let _ = write!(
+            line,
+            " bytes_up={} bytes_down={} status={} client={client} target={} kind={} rule={}",
+            self.bytes_up,
+            self.bytes_down,
+            self.status,
+            or_dash(&self.target),
+            or_dash(&self.kind),
+            or_dash(&self.rule),
+        );
+        if let Some(hop) = upstream {
+            let _ = write!(line, " upstream={hop}");
+        }
+        let _ = write!(line, " policy=\"{}\"", self.policy);
+        if let Some(hop) = via {
+            let _ = write!(line, " via={hop}");
+        }
+        let _ = write!(line, " outcome={}", self.outcome.as_str());
         if let Some(e) = &self.error {
-            line.push_str(&format!(" error=\"{}\"", e.replace('"', "'")));
+            let _ = write!(line, " error=\"{}\"", e.replace('"', "'"));
         }
         line
     }
+
+    /// One JSON object with the fields of `server.access_records()` (`--access-log-format json`).
+    pub fn to_json(&self) -> String {
+        let client = self.client.map(|c| json_str(&c.to_string())).unwrap_or_else(|| "null".into());
+        let error = self.error.as_deref().map(json_str).unwrap_or_else(|| "null".into());
+        format!(
+            "{{\"id\":{},\"client\":{client},\"method\":{},\"target\":{},\"status\":{},\"bytes_up\":{},\"bytes_down\":{},\"duration\":{},\"kind\":{},\"rule\":{},\"action\":{},\"policy\":{},\"dns\":{},\"error\":{error},\"started\":{},\"host\":{},\"port\":{},\"scheme\":{},\"mode\":{},\"outcome\":{},\"line\":{}}}",
+            json_str(&self.id),
+            json_str(&self.method),
+            json_str(&self.target),
+            self.status,
+            self.bytes_up,
+            self.bytes_down,
+            json_f64(self.duration.as_secs_f64()),
+            json_str(&self.kind),
+            json_str(&self.rule),
+            json_str(&self.action),
+            json_str(&self.policy),
+            json_str(&self.dns),
+            json_f64(self.started),
+            json_str(&self.host),
+            self.port,
+            json_str(&self.scheme),
+            json_str(&self.mode),
+            json_str(self.outcome.as_str()),
+            json_str(&self.to_line()),
+        )
+    }
+}
+
+fn json_f64(v: f64) -> String {
+    if v.is_finite() {
+        format!("{v:?}")
+    } else {
+        "null".into()
+    }
+}
+
+fn json_str(s: &str) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(s.len() + 2);
+    out.push('"');
+    for c in s.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Python logging's default `asctime` in local time (`2026-12-02 16:21:42,123`), which
+/// starts SegmentedProxy's log lines.
+pub fn asctime(epoch: f64) -> String {
+    let secs = epoch.floor() as libc::time_t;
+    let millis = ((epoch - epoch.floor()) * 1000.0) as u32;
+    // SAFETY: localtime_r writes only into `tm`, which lives on this stack frame.
+    let mut tm: libc::tm = unsafe { std::mem::zeroed() };
+    let ok = unsafe { !libc::localtime_r(&secs, &mut tm).is_null() };
+    if !ok {
+        return format!("{epoch:.3}");
+    }
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02},{millis:03}",
+        tm.tm_year + 1900,
+        tm.tm_mon + 1,
+        tm.tm_mday,
+        tm.tm_hour,
+        tm.tm_min,
+        tm.tm_sec
+    )
 }
 
 fn or_dash(s: &str) -> &str {
@@ -143,6 +258,8 @@ enum Sink {
 
 pub struct AccessLog {
     file: Option<Mutex<Sink>>,
+    /// One JSON object a line instead of SegmentedProxy's text line.
+    json: bool,
     recent: Mutex<VecDeque<AccessRecord>>,
     capacity: usize,
 }
@@ -159,12 +276,23 @@ impl AccessLog {
             )))),
             None => None,
         };
-        Ok(AccessLog { file, recent: Mutex::new(VecDeque::new()), capacity })
+        Ok(AccessLog { file, json: false, recent: Mutex::new(VecDeque::new()), capacity })
+    }
+
+    /// Writes one JSON object a line (the fields of `access_records()`) instead of text.
+    pub fn json(mut self, on: bool) -> Self {
+        self.json = on;
+        self
     }
 
     pub fn record(&self, record: AccessRecord) {
         if let Some(sink) = &self.file {
-            let line = record.to_line();
+            let line = if self.json {
+                record.to_json()
+            } else {
+                // As SegmentedProxy's logging prints it: time, level, message.
+                format!("{} INFO {}", asctime(now_epoch()), record.to_line())
+            };
             let _ = match &mut *sink.lock().unwrap_or_else(|e| e.into_inner()) {
                 Sink::File(f) => writeln!(f, "{line}"),
                 Sink::Stdout => writeln!(std::io::stdout().lock(), "{line}"),
@@ -258,5 +386,83 @@ impl DerefMut for PendingRecord<'_> {
 impl Drop for PendingRecord<'_> {
     fn drop(&mut self) {
         self.write();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record() -> AccessRecord {
+        AccessRecord {
+            id: "3.1".into(),
+            client: Some("127.0.0.1:5555".parse().unwrap()),
+            method: "GET".into(),
+            target: "http://a.test:8080/x".into(),
+            status: 200,
+            bytes_up: 5,
+            bytes_down: 1000,
+            duration: Duration::from_micros(12_900),
+            kind: "forward".into(),
+            rule: "r.txt:2".into(),
+            action: "upstream:127.0.0.1:3128".into(),
+            policy: "fixed chunk=512 delay=0ms dir=up".into(),
+            dns: "system/miss".into(),
+            error: None,
+            started: 1.5,
+            host: "a.test".into(),
+            port: 8080,
+            scheme: "http".into(),
+            mode: "segment_upstream".into(),
+            outcome: Outcome::Ok,
+        }
+    }
+
+    #[test]
+    fn segmentedproxy_access_line_then_ours() {
+        assert_eq!(
+            record().to_line(),
+            "ACCESS rid=3.1 method=GET host=a.test port=8080 scheme=http action=upstream mode=segment_upstream strategy=fixed dur_ms=12 \
+             dns=system cache=miss transport=udp fallback=0 bytes_up=5 bytes_down=1000 status=200 client=127.0.0.1:5555 \
+             target=http://a.test:8080/x kind=forward rule=r.txt:2 upstream=127.0.0.1:3128 policy=\"fixed chunk=512 delay=0ms dir=up\" \
+             outcome=ok"
+        );
+        // Refused before a decision: SegmentedProxy's placeholders; no DNS fields.
+        let r = AccessRecord {
+            id: "1.1".into(),
+            method: "-".into(),
+            status: 400,
+            kind: "error".into(),
+            policy: "none".into(),
+            error: Some("bad \"head\"".into()),
+            outcome: Outcome::Rejected,
+            ..Default::default()
+        };
+        assert_eq!(
+            r.to_line(),
+            "ACCESS rid=1.1 method=- host=- port=0 scheme=- action=- mode=direct strategy=none dur_ms=0 bytes_up=0 bytes_down=0 \
+             status=400 client=- target=- kind=error rule=- policy=\"none\" outcome=rejected error=\"bad 'head'\""
+        );
+        let r = AccessRecord { dns: "via 127.0.0.1:3128".into(), ..record() };
+        assert!(r.to_line().contains(" bytes_up=5 ") && r.to_line().contains(" via=127.0.0.1:3128"), "{}", r.to_line());
+        assert!(!r.to_line().contains(" dns="));
+        let r = AccessRecord { dns: "custom/hit".into(), ..record() };
+        assert!(r.to_line().contains(" dns=custom cache=hit transport=- fallback=- "), "{}", r.to_line());
+    }
+
+    #[test]
+    fn json_lines() {
+        let j = record().to_json();
+        assert!(j.starts_with("{\"id\":\"3.1\",\"client\":\"127.0.0.1:5555\",\"method\":\"GET\","), "{j}");
+        assert!(j.contains("\"duration\":0.0129,") && j.contains("\"error\":null,") && j.contains("\"port\":8080,"), "{j}");
+        assert!(j.contains("\"line\":\"ACCESS rid=3.1 ") && j.contains("policy=\\\"fixed"), "{j}");
+        assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+    }
+
+    #[test]
+    fn asctime_shape() {
+        let t = asctime(1_700_000_000.25);
+        assert_eq!(t.len(), "2023-11-14 22:13:20,250".len(), "{t}");
+        assert!(t.ends_with(",250"), "{t}");
     }
 }

@@ -544,6 +544,15 @@ impl CertificateAuthority {
         self.issuer.key().serialize_pem()
     }
 
+    /// The private key of every leaf certificate this CA mints, PKCS#8 PEM (for servers
+    /// that terminate TLS themselves with a minted certificate).
+    pub fn leaf_key_pem(&self) -> String {
+        self.leaf_key.serialize_pem()
+    }
+
+    /// Days between a leaf certificate's not-before and not-after (when the CA outlives it).
+    pub const LEAF_VALIDITY_PERIOD_DAYS: i64 = LEAF_VALIDITY_DAYS + BACKDATE.whole_days();
+
     /// The CA certificate, PEM (what clients must trust).
     pub fn cert_pem(&self) -> String {
         pem_encode("CERTIFICATE", &self.ca_cert_der)

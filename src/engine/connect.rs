@@ -168,6 +168,18 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
                     return Err(Refusal { status: 502, message: format!("hook on_connect failed: {m}"), handler_knows: true })
                 }
                 Ok(Some(Ok(ConnectDecision::Default))) => {}
+                Ok(Some(Ok(ConnectDecision::Intercept))) if engine.ca.is_none() => {
+                    // Not a silent tunnel: the handler author asked for something this server
+                    // cannot do (on_error tells them, the client gets a 502).
+                    return Err((
+                        502,
+                        format!(
+                            "on_connect answered \"intercept\" for {host}:{port}, but the server has no tls_store \
+                             (start_proxy_server(..., tls_store=TLSStore()) to intercept)"
+                        ),
+                    )
+                        .into());
+                }
                 Ok(Some(Ok(c))) => choice = c,
             }
         }

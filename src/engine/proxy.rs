@@ -134,20 +134,58 @@ pub fn parse_absolute(target: &str) -> Result<Target, String> {
     Ok(Target { scheme, host, port, path })
 }
 
+/// The standard reason phrases (RFC 9110 and the registered extensions a proxy may send).
 const STATUS_TEXT: &[(u16, &str)] = &[
+    (100, "Continue"),
+    (101, "Switching Protocols"),
+    (200, "OK"),
+    (201, "Created"),
+    (202, "Accepted"),
+    (204, "No Content"),
+    (206, "Partial Content"),
+    (301, "Moved Permanently"),
+    (302, "Found"),
+    (303, "See Other"),
+    (304, "Not Modified"),
+    (307, "Temporary Redirect"),
+    (308, "Permanent Redirect"),
     (400, "Bad Request"),
+    (401, "Unauthorized"),
     (403, "Forbidden"),
     (404, "Not Found"),
+    (405, "Method Not Allowed"),
     (407, "Proxy Authentication Required"),
+    (408, "Request Timeout"),
+    (409, "Conflict"),
+    (411, "Length Required"),
+    (413, "Content Too Large"),
+    (414, "URI Too Long"),
+    (417, "Expectation Failed"),
+    (421, "Misdirected Request"),
+    (426, "Upgrade Required"),
+    (429, "Too Many Requests"),
     (431, "Request Header Fields Too Large"),
     (500, "Internal Server Error"),
+    (501, "Not Implemented"),
     (502, "Bad Gateway"),
     (503, "Service Unavailable"),
     (504, "Gateway Timeout"),
+    (505, "HTTP Version Not Supported"),
 ];
 
+/// The reason phrase of a status code; for a code without a standard phrase, its class's
+/// name (RFC 9110 section 15).
 pub fn reason_phrase(status: u16) -> &'static str {
-    STATUS_TEXT.iter().find(|(s, _)| *s == status).map(|(_, r)| *r).unwrap_or("Error")
+    if let Some((_, r)) = STATUS_TEXT.iter().find(|(s, _)| *s == status) {
+        return r;
+    }
+    match status / 100 {
+        1 => "Informational",
+        2 => "Success",
+        3 => "Redirection",
+        4 => "Client Error",
+        _ => "Server Error",
+    }
 }
 
 /// Writes a short plain-text response made by the proxy itself.
@@ -169,11 +207,13 @@ pub async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, status: u16, mess
 pub struct ConnState {
     pub info: ConnInfo,
     handler: Option<Box<dyn ConnectionHandler>>,
+    /// The proxy address the client connected to (named in the answer to non-HTTP bytes).
+    pub local: Option<SocketAddr>,
 }
 
 impl ConnState {
     pub fn new(id: u64, peer: SocketAddr) -> Self {
-        ConnState { info: ConnInfo { id, peer, exchanges: 0 }, handler: None }
+        ConnState { info: ConnInfo { id, peer, exchanges: 0 }, handler: None, local: None }
     }
 
     /// The connection's handler, created when a hook first applies.
@@ -206,6 +246,7 @@ impl Drop for ConnState {
 /// Serves one accepted client connection until it closes.
 pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketAddr, id: u64) {
     let mut conn = ConnState::new(id, peer);
+    conn.local = stream.local_addr().ok();
     let client = BufStream::new(stream);
     // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
     if let Some((head, client)) = Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await {
@@ -240,6 +281,12 @@ pub async fn serve_http<C: Io>(
                 Ok(Ok(n)) if n > 0 => {}
                 _ => return None,
             }
+        }
+        // Bytes that cannot start an HTTP request (a TLS ClientHello from a client set to use
+        // an HTTPS proxy, a SOCKS greeting, binary): answered at once, not after a timeout.
+        if let Some(foreign) = sniff_foreign(&client.buf) {
+            answer_foreign(engine, &mut client, conn, foreign).await;
+            return None;
         }
         let head = match tokio::time::timeout(cfg.header_timeout, client.read_request_head(cfg.max_header_bytes)).await {
             Err(_) => {
@@ -278,9 +325,68 @@ pub async fn serve_http<C: Io>(
     }
 }
 
+/// What arrived instead of an HTTP request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Foreign {
+    /// A TLS record (0x16 0x03...): the client speaks TLS to the proxy itself.
+    Tls,
+    /// A SOCKS4 (0x04) or SOCKS5 (0x05) greeting.
+    Socks4,
+    Socks5,
+    /// Anything else that cannot start a request line (a method is a token).
+    Binary,
+}
+
+/// Recognises non-HTTP bytes from the first byte(s) a client sent.
+pub fn sniff_foreign(buf: &[u8]) -> Option<Foreign> {
+    let first = *buf.first()?;
+    let token = first.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&first);
+    // Leading empty lines before a request line are allowed (RFC 9112 section 2.2).
+    if token || first == b'\r' || first == b'\n' {
+        return None;
+    }
+    Some(match (first, buf.get(1)) {
+        (0x16, Some(0x03) | None) => Foreign::Tls,
+        (0x05, _) => Foreign::Socks5,
+        (0x04, _) => Foreign::Socks4,
+        _ => Foreign::Binary,
+    })
+}
+
+/// Answers non-HTTP bytes the way their client can read: SOCKS with its own refusal, a TLS
+/// client by closing (it cannot read plain text), anything else with a 400 that names the
+/// proxy URL to use; and records it.
+async fn answer_foreign<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &mut ConnState, foreign: Foreign) {
+    let url = conn.local.map(|a| format!("http://{a}")).unwrap_or_else(|| "http://HOST:PORT".into());
+    let hint = format!("this is an HTTP proxy; set the client's proxy to {url}");
+    let (status, why) = match foreign {
+        Foreign::Tls => (0, format!("TLS handshake on the HTTP proxy port (the client is set to use an HTTPS proxy): {hint}")),
+        Foreign::Socks5 => {
+            // Version 5, "no acceptable methods": the client reports a refused SOCKS proxy.
+            let _ = client.io.write_all(&[0x05, 0xff]).await;
+            (0, format!("SOCKS5 greeting on the HTTP proxy port: {hint}"))
+        }
+        Foreign::Socks4 => {
+            // SOCKS4 reply: request rejected.
+            let _ = client.io.write_all(&[0x00, 0x5b, 0, 0, 0, 0, 0, 0]).await;
+            (0, format!("SOCKS4 request on the HTTP proxy port: {hint}"))
+        }
+        Foreign::Binary => {
+            let why = format!("the bytes received are not an HTTP request: {hint}");
+            let _ = send_error(&mut client.io, 400, &why, false).await;
+            (400, why)
+        }
+    };
+    let _ = client.io.flush().await;
+    let _ = client.io.shutdown().await;
+    log::info!("client {}: {why}", conn.info.peer);
+    log_refusal(engine, &mut conn.info, status, &why);
+}
+
 fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why: &str) {
     engine.access.record(AccessRecord {
-        outcome: Outcome::of_status(status),
+        // Status 0: closed without an answer the client could read.
+        outcome: if status == 0 { Outcome::Rejected } else { Outcome::of_status(status) },
         id: info.next_id(),
         client: Some(info.peer),
         method: "-".into(),
@@ -322,6 +428,13 @@ fn request_target(head: &RequestHead, mode: &Mode) -> Result<Target, String> {
 /// The rule decision for a flow, written into its access record.
 pub fn decide(engine: &Engine, method: &str, scheme: Scheme, host: &str, port: u16, path: &str, record: &mut AccessRecord) -> Decision {
     let decision = engine.rules.decide(method, scheme, host, port, path);
+    record.host = host.to_string();
+    record.port = port;
+    record.scheme = scheme.as_str().to_string();
+    record.mode = decision.mode.clone();
+    if log::log_enabled!(log::Level::Debug) {
+        log_decision(engine, method, host, port, path, &decision, &record.id);
+    }
     record.rule = match decision.rule {
         Some(i) => engine.rules.rules()[i].source.to_string(),
         None => "default".into(),
@@ -337,6 +450,36 @@ pub fn decide(engine: &Engine, method: &str, scheme: Scheme, host: &str, port: u
         format!("{} dir={}", decision.policy.describe(), decision.direction.as_str())
     };
     decision
+}
+
+/// SegmentedProxy's two debug lines for a decision (the rule, its score, the policy; then the
+/// explain line), with our request id as `rid`.
+fn log_decision(engine: &Engine, method: &str, host: &str, port: u16, path: &str, d: &Decision, rid: &str) {
+    use crate::engine::segment::Strategy;
+    let rule = d.rule.map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
+    let score = d.score.map_or(-1, i64::from);
+    let strategy = match d.policy.strategy {
+        Strategy::None => "none",
+        Strategy::Fixed { .. } => "fixed",
+        Strategy::Random { .. } => "random",
+    };
+    if method.eq_ignore_ascii_case("CONNECT") {
+        let chunk = match d.policy.strategy {
+            Strategy::Fixed { chunk } => chunk,
+            _ => crate::engine::rules::DEFAULT_CHUNK,
+        };
+        log::debug!(
+            "CONNECT tunnel {host}:{port} (rule={rule} score={score} action={} mode={} strategy={strategy} chunk={chunk} delay_ms={} rid={rid})",
+            d.action.name(), d.mode, d.policy.delay.as_millis()
+        );
+        log::debug!("CONNECT decision: {} rid={rid}", d.explanation);
+    } else {
+        log::debug!(
+            "HTTP forward {host}:{port} {path} (rule={rule} score={score} action={} mode={} strategy={strategy} rid={rid})",
+            d.action.name(), d.mode
+        );
+        log::debug!("HTTP forward decision: {} rid={rid}", d.explanation);
+    }
 }
 
 /// The connector's route for a rule action (credentials become a ready header).
@@ -724,6 +867,8 @@ async fn exchange<C: Io>(
         let segmenting = !w.is_passthrough() || matches!(mode, Mode::Intercepted { up_policy, .. } if !up_policy.is_passthrough());
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
+            // What was sent up is the replacement, whatever the hook read of the client's.
+            record.bytes_up = body.len() as u64;
             if let Err(e) = writer.write(&mut w, body).await {
                 send_failure = Some(e.to_string());
             }
@@ -829,19 +974,29 @@ async fn exchange<C: Io>(
     // Transfer codings other than chunked are the message's; stripping the hop-by-hop headers
     // removes them, so the re-chunked response names them again.
     let rechunked_te = response.headers.contains("transfer-encoding").then(|| chunked_transfer_encoding(&response.headers));
+    // Hooks see Transfer-Encoding as the origin sent it (asyncio-https-proxy shows it); the
+    // body is re-framed whatever they do with it.
+    let origin_te: Vec<_> = if hooks.response {
+        response.headers.0.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")).cloned().collect()
+    } else {
+        Vec::new()
+    };
     let mut back = ResponseHead { version: 1, ..response };
     strip_hop_by_hop(&mut back.headers, false);
     if hooks.response {
         let handler = conn.handler(engine).expect("handler");
+        let mut hook_headers = back.headers.clone();
+        hook_headers.0.extend(origin_te);
         let parts = ResponseParts {
             version: format!("HTTP/1.{}", back.version),
             status: back.status,
             reason: back.reason.clone(),
-            headers: back.headers.clone(),
+            headers: hook_headers,
         };
         let changed = hook_reply(engine, handler.response(parts), "on_response_received", false).await?;
         back.status = changed.status;
-        back.reason = changed.reason;
+        // A hook that leaves the reason empty gets the standard phrase on the status line.
+        back.reason = if changed.reason.is_empty() { reason_phrase(changed.status).to_string() } else { changed.reason };
         back.headers = changed.headers;
         strip_hop_by_hop(&mut back.headers, false);
         record.status = back.status;
@@ -1045,5 +1200,28 @@ mod tests {
         assert!(split_authority("a.test", None).is_err());
         assert!(split_authority("a.test:0", None).is_err());
         assert_eq!(split_authority("[::1]:8443", None).unwrap(), ("::1".into(), 8443));
+    }
+
+    #[test]
+    fn non_http_first_bytes_are_recognised() {
+        assert_eq!(sniff_foreign(b"\x16\x03\x01\x02\x00"), Some(Foreign::Tls));
+        assert_eq!(sniff_foreign(b"\x16"), Some(Foreign::Tls));
+        assert_eq!(sniff_foreign(b"\x05\x01\x00"), Some(Foreign::Socks5));
+        assert_eq!(sniff_foreign(b"\x04\x01\x00\x50"), Some(Foreign::Socks4));
+        assert_eq!(sniff_foreign(b"\x00\xff"), Some(Foreign::Binary));
+        assert_eq!(sniff_foreign(b" GET"), Some(Foreign::Binary));
+        for ok in [&b"GET http://a/ HTTP/1.1"[..], b"CONNECT a:443", b"\r\nGET", b"p", b""] {
+            assert_eq!(sniff_foreign(ok), None, "{ok:?}");
+        }
+    }
+
+    #[test]
+    fn every_status_has_a_reason_phrase() {
+        assert_eq!(reason_phrase(408), "Request Timeout");
+        assert_eq!(reason_phrase(502), "Bad Gateway");
+        assert_eq!(reason_phrase(505), "HTTP Version Not Supported");
+        assert_eq!(reason_phrase(499), "Client Error");
+        assert_eq!(reason_phrase(599), "Server Error");
+        assert!((100..600).all(|s| reason_phrase(s) != "Error"));
     }
 }

@@ -1,5 +1,5 @@
 //! The rules engine: SegmentedProxy's rule syntax, parsing with `file:line`
-//! errors, and the "most specific rule wins" decision.
+//! errors, and the decision by SegmentedProxy's score.
 //!
 //! # Syntax
 //!
@@ -38,37 +38,26 @@
 //!     client→destination; default: the rule set's default, normally up) and
 //!     `intercept=yes|no` (unset: the engine default).
 //!
-//! Every line SegmentedProxy accepts is accepted. Keys that have no effect
-//! there have none here either (segmentation keys under mode `direct`,
-//! `upstream=` without `action=upstream`, `reason=` without `action=block`,
-//! sizes the strategy does not use); [`Rule::describe`] notes them. Unknown
-//! keys or modes, bad numbers, invalid policies (validated whatever the mode)
-//! and `action=block` with `upstream=` are errors reported as
-//! `FILE:LINE: message`.
+//! Every line SegmentedProxy accepts is accepted, with its meaning, and every line it
+//! rejects is rejected with its reason. What it accepts but does nothing or looks wrong (an
+//! unknown mode word, an empty host glob, an out-of-range upstream port, segmentation keys
+//! under mode `direct`, `upstream=` without `action=upstream`, ...) is noted on the rule;
+//! [`RuleSet::warnings`] lists the notes as `FILE:LINE: note`. Host globs have Python
+//! `fnmatch`'s syntax (`*`, `?`, `[seq]`, `[!seq]`), matched case-insensitively.
 //!
-//! # Specificity
+//! # Which rule wins
 //!
-//! Among the rules whose host glob and conditions all match, the winner has
-//! the greatest key, compared field by field (lexicographically):
-//!
-//! 1. host class: exact host (3) > `*.suffix` glob, i.e. `*` followed by a
-//!    literal starting with `.` (2) > any other glob (1) > a glob of only `*` (0);
-//! 2. literal host characters (for `*.suffix` the suffix length, so a longer
-//!    suffix wins; for other globs the count of non-wildcard characters);
-//! 3. number of conditions given among scheme, method, port and path prefix;
-//! 4. path prefix length;
-//! 5. `action=block` beats any other action;
-//! 6. the earlier rule (lower index) wins.
-//!
-//! The key is a total order, so the winner is unique. No match: the default
-//! policy with action direct.
+//! SegmentedProxy's score ([`sp_score`]): +1000 for a glob other than `*`, +500 for a glob
+//! without `*` or `?` (else +200 for `*.` globs), +100 each for `scheme=` and `method=` (and
+//! our `port=`), plus the path prefix length. The highest score wins; on equal scores a block
+//! rule, then the earlier rule. No match: the default policy with action direct.
 //!
 //! # Speed
 //!
-//! Exact hosts are indexed in a `HashMap`, `*.suffix` rules by their suffix
-//! (one lookup per dot of the host), and each list is kept sorted by key so
-//! the first rule whose conditions match wins. Only the remaining globs are
-//! scanned, and only when no exact or suffix rule matched.
+//! Exact hosts are indexed in a `HashMap`, `*.suffix` rules by their suffix (one lookup per
+//! dot of the host), and each list is kept sorted best first, so the first rule of a list
+//! whose conditions match is its best. The remaining globs, also sorted best first, are
+//! scanned only down to the best score found so far.
 
 use std::cmp::Reverse;
 use std::collections::HashMap;
@@ -244,6 +233,52 @@ impl UpstreamProxy {
     }
 }
 
+impl UpstreamProxy {
+    /// Reads `upstream=` as a rule line gives it: every value SegmentedProxy accepts
+    /// (`HOST:PORT` split at the last colon, any non-empty host, any whole-number port) is
+    /// accepted, with a note when it cannot work (a port out of 1-65535 is kept as 0, which
+    /// no connection reaches: the flow gets a 502 naming the hop). Rejected values get
+    /// SegmentedProxy's reason.
+    pub fn parse_lenient(value: &str, notes: &mut Vec<String>) -> Result<Self, String> {
+        if let Ok(up) = Self::parse(value) {
+            return Ok(up);
+        }
+        // Credentials as ours (`USER:PASS@`) when they are well formed, so that no password
+        // ends up in a host name or a note.
+        let (credentials, hostport) = match value.rsplit_once('@') {
+            Some((creds, hostport)) => match creds.split_once(':') {
+                Some((user, pass)) if !user.is_empty() => (Some((user.to_string(), pass.to_string())), hostport),
+                _ => (None, value),
+            },
+            None => (None, value),
+        };
+        let Some((host, port)) = hostport.rsplit_once(':') else {
+            return Err(format!("upstream must be host:port (got '{hostport}')"));
+        };
+        let host = host.trim();
+        if host.is_empty() {
+            return Err("upstream must include host".into());
+        }
+        let Some(port) = py_int(port) else {
+            return Err(format!("invalid upstream port '{port}'"));
+        };
+        let port = match u16::try_from(port) {
+            Ok(p) if p > 0 => p,
+            _ => {
+                notes.push(format!(
+                    "upstream port {port} is out of range (1-65535): flows sent to this upstream get 502"
+                ));
+                0
+            }
+        };
+        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+        if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
+            notes.push(format!("upstream host '{host}' is not a host name: flows sent to it get 502"));
+        }
+        Ok(Self { host: host.to_ascii_lowercase(), port, credentials })
+    }
+}
+
 /// Shows `user:***@host:port`: the password never reaches logs.
 impl fmt::Display for UpstreamProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -271,6 +306,15 @@ pub enum Action {
 impl Action {
     pub fn is_block(&self) -> bool {
         matches!(self, Action::Block { .. })
+    }
+
+    /// `direct`, `upstream` or `block`.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Action::Direct => "direct",
+            Action::Upstream(_) => "upstream",
+            Action::Block { .. } => "block",
+        }
     }
 }
 
@@ -313,11 +357,68 @@ pub struct Rule {
     pub direction: Direction,
     pub intercept: Intercept,
     pub source: RuleSource,
+    /// The mode word as written (`direct`, `segment_upstream`, or any other word, which
+    /// SegmentedProxy accepts and treats as direct).
+    pub mode: String,
+    /// The segmentation keys as written, for SegmentedProxy's `--validate-rules` listing.
+    pub written: WrittenPolicy,
+    /// SegmentedProxy's score of the rule (see [`sp_score`]); the highest matching wins.
+    pub score: u32,
     /// The rule line as written (trimmed), with any upstream password masked.
     pub text: String,
-    /// What the line says that has no effect (SegmentedProxy accepts such lines; we accept
-    /// them too and say so in `describe`).
+    /// What the line says that has no effect or looks wrong (SegmentedProxy accepts such
+    /// lines; so do we, and `--validate-rules` warns about each, naming the line).
     pub notes: Vec<String>,
+    /// `reason=` as written, if given and not empty (SegmentedProxy lists it whatever the action).
+    pub written_reason: Option<String>,
+    /// `upstream=` as written (password masked), shown whatever the action, as SegmentedProxy
+    /// lists it.
+    pub written_upstream: Option<String>,
+}
+
+/// A rule's segmentation keys as written (SegmentedProxy's defaults where absent), shown
+/// by `--validate-rules` as SegmentedProxy shows them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct WrittenPolicy {
+    pub strategy: Option<String>,
+    pub chunk: Option<i64>,
+    pub min: Option<i64>,
+    pub max: Option<i64>,
+    pub delay: Option<i64>,
+}
+
+/// SegmentedProxy's rule score (its `segmentation.py`, `_rule_score`): +1000 when the host
+/// glob is not empty and not `*`; +500 when it has no `*` or `?`, otherwise +200 when it
+/// starts with `*.`; +100 for `scheme=`, +100 for `method=`, + the length of `path_prefix`.
+/// Ours: +100 for `port=` (a file without `port=` decides exactly as in SegmentedProxy).
+pub fn sp_score(
+    host_glob: &str,
+    scheme: bool,
+    method: bool,
+    path_prefix: Option<&str>,
+    port: bool,
+) -> u32 {
+    let mut score = 0u32;
+    if !host_glob.is_empty() && host_glob != "*" {
+        score += 1000;
+    }
+    if !host_glob.contains(['*', '?']) {
+        score += 500;
+    } else if host_glob.starts_with("*.") {
+        score += 200;
+    }
+    if scheme {
+        score += 100;
+    }
+    if method {
+        score += 100;
+    }
+    if port {
+        score += 100;
+    }
+    // SegmentedProxy counts characters (Python `len`), not bytes.
+    score += path_prefix.map_or(0, |p| p.chars().count() as u32);
+    score
 }
 
 impl Rule {
@@ -335,7 +436,10 @@ impl Rule {
                 .is_none_or(|p| path.starts_with(p))
     }
 
-    /// `host=... [scheme=...] ... action=... policy=... direction=...`
+    /// One rule as SegmentedProxy's `--validate-rules` shows it (`host=... [scheme=...]
+    /// [method=...] [path=...] action=... [upstream=...] [reason=...] mode=... strategy=...
+    /// chunk=... delay=... [min=...] [max=...]`), then ours: `source=FILE:LINE` and
+    /// `port=`, `direction=`, `intercept=` when set, and `policy=` (what segproxy does).
     pub fn describe(&self) -> String {
         let mut out = format!("host={}", self.host_glob);
         if let Some(s) = self.scheme {
@@ -344,23 +448,56 @@ impl Rule {
         if let Some(m) = &self.method {
             out += &format!(" method={m}");
         }
+        if let Some(p) = &self.path_prefix {
+            out += &format!(" path={}", shorten(p));
+        }
+        out += &format!(" action={}", self.action.name());
+        if let Some(up) = &self.written_upstream {
+            out += &format!(" upstream={up}");
+        }
+        if let Some(reason) = &self.written_reason {
+            out += &format!(" reason={}", shorten(reason));
+        }
+        let w = &self.written;
+        let strategy = match (&w.strategy, &self.policy.strategy) {
+            (Some(s), _) => s.clone(),
+            (None, Strategy::Fixed { .. }) => "fixed".into(),
+            (None, Strategy::Random { .. }) => "random".into(),
+            (None, Strategy::None) => "none".into(),
+        };
+        out += &format!(
+            " mode={} strategy={strategy} chunk={} delay={}",
+            self.mode,
+            w.chunk.unwrap_or(DEFAULT_CHUNK as i64),
+            w.delay.unwrap_or(0)
+        );
+        if let Some(min) = w.min {
+            out += &format!(" min={min}");
+        }
+        if let Some(max) = w.max {
+            out += &format!(" max={max}");
+        }
+        out += &format!(" source={}", self.source);
         if let Some(p) = self.port {
             out += &format!(" port={p}");
         }
-        if let Some(p) = &self.path_prefix {
-            out += &format!(" path_prefix={p}");
+        if self.direction != Direction::Up {
+            out += &format!(" direction={}", self.direction);
         }
-        out += &format!(
-            " action={} policy={} direction={}",
-            self.action, self.policy, self.direction
-        );
         if self.intercept != Intercept::Default {
             out += &format!(" intercept={}", self.intercept);
         }
-        if !self.notes.is_empty() {
-            out += &format!(" (note: {})", self.notes.join("; "));
-        }
+        out += &format!(" policy=\"{}\"", self.policy);
         out
+    }
+}
+
+/// SegmentedProxy's `_shorten`: at most 24 characters, `...` ending a longer value.
+fn shorten(value: &str) -> String {
+    if value.chars().count() <= 24 {
+        value.to_string()
+    } else {
+        value.chars().take(21).collect::<String>() + "..."
     }
 }
 
@@ -400,52 +537,46 @@ pub struct Decision {
     pub policy: SegmentPolicy,
     pub direction: Direction,
     pub intercept: Intercept,
-    /// One line: which rule matched and why it won, or
-    /// `no rule matched; default policy`.
+    /// SegmentedProxy's score of the winning rule; `None` when no rule matched (SegmentedProxy
+    /// shows -1).
+    pub score: Option<u32>,
+    /// The mode word of the winning rule, or the default policy's mode.
+    pub mode: String,
+    /// One line, SegmentedProxy's explain line (`matched host_glob=...; ctx host=...;
+    /// score=N; action=A`) followed by which rule of ours it was, or
+    /// `no rule matched; using default policy`.
     pub explanation: String,
 }
 
-/// The specificity key of a rule; see the module docs. Greater wins.
+/// The order of matching rules: SegmentedProxy's score, then on equal scores a block rule
+/// before others, then the earlier rule. Greater wins; a total order, so the winner is unique.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 struct Specificity {
-    host_class: HostClass,
-    host_literal: usize,
-    conditions: u8,
-    path_len: usize,
+    score: u32,
     block: bool,
     earlier: Reverse<usize>,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+/// How a glob is indexed (not how it ranks: that is the score).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum HostClass {
-    CatchAll,
-    Glob,
-    Suffix,
+    /// No wildcard: looked up by the host.
     Exact,
+    /// `*.suffix` with no other wildcard: looked up by each suffix of the host.
+    Suffix,
+    /// Anything else: scanned.
+    Glob,
 }
 
 impl HostClass {
-    fn name(self) -> &'static str {
-        match self {
-            HostClass::CatchAll => "catch-all *",
-            HostClass::Glob => "wildcard glob",
-            HostClass::Suffix => "*.suffix glob",
-            HostClass::Exact => "exact host",
-        }
-    }
-
-    fn of(glob: &str) -> (HostClass, usize) {
-        let literal = glob.bytes().filter(|b| *b != b'*' && *b != b'?').count();
-        let class = if !glob.contains(['*', '?']) {
+    fn of(glob: &str) -> HostClass {
+        if !glob.contains(['*', '?', '[']) {
             HostClass::Exact
-        } else if glob.bytes().all(|b| b == b'*') {
-            HostClass::CatchAll
-        } else if glob.starts_with("*.") && !glob[1..].contains(['*', '?']) {
+        } else if glob.starts_with("*.") && !glob[1..].contains(['*', '?', '[']) {
             HostClass::Suffix
         } else {
             HostClass::Glob
-        };
-        (class, literal)
+        }
     }
 }
 
@@ -456,6 +587,8 @@ pub struct RuleSet {
     keys: Vec<Specificity>,
     default_policy: SegmentPolicy,
     default_direction: Direction,
+    /// The default mode word, when given (`--segmentation`).
+    default_mode: Option<String>,
     /// Exact host → rule indexes, best first.
     exact: HashMap<String, Vec<usize>>,
     /// Suffix including its leading dot (`.example.com`) → rule indexes, best first.
@@ -479,6 +612,7 @@ impl RuleSet {
             keys: Vec::new(),
             default_policy,
             default_direction,
+            default_mode: None,
             exact: HashMap::new(),
             suffix: HashMap::new(),
             globs: Vec::new(),
@@ -575,21 +709,9 @@ impl RuleSet {
 
     fn push(&mut self, rule: Rule) {
         let index = self.rules.len();
-        let (host_class, host_literal) = HostClass::of(&rule.host_glob);
-        let conditions = [
-            rule.scheme.is_some(),
-            rule.method.is_some(),
-            rule.port.is_some(),
-            rule.path_prefix.is_some(),
-        ]
-        .iter()
-        .filter(|c| **c)
-        .count() as u8;
+        let host_class = HostClass::of(&rule.host_glob);
         let key = Specificity {
-            host_class,
-            host_literal,
-            conditions,
-            path_len: rule.path_prefix.as_ref().map_or(0, String::len),
+            score: rule.score,
             block: rule.action.is_block(),
             earlier: Reverse(index),
         };
@@ -599,7 +721,7 @@ impl RuleSet {
                 .suffix
                 .entry(rule.host_glob[1..].to_string())
                 .or_default(),
-            HostClass::Glob | HostClass::CatchAll => &mut self.globs,
+            HostClass::Glob => &mut self.globs,
         };
         self.keys.push(key);
         self.rules.push(rule);
@@ -609,28 +731,18 @@ impl RuleSet {
         list.insert(at, index);
     }
 
-    /// Exact and suffix candidates for `host`, best first.
-    fn indexed_candidates<'a>(&'a self, host: &'a str) -> impl Iterator<Item = usize> + 'a {
-        let exact = self.exact.get(host).into_iter().flatten().copied();
-        // Leftmost dot first: the longest suffix is the most specific.
+    /// Exact and suffix candidate lists for `host`, each sorted best first.
+    fn indexed_lists<'a>(&'a self, host: &'a str) -> impl Iterator<Item = &'a Vec<usize>> + 'a {
+        let exact = self.exact.get(host).into_iter();
         let suffixes = host
             .match_indices('.')
-            .filter_map(move |(i, _)| self.suffix.get(&host[i..]))
-            .flatten()
-            .copied();
+            .filter_map(move |(i, _)| self.suffix.get(&host[i..]));
         exact.chain(suffixes)
     }
 
-    fn glob_candidates<'a>(&'a self, host: &'a str) -> impl Iterator<Item = usize> + 'a {
-        self.globs
-            .iter()
-            .copied()
-            .filter(move |&i| glob_match(self.rules[i].host_glob.as_bytes(), host.as_bytes()))
-    }
-
-    /// Picks the most specific matching rule for a request. For a CONNECT pass
-    /// method `CONNECT` and an empty path. `host` may be any case, with or
-    /// without IPv6 brackets or a trailing dot.
+    /// Picks the matching rule with SegmentedProxy's highest score (a block rule wins a tie,
+    /// then the earlier rule). For a CONNECT pass method `CONNECT` and an empty path. `host`
+    /// may be any case, with or without IPv6 brackets or a trailing dot.
     pub fn decide(
         &self,
         method: &str,
@@ -641,25 +753,37 @@ impl RuleSet {
     ) -> Decision {
         let host = normalize_host(host);
         let host = host.as_ref();
-        let fits = |&i: &usize| self.rules[i].conditions_match(method, scheme, port, path);
-
-        let mut indexed = self.indexed_candidates(host).filter(fits);
-        let (winner, runner_up, full_scan) = match indexed.next() {
-            // Exact and suffix rules outrank every other glob: leave those unscanned.
-            Some(w) => (Some(w), indexed.next(), false),
-            None => {
-                let mut globs = self.glob_candidates(host).filter(fits);
-                (globs.next(), globs.next(), true)
+        let fits = |i: usize| self.rules[i].conditions_match(method, scheme, port, path);
+        let mut best: Option<usize> = None;
+        let better = |i: usize, best: Option<usize>| best.is_none_or(|b| self.keys[i] > self.keys[b]);
+        // Each indexed list is sorted best first: its first fitting rule is its best.
+        for list in self.indexed_lists(host) {
+            if let Some(&i) = list.iter().find(|&&i| fits(i)) {
+                if better(i, best) {
+                    best = Some(i);
+                }
             }
-        };
-        let Some(w) = winner else {
+        }
+        // Other globs, best first, down to the best found so far.
+        for &i in &self.globs {
+            if !better(i, best) {
+                break;
+            }
+            if fits(i) && glob_match(&self.rules[i].host_glob, host) {
+                best = Some(i);
+                break;
+            }
+        }
+        let Some(w) = best else {
             return Decision {
                 rule: None,
                 action: Action::Direct,
                 policy: self.default_policy.clone(),
                 direction: self.default_direction,
                 intercept: Intercept::Default,
-                explanation: "no rule matched; default policy".to_string(),
+                score: None,
+                mode: self.default_mode().to_string(),
+                explanation: "no rule matched; using default policy".to_string(),
             };
         };
         let rule = &self.rules[w];
@@ -669,87 +793,98 @@ impl RuleSet {
             policy: rule.policy.clone(),
             direction: rule.direction,
             intercept: rule.intercept,
-            explanation: self.explain(w, runner_up, full_scan),
+            score: Some(rule.score),
+            mode: rule.mode.clone(),
+            explanation: self.explain(w, method, scheme, host, port, path),
         }
     }
 
-    fn explain(&self, w: usize, runner_up: Option<usize>, full_scan: bool) -> String {
+    /// Sets the default policy's mode word as given (`--segmentation`), for listings and
+    /// records; the policy alone decides what is segmented.
+    pub fn set_default_mode(&mut self, mode: &str) {
+        self.default_mode = Some(mode.to_string());
+    }
+
+    /// The default policy's mode word: as set, else `segment_upstream` if it segments, else
+    /// `direct`.
+    pub fn default_mode(&self) -> &str {
+        if let Some(mode) = &self.default_mode {
+            mode
+        } else if self.default_policy.is_passthrough() {
+            "direct"
+        } else {
+            "segment_upstream"
+        }
+    }
+
+    /// SegmentedProxy's explain line, then ours: which rule (number, FILE:LINE, text).
+    fn explain(&self, w: usize, method: &str, scheme: Scheme, host: &str, port: u16, path: &str) -> String {
         let rule = &self.rules[w];
-        let key = self.keys[w];
-        let mut out = format!(
-            "rule {} at {} `{}` matched: {} {}",
-            w + 1,
-            rule.source,
-            rule.text,
-            key.host_class.name(),
-            rule.host_glob
-        );
+        let mut out = format!("matched host_glob={}", rule.host_glob);
         if let Some(s) = rule.scheme {
-            out += &format!(", scheme {s}");
+            out += &format!(" scheme={s}");
         }
         if let Some(m) = &rule.method {
-            out += &format!(", method {m}");
-        }
-        if let Some(p) = rule.port {
-            out += &format!(", port {p}");
+            out += &format!(" method={m}");
         }
         if let Some(p) = &rule.path_prefix {
-            out += &format!(", path prefix {p}");
+            out += &format!(" path_prefix={p}");
         }
-        match runner_up {
-            Some(r) => {
-                let why = why_beats(&key, &self.keys[r]);
-                out += &format!("; beat {} ({why})", self.rules[r].source);
-            }
-            None if full_scan => out += "; the only matching rule",
-            // Not scanned: nothing in a lower host class can win.
-            None if key.host_class == HostClass::Exact => out += "; exact hosts outrank all globs",
-            None => out += "; *.suffix globs outrank all other globs",
+        if let Some(p) = rule.port {
+            out += &format!(" port={p}");
         }
-        out
-    }
-
-    /// The `--validate-rules` listing: the default policy, then one numbered
-    /// line per rule (`1. FILE:LINE host=... action=... policy=...`).
-    pub fn describe(&self) -> String {
-        let mut out = format!(
-            "default: action=direct policy={} direction={}\n",
-            self.default_policy, self.default_direction
+        out += &format!(
+            "; ctx host={host} scheme={scheme} method={} path={path}",
+            method.to_ascii_uppercase()
         );
-        if self.rules.is_empty() {
-            out += "rules: (none)\n";
+        if rule.port.is_some() {
+            out += &format!(" port={port}");
         }
+        out += &format!(
+            "; score={}; action={}; rule {} at {} `{}`",
+            rule.score,
+            rule.action.name(),
+            w + 1,
+            rule.source,
+            rule.text
+        );
+        out
+    }
+
+    /// The `--validate-rules` listing in SegmentedProxy's format: `Default policy: ...`, then
+    /// `Rules:` and one numbered line per rule (`01. host=... action=... mode=... strategy=...
+    /// chunk=... delay=...`), or `Rules: (none)`. Our fields follow SegmentedProxy's on each
+    /// line: `source=FILE:LINE`, then `port=`, `direction=`, `intercept=` when set.
+    pub fn describe(&self) -> String {
+        let p = &self.default_policy;
+        let ms = p.delay.as_millis();
+        let mut out = match p.strategy {
+            Strategy::None => format!("Default policy: mode={} strategy=none chunk={DEFAULT_CHUNK} delay={ms}", self.default_mode()),
+            Strategy::Fixed { chunk } => format!("Default policy: mode={} strategy=fixed chunk={chunk} delay={ms}", self.default_mode()),
+            Strategy::Random { min, max } => format!(
+                "Default policy: mode={} strategy=random chunk={DEFAULT_CHUNK} delay={ms} min={min} max={max}",
+                self.default_mode()
+            ),
+        };
+        out += &format!(" direction={}\n", self.default_direction);
+        if self.rules.is_empty() {
+            out += "Rules: (none)\n";
+            return out;
+        }
+        out += "Rules:\n";
         for (i, rule) in self.rules.iter().enumerate() {
-            out += &format!("{}. {} {}\n", i + 1, rule.source, rule.describe());
+            out += &format!("{:02}. {}\n", i + 1, rule.describe());
         }
         out
     }
-}
 
-/// Names the first specificity field where `w` beats `r`.
-fn why_beats(w: &Specificity, r: &Specificity) -> String {
-    if w.host_class != r.host_class {
-        format!("{} beats {}", w.host_class.name(), r.host_class.name())
-    } else if w.host_literal != r.host_literal {
-        if w.host_class == HostClass::Suffix {
-            format!(
-                "longer host suffix, {} > {} chars",
-                w.host_literal, r.host_literal
-            )
-        } else {
-            format!(
-                "more literal host characters, {} > {}",
-                w.host_literal, r.host_literal
-            )
-        }
-    } else if w.conditions != r.conditions {
-        format!("more conditions, {} > {}", w.conditions, r.conditions)
-    } else if w.path_len != r.path_len {
-        format!("longer path prefix, {} > {} chars", w.path_len, r.path_len)
-    } else if w.block != r.block {
-        "block wins a tie".to_string()
-    } else {
-        "earlier rule wins a tie".to_string()
+    /// What the rules say that has no effect or looks wrong, one `FILE:LINE: note` each:
+    /// lines SegmentedProxy accepts and so do we (`--validate-rules` prints them as warnings).
+    pub fn warnings(&self) -> Vec<String> {
+        self.rules
+            .iter()
+            .flat_map(|r| r.notes.iter().map(move |n| format!("{}: {n}", r.source)))
+            .collect()
     }
 }
 
@@ -768,27 +903,112 @@ fn normalize_host(host: &str) -> std::borrow::Cow<'_, str> {
     }
 }
 
-/// Shell-style `*` / `?` matching on bytes, linear with single backtracking.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+/// Shell-style matching with Python `fnmatch`'s syntax: `*`, `?`, `[seq]` and `[!seq]` (with
+/// ranges such as `a-z`); a `[` without its closing `]` is a literal. Both sides are already
+/// lower-cased.
+fn glob_match(pattern: &str, text: &str) -> bool {
+    if pattern.contains('[') {
+        let tokens = glob_tokens(pattern);
+        let text: Vec<char> = text.chars().collect();
+        wildcard_match(&tokens, &text, |t, c| t.matches(c), |t| matches!(t, GlobToken::Star))
+    } else {
+        wildcard_match(pattern.as_bytes(), text.as_bytes(), |p, t| *p == b'?' || p == t, |p| *p == b'*')
+    }
+}
+
+/// One element of a glob with character classes.
+#[derive(Debug)]
+enum GlobToken {
+    Star,
+    Any,
+    Literal(char),
+    Class { negated: bool, items: Vec<(char, char)> },
+}
+
+impl GlobToken {
+    fn matches(&self, c: &char) -> bool {
+        match self {
+            GlobToken::Star => true,
+            GlobToken::Any => true,
+            GlobToken::Literal(l) => l == c,
+            GlobToken::Class { negated, items } => items.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated,
+        }
+    }
+}
+
+/// Splits a glob as Python's `fnmatch.translate` does.
+fn glob_tokens(pattern: &str) -> Vec<GlobToken> {
+    let p: Vec<char> = pattern.chars().collect();
+    let mut out = Vec::new();
+    let mut i = 0;
+    while i < p.len() {
+        let c = p[i];
+        i += 1;
+        match c {
+            '*' => out.push(GlobToken::Star),
+            '?' => out.push(GlobToken::Any),
+            '[' => {
+                let mut j = i;
+                if j < p.len() && p[j] == '!' {
+                    j += 1;
+                }
+                if j < p.len() && p[j] == ']' {
+                    j += 1;
+                }
+                while j < p.len() && p[j] != ']' {
+                    j += 1;
+                }
+                if j >= p.len() {
+                    out.push(GlobToken::Literal('['));
+                    continue;
+                }
+                let mut stuff = &p[i..j];
+                i = j + 1;
+                let negated = stuff.first() == Some(&'!');
+                if negated {
+                    stuff = &stuff[1..];
+                }
+                let mut items = Vec::new();
+                let mut k = 0;
+                while k < stuff.len() {
+                    if k + 2 < stuff.len() && stuff[k + 1] == '-' {
+                        items.push((stuff[k], stuff[k + 2]));
+                        k += 3;
+                    } else {
+                        items.push((stuff[k], stuff[k]));
+                        k += 1;
+                    }
+                }
+                out.push(GlobToken::Class { negated, items });
+            }
+            c => out.push(GlobToken::Literal(c)),
+        }
+    }
+    out
+}
+
+/// Wildcard matching where every non-star element matches exactly one item: linear, with
+/// backtracking to the last star only.
+fn wildcard_match<P, T>(pattern: &[P], text: &[T], one: impl Fn(&P, &T) -> bool, star: impl Fn(&P) -> bool) -> bool {
     let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
+    let mut last_star: Option<(usize, usize)> = None;
     while t < text.len() {
-        if p < pattern.len() && (pattern[p] == b'?' || pattern[p] == text[t]) {
+        if p < pattern.len() && star(&pattern[p]) {
+            last_star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && one(&pattern[p], &text[t]) {
             p += 1;
             t += 1;
-        } else if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if let Some((sp, st)) = star {
-            // Let the last `*` swallow one more byte and retry.
+        } else if let Some((sp, st)) = last_star {
+            // Let the last `*` swallow one more item and retry.
             p = sp + 1;
             t = st + 1;
-            star = Some((sp, st + 1));
+            last_star = Some((sp, st + 1));
         } else {
             return false;
         }
     }
-    pattern[p..].iter().all(|&b| b == b'*')
+    pattern[p..].iter().all(star)
 }
 
 fn parse_port(value: &str) -> Result<u16, String> {
@@ -798,10 +1018,30 @@ fn parse_port(value: &str) -> Result<u16, String> {
     }
 }
 
-fn parse_number<T: std::str::FromStr>(key: &str, value: &str) -> Result<T, String> {
-    value
-        .parse::<T>()
-        .map_err(|_| format!("invalid number for {key}: '{value}'"))
+/// A whole number as Python's `int()` reads it: an optional sign, digits, single `_`
+/// between digits.
+pub fn py_int(value: &str) -> Option<i64> {
+    let value = value.trim();
+    let (negative, digits) = match value.as_bytes().first()? {
+        b'+' => (false, &value[1..]),
+        b'-' => (true, &value[1..]),
+        _ => (false, value),
+    };
+    if digits.is_empty()
+        || digits.starts_with('_')
+        || digits.ends_with('_')
+        || digits.contains("__")
+        || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'_')
+    {
+        return None;
+    }
+    let n: i64 = digits.replace('_', "").parse().ok()?;
+    Some(if negative { -n } else { n })
+}
+
+/// SegmentedProxy's `_parse_int`, with its message.
+fn parse_int(key: &str, value: &str) -> Result<i64, String> {
+    py_int(value).ok_or_else(|| format!("invalid int for '{key}': '{value}'"))
 }
 
 fn is_http_token(s: &str) -> bool {
@@ -814,12 +1054,14 @@ fn is_http_token(s: &str) -> bool {
 #[derive(Default)]
 struct Keys<'a> {
     strategy: Option<&'a str>,
-    chunk: Option<usize>,
-    min: Option<usize>,
-    max: Option<usize>,
-    delay: Option<u64>,
+    chunk: Option<i64>,
+    min: Option<i64>,
+    max: Option<i64>,
+    delay: Option<i64>,
     action: Option<&'a str>,
     upstream: Option<UpstreamProxy>,
+    /// `upstream=` as listed: the proxy, or the value as written when its port is out of range.
+    upstream_text: Option<String>,
     reason: Option<&'a str>,
     scheme: Option<Scheme>,
     method: Option<String>,
@@ -829,6 +1071,9 @@ struct Keys<'a> {
     intercept: Option<Intercept>,
 }
 
+/// Parses one rule line. It accepts exactly the lines SegmentedProxy accepts, with their
+/// meaning, and rejects the others with SegmentedProxy's reason (our hint after it); what
+/// it accepts but looks wrong or does nothing is noted.
 fn parse_rule(
     line: &str,
     source: RuleSource,
@@ -840,30 +1085,35 @@ fn parse_rule(
     }
     let (glob, rest) = line
         .split_once('=')
-        .ok_or_else(|| format!("missing '='; {SHAPE}"))?;
-    let host_glob = parse_host_glob(glob.trim())?;
+        .ok_or_else(|| format!("segment rule must contain '=' ({SHAPE})"))?;
+    let mut notes: Vec<String> = Vec::new();
+    let host_glob = parse_host_glob(glob.trim(), &mut notes);
     let mut parts = rest.split(',').map(str::trim).filter(|p| !p.is_empty());
     let mode = parts
         .next()
-        .ok_or_else(|| format!("missing mode; {SHAPE}"))?;
-    let segmenting = match mode.to_ascii_lowercase().as_str() {
-        "direct" => false,
-        "segment_upstream" => true,
-        _ => {
-            return Err(format!(
-                "unknown mode '{mode}' (expected direct or segment_upstream)"
-            ))
+        .ok_or_else(|| format!("segment rule missing mode ({SHAPE})"))?;
+    // Case-sensitive, as in SegmentedProxy: any other word is accepted there and means direct.
+    let segmenting = mode == "segment_upstream";
+    if mode != "direct" && !segmenting {
+        let lower = mode.to_ascii_lowercase();
+        if lower == "direct" || lower == "segment_upstream" {
+            notes.push(format!(
+                "mode '{mode}' is not '{lower}' (modes are case-sensitive in SegmentedProxy): treated as direct, no segmentation"
+            ));
+        } else {
+            notes.push(format!(
+                "unknown mode '{mode}' treated as direct, no segmentation, as SegmentedProxy does (modes: direct, segment_upstream)"
+            ));
         }
-    };
+    }
 
     let mut keys = Keys::default();
     let mut seen: Vec<&str> = Vec::new();
     let mut text_parts: Vec<String> = Vec::new();
-    let mut notes: Vec<String> = Vec::new();
     for part in parts {
         let (key, value) = part
             .split_once('=')
-            .ok_or_else(|| format!("expected key=value, got '{part}'"))?;
+            .ok_or_else(|| format!("invalid rule token '{part}', expected key=value"))?;
         let key = key.trim().to_ascii_lowercase();
         let value = value.trim();
         let canonical = match key.as_str() {
@@ -873,7 +1123,7 @@ fn parse_rule(
                 .iter()
                 .copied()
                 .find(|known| *known == k)
-                .ok_or_else(|| format!("unknown key '{k}' (known: {})", KNOWN_KEYS.join(", ")))?,
+                .ok_or_else(|| format!("unknown rule key '{k}' (known: {})", KNOWN_KEYS.join(", ")))?,
         };
         if seen.contains(&canonical) {
             // SegmentedProxy takes the last value; so do we, and say so.
@@ -882,23 +1132,33 @@ fn parse_rule(
         } else {
             seen.push(canonical);
         }
-        if value.is_empty() {
-            return Err(format!("empty value for {canonical}"));
-        }
         let lower = value.to_ascii_lowercase();
         let mut shown = part.to_string();
         match canonical {
             "strategy" => keys.strategy = Some(value),
-            "chunk" => keys.chunk = Some(parse_number(canonical, value)?),
-            "min" => keys.min = Some(parse_number(canonical, value)?),
-            "max" => keys.max = Some(parse_number(canonical, value)?),
-            "delay" => keys.delay = Some(parse_number(canonical, value)?),
+            "chunk" | "min" | "max" | "delay" => {
+                let n = Some(parse_int(if key.starts_with("chunk_") { &key } else { canonical }, value)?);
+                match canonical {
+                    "chunk" => keys.chunk = n,
+                    "min" => keys.min = n,
+                    "max" => keys.max = n,
+                    _ => keys.delay = n,
+                }
+            }
             "action" => keys.action = Some(value),
             "upstream" => {
-                let up = UpstreamProxy::parse(value)?;
+                let up = UpstreamProxy::parse_lenient(value, &mut notes)?;
                 if up.credentials.is_some() {
                     shown = format!("upstream={up}");
                 }
+                keys.upstream_text = Some(match value.rsplit_once('@') {
+                    _ if up.port != 0 => up.to_string(),
+                    Some((_, hostport)) if up.credentials.is_some() => {
+                        let user = up.credentials.as_ref().map_or("", |(u, _)| u.as_str());
+                        format!("{user}:***@{hostport}")
+                    }
+                    _ => value.to_string(),
+                });
                 keys.upstream = Some(up);
             }
             "reason" => keys.reason = Some(value),
@@ -906,16 +1166,22 @@ fn parse_rule(
                 keys.scheme = Some(match lower.as_str() {
                     "http" => Scheme::Http,
                     "https" => Scheme::Https,
-                    _ => return Err(format!("invalid scheme '{value}' (expected http or https)")),
+                    _ => return Err(format!("unknown scheme '{value}' (expected http or https)")),
                 })
             }
             "method" => {
+                if value.is_empty() {
+                    return Err("method must be non-empty".into());
+                }
                 if !is_http_token(value) {
-                    return Err(format!("invalid method '{value}'"));
+                    notes.push(format!("method '{value}' is not an HTTP method: this rule matches no request"));
                 }
                 keys.method = Some(value.to_ascii_uppercase());
             }
             "path_prefix" => {
+                if value.is_empty() {
+                    return Err("path_prefix must be non-empty".into());
+                }
                 // As SegmentedProxy: `api` means `/api`.
                 let prefix = if value.starts_with('/') { value.to_string() } else { format!("/{value}") };
                 shown = format!("path_prefix={prefix}");
@@ -946,7 +1212,10 @@ fn parse_rule(
         text_parts.push(shown);
     }
 
+    // SegmentedProxy's order: the policy, the delay, then the action.
     let policy = build_policy(segmenting, &keys, &mut notes)?;
+    let written_reason = keys.reason.filter(|r| !r.is_empty()).map(str::to_string);
+    let written_upstream = keys.upstream_text.take();
     let action = build_action(&mut keys, &mut notes)?;
     // The stored text is rebuilt from the parts so a password cannot survive in it.
     let mut text = format!("{}={}", glob.trim(), mode);
@@ -954,6 +1223,13 @@ fn parse_rule(
         text.push(',');
         text.push_str(part);
     }
+    let score = sp_score(
+        glob.trim(),
+        keys.scheme.is_some(),
+        keys.method.is_some(),
+        keys.path_prefix.as_deref(),
+        keys.port.is_some(),
+    );
     Ok(Rule {
         host_glob,
         scheme: keys.scheme,
@@ -965,8 +1241,19 @@ fn parse_rule(
         direction: keys.direction.unwrap_or(default_direction),
         intercept: keys.intercept.unwrap_or_default(),
         source,
+        mode: mode.to_string(),
+        written: WrittenPolicy {
+            strategy: keys.strategy.map(str::to_ascii_lowercase),
+            chunk: keys.chunk,
+            min: keys.min,
+            max: keys.max,
+            delay: keys.delay,
+        },
+        score,
         text,
         notes,
+        written_reason,
+        written_upstream,
     })
 }
 
@@ -999,66 +1286,101 @@ const KNOWN_KEYS: &[&str] = &[
     "intercept",
 ];
 
-fn parse_host_glob(glob: &str) -> Result<String, String> {
-    let glob = glob
-        .strip_prefix('[')
-        .and_then(|g| g.strip_suffix(']'))
-        .unwrap_or(glob);
-    let glob = glob.strip_suffix('.').unwrap_or(glob);
+/// The host glob, lower-cased (hosts are matched case-insensitively). Any glob SegmentedProxy
+/// accepts is accepted; an IPv6 address in brackets means the address, and a trailing dot
+/// after a name is dropped (hosts are compared without theirs).
+fn parse_host_glob(glob: &str, notes: &mut Vec<String>) -> String {
+    let glob = match glob.strip_prefix('[').and_then(|g| g.strip_suffix(']')) {
+        Some(inner) if inner.parse::<std::net::Ipv6Addr>().is_ok() => inner,
+        _ => glob,
+    };
+    let glob = match glob.strip_suffix('.') {
+        Some(g) if g.ends_with(|c: char| c.is_ascii_alphanumeric()) => g,
+        _ => glob,
+    };
     if glob.is_empty() {
-        return Err("empty host glob".into());
+        notes.push("empty host glob: this rule matches no host".into());
+    } else if glob.contains(char::is_whitespace) {
+        notes.push(format!("host glob '{glob}' contains a space: it matches no host"));
     }
-    if let Some(bad) = glob
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || "-._:*?".contains(*c)))
-    {
-        return Err(format!(
-            "invalid character '{bad}' in host glob '{glob}' (only * and ? are wildcards)"
-        ));
-    }
-    Ok(glob.to_ascii_lowercase())
+    glob.to_lowercase()
 }
 
-/// The segmentation policy of a rule. Lines SegmentedProxy accepts are accepted, validated
-/// as it validates them (whatever the mode), and keys that do nothing are noted:
-/// - mode `direct` never segments;
-/// - no `strategy`: `chunk` or `delay` means fixed, `min`/`max` mean random (SegmentedProxy
-///   silently forwards those unsegmented; we do what the line says), nothing means none;
-/// - sizes that the strategy does not use are ignored.
+/// The segmentation policy of a rule, validated as SegmentedProxy validates it (whatever the
+/// mode, with its messages):
+/// - mode `direct` (or any word but `segment_upstream`) never segments;
+/// - no `strategy`: a valid `chunk` or a `delay` means fixed, a valid `min`/`max` pair random
+///   (SegmentedProxy forwards such lines unsegmented; we do what they say), anything else none;
+/// - sizes that the strategy does not use are ignored, and noted.
 fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Result<SegmentPolicy, String> {
     let random_keys = k.min.is_some() || k.max.is_some();
+    let valid_pair = matches!((k.min, k.max), (Some(min), Some(max)) if 0 < min && min <= max);
     let strategy_name = match k.strategy.map(str::to_ascii_lowercase) {
         Some(s) => s,
-        None if k.chunk.is_some() || (k.delay.is_some() && !random_keys) => "fixed".to_string(),
-        None if random_keys => "random".to_string(),
+        None if k.chunk.is_some_and(|c| c > 0) => "fixed".to_string(),
+        None if k.chunk.is_some() => {
+            notes.push(format!("chunk={} is not a chunk size: no segmentation (strategy none)", k.chunk.unwrap_or(0)));
+            "none".to_string()
+        }
+        None if random_keys && valid_pair => "random".to_string(),
+        None if random_keys => {
+            notes.push("min/max are not a valid pair (0 < min <= max, both given): no segmentation (strategy none)".into());
+            "none".to_string()
+        }
+        None if k.delay.is_some() => "fixed".to_string(),
         None => "none".to_string(),
     };
     let strategy = match strategy_name.as_str() {
         "none" => {
-            if k.chunk.is_some() || random_keys {
+            if k.strategy.is_some() && (k.chunk.is_some() || random_keys) {
                 notes.push("chunk/min/max ignored with strategy=none".into());
             }
             Strategy::None
         }
         "fixed" => {
+            let chunk = k.chunk.unwrap_or(DEFAULT_CHUNK as i64);
+            if chunk <= 0 {
+                return Err("fixed strategy requires chunk > 0".into());
+            }
             if random_keys {
                 notes.push("min/max ignored by strategy=fixed (it uses chunk)".into());
             }
-            Strategy::Fixed { chunk: k.chunk.unwrap_or(DEFAULT_CHUNK) }
+            Strategy::Fixed { chunk: chunk as usize }
         }
         "random" => {
+            let (Some(min), Some(max)) = (k.min, k.max) else {
+                return Err("random strategy requires both min and max".into());
+            };
+            if min <= 0 || max <= 0 {
+                return Err("random strategy requires min/max > 0".into());
+            }
+            if min > max {
+                return Err(format!("random strategy requires min <= max (min={min} max={max})"));
+            }
             if k.chunk.is_some() {
                 notes.push("chunk ignored by strategy=random (it uses min and max)".into());
             }
-            match (k.min, k.max) {
-                (Some(min), Some(max)) => Strategy::Random { min, max },
-                _ => return Err("strategy=random needs both min and max".into()),
-            }
+            Strategy::Random { min: min as usize, max: max as usize }
         }
         other => return Err(format!("unknown strategy '{other}' (expected none, fixed or random)")),
     };
-    let policy = SegmentPolicy { strategy, delay: Duration::from_millis(k.delay.unwrap_or(0)) };
-    policy.validate()?;
+    let delay = match k.delay {
+        Some(d) if d < 0 => return Err("delay must be >= 0".into()),
+        Some(d) => d as u64,
+        None => 0,
+    };
+    if strategy == Strategy::None && delay > 0 {
+        // SegmentedProxy relays strategy=none unsegmented, delay or not.
+        notes.push("delay ignored with strategy=none (nothing is segmented)".into());
+    }
+    let delay = if strategy == Strategy::None { 0 } else { delay };
+    let policy = SegmentPolicy { strategy, delay: Duration::from_millis(delay) };
+    if segmenting && k.strategy.is_none() && strategy != Strategy::None {
+        // Our reading, said out loud so that no SegmentedProxy user meets it by surprise.
+        notes.push(format!(
+            "no strategy=: segmented as strategy={strategy_name} (SegmentedProxy does not segment a line without strategy=)"
+        ));
+    }
     if !segmenting {
         if policy != SegmentPolicy::none() {
             notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
@@ -1068,27 +1390,33 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
     Ok(policy)
 }
 
-/// The action of a rule (default direct). As in SegmentedProxy, `upstream=` takes effect only
-/// with `action=upstream` and `reason=` only with `action=block`; otherwise they are noted.
+/// The action of a rule (default direct), with SegmentedProxy's checks and messages. As
+/// there, `upstream=` takes effect only with `action=upstream` and `reason=` only with
+/// `action=block`; otherwise they are noted.
 fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, String> {
     let name = k.action.map(str::to_ascii_lowercase).unwrap_or_else(|| "direct".to_string());
-    if name != "block" && k.reason.is_some() {
+    if name != "block" && k.reason.is_some_and(|r| !r.is_empty()) {
         notes.push("reason= ignored (it is the message of action=block)".into());
     }
     match name.as_str() {
-        "block" if k.upstream.is_some() => Err("action=block cannot have upstream=".into()),
+        "block" if k.upstream.is_some() => Err("block action cannot include upstream".into()),
         "direct" => {
             if k.upstream.is_some() {
                 notes.push("upstream= ignored: the action is direct (add action=upstream)".into());
             }
             Ok(Action::Direct)
         }
-        "block" => Ok(Action::Block { reason: k.reason.unwrap_or("blocked by rule").to_string() }),
+        "block" => Ok(Action::Block {
+            reason: k.reason.filter(|r| !r.is_empty()).unwrap_or("blocked by rule").to_string(),
+        }),
         "upstream" => match k.upstream.take() {
             Some(up) => Ok(Action::Upstream(up)),
-            None => Err("action=upstream needs upstream=HOST:PORT".into()),
+            None => Err("upstream action requires upstream=HOST:PORT".into()),
         },
-        other => Err(format!("unknown action '{other}' (expected direct, upstream or block)")),
+        _ => Err(format!(
+            "unknown action '{}' (expected direct, upstream or block)",
+            k.action.unwrap_or_default()
+        )),
     }
 }
 
@@ -1217,15 +1545,12 @@ mod tests {
             one("a=segment_upstream,delay=7").policy,
             SegmentPolicy::fixed(DEFAULT_CHUNK, ms(7))
         );
+        // As in SegmentedProxy, strategy=none relays unsegmented, delay or not.
+        let r = one("a=segment_upstream,strategy=none,delay=7");
+        assert_eq!(r.policy, SegmentPolicy::none());
+        assert!(r.notes.iter().any(|n| n.contains("delay ignored with strategy=none")), "{:?}", r.notes);
         assert_eq!(
-            one("a=segment_upstream,strategy=none,delay=7").policy,
-            SegmentPolicy {
-                strategy: Strategy::None,
-                delay: ms(7)
-            }
-        );
-        assert_eq!(
-            one("a=SEGMENT_UPSTREAM,Strategy=FIXED,CHUNK=9").policy,
+            one("a=segment_upstream,Strategy=FIXED,CHUNK=9").policy,
             SegmentPolicy::fixed(9, Duration::ZERO)
         );
         let r = one(" A.Example.COM = segment_upstream , chunk = 3 ,, port=8443, direction=both, intercept=no, method=get, path_prefix=/api ");
@@ -1242,7 +1567,7 @@ mod tests {
         // As in SegmentedProxy, upstream= needs action=upstream; alone it is noted, not used.
         let r = one("a=direct,upstream=proxy.local:8080");
         assert_eq!(r.action, Action::Direct);
-        assert!(r.describe().contains("upstream= ignored"), "{}", r.describe());
+        assert!(r.notes.iter().any(|n| n.contains("upstream= ignored")), "{:?}", r.notes);
         // reason may contain '=' and '#'.
         assert_eq!(
             one("a=direct,action=block,reason=policy #4: a=b").action,
@@ -1267,7 +1592,6 @@ mod tests {
         };
         let r = note("x=direct,strategy=fixed,chunk=10", "mode direct does not segment");
         assert_eq!(r.policy, SegmentPolicy::none());
-        assert!(r.describe().contains("(note: mode direct"), "{}", r.describe());
         let r = note("x=direct,reason=foo", "reason= ignored");
         assert_eq!(r.action, Action::Direct);
         let r = note("x=direct,action=direct,upstream=h:1", "upstream= ignored");
@@ -1293,8 +1617,10 @@ mod tests {
         let r = one("x=direct,path_prefix=api");
         assert_eq!(r.path_prefix.as_deref(), Some("/api"));
         assert!(r.notes.is_empty());
-        // Plain rules carry no note.
-        assert!(one("x=segment_upstream,chunk=5,delay=1").notes.is_empty());
+        // Plain rules carry no note; a size without strategy= is noted (our reading).
+        assert!(one("x=segment_upstream,strategy=fixed,chunk=5,delay=1").notes.is_empty());
+        let r = note("x=segment_upstream,chunk=5,delay=1", "segmented as strategy=fixed (SegmentedProxy does not");
+        assert_eq!(r.policy, SegmentPolicy::fixed(5, ms(1)));
     }
 
     #[test]
@@ -1303,16 +1629,13 @@ mod tests {
         let e = RuleSet::parse(text, "rules.txt").unwrap_err();
         assert_eq!(e.source, "rules.txt");
         assert_eq!(e.line, 4);
-        assert_eq!(
-            e.to_string(),
-            "rules.txt:4: invalid number for chunk: 'abc'"
-        );
+        assert_eq!(e.to_string(), "rules.txt:4: invalid int for 'chunk': 'abc'");
 
         // Every bad line is named, in order.
-        let e = RuleSet::parse("a=fast\nok=direct\nb=direct,colour=red\n", "r.txt").unwrap_err();
+        let e = RuleSet::parse("a=direct,strategy=zigzag\nok=direct\nb=direct,colour=red\n", "r.txt").unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown mode 'fast' (expected direct or segment_upstream)\nr.txt:3: unknown key 'colour' (known: strategy, chunk, min, max, delay, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
         );
 
         // All or nothing.
@@ -1320,53 +1643,77 @@ mod tests {
         assert!(set.add_text(text, "rules.txt").is_err());
         assert!(set.rules().is_empty());
 
+        // Lines SegmentedProxy rejects, with its reason.
         for (line, needle) in [
-            ("nomode", "missing '='"),
-            ("a=", "missing mode"),
-            ("a=fast", "unknown mode 'fast'"),
-            ("a=direct,colour=red", "unknown key 'colour'"),
-            ("a=direct,action", "expected key=value"),
-            ("a=direct,action=", "empty value for action"),
-            ("a=segment_upstream,chunk=-1", "invalid number for chunk"),
-            (
-                "a=segment_upstream,chunk=0",
-                "fixed strategy needs chunk > 0",
-            ),
-            (
-                "a=segment_upstream,strategy=random,min=5",
-                "needs both min and max",
-            ),
-            ("a=segment_upstream,min=9,max=5", "min <= max"),
-            ("a=segment_upstream,min=0,max=5", "min > 0"),
-            (
-                "a=segment_upstream,strategy=zigzag",
-                "unknown strategy 'zigzag'",
-            ),
-            ("a=segment_upstream,delay=1.5", "invalid number for delay"),
-            ("a=direct,action=upstream", "needs upstream=HOST:PORT"),
-            ("a=direct,action=block,upstream=h:1", "cannot have upstream="),
+            ("nomode", "segment rule must contain '='"),
+            ("a=", "segment rule missing mode"),
+            ("a=direct,colour=red", "unknown rule key 'colour'"),
+            ("a=direct,action", "invalid rule token 'action', expected key=value"),
+            ("a=direct,action=", "unknown action ''"),
+            ("a=direct,chunk=", "invalid int for 'chunk': ''"),
+            ("a=direct,chunk_min=x", "invalid int for 'chunk_min': 'x'"),
+            ("a=segment_upstream,strategy=fixed,chunk=0", "fixed strategy requires chunk > 0"),
+            ("a=segment_upstream,strategy=random,min=5", "random strategy requires both min and max"),
+            ("a=segment_upstream,strategy=random", "random strategy requires both min and max"),
+            ("a=segment_upstream,strategy=random,min=9,max=5", "requires min <= max"),
+            ("a=segment_upstream,strategy=random,min=0,max=5", "requires min/max > 0"),
+            ("a=segment_upstream,strategy=zigzag", "unknown strategy 'zigzag'"),
+            ("a=segment_upstream,delay=1.5", "invalid int for 'delay': '1.5'"),
+            ("a=segment_upstream,delay=-1", "delay must be >= 0"),
+            ("a=direct,action=upstream", "upstream action requires upstream=HOST:PORT"),
+            ("a=direct,action=block,upstream=h:1", "block action cannot include upstream"),
             // Validated whatever the mode, as SegmentedProxy does.
-            ("a=direct,strategy=random,min=5", "needs both min and max"),
+            ("a=direct,strategy=random,min=5", "requires both min and max"),
             ("a=direct,strategy=fixed,chunk=0", "chunk > 0"),
             ("a=direct,action=teleport", "unknown action 'teleport'"),
-            ("a=direct,upstream=nohost", "must be HOST:PORT"),
-            ("a=direct,upstream=h:0", "invalid port"),
-            ("a=direct,upstream=h:70000", "invalid port"),
-            ("a=direct,upstream=::1:80", "brackets"),
-            ("a=direct,upstream=u@h:1", "USER:PASS@"),
-            ("a=direct,scheme=ftp", "invalid scheme 'ftp'"),
-            ("a=direct,method=GE T", "invalid method"),
+            ("a=direct,upstream=nohost", "upstream must be host:port"),
+            ("a=direct,upstream=:80", "upstream must include host"),
+            ("a=direct,upstream=h:x", "invalid upstream port 'x'"),
+            ("a=direct,scheme=ftp", "unknown scheme 'ftp'"),
+            ("a=direct,method=", "method must be non-empty"),
+            ("a=direct,path_prefix=", "path_prefix must be non-empty"),
             ("a=direct,port=0", "invalid port"),
             ("a=direct,direction=sideways", "invalid direction"),
             ("a=direct,intercept=maybe", "invalid intercept"),
-            ("a b=direct", "invalid character ' '"),
-            ("a/b=direct", "invalid character '/'"),
-            ("=direct", "empty host glob"),
         ] {
             let e = err(line);
             assert!(e.starts_with("rules.txt:1: "), "{line}: {e}");
             assert!(e.contains(needle), "{line}: expected '{needle}' in '{e}'");
         }
+
+        // Lines SegmentedProxy accepts though they look wrong: accepted, with its meaning,
+        // and a note that --validate-rules prints as a warning naming the line.
+        for (line, needle) in [
+            ("a=fast", "unknown mode 'fast' treated as direct"),
+            ("a=SEGMENT_UPSTREAM,chunk=5", "modes are case-sensitive"),
+            ("=direct", "empty host glob"),
+            ("a b=direct", "contains a space"),
+            ("a=direct,action=upstream,upstream=h:70000", "upstream port 70000 is out of range"),
+            ("a=direct,action=upstream,upstream=h:0", "upstream port 0 is out of range"),
+            ("a=direct,action=upstream,upstream=h:-3", "upstream port -3 is out of range"),
+            ("a=direct,action=upstream,upstream=bad host:1", "is not a host name"),
+            ("a=direct,method=GE T", "not an HTTP method"),
+            ("a=segment_upstream,chunk=-1", "chunk=-1 is not a chunk size"),
+            ("a=segment_upstream,chunk=0", "chunk=0 is not a chunk size"),
+            ("a=segment_upstream,min=9,max=5", "not a valid pair"),
+            ("a=segment_upstream,min=5", "not a valid pair"),
+        ] {
+            let set = RuleSet::parse(line, "w.txt").unwrap_or_else(|e| panic!("{line}: {e}"));
+            let warnings = set.warnings();
+            assert!(warnings.iter().any(|w| w.starts_with("w.txt:1: ") && w.contains(needle)), "{line}: {warnings:?}");
+            assert_eq!(set.rules()[0].policy, SegmentPolicy::none(), "{line}");
+        }
+        // Their meaning: an out-of-range upstream port is kept as 0 (a 502 when used), an
+        // unknown mode does not segment, an empty glob matches nothing.
+        let set = RuleSet::parse("a=direct,action=upstream,upstream=h:70000\n=direct,action=block", "t").unwrap();
+        let Action::Upstream(up) = &set.rules()[0].action else { panic!("not upstream") };
+        assert_eq!((up.host.as_str(), up.port), ("h", 0));
+        assert_eq!(set.decide("GET", Scheme::Http, "b", 80, "/").rule, None);
+        // Python's int(): sign, underscores.
+        assert_eq!(one("a=segment_upstream,chunk=+1_000").policy, SegmentPolicy::fixed(1000, Duration::ZERO));
+        // Credentials never reach a note.
+        let set = RuleSet::parse("a=direct,action=upstream,upstream=carol:hunter2@bad host:1", "t").unwrap();
+        assert!(!set.warnings().concat().contains("hunter2"), "{:?}", set.warnings());
 
         let mut set = RuleSet::default();
         let e = set.add_rule_line("", "<cli>", 2).unwrap_err();
@@ -1446,7 +1793,7 @@ mod tests {
             .basic_auth_header()
             .is_none());
         // Errors never echo the password.
-        let e = err("a=direct,upstream=carol:hunter2@bad host:1");
+        let e = err("a=direct,upstream=carol:hunter2@bad host:x");
         assert!(!e.contains("hunter2"), "{e}");
     }
 
@@ -1467,14 +1814,29 @@ mod tests {
             ("**", "x", true),
             ("api-*.svc", "api-1.svc", true),
             ("api-*.svc", "api-1.svc.x", false),
+            // fnmatch's classes, as SegmentedProxy reads them.
+            ("h[0-9].test", "h7.test", true),
+            ("h[0-9].test", "hx.test", false),
+            ("h[!0-9].test", "hx.test", true),
+            ("h[!0-9].test", "h7.test", false),
+            ("[ab]*", "bee", true),
+            ("[ab]*", "cee", false),
+            ("a[-x]", "a-", true),
+            ("a[]]", "a]", true),
+            ("a[", "a[", true),
+            ("a[b", "a[b", true),
+            ("*[.]com", "x.com", true),
+            ("h[z-a]", "hm", false),
+            ("h[!z-a]", "hm", true),
         ] {
-            assert_eq!(glob_match(p.as_bytes(), t.as_bytes()), ok, "{p} vs {t}");
+            assert_eq!(glob_match(p, t), ok, "{p} vs {t}");
         }
-        assert_eq!(HostClass::of("example.com"), (HostClass::Exact, 11));
-        assert_eq!(HostClass::of("*.example.com"), (HostClass::Suffix, 12));
-        assert_eq!(HostClass::of("*.ex*.com"), (HostClass::Glob, 7));
-        assert_eq!(HostClass::of("*example.com"), (HostClass::Glob, 11));
-        assert_eq!(HostClass::of("*"), (HostClass::CatchAll, 0));
+        assert_eq!(HostClass::of("example.com"), HostClass::Exact);
+        assert_eq!(HostClass::of("*.example.com"), HostClass::Suffix);
+        assert_eq!(HostClass::of("*.ex*.com"), HostClass::Glob);
+        assert_eq!(HostClass::of("*.ex[ab].com"), HostClass::Glob);
+        assert_eq!(HostClass::of("h[0-9].test"), HostClass::Glob);
+        assert_eq!(HostClass::of("*"), HostClass::Glob);
     }
 
     const ORDER: &str = "\
@@ -1494,35 +1856,57 @@ a*.example.com=segment_upstream,chunk=5
     }
 
     #[test]
-    fn specificity_host_order() {
+    fn segmentedproxy_scores() {
+        let set = RuleSet::parse(ORDER, "order.rules").unwrap();
+        let scores: Vec<u32> = set.rules().iter().map(|r| r.score).collect();
+        assert_eq!(scores, vec![0, 1200, 1200, 1200, 1500, 1000]);
+        assert_eq!(one("x.test=direct,scheme=http,method=GET,path_prefix=/abc").score, 1704);
+        assert_eq!(one("x.test=direct,port=8080").score, 1600); // ours: port= counts as scheme=
+        assert_eq!(one("=direct").score, 500); // SegmentedProxy's arithmetic, empty glob
+        assert_eq!(one("h[0-9].test=direct").score, 1500); // no * or ?: as exact
+        assert_eq!(one("x?.test=direct").score, 1000);
+    }
+
+    #[test]
+    fn highest_score_wins_then_block_then_earlier() {
         let set = RuleSet::parse(ORDER, "order.rules").unwrap();
         let pick = |h: &str| chunk_of(&set.decide("GET", Scheme::Https, h, 443, "/"));
-        assert_eq!(pick("api.example.com"), 4); // exact
+        assert_eq!(pick("api.example.com"), 4); // 1500
         assert_eq!(pick("API.Example.com."), 4); // normalised
-        assert_eq!(pick("v1.api.example.com"), 3); // longer suffix
-        assert_eq!(pick("www.example.com"), 2);
-        assert_eq!(pick("abc.example.com"), 2); // suffix beats `a*.example.com`
+        // *.com, *.example.com and *.api.example.com all score 1200: the earliest wins.
+        assert_eq!(pick("v1.api.example.com"), 1);
+        assert_eq!(pick("www.example.com"), 1);
+        assert_eq!(pick("abc.example.com"), 1); // 1200 beats a*.example.com's 1000
         assert_eq!(pick("other.com"), 1);
         let d = set.decide("GET", Scheme::Https, "example.org", 443, "/");
         assert_eq!(d.rule, Some(0)); // catch-all
         assert!(matches!(d.action, Action::Upstream(_)));
 
-        // Other glob beats catch-all.
+        // The issue's two examples, as SegmentedProxy decides them.
+        let set = RuleSet::parse("*=direct,method=POST,action=block,reason=A\n*=direct,path_prefix=/x,reason=B", "t").unwrap();
+        let d = set.decide("POST", Scheme::Http, "h.test", 80, "/xyz");
+        assert_eq!(d.rule, Some(0));
+        assert_eq!(d.action, Action::Block { reason: "A".into() });
+        let set = RuleSet::parse("*.b.example.com=direct\n*.example.com=direct,action=block", "t").unwrap();
+        let d = set.decide("GET", Scheme::Https, "x.b.example.com", 443, "/");
+        assert_eq!(d.rule, Some(1));
+        assert!(d.action.is_block());
+
+        // A long path prefix outweighs a host class.
+        let long = "/".to_string() + &"p".repeat(1600);
+        let set = RuleSet::parse(&format!("exact.test=direct\n*=direct,action=block,path_prefix={long}"), "t").unwrap();
+        assert_eq!(set.decide("GET", Scheme::Http, "exact.test", 80, &format!("{long}/x")).rule, Some(1));
+        assert_eq!(set.decide("GET", Scheme::Http, "exact.test", 80, "/").rule, Some(0));
+
+        // Globs with equal scores: the earlier.
         let set = RuleSet::parse("*=direct\nex*.org=direct,action=block", "t").unwrap();
-        assert_eq!(
-            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
-            Some(1)
-        );
-        // Between other globs, more literal characters win.
+        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(1));
         let set = RuleSet::parse("e*.org=direct\n*ple.org=direct\nex*.org=direct", "t").unwrap();
-        assert_eq!(
-            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
-            Some(1)
-        );
+        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(0));
     }
 
     #[test]
-    fn specificity_conditions_path_and_ties() {
+    fn conditions_path_and_ties() {
         let text = "\
 h.test=segment_upstream,chunk=1
 h.test=segment_upstream,chunk=2,method=post
@@ -1540,12 +1924,10 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         assert_eq!(pick("POST", Scheme::Https, 443, "/"), 3);
         assert_eq!(pick("GET", Scheme::Https, 443, "/a/x"), 4);
         assert_eq!(pick("GET", Scheme::Https, 443, "/a/b/c"), 5);
-        // Two conditions (port+scheme) beat one path prefix, however long.
-        assert_eq!(pick("GET", Scheme::Http, 8443, "/a/b/c"), 6);
-        // method+scheme (2) vs path /a/b (1): conditions count first.
-        assert_eq!(pick("POST", Scheme::Https, 443, "/a/b/c"), 3);
+        assert_eq!(pick("GET", Scheme::Http, 8443, "/a/b/c"), 6); // 1700 > 1504
+        assert_eq!(pick("POST", Scheme::Https, 443, "/a/b/c"), 3); // 1700 > 1504
 
-        // Full tie: block wins, then the earlier rule.
+        // Equal scores: block wins, then the earlier rule.
         let set = RuleSet::parse(
             "t.test=direct\nt.test=direct,action=block\nt.test=direct,action=block,reason=2nd",
             "t",
@@ -1553,30 +1935,9 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         .unwrap();
         let d = set.decide("GET", Scheme::Http, "t.test", 80, "/");
         assert_eq!(d.rule, Some(1));
-        assert_eq!(
-            d.action,
-            Action::Block {
-                reason: "blocked by rule".into()
-            }
-        );
-        assert!(
-            d.explanation.contains("beat t:3 (earlier rule wins a tie)"),
-            "{}",
-            d.explanation
-        );
-        let set = RuleSet::parse("t.test=direct\nt.test=direct,action=block", "t").unwrap();
-        let d = set.decide("GET", Scheme::Http, "t.test", 80, "/");
-        assert_eq!(d.rule, Some(1));
-        assert!(
-            d.explanation.contains("beat t:1 (block wins a tie)"),
-            "{}",
-            d.explanation
-        );
+        assert_eq!(d.action, Action::Block { reason: "blocked by rule".into() });
         let set = RuleSet::parse("t.test=direct\nt.test=segment_upstream", "t").unwrap();
-        assert_eq!(
-            set.decide("GET", Scheme::Http, "t.test", 80, "/").rule,
-            Some(0)
-        );
+        assert_eq!(set.decide("GET", Scheme::Http, "t.test", 80, "/").rule, Some(0));
     }
 
     #[test]
@@ -1612,7 +1973,7 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         assert_eq!(d.policy, SegmentPolicy::fixed(100, ms(3)));
         assert_eq!(d.direction, Direction::Both);
         assert_eq!(d.intercept, Intercept::Default);
-        assert_eq!(d.explanation, "no rule matched; default policy");
+        assert_eq!(d.explanation, "no rule matched; using default policy");
         // A matching `direct` rule turns segmentation off.
         assert!(set
             .decide("GET", Scheme::Http, "only.test", 80, "/")
@@ -1627,76 +1988,48 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
     fn explanations() {
         let set = RuleSet::parse(ORDER, "order.rules").unwrap();
         let d = set.decide("GET", Scheme::Https, "api.example.com", 443, "/");
+        assert_eq!(d.score, Some(1500));
         assert_eq!(
             d.explanation,
-            "rule 5 at order.rules:5 `api.example.com=segment_upstream,chunk=4` matched: exact host api.example.com; \
-             beat order.rules:3 (exact host beats *.suffix glob)"
+            "matched host_glob=api.example.com; ctx host=api.example.com scheme=https method=GET path=/; \
+             score=1500; action=direct; rule 5 at order.rules:5 `api.example.com=segment_upstream,chunk=4`"
         );
-        let d = set.decide("GET", Scheme::Https, "v1.api.example.com", 443, "/");
-        assert!(d.explanation.contains("matched: *.suffix glob *.api.example.com; beat order.rules:3 (longer host suffix, 16 > 12 chars)"), "{}", d.explanation);
-        let d = set.decide("GET", Scheme::Https, "example.org", 443, "/");
-        assert!(
-            d.explanation
-                .ends_with("matched: catch-all * *; the only matching rule"),
-            "{}",
-            d.explanation
+        let set = RuleSet::parse("x.test=direct,method=get,port=80,scheme=http,path_prefix=/p,action=block", "t").unwrap();
+        let d = set.decide("get", Scheme::Http, "X.test", 80, "/p/q");
+        assert_eq!(
+            d.explanation,
+            "matched host_glob=x.test scheme=http method=GET path_prefix=/p port=80; \
+             ctx host=x.test scheme=http method=GET path=/p/q port=80; score=1802; action=block; \
+             rule 1 at t:1 `x.test=direct,method=get,port=80,scheme=http,path_prefix=/p,action=block`"
         );
-
-        let set = RuleSet::parse(
-            "x.test=direct,method=GET,port=80,scheme=http,path_prefix=/p",
-            "t",
-        )
-        .unwrap();
-        let d = set.decide("GET", Scheme::Http, "x.test", 80, "/p/q");
-        assert!(d.explanation.ends_with(
-            "matched: exact host x.test, scheme http, method GET, port 80, path prefix /p; exact hosts outrank all globs"
-        ), "{}", d.explanation);
-
-        let set = RuleSet::parse("*.a.test=direct\n*.a.test=direct,method=GET", "t").unwrap();
-        let d = set.decide("GET", Scheme::Http, "b.a.test", 80, "/");
-        assert_eq!(d.rule, Some(1));
-        assert!(
-            d.explanation.contains("beat t:1 (more conditions, 1 > 0)"),
-            "{}",
-            d.explanation
-        );
-        let set = RuleSet::parse("x*=direct\nxy*=direct", "t").unwrap();
-        let d = set.decide("GET", Scheme::Http, "xyz", 80, "/");
-        assert!(
-            d.explanation
-                .contains("beat t:1 (more literal host characters, 2 > 1)"),
-            "{}",
-            d.explanation
-        );
-        let set = RuleSet::parse(
-            "x.test=direct,path_prefix=/a\nx.test=direct,path_prefix=/ab",
-            "t",
-        )
-        .unwrap();
-        let d = set.decide("GET", Scheme::Http, "x.test", 80, "/abc");
-        assert!(
-            d.explanation
-                .contains("beat t:1 (longer path prefix, 3 > 2 chars)"),
-            "{}",
-            d.explanation
-        );
+        let d = set.decide("GET", Scheme::Http, "y.test", 80, "/");
+        assert_eq!(d.score, None);
+        assert_eq!(d.explanation, "no rule matched; using default policy");
+        assert_eq!(d.mode, "direct");
     }
 
     #[test]
     fn describe_listing() {
-        let text = "*.example.com=segment_upstream,strategy=fixed,chunk=512,delay=10\nblocked.test=direct,action=block,reason=no thanks\n*=direct,action=upstream,upstream=127.0.0.1:3128,intercept=yes\n";
+        let text = "*.example.com=segment_upstream,strategy=fixed,chunk=512,delay=10\nblocked.test=direct,action=block,reason=no thanks\n*=direct,action=upstream,upstream=127.0.0.1:3128,intercept=yes\napi.test=segment_upstream,chunk=100,method=post,scheme=http,path_prefix=/a-very-long-upload-path/x,port=81,direction=both\nr.test=segment_upstream,strategy=random,min=1,max=9\nw.test=fast,reason=a reason longer than twenty-four characters\n";
         let set = RuleSet::parse(text, "rules.txt").unwrap();
         assert_eq!(
             set.describe(),
-            "default: action=direct policy=none direction=up\n\
-             1. rules.txt:1 host=*.example.com action=direct policy=fixed chunk=512 delay=10ms direction=up\n\
-             2. rules.txt:2 host=blocked.test action=block reason=no thanks policy=none direction=up\n\
-             3. rules.txt:3 host=* action=upstream=127.0.0.1:3128 policy=none direction=up intercept=yes\n"
+            "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up\n\
+             Rules:\n\
+             01. host=*.example.com action=direct mode=segment_upstream strategy=fixed chunk=512 delay=10 source=rules.txt:1 policy=\"fixed chunk=512 delay=10ms\"\n\
+             02. host=blocked.test action=block reason=no thanks mode=direct strategy=none chunk=1024 delay=0 source=rules.txt:2 policy=\"none\"\n\
+             03. host=* action=upstream upstream=127.0.0.1:3128 mode=direct strategy=none chunk=1024 delay=0 source=rules.txt:3 intercept=yes policy=\"none\"\n\
+             04. host=api.test scheme=http method=POST path=/a-very-long-upload-p... action=direct mode=segment_upstream strategy=fixed chunk=100 delay=0 source=rules.txt:4 port=81 direction=both policy=\"fixed chunk=100 delay=0ms\"\n\
+             05. host=r.test action=direct mode=segment_upstream strategy=random chunk=1024 delay=0 min=1 max=9 source=rules.txt:5 policy=\"random min=1 max=9 delay=0ms\"\n\
+             06. host=w.test action=direct reason=a reason longer than ... mode=fast strategy=none chunk=1024 delay=0 source=rules.txt:6 policy=\"none\"\n"
         );
         assert_eq!(
             RuleSet::default().describe(),
-            "default: action=direct policy=none direction=up\nrules: (none)\n"
+            "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up\nRules: (none)\n"
         );
+        let set = RuleSet::new(SegmentPolicy::fixed(300, ms(5)), Direction::Up);
+        assert!(set.describe().starts_with("Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up\n"));
+        assert_eq!(set.warnings(), Vec::<String>::new());
     }
 
     #[test]
@@ -1741,7 +2074,7 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
             let want = (0..set.rules().len())
                 .filter(|&i| {
                     let r = &set.rules()[i];
-                    glob_match(r.host_glob.as_bytes(), host.as_bytes())
+                    glob_match(&r.host_glob, &host)
                         && r.conditions_match(method, scheme, port, path)
                 })
                 .max_by_key(|&i| set.keys[i]);

@@ -49,10 +49,14 @@ pub struct PyRuleSet {
 impl PyRuleSet {
     /// An empty rule set with a default segmentation policy.
     #[new]
-    #[pyo3(signature = (strategy = "none", chunk = 1024, min = 1, max = 1024, delay_ms = 0.0, direction = "up"))]
-    fn new(strategy: &str, chunk: usize, min: usize, max: usize, delay_ms: f64, direction: &str) -> PyResult<Self> {
+    #[pyo3(signature = (strategy = "none", chunk = 1024, min = 1, max = 1024, delay_ms = 0.0, direction = "up", mode = None))]
+    fn new(strategy: &str, chunk: usize, min: usize, max: usize, delay_ms: f64, direction: &str, mode: Option<&str>) -> PyResult<Self> {
         let policy = policy_from(strategy, chunk, min, max, delay_ms)?;
-        Ok(PyRuleSet { inner: Mutex::new(RuleSet::new(policy, direction_from(direction)?)) })
+        let mut set = RuleSet::new(policy, direction_from(direction)?);
+        if let Some(mode) = mode {
+            set.set_default_mode(mode);
+        }
+        Ok(PyRuleSet { inner: Mutex::new(set) })
     }
 
     /// Adds rules from text, one a line; errors name `source` and the line.
@@ -67,6 +71,11 @@ impl PyRuleSet {
 
     fn describe(&self) -> String {
         self.inner.lock().unwrap().describe()
+    }
+
+    /// `FILE:LINE: note` for every accepted line that does nothing or looks wrong.
+    fn warnings(&self) -> Vec<String> {
+        self.inner.lock().unwrap().warnings()
     }
 
     fn __len__(&self) -> usize {
@@ -97,6 +106,8 @@ impl PyRuleSet {
         out.set_item("intercept", d.intercept.as_str())?;
         out.set_item("rule", d.rule.map(|i| rules.rules()[i].source.to_string()))?;
         out.set_item("rule_text", d.rule.map(|i| rules.rules()[i].text.clone()))?;
+        out.set_item("score", d.score)?;
+        out.set_item("mode", d.mode)?;
         out.set_item("explanation", d.explanation)?;
         Ok(out)
     }

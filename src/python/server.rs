@@ -86,6 +86,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
     flows_file = None, flows_capacity = 1000, handler = None, pool_idle_timeout = 30.0,
+    access_log_format = "text",
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -117,7 +118,13 @@ pub fn start_server<'py>(
     flows_capacity: usize,
     handler: Option<PyRef<'py, HookBridge>>,
     pool_idle_timeout: f64,
+    access_log_format: &str,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let json_log = match access_log_format {
+        "text" => false,
+        "json" => true,
+        other => return Err(PyValueError::new_err(format!("access_log_format must be \"text\" or \"json\", not {other:?}"))),
+    };
     if max_connections == 0 {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
     }
@@ -159,7 +166,8 @@ pub fn start_server<'py>(
     };
     let access = AccessLog::new(access_log.as_deref(), access_records).map_err(|e| {
         PyOSError::new_err(format!("cannot open access log {}: {e}", access_log.as_deref().unwrap_or_else(|| "".as_ref()).display()))
-    })?;
+    })?
+    .json(json_log);
     let parts = EngineParts {
         access: Some(access),
         connector: Some(connector),
@@ -203,6 +211,10 @@ fn record_to_dict<'py>(py: Python<'py>, r: &AccessRecord) -> PyResult<Bound<'py,
     d.set_item("error", &r.error)?;
     d.set_item("started", r.started)?;
     d.set_item("outcome", r.outcome.as_str())?;
+    d.set_item("host", &r.host)?;
+    d.set_item("port", r.port)?;
+    d.set_item("scheme", &r.scheme)?;
+    d.set_item("mode", &r.mode)?;
     d.set_item("line", r.to_line())?;
     Ok(d)
 }

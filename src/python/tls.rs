@@ -56,6 +56,17 @@ impl PyCertificateAuthority {
         self.inner.cert_pem()
     }
 
+    /// The private key of the leaf certificates (one per CA load), PKCS#8 PEM.
+    fn leaf_key_pem(&self) -> String {
+        self.inner.leaf_key_pem()
+    }
+
+    /// Days between a leaf certificate's not-before and not-after.
+    #[staticmethod]
+    fn leaf_validity_days() -> i64 {
+        CertificateAuthority::LEAF_VALIDITY_PERIOD_DAYS
+    }
+
     /// How many leaf certificates were minted (cache misses).
     fn mint_count(&self) -> u64 {
         self.inner.mint_count()
