@@ -12,12 +12,14 @@ the proxy side makes each chunk its own segment). From those it reports:
   fixed size, or within [min, max] for random;
 - ``cpu``: the proxy's CPU time over the scenario, in % of one core.
 
-Intercepted flows are measured on the encrypted bytes: the receiver reads the
+Arrival times are the kernel's (SO_TIMESTAMPNS), so the receiver's own wake-up latency
+is not counted against the proxy. Intercepted flows are measured on the encrypted bytes: the receiver reads the
 raw TCP stream under its TLS session (``ssl.MemoryBIO``), after the handshake.
 
     python bench/fidelity.py                  # delays 1, 5, 20 ms; fixed and random
     python bench/fidelity.py --chunks 100 --delays 5 --paths tunnel-down
     python bench/fidelity.py --json out.json
+    python bench/fidelity.py --nice -10       # the proxy ahead of this script's own threads
 
 The segproxy under test is ``python -m segproxy`` (override: --segproxy-cmd).
 """
@@ -31,6 +33,7 @@ import shlex
 import socket
 import ssl
 import statistics
+import struct
 import sys
 import tempfile
 import threading
@@ -85,24 +88,48 @@ class Policy:
 
 @dataclass
 class Reads:
-    """(monotonic time, size) of every recv while recording."""
+    """(arrival time, size) of every recv while recording."""
 
     events: list[tuple[float, int]] = field(default_factory=list)
     recording: bool = True
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, at: float | None = None) -> None:
         if self.recording and n:
-            self.events.append((time.monotonic(), n))
+            self.events.append((time.time() if at is None else at, n))
+
+
+TIMESTAMPING = hasattr(socket, "SO_TIMESTAMPNS")
+
+
+def stamp(sock: socket.socket) -> socket.socket:
+    """Ask the kernel to timestamp what arrives (SO_TIMESTAMPNS): the arrival time of a
+    chunk then does not include how late this process woke up to read it."""
+    if TIMESTAMPING:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_TIMESTAMPNS, 1)
+    return sock
+
+
+def recv_stamped(sock: socket.socket, size: int = 65536) -> tuple[bytes, float | None]:
+    """One recv and the kernel's arrival time of its bytes (wall clock), if it gave one."""
+    if not TIMESTAMPING:
+        return sock.recv(size), None
+    data, ancdata, _flags, _addr = sock.recvmsg(size, 64)
+    for level, kind, value in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SO_TIMESTAMPNS and len(value) >= 16:
+            sec, nsec = struct.unpack("qq", value[:16])
+            return data, sec + nsec / 1e9
+    return data, None
 
 
 def recv_raw(sock: socket.socket, reads: Reads, total: int) -> bytes:
     """Read exactly ``total`` bytes, recording every recv."""
+    stamp(sock)
     out = bytearray()
     while len(out) < total:
-        data = sock.recv(65536)
+        data, at = recv_stamped(sock)
         if not data:
             raise ConnectionError(f"closed after {len(out)} of {total} bytes")
-        reads.add(len(data))
+        reads.add(len(data), at)
         out += data
     return bytes(out)
 
@@ -112,7 +139,7 @@ class RawTLS:
     encrypted stream can be recorded."""
 
     def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server: bool, host: str | None = None) -> None:
-        self.sock = sock
+        self.sock = stamp(sock)
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
         self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server, server_hostname=host)
         self.reads = Reads(recording=False)
@@ -123,11 +150,11 @@ class RawTLS:
             self.sock.sendall(data)
 
     def _pull(self) -> None:
-        data = self.sock.recv(65536)
+        data, at = recv_stamped(self.sock)
         if not data:
             self.incoming.write_eof()
             return
-        self.reads.add(len(data))
+        self.reads.add(len(data), at)
         self.incoming.write(data)
 
     def handshake(self) -> None:
@@ -240,9 +267,10 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
             def serve(c: socket.socket) -> None:
                 # The head and the body are one segmented stream: record both.
                 got = bytearray()
+                stamp(c)
                 while b"\r\n\r\n" not in got:
-                    data = c.recv(65536)
-                    reads.add(len(data))
+                    data, at = recv_stamped(c)
+                    reads.add(len(data), at)
                     got += data
                 body_have = len(got) - got.index(b"\r\n\r\n") - 4
                 recv_raw(c, reads, size - body_have)
@@ -265,9 +293,10 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
             s = socket.create_connection((LOOPBACK, proxy.port), timeout=120)
             s.sendall(f"GET {url} HTTP/1.1\r\nHost: {LOOPBACK}:{origin.port}\r\n\r\n".encode())
             got = bytearray()
+            stamp(s)
             while b"\r\n\r\n" not in got:
-                data = s.recv(65536)
-                reads.add(len(data))
+                data, at = recv_stamped(s)
+                reads.add(len(data), at)
                 got += data
             body_have = len(got) - got.index(b"\r\n\r\n") - 4
             recv_raw(s, reads, size - body_have)
@@ -354,6 +383,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--paths", default=",".join(PATHS))
     p.add_argument("--chunks", type=int, default=0, help="chunks per measurement (default: 300 for delays under 10 ms, 100 above)")
     p.add_argument("--segproxy-cmd", default=f"{sys.executable} -m segproxy")
+    p.add_argument("--nice", type=int, default=None,
+                   help="run segproxy at this niceness (e.g. -10, as root), so this script's own "
+                        "sender and receiver threads do not delay its wake-ups")
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
 
@@ -371,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
         for delay in delays:
             policy = Policy(strategy, delay)
             command = shlex.split(args.segproxy_cmd)
+            if args.nice is not None:
+                command = ["nice", "-n", str(args.nice), *command]
             common = ["--segment-rule", policy.rule(), "--log-level", "warning"]
             proxy = Segproxy(common, command=command).__enter__()
             tls_proxy = None

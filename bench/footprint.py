@@ -218,10 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--phases", default="idle,segmented")
     p.add_argument("--segproxy-cmd", default=f"{sys.executable} -m segproxy")
     args = p.parse_args(argv)
+    # The proxy holds two descriptors a tunnel; the client sockets live here and the
+    # origin's in its own process.
     limit = raise_nofile(2 * args.tunnels + 1000)
-    if limit < args.tunnels + 500:
-        args.tunnels = max(100, limit - 500)
-        print(f"open-file limit {limit}: measuring {args.tunnels} tunnels", file=sys.stderr)
+    if limit < 2 * args.tunnels + 500:
+        args.tunnels = max(100, (limit - 500) // 2)
+        print(f"open-file limit {limit}: measuring {args.tunnels} tunnels (as many as it allows)", file=sys.stderr)
     segment = "*=segment_upstream,strategy=fixed,chunk=1024,delay=2,direction=both"
     print("| phase | tunnels | fds / tunnel | RSS KiB / tunnel | baseline MiB | RSS after close, MiB above baseline |")
     print("|---|---|---|---|---|---|")

@@ -130,8 +130,8 @@ impl ShortChunk {
 /// short. The relays (tunnels, HTTP bodies) wait this long for more input, then flush.
 pub const IDLE_FLUSH: Duration = Duration::from_millis(1);
 
-/// Called once per chunk as it starts (its first byte written), with its size, why it is short
-/// (for a short chunk) and the time it started.
+/// Called once per chunk as it starts, with its size, why it is short (for a short chunk) and
+/// the time its first write began.
 pub type ChunkObserver = Arc<dyn Fn(usize, Option<ShortChunk>, Instant) + Send + Sync>;
 
 /// Bytes and schedule handed from one [`Segmented`] to the next on the same stream (a
@@ -274,16 +274,15 @@ impl<S> Segmented<S> {
         self.starting = Some((size, short));
     }
 
-    /// The chunk's first byte was written just now: the next chunk's deadline counts from
-    /// here (a later time than the write itself, so a gap is never shorter than asked).
-    fn mark_started(&mut self) {
+    /// The chunk's first bytes were just written by a write that began at `at`: the next
+    /// chunk's deadline counts from there (the write's own duration is not added to the gap).
+    fn mark_started(&mut self, at: Instant) {
         if let Some((size, short)) = self.starting.take() {
-            let now = Instant::now();
             if !self.policy.delay.is_zero() {
-                self.next_at = Some(now + self.policy.delay);
+                self.next_at = Some(at + self.policy.delay);
             }
             if let Some(observer) = &self.observer {
-                observer(size, short, now);
+                observer(size, short, at);
             }
         }
     }
@@ -306,11 +305,12 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
     fn poll_progress(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<()>> {
         loop {
             while self.in_flight > 0 {
+                let at = Instant::now();
                 let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
-                self.mark_started();
+                self.mark_started(at);
                 self.pending.drain(..n);
                 self.in_flight -= n;
                 self.unflushed = true;
@@ -391,12 +391,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         ready!(this.poll_deadline(cx));
         let accepted = if held == 0 {
             // The common case: the chunk goes straight from the caller's buffer.
+            let at = Instant::now();
             let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..size]))?;
             if n == 0 {
                 return Poll::Ready(Ok(0));
             }
             this.begin_chunk(size, None);
-            this.mark_started();
+            this.mark_started(at);
             this.pending.extend_from_slice(&buf[n..size]);
             this.in_flight = size - n;
             this.unflushed = true;
