@@ -12,7 +12,8 @@ Three phases, each on a fresh ``segproxy`` process (so each has its own baseline
 It reports, per tunnel: descriptors (``/proc/PID/fd``) and RSS (``VmRSS``) above the
 baseline, and the RSS after close above the baseline. Targets (docs/benchmarks.md): at
 most 3 descriptors and 16 KiB per idle tunnel, 64 KiB per segmented tunnel carrying data,
-RSS back within 10 MiB of the baseline after close.
+RSS back within 10 MiB of the baseline after close; with every idle tunnel open, a plain
+GET through the proxy (new connection each) is timed 20 times: under 50 ms.
 
     python bench/footprint.py                   # N = 10000 (raises the open-file limit; root)
     python bench/footprint.py --tunnels 2000 --rounds 3
@@ -24,7 +25,10 @@ client sockets live here; every process started is stopped by pid.
 from __future__ import annotations
 
 import argparse
+import http.server
 import os
+import statistics
+import threading
 import resource
 import selectors
 import shlex
@@ -165,6 +169,40 @@ def move_data(socks: list[socket.socket], payload: int, measure) -> None:
         raise RuntimeError(f"only {received} of {total} bytes came back")
 
 
+class QuietHandler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"ok"
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def request_latencies_ms(proxy_port: int, web_port: int, count: int = 20) -> list[float]:
+    """Time of `count` plain GETs through the proxy, each on a new connection."""
+    out = []
+    for i in range(count):
+        t0 = time.monotonic()
+        with socket.create_connection((LOOPBACK, proxy_port), timeout=30) as s:
+            s.sendall(f"GET http://{LOOPBACK}:{web_port}/{i} HTTP/1.1\r\nHost: {LOOPBACK}:{web_port}\r\n\r\n".encode())
+            got = b""
+            while b"ok" not in got.split(b"\r\n\r\n", 1)[-1] or b"\r\n\r\n" not in got:
+                piece = s.recv(4096)
+                if not piece:
+                    break
+                got += piece
+        if not got.startswith(b"HTTP/1.1 200"):
+            raise RuntimeError(f"GET through the proxy: {got[:80]!r}")
+        out.append((time.monotonic() - t0) * 1000)
+    return out
+
+
 def phase(name: str, args, n: int, extra: list[str], payload: int) -> dict:
     origin = subprocess.Popen([sys.executable, "-c", ORIGIN_CODE, str(payload)], stdout=subprocess.PIPE, text=True)
     proxy = None
@@ -185,11 +223,20 @@ def phase(name: str, args, n: int, extra: list[str], payload: int) -> dict:
         def measure() -> None:
             snapshot["rss"], snapshot["fds"] = rss_kib(pid), fds(pid)
 
+        latencies: list[float] = []
         if payload:
             move_data(socks, payload, measure)
         else:
             time.sleep(1)
             measure()
+            # A normal request while every idle tunnel is open.
+            web = http.server.ThreadingHTTPServer((LOOPBACK, 0), QuietHandler)
+            threading.Thread(target=web.serve_forever, daemon=True).start()
+            try:
+                latencies = request_latencies_ms(proxy.port, web.server_address[1])
+            finally:
+                web.shutdown()
+                web.server_close()
         for s in socks:
             s.close()
         time.sleep(args.settle)
@@ -201,6 +248,7 @@ def phase(name: str, args, n: int, extra: list[str], payload: int) -> dict:
             "kib_per_tunnel": (snapshot["rss"] - base_rss) / n,
             "base_mib": base_rss / 1024,
             "after_close_mib": (after - base_rss) / 1024,
+            "request_ms": (statistics.median(latencies), max(latencies)) if latencies else None,
         }
     finally:
         if proxy is not None:
@@ -225,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
         args.tunnels = max(100, (limit - 500) // 2)
         print(f"open-file limit {limit}: measuring {args.tunnels} tunnels (as many as it allows)", file=sys.stderr)
     segment = "*=segment_upstream,strategy=fixed,chunk=1024,delay=2,direction=both"
-    print("| phase | tunnels | fds / tunnel | RSS KiB / tunnel | baseline MiB | RSS after close, MiB above baseline |")
-    print("|---|---|---|---|---|---|")
+    print("| phase | tunnels | fds / tunnel | RSS KiB / tunnel | baseline MiB | RSS after close, MiB above baseline | GET meanwhile, median / max ms |")
+    print("|---|---|---|---|---|---|---|")
     for name in args.phases.split(","):
         if name == "idle":
             r = phase(name, args, args.tunnels, [], 0)
@@ -234,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
             r = phase(name, args, min(args.segmented_tunnels, args.tunnels), ["--segment-rule", segment], PAYLOAD)
         print(
             f"| {r['phase']} | {r['tunnels']} | {r['fds_per_tunnel']:.2f} | {r['kib_per_tunnel']:.1f} | "
-            f"{r['base_mib']:.1f} | {r['after_close_mib']:+.1f} |",
+            f"{r['base_mib']:.1f} | {r['after_close_mib']:+.1f} | "
+            + (f"{r['request_ms'][0]:.1f} / {r['request_ms'][1]:.1f} |" if r["request_ms"] else "– |"),
             flush=True,
         )
     return 0

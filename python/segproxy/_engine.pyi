@@ -29,7 +29,7 @@ def start_server(
     idle_timeout: float = 60.0,
     header_timeout: float = 30.0,
     response_timeout: float = 60.0,
-    max_connections: int = 1024,
+    max_connections: int | None = None,
     max_header_bytes: int = 65536,
     access_log: str | None = None,
     access_records: int = 10000,
@@ -55,6 +55,8 @@ def start_server(
 
 @final
 class EngineServer:
+    @property
+    def max_connections(self) -> int: ...
     def local_addr(self) -> tuple[str, int]: ...
     def begin_shutdown(self, grace: float = 5.0) -> None: ...
     def stopped_fd(self) -> int: ...

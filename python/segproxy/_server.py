@@ -125,7 +125,10 @@ class ProxyOptions(TypedDict, total=False):
     idle_timeout: float
     header_timeout: float
     response_timeout: float
-    max_connections: int
+    max_connections: int | None
+    """Most concurrent client connections (more get 503); None derives it from the
+    open-file limit, which the server raises to its hard limit: two descriptors a
+    connection, plus headroom (`ProxyServer.max_connections` says what is in force)."""
     max_header_bytes: int
     access_log: StrPath | None
     access_log_format: Literal["text", "json"]
@@ -153,7 +156,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "idle_timeout": 60.0,
     "header_timeout": 30.0,
     "response_timeout": 60.0,
-    "max_connections": 1024,
+    "max_connections": None,
     "max_header_bytes": 65536,
     "access_log": None,
     "access_log_format": "text",
@@ -210,6 +213,11 @@ class ProxyServer:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def max_connections(self) -> int:
+        """The connection limit in force: as given, or derived from the open-file limit."""
+        return self._engine.max_connections
 
     @property
     def url(self) -> str:

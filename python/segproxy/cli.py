@@ -71,7 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="close client connections and tunnels idle this long (default: 60)")
     limits.add_argument("--header-timeout", type=positive_float, default=30.0, metavar="SECONDS", help="drop clients that take longer to send a request head (default: 30)")
     limits.add_argument("--response-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="answer 504 when the destination sends no response head in time (default: 60)")
-    limits.add_argument("--max-connections", type=positive_int, default=1024, metavar="N", help="most concurrent client connections; more get 503 (default: 1024)")
+    limits.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
+                        help="most concurrent client connections; more get 503 (default: from the open-file limit, "
+                             "raised to its hard limit: two descriptors a connection plus headroom)")
     seg = parser.add_argument_group("rules and segmentation (SegmentedProxy compatible)")
     seg.add_argument("--segment-rule", action="append", default=[], metavar="RULE", help="a rule HOST_GLOB=MODE[,key=value...]; repeatable")
     seg.add_argument("--rules-file", action="append", default=[], metavar="FILE", help="a file of rules, one a line, # comments; repeatable")
@@ -189,6 +191,16 @@ def build_rules(args: argparse.Namespace) -> Rules:
     return rules
 
 
+def open_file_note() -> str:
+    """The open-file limit the connection limit came from (the engine raised it at start)."""
+    try:
+        import resource
+    except ImportError:  # not on this platform
+        return ""
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return f" (open-file limit {soft}; two descriptors a connection)"
+
+
 def error(message: str) -> None:
     """Each line of `message` as ``segproxy: error: LINE`` on stderr."""
     for line in str(message).splitlines() or [""]:
@@ -266,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def ready(server: ProxyServer) -> None:
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
+        print(f"segproxy: up to {server.max_connections} connections{open_file_note()}", file=sys.stderr, flush=True)
 
     code = _serve(args, rules, tls_store, ready)
     # Leave without finalizing the interpreter: an engine thread may still be handing its

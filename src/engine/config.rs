@@ -14,7 +14,8 @@ pub struct EngineConfig {
     pub header_timeout: Duration,
     /// Longest wait for a response head once the request was sent; past it the client gets 504.
     pub response_timeout: Duration,
-    /// Most client connections served at once; more are answered 503 and closed.
+    /// Most client connections served at once; more are answered 503 and closed. 0 means
+    /// "from the open-file limit" (see [`super::limits::connections_for`]), settled at bind.
     pub max_connections: usize,
     /// Largest request or response head accepted (431 past it).
     pub max_header_bytes: usize,
@@ -36,7 +37,7 @@ impl Default for EngineConfig {
             idle_timeout: Duration::from_secs(60),
             header_timeout: Duration::from_secs(30),
             response_timeout: Duration::from_secs(60),
-            max_connections: 1024,
+            max_connections: 0,
             max_header_bytes: 64 * 1024,
             pool_idle_timeout: Duration::from_secs(30),
             pool_max_idle_per_host: 64,

@@ -10,6 +10,7 @@ pub mod flows;
 pub mod hooks;
 pub mod memory;
 pub mod http1;
+pub mod limits;
 pub mod pool;
 pub mod proxy;
 pub mod rules;

@@ -85,7 +85,21 @@ pub struct ProxyServer {
 
 impl ProxyServer {
     /// Binds the listening socket and starts accepting. Must run inside a tokio runtime.
-    pub async fn bind(config: EngineConfig, parts: EngineParts) -> io::Result<ProxyServer> {
+    pub async fn bind(mut config: EngineConfig, parts: EngineParts) -> io::Result<ProxyServer> {
+        // Raise the soft open-file limit to the hard one; the default connection limit follows.
+        let open_files = super::limits::raise_open_files();
+        if config.max_connections == 0 {
+            config.max_connections = open_files
+                .map(|(soft, _)| super::limits::connections_for(soft))
+                .unwrap_or(super::limits::FALLBACK_MAX_CONNECTIONS);
+        }
+        match open_files {
+            Some((soft, hard)) => log::info!(
+                "open-file limit {soft} (hard {hard}); max_connections {} (two descriptors a connection, plus headroom)",
+                config.max_connections
+            ),
+            None => log::info!("max_connections {}", config.max_connections),
+        }
         let rules = parts.rules.unwrap_or_default();
         if parts.ca.is_none() {
             if let Some(rule) = rules.rules().iter().find(|r| r.intercept == Intercept::Yes) {
@@ -201,6 +215,7 @@ impl ProxyServer {
 
 async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
     let mut draining = engine.draining.clone();
+    let mut failures = AcceptFailures::default();
     loop {
         let accepted = tokio::select! {
             a = listener.accept() => a,
@@ -209,12 +224,15 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
         let (stream, peer) = match accepted {
             Ok(x) => x,
             Err(e) => {
-                // Out of file descriptors and similar: back off rather than spin.
-                log::warn!("accept failed: {e}");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Out of file descriptors (EMFILE/ENFILE) and the like: never stop accepting.
+                // Back off so the loop does not spin while nothing can be accepted, and say so
+                // at most once a second; connections closing free descriptors and it recovers.
+                failures.note(&e);
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
                 continue;
             }
         };
+        failures.recovered();
         let _ = stream.set_nodelay(true);
         let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
         if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
@@ -230,6 +248,45 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
             }
             finish_connection(&engine);
         });
+    }
+}
+
+/// How long the accept loop waits after a failed accept.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(20);
+
+/// Failed accepts, logged at most once a second with how many there were.
+#[derive(Default)]
+struct AcceptFailures {
+    last_log: Option<std::time::Instant>,
+    since_log: u64,
+    failing: bool,
+}
+
+impl AcceptFailures {
+    fn once_a_second(&self) -> bool {
+        self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+    }
+
+    fn note(&mut self, e: &io::Error) {
+        self.failing = true;
+        self.since_log += 1;
+        if self.once_a_second() {
+            let why = match e.raw_os_error() {
+                Some(libc::EMFILE) | Some(libc::ENFILE) => " (out of file descriptors: raise the open-file limit or lower --max-connections)",
+                _ => "",
+            };
+            log::warn!("accept failed {} time(s) in the last second: {e}{why}; backing off", self.since_log);
+            self.last_log = Some(std::time::Instant::now());
+            self.since_log = 0;
+        }
+    }
+
+    fn recovered(&mut self) {
+        if self.failing && self.once_a_second() {
+            log::warn!("accepting connections again");
+            self.failing = false;
+            self.last_log = Some(std::time::Instant::now());
+        }
     }
 }
 

@@ -81,7 +81,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
 #[pyo3(signature = (
     host = "127.0.0.1", port = 8080, *,
     connect_timeout = 10.0, idle_timeout = 60.0, header_timeout = 30.0, response_timeout = 60.0,
-    max_connections = 1024, max_header_bytes = 65536, access_log = None, access_records = 10000,
+    max_connections = None, max_header_bytes = 65536, access_log = None, access_records = 10000,
     hook_timeout = 30.0, rules = None, dns_server = None, dns_port = 53, dns_transport = "udp",
     dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
@@ -97,7 +97,7 @@ pub fn start_server<'py>(
     idle_timeout: f64,
     header_timeout: f64,
     response_timeout: f64,
-    max_connections: usize,
+    max_connections: Option<usize>,
     max_header_bytes: usize,
     access_log: Option<PathBuf>,
     access_records: usize,
@@ -125,9 +125,11 @@ pub fn start_server<'py>(
         "json" => true,
         other => return Err(PyValueError::new_err(format!("access_log_format must be \"text\" or \"json\", not {other:?}"))),
     };
-    if max_connections == 0 {
+    if max_connections == Some(0) {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
     }
+    // None: the engine derives it from the open-file limit (raised to the hard limit).
+    let max_connections = max_connections.unwrap_or(0);
     let config = EngineConfig {
         listen: listen_addr(host, port)?,
         connect_timeout: seconds("connect_timeout", connect_timeout)?,
@@ -260,6 +262,12 @@ impl EngineServer {
 
     fn recording_flows(&self) -> bool {
         self.inner.engine().flows.is_some()
+    }
+
+    /// The connection limit in force (derived from the open-file limit unless one was given).
+    #[getter]
+    fn max_connections(&self) -> usize {
+        self.inner.engine().config.max_connections
     }
 
     /// The bound address as (host, port).
