@@ -193,6 +193,20 @@ class RawTLS:
         return bytes(out)
 
 
+def recv_message(sock: socket.socket, reads: Reads, body_size: int) -> None:
+    """Reads an HTTP head and a body of ``body_size`` bytes, recording every recv of both."""
+    got = bytearray()
+    stamp(sock)
+    while b"\r\n\r\n" not in got:
+        data, at = recv_stamped(sock)
+        if not data:
+            raise ConnectionError("closed in the head")
+        reads.add(len(data), at)
+        got += data
+    body_have = len(got) - got.index(b"\r\n\r\n") - 4
+    recv_raw(sock, reads, body_size - body_have)
+
+
 def read_head_plain(sock: socket.socket, reads: Reads | None = None) -> bytes:
     out = bytearray()
     while b"\r\n\r\n" not in out:
@@ -266,14 +280,7 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
 
             def serve(c: socket.socket) -> None:
                 # The head and the body are one segmented stream: record both.
-                got = bytearray()
-                stamp(c)
-                while b"\r\n\r\n" not in got:
-                    data, at = recv_stamped(c)
-                    reads.add(len(data), at)
-                    got += data
-                body_have = len(got) - got.index(b"\r\n\r\n") - 4
-                recv_raw(c, reads, size - body_have)
+                recv_message(c, reads, size)
                 c.sendall(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
 
             t = origin.serve_once(serve)
@@ -292,14 +299,7 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
             t = origin.serve_once(serve)
             s = socket.create_connection((LOOPBACK, proxy.port), timeout=120)
             s.sendall(f"GET {url} HTTP/1.1\r\nHost: {LOOPBACK}:{origin.port}\r\n\r\n".encode())
-            got = bytearray()
-            stamp(s)
-            while b"\r\n\r\n" not in got:
-                data, at = recv_stamped(s)
-                reads.add(len(data), at)
-                got += data
-            body_have = len(got) - got.index(b"\r\n\r\n") - 4
-            recv_raw(s, reads, size - body_have)
+            recv_message(s, reads, size)
             s.close()
             t.join(120)
         s.close()

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
 
-use super::flows::FlowHandle;
+use super::flows::{json_str, FlowHandle};
 
 /// What happened to a flow, as its access and flow records say.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -190,27 +190,6 @@ fn json_f64(v: f64) -> String {
     } else {
         "null".into()
     }
-}
-
-fn json_str(s: &str) -> String {
-    use std::fmt::Write as _;
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => {
-                let _ = write!(out, "\\u{:04x}", c as u32);
-            }
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Python logging's default `asctime` in local time (`2026-12-02 16:21:42,123`), which
