@@ -126,6 +126,9 @@ class ProxyOptions(TypedDict, total=False):
     header_timeout: float
     response_timeout: float
     max_connections: int | None
+    shutdown_timeout: float
+    """Seconds that exchanges in flight get to finish when the server closes (`close()` /
+    `aclose()` without a `grace`, SIGTERM / Ctrl-C in `run` and the CLI); then they are cut."""
     """Most concurrent client connections (more get 503); None derives it from the
     open-file limit, which the server raises to its hard limit: two descriptors a
     connection, plus headroom (`ProxyServer.max_connections` says what is in force)."""
@@ -157,6 +160,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "header_timeout": 30.0,
     "response_timeout": 60.0,
     "max_connections": None,
+    "shutdown_timeout": 5.0,
     "max_header_bytes": 65536,
     "access_log": None,
     "access_log_format": "text",
@@ -187,11 +191,14 @@ class ProxyServer:
         engine: _engine.EngineServer,
         handler_builder: Callable[[], Any] | None = None,
         hooks: HookRunner | None = None,
+        shutdown_timeout: float = 5.0,
     ) -> None:
         self._engine = engine
         self._handler_builder = handler_builder
         self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
+        self.shutdown_timeout = shutdown_timeout
+        """Seconds that exchanges in flight get when the server closes."""
         self._stopped_future: asyncio.Future[None] | None = None
         _SERVERS[next(_ORDER)] = self
         # Dropped without aclose(): the listener closes, so the port can be used again.
@@ -235,10 +242,11 @@ class ProxyServer:
     def is_serving(self) -> bool:
         return self._closing is None and not self._engine.is_stopped()
 
-    def close(self, grace: float = 5.0) -> None:
-        """Stop accepting now; exchanges in flight get up to `grace` seconds to finish."""
+    def close(self, grace: float | None = None) -> None:
+        """Stop accepting now; exchanges in flight get up to `grace` seconds to finish
+        (default: the server's `shutdown_timeout` option)."""
         if self._closing is None:
-            self._engine.begin_shutdown(grace)
+            self._engine.begin_shutdown(self.shutdown_timeout if grace is None else grace)
             self._closing = asyncio.ensure_future(self._shutdown())
 
     async def _shutdown(self) -> None:
@@ -281,7 +289,8 @@ class ProxyServer:
         else:
             await asyncio.shield(self._stopped())
 
-    async def aclose(self, grace: float = 5.0) -> None:
+    async def aclose(self, grace: float | None = None) -> None:
+        """`close(grace)`, then wait until the server has stopped."""
         self.close(grace)
         await self.wait_closed()
 
@@ -346,6 +355,9 @@ async def start_proxy_server(
         if kwargs[path_option] is not None:
             kwargs[path_option] = os.fspath(kwargs[path_option])
     rules = kwargs.pop("rules")
+    shutdown_timeout = float(kwargs.pop("shutdown_timeout"))
+    if not shutdown_timeout >= 0:
+        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, not {shutdown_timeout!r}")
     if isinstance(rules, str):
         rules = Rules.parse(rules)
     if rules is not None and not isinstance(rules, Rules):
@@ -384,7 +396,7 @@ async def start_proxy_server(
         if hooks is not None:
             hooks.close()
         raise
-    return ProxyServer(engine, handler_builder, hooks)
+    return ProxyServer(engine, handler_builder, hooks, shutdown_timeout)
 
 
 def _one_or_many(value: Any) -> list[Any]:

@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="close client connections and tunnels idle this long (default: 60)")
     limits.add_argument("--header-timeout", type=positive_float, default=30.0, metavar="SECONDS", help="drop clients that take longer to send a request head (default: 30)")
     limits.add_argument("--response-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="answer 504 when the destination sends no response head in time (default: 60)")
+    limits.add_argument("--shutdown-timeout", type=non_negative_float, default=5.0, metavar="SECONDS",
+                        help="on SIGTERM / Ctrl-C, seconds that exchanges in flight get to finish before they are cut (default: 5)")
     limits.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
                         help="most concurrent client connections; more get 503 (default: from the open-file limit, "
                              "raised to its hard limit: two descriptors a connection plus headroom)")
@@ -305,6 +307,7 @@ def _serve(
             header_timeout=args.header_timeout,
             response_timeout=args.response_timeout,
             max_connections=args.max_connections,
+            shutdown_timeout=args.shutdown_timeout,
             access_log=access_log_path(args.access_log),
             access_log_format=args.access_log_format,
             access_records=0,  # nobody reads them in a CLI process: keep memory for traffic
