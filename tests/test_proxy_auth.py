@@ -188,3 +188,60 @@ def test_cli_proxy_auth_file_beyond_loopback(tmp_path):
         out, err = proc.communicate(timeout=10)
     assert proc.returncode == 0, err
     assert "s3cret" not in out + err
+
+
+# --- on_authenticate: a handler's own scheme ---------------------------------------------------
+
+
+class TokenAuth(segproxy.HTTPSForwardProxyHandler):
+    seen: list[tuple[str, str]] = []
+
+    async def on_authenticate(self, scheme: str, credentials: str) -> bool:
+        TokenAuth.seen.append((scheme, credentials))
+        if credentials == "boom":
+            raise RuntimeError("token store down")
+        return scheme == "Bearer" and credentials == "tok-1"
+
+
+def test_on_authenticate_judges_other_schemes(origin):
+    """Hooks run on the server's loop: the proxy runs on its own loop thread (ProxyThread) so
+    this test's blocking clients do not stop them."""
+    from intercept_support import ProxyThread
+
+    TokenAuth.seen = []
+    with ProxyThread(handler_builder=TokenAuth, proxy_auth=["alice:s3cret"], header_timeout=5) as p:
+        cases = [
+            ("", 407),
+            ("Proxy-Authorization: Bearer tok-1\r\n", 200),
+            ("Proxy-Authorization: Bearer tok-2\r\n", 407),
+            ("Proxy-Authorization: Bearer boom\r\n", 407),
+            (f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n", 200),  # settled by proxy_auth
+            (f"Proxy-Authorization: {basic('alice', 'nope')}\r\n", 407),  # Basic wrong: no hook call
+        ]
+        for extra, status in cases:
+            c, r = get(p.port, origin.url("/h"), extra)
+            c.close()
+            assert r.status == status, (extra, r.raw_head)
+    assert TokenAuth.seen == [("Bearer", "tok-1"), ("Bearer", "tok-2"), ("Bearer", "boom")]
+    assert len(origin.requests) == 2
+    assert all(q.header("proxy-authorization") is None for q in origin.requests)
+
+
+def test_on_authenticate_alone_turns_auth_on_and_counts_beyond_loopback(origin):
+    from intercept_support import ProxyThread
+
+    TokenAuth.seen = []
+    with pytest.raises(ValueError):
+        with ProxyThread(host="0.0.0.0"):
+            pass
+    with ProxyThread(handler_builder=TokenAuth, host="0.0.0.0") as p:
+        c, r = get(p.port, origin.url("/x"))
+        c.close()
+        assert r.status == 407 and r.header("proxy-authenticate") == CHALLENGE
+        c, r = get(p.port, origin.url("/x"), f"Proxy-Authorization: {basic('any', 'one')}\r\n")
+        c.close()
+        assert r.status == 407
+        c, r = get(p.port, origin.url("/x"), "Proxy-Authorization: Bearer tok-1\r\n")
+        c.close()
+        assert r.status == 200
+    assert TokenAuth.seen == [("Basic", basic("any", "one").split()[1]), ("Bearer", "tok-1")]

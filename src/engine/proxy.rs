@@ -322,7 +322,7 @@ pub async fn serve_http<C: Io>(
         // Client authentication, for every request a client sends the proxy itself (inside an
         // intercepted CONNECT, the CONNECT was authenticated).
         let head = match mode {
-            Mode::Proxy if cfg.proxy_auth.is_enabled() => match authenticate(engine, &mut client, conn, head).await {
+            Mode::Proxy if cfg.proxy_auth.is_enabled() || engine.hooks.authenticate => match authenticate(engine, &mut client, conn, head).await {
                 Ok(head) => head,
                 Err(Next::KeepAlive) => continue,
                 Err(Next::Close) => return None,
@@ -357,6 +357,21 @@ async fn authenticate<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &
             return Ok(head);
         }
         Verdict::Missing => "proxy authentication required: send Basic credentials on Proxy-Authorization",
+        Verdict::Other { scheme, credentials } if engine.hooks.authenticate => {
+            let handler = conn.handler(engine).expect("a handler exists when hooks are set");
+            let mut reply = handler.authenticate(scheme, credentials);
+            let wait = engine.hook_waits.begin();
+            match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
+                Ok(Some(Ok(true))) => {
+                    head.headers.remove("proxy-authorization");
+                    return Ok(head);
+                }
+                Ok(Some(Ok(false))) => "proxy credentials not accepted",
+                // A hook that fails or hangs lets nobody in (its exception went to on_error).
+                Err(_) => "proxy credentials not accepted (hook on_authenticate did not return in time)",
+                Ok(_) => "proxy credentials not accepted (hook on_authenticate failed)",
+            }
+        }
         Verdict::Rejected | Verdict::Other { .. } => "proxy credentials not accepted",
     };
     let keep = head.wants_keep_alive() && matches!(request_body_kind(&head), Ok(BodyKind::Empty)) && !engine.is_draining();

@@ -144,7 +144,9 @@ pub fn start_server<'py>(
         proxy_auth: ProxyAuth::new(&proxy_auth).map_err(PyValueError::new_err)?,
         ..EngineConfig::default()
     };
-    open_relay_refusal(config.listen, config.proxy_auth.is_enabled(), allow_open_proxy).map_err(PyValueError::new_err)?;
+    let hook_authenticates = handler.as_ref().is_some_and(|bridge| bridge.handler().hooks().authenticate);
+    open_relay_refusal(config.listen, config.proxy_auth.is_enabled() || hook_authenticates, allow_open_proxy)
+        .map_err(PyValueError::new_err)?;
     let dns_config = match dns_server {
         None => DnsConfig::System,
         Some(server) => DnsConfig::Custom {
