@@ -51,6 +51,8 @@ HEADS = {
     "te-not-chunked-last": (b"Host: a\r\nTransfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n",
                             "must end in chunked (RFC 9112 section 6.1)"),
     "te-identity": (b"Host: a\r\nTransfer-Encoding: identity\r\n", b"hello", "must end in chunked"),
+    "host-with-space": (b"Host: a b\r\n", b"", "invalid Host header \"a b\" (RFC 9112 section 3.2)"),
+    "host-with-userinfo": (b"Host: user@a\r\n", b"", "invalid Host header"),
     "obs-fold": (b"Host: a\r\nX-A: 1\r\n b\r\n", b"", "obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)"),
     "obs-fold-tab": (b"Host: a\r\nX-A: 1\r\n\tb\r\n", b"", "obs-fold"),
     "space-before-colon": (b"Host: a\r\nContent-Length : 5\r\n", b"hello",
@@ -78,10 +80,11 @@ async def test_bad_request_head_gets_400_and_never_reaches_the_origin(proxy, ori
     "request_line,why",
     [
         (b"G(T", "the method \"G(T\" is not a token (RFC 9110 section 9.1)"),
+        (b"GET ", "invalid request head"),  # two spaces before the target (RFC 9112 section 3)
         (b"GE\x7fT", "is not a token"),
         (b"G\x00T", "NUL byte"),
     ],
-    ids=["paren", "del", "nul"],
+    ids=["paren", "double-space", "del", "nul"],
 )
 async def test_invalid_method_gets_400(proxy, origin, request_line, why):
     raw = request_line + f" {origin.url('/')} HTTP/1.1\r\nHost: a\r\n\r\n".encode()

@@ -338,7 +338,16 @@ fn check_host(head: &RequestHead) -> Result<(), String> {
             Err("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)".into())
         }
         n if n > 1 => Err(format!("{n} Host headers in one request (RFC 9112 section 3.2)")),
-        _ => Ok(()),
+        _ => {
+            // uri-host [ ":" port ] (RFC 9110 section 7.2): no whitespace, userinfo, path...
+            let value = head.headers.get("host").unwrap_or("");
+            let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b);
+            if value.bytes().all(ok) {
+                Ok(())
+            } else {
+                Err(format!("invalid Host header {value:?} (RFC 9112 section 3.2)"))
+            }
+        }
     }
 }
 
@@ -788,6 +797,8 @@ mod tests {
             (b"G(T http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", "not a token"),
             (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX@Y: 1\r\n\r\n", "not a token"),
             (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", "not a token"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: user@a\r\n\r\n", "invalid Host header"),
         ];
         for (raw, why) in cases {
             match parse_req(raw).await {
@@ -799,6 +810,8 @@ mod tests {
         assert!(parse_req(b"GET http://a/ HTTP/1.0\r\n\r\n").await.is_ok());
         assert!(parse_req(b"CONNECT a:443 HTTP/1.1\r\n\r\n").await.is_ok());
         assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Y_z~: 1\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost:\r\n\r\n").await.is_ok());
     }
 
     #[test]
