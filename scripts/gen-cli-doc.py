@@ -42,6 +42,27 @@ def render() -> str:
                 meaning = meaning.replace("%(prog)s", "segproxy")
             lines.append(f"| {flags} | {meaning} |")
         lines.append("")
+    lines += [
+        "## Why segproxy refuses to be an open proxy",
+        "",
+        "A proxy that listens on a reachable address and asks no credentials is an open relay:",
+        "anyone who can reach the port can send traffic through it under your address, and reach",
+        "what only your machine can (services on loopback or a private network behind it).",
+        "So `segproxy` listens on 127.0.0.1 by default, and refuses to start on any other address",
+        "(`--listen-host 0.0.0.0`, a LAN address, `::`) unless clients must authenticate",
+        "(`--proxy-auth USER:PASS`, repeatable, or `--proxy-auth-file FILE` with one `USER:PASS` a",
+        "line) or you say the network is trusted with `--allow-open-proxy`. From Python the same",
+        "rule applies: `start_proxy_server(host=..., proxy_auth=[(\"user\", \"pass\")])` or",
+        "`allow_open_proxy=True`.",
+        "",
+        "With credentials set, every request and CONNECT needs `Proxy-Authorization: Basic ...`",
+        "(curl: `-x http://user:pass@host:port`); without it, or with a wrong one, the answer is",
+        "`407 Proxy Authentication Required` with `Proxy-Authenticate: Basic realm=\"segproxy\"`.",
+        "Credentials are compared in constant time, never logged, and the header is never",
+        "forwarded to the destination. Basic sends the password in clear text: use it on networks",
+        "where that is acceptable, or put the proxy behind an SSH tunnel or a VPN.",
+        "",
+    ]
     lines += ["## Full help text", "", "```", parser.format_help().rstrip(), "```", ""]
     return "\n".join(lines)
 

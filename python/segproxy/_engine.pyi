@@ -51,6 +51,8 @@ def start_server(
     handler: HookBridge | None = None,
     pool_idle_timeout: float = 30.0,
     access_log_format: str = "text",
+    proxy_auth: list[str] = ...,
+    allow_open_proxy: bool = False,
 ) -> Awaitable[EngineServer]: ...
 
 @final

@@ -151,6 +151,8 @@ class ProxyOptions(TypedDict, total=False):
     record_flows: bool
     flows_file: StrPath | None
     flows_capacity: int
+    proxy_auth: Iterable[str | tuple[str, str]]
+    allow_open_proxy: bool
 
 
 #: Engine options `start_proxy_server` accepts as keywords, with their defaults.
@@ -180,6 +182,8 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "record_flows": False,
     "flows_file": None,
     "flows_capacity": 1000,
+    "proxy_auth": (),
+    "allow_open_proxy": False,
 }
 
 
@@ -367,6 +371,7 @@ async def start_proxy_server(
     for list_option in ("allow_domains", "deny_domains"):
         kwargs[list_option] = [str(d) for d in _one_or_many(kwargs[list_option])]
     kwargs["upstream_ca"] = [os.fspath(p) for p in _one_or_many(kwargs["upstream_ca"])]
+    kwargs["proxy_auth"] = _credentials(kwargs["proxy_auth"])
     hooks = None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
     try:
         engine = await _engine.start_server(
@@ -397,6 +402,23 @@ async def start_proxy_server(
             hooks.close()
         raise
     return ProxyServer(engine, handler_builder, hooks, shutdown_timeout)
+
+
+def _credentials(value: Any) -> list[str]:
+    """`proxy_auth` as ``"user:pass"`` strings: given as (user, password) pairs, as such
+    strings, or as one string."""
+    out = []
+    for item in _one_or_many(value):
+        if isinstance(item, str):
+            out.append(item)
+        elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
+            user, password = item
+            if ":" in user:
+                raise ValueError(f"proxy_auth: a user name may not contain ':' ({user!r})")
+            out.append(f"{user}:{password}")
+        else:
+            raise TypeError(f"proxy_auth entries must be 'user:pass' strings or (user, password) tuples, not {type(item).__name__}")
+    return out
 
 
 def _one_or_many(value: Any) -> list[Any]:

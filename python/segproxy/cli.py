@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
+import socket
 import sys
 import warnings
 from collections.abc import Callable, Sequence
@@ -66,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
     listen = parser.add_argument_group("listening")
     listen.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
     listen.add_argument("--listen-port", type=port_number, default=8080, help="port to listen on, 0 for any free port (default: 8080)")
+    auth = parser.add_argument_group("client authentication")
+    auth.add_argument("--proxy-auth", action="append", default=[], metavar="USER:PASS", help="require these Basic credentials on Proxy-Authorization (407 otherwise); repeatable")
+    auth.add_argument("--proxy-auth-file", action="append", default=[], metavar="FILE", help="a file of USER:PASS lines (# comments, blank lines ignored) accepted as --proxy-auth; repeatable")
+    auth.add_argument("--allow-open-proxy", action="store_true", help="listen on an address other than loopback without --proxy-auth (anyone who reaches it can relay through it)")
     limits = parser.add_argument_group("timeouts and limits")
     limits.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="SECONDS", help="TCP connect timeout to destinations and upstreams (default: 10)")
     limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="close client connections and tunnels idle this long (default: 60)")
@@ -203,6 +209,33 @@ def open_file_note() -> str:
     return f" (open-file limit {soft}; two descriptors a connection)"
 
 
+def read_credentials(path: str) -> list[str]:
+    """USER:PASS lines of a file; blank lines and # comments skipped."""
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            line = line.strip()
+            if not line or line.startswith("#"):
+                continue
+            if ":" not in line or line.startswith(":"):
+                raise ValueError(f"line {number} is not USER:PASS")
+            out.append(line)
+    return out
+
+
+def is_loopback(host: str) -> bool:
+    """Whether every address `host` names is a loopback address (a name is resolved)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        pass
+    try:
+        infos = socket.getaddrinfo(host, None)
+    except OSError:
+        return False  # the listen itself will report the name
+    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+
+
 def error(message: str) -> None:
     """Each line of `message` as ``segproxy: error: LINE`` on stderr."""
     for line in str(message).splitlines() or [""]:
@@ -230,6 +263,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         for given, flag in ((args.dns_port, "--dns-port"), (args.dns_transport, "--dns-transport")):
             if given is not None:
                 parser.error(f"{flag} needs --dns-server (the system resolver has no port or transport to set)")
+    credentials = list(args.proxy_auth)
+    for path in args.proxy_auth_file:
+        try:
+            credentials += read_credentials(path)
+        except (OSError, ValueError) as exc:
+            parser.error(f"--proxy-auth-file {path}: {describe_os_error(exc)}")
+    for pair in credentials:
+        user, sep, _ = pair.partition(":")
+        if not sep or not user:
+            parser.error(f"--proxy-auth needs USER:PASS with a non-empty USER, got {user or '(empty)'!r}{':***' if sep else ''}")
+    args.credentials = credentials
+    exits_early = args.validate_rules or args.print_ca or args.export_ca
+    if not credentials and not args.allow_open_proxy and not exits_early and not is_loopback(args.listen_host):
+        parser.error(
+            f"refusing to listen on {args.listen_host} without client authentication (an open relay): "
+            "give --proxy-auth USER:PASS, or --allow-open-proxy if the network is trusted"
+        )
     _engine.set_log_level(args.log_level)
     _engine.limit_malloc_arenas(1)  # the CLI owns its process: keep memory per thread low
 
@@ -322,6 +372,8 @@ def _serve(
             upstream_ca=args.upstream_ca,
             upstream_insecure=args.upstream_insecure,
             flows_file=args.record_flows,
+            proxy_auth=args.credentials,
+            allow_open_proxy=args.allow_open_proxy,
         )
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))

@@ -97,6 +97,13 @@ class HTTPSProxyHandler:
     async def on_tunnel_open(self, host: str, port: int) -> None:
         """A CONNECT tunnel to host:port was opened (the client got its 200)."""
 
+    async def on_authenticate(self, scheme: str, credentials: str) -> bool:
+        """A request or CONNECT came with `Proxy-Authorization: <scheme> <credentials>` that
+        the server's `proxy_auth` credentials do not settle (another scheme, or Basic when no
+        `proxy_auth` is set): return True to let it through, False for a 407. Overriding it
+        turns authentication on; the header is never forwarded."""
+        return False
+
     async def on_tunnel_close(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
         """A tunnel closed; bytes moved client -> destination (`bytes_up`) and back."""
 
@@ -368,6 +375,8 @@ def overridden_hooks(cls: type) -> list[str]:
         hooks.append("connect")
     if _overrides(cls, "on_tunnel_open", HTTPSProxyHandler) or _overrides(cls, "on_tunnel_close", HTTPSProxyHandler):
         hooks.append("tunnel")
+    if _overrides(cls, "on_authenticate", HTTPSProxyHandler):
+        hooks.append("authenticate")
     return hooks
 
 
@@ -512,6 +521,16 @@ class _Connection:
     async def _connect(self, completer: _engine.Completer, host: str, port: int) -> None:
         try:
             completer.resolve(await self.handler.on_connect(host, port))
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
+
+    def authenticate(self, completer: _engine.Completer, scheme: str, credentials: str) -> None:
+        self._spawn(self._authenticate(completer, scheme, credentials))
+
+    async def _authenticate(self, completer: _engine.Completer, scheme: str, credentials: str) -> None:
+        try:
+            completer.resolve(await self.handler.on_authenticate(scheme, credentials))
         except Exception as exc:
             await self._report(exc)
             completer.fail(_describe(exc))

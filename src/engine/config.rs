@@ -27,6 +27,8 @@ pub struct EngineConfig {
     pub tunnel_buffer_bytes: usize,
     /// Longest wait for one user hook; past it the flow is abandoned (504).
     pub hook_timeout: Duration,
+    /// Client credentials required on Proxy-Authorization (none: no authentication).
+    pub proxy_auth: super::auth::ProxyAuth,
 }
 
 impl Default for EngineConfig {
@@ -43,6 +45,7 @@ impl Default for EngineConfig {
             pool_max_idle_per_host: 64,
             tunnel_buffer_bytes: 256 * 1024,
             hook_timeout: Duration::from_secs(30),
+            proxy_auth: Default::default(),
         }
     }
 }

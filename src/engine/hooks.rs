@@ -31,6 +31,9 @@ pub struct HookSet {
     pub error: bool,
     pub connect: bool,
     pub tunnel: bool,
+    /// `on_authenticate`: judges Proxy-Authorization schemes (and Basic credentials) that
+    /// the configured credentials do not settle.
+    pub authenticate: bool,
 }
 
 impl HookSet {
@@ -130,6 +133,14 @@ pub trait ConnectionHandler: Send + Sync {
     fn tunnel_closed(&self, host: String, port: u16, bytes_up: u64, bytes_down: u64);
     /// The client connection ended; the handler may release its state.
     fn closed(&self);
+    /// Whether the credentials of a Proxy-Authorization (`scheme`, then the rest as sent) let
+    /// the request through. Handlers without the hook refuse.
+    fn authenticate(&self, scheme: String, credentials: String) -> Reply<bool> {
+        let _ = (scheme, credentials);
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(false));
+        rx
+    }
 }
 
 /// A user handler: makes connection handlers and says which hooks exist.

@@ -273,7 +273,86 @@ fn convert_headers(raw: &[httparse::Header<'_>], head: &Bytes) -> Headers {
     )
 }
 
+/// A token character (RFC 9110 section 5.6.2): methods and field names are tokens.
+fn is_tchar(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+/// Checks a message head for what RFC 9112 says a recipient must reject, before httparse
+/// reads it, so the answer names the rule: bare CR and NUL (section 2.2, RFC 9110 section
+/// 5.5), obs-fold (section 5.2), whitespace between a field name and its colon (section
+/// 5.1), and, in requests, a method or field name that is not a token.
+fn check_head_bytes(head: &[u8], request: bool) -> Result<(), String> {
+    if let Some(i) = head.iter().position(|&b| b == 0) {
+        return Err(format!("NUL byte at offset {i} of the message head (RFC 9110 section 5.5)"));
+    }
+    for (i, &b) in head.iter().enumerate() {
+        if b == b'\r' && head.get(i + 1) != Some(&b'\n') {
+            return Err(format!("bare CR at offset {i} of the message head (RFC 9112 section 2.2)"));
+        }
+    }
+    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let start = lines.next().unwrap_or_default();
+    if request {
+        let method = start.split(|&b| b == b' ').next().unwrap_or_default();
+        if method.is_empty() || !method.iter().all(|&b| is_tchar(b)) {
+            return Err(format!(
+                "the method {:?} is not a token (RFC 9110 section 9.1)",
+                String::from_utf8_lossy(method)
+            ));
+        }
+    }
+    for line in lines {
+        if line.is_empty() {
+            break;
+        }
+        if line[0] == b' ' || line[0] == b'\t' {
+            return Err("obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)".into());
+        }
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            return Err(format!("header line without a colon: {:?} (RFC 9112 section 5)", String::from_utf8_lossy(line)));
+        };
+        let name = &line[..colon];
+        if name.last().is_some_and(|&b| b == b' ' || b == b'\t') {
+            return Err(format!(
+                "whitespace between the field name {:?} and the colon (RFC 9112 section 5.1)",
+                String::from_utf8_lossy(name.trim_ascii_end())
+            ));
+        }
+        if request && (name.is_empty() || !name.iter().all(|&b| is_tchar(b))) {
+            return Err(format!(
+                "the field name {:?} is not a token (RFC 9110 section 5.1)",
+                String::from_utf8_lossy(name)
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// What RFC 9112 section 3.2 asks of Host: exactly one in an HTTP/1.1 request, at most one in
+/// any. CONNECT without Host is tolerated: its target is the authority, and load tools (oha)
+/// omit Host there.
+fn check_host(head: &RequestHead) -> Result<(), String> {
+    match head.headers.get_all("host").count() {
+        0 if head.version == 1 && !head.method.eq_ignore_ascii_case("CONNECT") => {
+            Err("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)".into())
+        }
+        n if n > 1 => Err(format!("{n} Host headers in one request (RFC 9112 section 3.2)")),
+        _ => {
+            // uri-host [ ":" port ] (RFC 9110 section 7.2): no whitespace, userinfo, path...
+            let value = head.headers.get("host").unwrap_or("");
+            let ok = |b: u8| b.is_ascii_alphanumeric() || b"-._~!$&'()*+,;=%:[]".contains(&b);
+            if value.bytes().all(ok) {
+                Ok(())
+            } else {
+                Err(format!("invalid Host header {value:?} (RFC 9112 section 3.2)"))
+            }
+        }
+    }
+}
+
 fn parse_request(head: &Bytes) -> Result<RequestHead, HttpError> {
+    check_head_bytes(head, true).map_err(HttpError::Malformed)?;
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut req = httparse::Request::new(&mut storage);
     match req.parse(head) {
@@ -284,15 +363,18 @@ fn parse_request(head: &Bytes) -> Result<RequestHead, HttpError> {
         }
         Err(e) => return Err(HttpError::Malformed(format!("invalid request head ({e})"))),
     }
-    Ok(RequestHead {
+    let parsed = RequestHead {
         method: req.method.unwrap_or_default().to_string(),
         target: req.path.unwrap_or_default().to_string(),
         version: req.version.unwrap_or(1),
         headers: convert_headers(req.headers, head),
-    })
+    };
+    check_host(&parsed).map_err(HttpError::Malformed)?;
+    Ok(parsed)
 }
 
 fn parse_response(head: &Bytes) -> Result<ResponseHead, HttpError> {
+    check_head_bytes(head, false).map_err(HttpError::Malformed)?;
     let mut storage = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut res = httparse::Response::new(&mut storage);
     match res.parse(head) {
@@ -327,15 +409,15 @@ pub fn request_body_kind(head: &RequestHead) -> Result<BodyKind, String> {
     let has_cl = head.headers.contains("content-length");
     if !te.is_empty() {
         if has_cl {
-            return Err("both Transfer-Encoding and Content-Length are present".into());
+            return Err("both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)".into());
         }
         if head.version == 0 {
-            return Err("Transfer-Encoding is not allowed in an HTTP/1.0 request".into());
+            return Err("Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)".into());
         }
         let last = te.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).last();
         return match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => Ok(BodyKind::Chunked),
-            _ => Err("Transfer-Encoding of a request must end in chunked".into()),
+            _ => Err("Transfer-Encoding of a request must end in chunked (RFC 9112 section 6.1)".into()),
         };
     }
     match content_length(&head.headers)? {
@@ -368,6 +450,12 @@ pub fn response_body_kind(request_method: &str, head: &ResponseHead) -> Result<B
         return Ok(BodyKind::Empty);
     }
     if head.headers.contains("transfer-encoding") {
+        if head.headers.contains("content-length") {
+            return Err("both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)".into());
+        }
+        if head.version == 0 {
+            return Err("Transfer-Encoding in an HTTP/1.0 response (RFC 9112 section 6.1)".into());
+        }
         return Ok(if head.headers.has_token("transfer-encoding", "chunked") {
             BodyKind::Chunked
         } else {
@@ -388,11 +476,11 @@ fn content_length(headers: &Headers) -> Result<Option<u64>, String> {
         for part in value.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("invalid Content-Length {value:?}"));
+                return Err(format!("invalid Content-Length {value:?} (RFC 9110 section 8.6)"));
             }
-            let n: u64 = part.parse().map_err(|_| format!("invalid Content-Length {value:?}"))?;
+            let n: u64 = part.parse().map_err(|_| format!("invalid Content-Length {value:?} (RFC 9110 section 8.6)"))?;
             if found.is_some_and(|f| f != n) {
-                return Err("conflicting Content-Length values".into());
+                return Err("conflicting Content-Length values (RFC 9112 section 6.3)".into());
             }
             found = Some(n);
         }
@@ -464,8 +552,8 @@ impl BodyReader {
                     self.remaining -= data.len() as u64;
                     if self.remaining == 0 {
                         let crlf = src.read_line(2).await?;
-                        if crlf.as_ref() != b"\r\n" && crlf.as_ref() != b"\n" {
-                            return Err(invalid("chunked body: missing CRLF after chunk data"));
+                        if crlf.as_ref() != b"\r\n" {
+                            return Err(invalid("chunked body: chunk data not followed by CRLF (RFC 9112 section 7.1)"));
                         }
                     }
                     return Ok(Some(data));
@@ -476,9 +564,10 @@ impl BodyReader {
                     // Trailer section: consumed, not forwarded (trailers are rare and often hop-specific).
                     loop {
                         let t = src.read_line(16 * 1024).await?;
-                        if t.as_ref() == b"\r\n" || t.as_ref() == b"\n" {
+                        if t.as_ref() == b"\r\n" {
                             break;
                         }
+                        check_chunk_line(&t, "trailer field")?;
                     }
                     self.done = true;
                     return Ok(None);
@@ -489,13 +578,39 @@ impl BodyReader {
     }
 }
 
-fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
-    let text = std::str::from_utf8(line).map_err(|_| invalid("chunked body: bad chunk size line"))?;
-    let size = text.trim_end_matches(['\r', '\n']).split(';').next().unwrap_or("").trim();
-    if size.is_empty() || size.len() > 15 {
-        return Err(invalid("chunked body: bad chunk size"));
+/// A line of a chunked body ends in CRLF and holds no other CR, LF or NUL (RFC 9112 sections
+/// 7.1 and 2.2): a bare CR or LF there is how smuggled requests hide.
+fn check_chunk_line(line: &[u8], what: &str) -> io::Result<()> {
+    let body = line.strip_suffix(b"\r\n").ok_or_else(|| {
+        invalid(&format!("chunked body: {what} line does not end in CRLF (RFC 9112 section 7.1)"))
+    })?;
+    if body.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
+        return Err(invalid(&format!("chunked body: bare CR, LF or NUL in a {what} line (RFC 9112 section 7.1)")));
     }
-    u64::from_str_radix(size, 16).map_err(|_| invalid("chunked body: bad chunk size"))
+    Ok(())
+}
+
+/// The size of a chunk: hex digits, then optional extensions (RFC 9112 section 7.1.1).
+fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
+    check_chunk_line(line, "chunk size")?;
+    let line = &line[..line.len() - 2];
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    let (size, rest) = line.split_at(digits);
+    if size.is_empty() {
+        return Err(invalid("chunked body: chunk size is not a hex number (RFC 9112 section 7.1)"));
+    }
+    let ext = rest.trim_ascii_start();
+    if !ext.is_empty() && ext[0] != b';' {
+        return Err(invalid("chunked body: chunk size is not a hex number (RFC 9112 section 7.1)"));
+    }
+    if ext.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
+        return Err(invalid("chunked body: control character in a chunk extension (RFC 9112 section 7.1.1)"));
+    }
+    let text = std::str::from_utf8(size).expect("hex digits are ASCII");
+    u64::from_str_radix(text, 16)
+        .ok()
+        .filter(|n| *n <= 1 << 62)
+        .ok_or_else(|| invalid("chunked body: chunk size too large (RFC 9112 section 7.1)"))
 }
 
 /// Writes body content in a given framing. Chunked output is re-framed from whatever pieces
@@ -660,12 +775,96 @@ mod tests {
 
     #[tokio::test]
     async fn smuggling_framings_are_rejected() {
-        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
         assert!(request_body_kind(&h).is_err());
-        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").await.unwrap();
         assert!(request_body_kind(&h).is_err());
-        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nContent-Length: 3, 3\r\n\r\n").await.unwrap();
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").await.unwrap();
         assert_eq!(request_body_kind(&h).unwrap(), BodyKind::Length(3));
+    }
+
+    /// Every head RFC 9112 says a server must reject is Malformed, naming the rule.
+    #[tokio::test]
+    async fn strict_request_heads() {
+        let cases: &[(&[u8], &str)] = &[
+            (b"GET http://a/ HTTP/1.1\r\nAccept: */*\r\n\r\n", "without a Host header"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "2 Host headers"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", "obs-fold"),
+            (b"GET http://a/ HTTP/1.1\r\nHost : a\r\n\r\n", "section 5.1"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\rY: 2\r\n\r\n", "bare CR"),
+            (b"GET http://a/ HTTP/1.1\rHost: a\r\n\r\n", "bare CR"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", "NUL"),
+            (b"G(T http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", "not a token"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX@Y: 1\r\n\r\n", "not a token"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", "not a token"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
+            (b"GET http://a/ HTTP/1.1\r\nHost: user@a\r\n\r\n", "invalid Host header"),
+        ];
+        for (raw, why) in cases {
+            match parse_req(raw).await {
+                Err(HttpError::Malformed(m)) => assert!(m.contains(why), "{m:?} should name {why:?}"),
+                other => panic!("{:?} accepted or misread: {other:?}", String::from_utf8_lossy(raw)),
+            }
+        }
+        // HTTP/1.0 may omit Host; CONNECT is tolerated without one.
+        assert!(parse_req(b"GET http://a/ HTTP/1.0\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"CONNECT a:443 HTTP/1.1\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Y_z~: 1\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n").await.is_ok());
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost:\r\n\r\n").await.is_ok());
+    }
+
+    #[test]
+    fn strict_response_framing() {
+        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
+        r.headers.push("Content-Length", "3");
+        r.headers.push("Transfer-Encoding", "chunked");
+        assert!(response_body_kind("GET", &r).unwrap_err().contains("section 6.1"));
+        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
+        r.headers.push("Content-Length", "3");
+        r.headers.push("Content-Length", "4");
+        assert!(response_body_kind("GET", &r).is_err());
+    }
+
+    #[tokio::test]
+    async fn bad_chunked_bodies_are_refused() {
+        let cases: &[&[u8]] = &[
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"+5\r\nhello\r\n0\r\n\r\n",
+            b" 5\r\nhello\r\n0\r\n\r\n",
+            b"0x5\r\nhello\r\n0\r\n\r\n",
+            b"10000000000000000\r\nhello\r\n0\r\n\r\n",
+            b"ffffffffffffffff\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b\rc\r\nhello\r\n0\r\n\r\n",
+            b"5;a=b\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhelloXX0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhello\r\n0\r\nX: 1\rY\r\n\r\n",
+        ];
+        for raw in cases {
+            let mut s = BufStream::new(*raw);
+            let mut r = BodyReader::new(BodyKind::Chunked);
+            let mut result = Ok(());
+            loop {
+                match r.next(&mut s).await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => break,
+                    Err(e) => {
+                        result = Err(e);
+                        break;
+                    }
+                }
+            }
+            let e = result.expect_err(&format!("{:?} accepted", String::from_utf8_lossy(raw)));
+            assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{e}");
+            assert!(e.to_string().contains("RFC 9112"), "{e}");
+        }
+        // Extensions with whitespace before the semicolon are fine.
+        let mut s = BufStream::new(&b"5 ;x=\"y z\"\r\nhello\r\n0\r\n\r\n"[..]);
+        let mut r = BodyReader::new(BodyKind::Chunked);
+        assert_eq!(&r.next(&mut s).await.unwrap().unwrap()[..], b"hello");
+        assert!(r.next(&mut s).await.unwrap().is_none());
     }
 
     #[tokio::test]

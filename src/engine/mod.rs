@@ -1,6 +1,7 @@
 //! The proxy engine: pure Rust, no Python. Every behaviour lives in a module named after it.
 
 pub mod access;
+pub mod auth;
 pub mod ca;
 pub mod config;
 pub mod connect;

@@ -9,6 +9,7 @@ use std::time::Instant;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
+use super::auth::{self, Verdict};
 use super::access::{now_epoch, AccessRecord, Outcome, PendingRecord};
 use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
 use super::flows::{FlowHandle, FlowRecord};
@@ -190,9 +191,20 @@ pub fn reason_phrase(status: u16) -> &'static str {
 
 /// Writes a short plain-text response made by the proxy itself.
 pub async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, status: u16, message: &str, keep_alive: bool) -> io::Result<()> {
+    send_error_with(client, status, message, keep_alive, "").await
+}
+
+/// `send_error` with extra header lines (each ending in CRLF).
+pub async fn send_error_with<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    status: u16,
+    message: &str,
+    keep_alive: bool,
+    extra_headers: &str,
+) -> io::Result<()> {
     let body = format!("segproxy: {message}\n");
     let head = format!(
-        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\nContent-Length: {}\r\nConnection: {}\r\n\r\n",
+        "HTTP/1.1 {status} {}\r\nContent-Type: text/plain; charset=utf-8\r\n{extra_headers}Content-Length: {}\r\nConnection: {}\r\n\r\n",
         reason_phrase(status),
         body.len(),
         if keep_alive { "keep-alive" } else { "close" }
@@ -307,6 +319,16 @@ pub async fn serve_http<C: Io>(
             }
             Ok(Ok(head)) => head,
         };
+        // Client authentication, for every request a client sends the proxy itself (inside an
+        // intercepted CONNECT, the CONNECT was authenticated).
+        let head = match mode {
+            Mode::Proxy if cfg.proxy_auth.is_enabled() || engine.hooks.authenticate => match authenticate(engine, &mut client, conn, head).await {
+                Ok(head) => head,
+                Err(Next::KeepAlive) => continue,
+                Err(Next::Close) => return None,
+            },
+            _ => head,
+        };
         if head.method.eq_ignore_ascii_case("CONNECT") {
             if matches!(mode, Mode::Proxy) {
                 return Some((head, client));
@@ -323,6 +345,44 @@ pub async fn serve_http<C: Io>(
             }
         }
     }
+}
+
+/// Checks a request's Proxy-Authorization: the request without that header when accepted;
+/// else a 407 with the challenge is sent. The connection stays open for the client's retry
+/// when the request had no body and the client keeps alive; otherwise it is shut down.
+async fn authenticate<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &mut ConnState, mut head: RequestHead) -> Result<RequestHead, Next> {
+    let why = match engine.config.proxy_auth.check(&head.headers) {
+        Verdict::Accepted => {
+            head.headers.remove("proxy-authorization");
+            return Ok(head);
+        }
+        Verdict::Missing => "proxy authentication required: send Basic credentials on Proxy-Authorization",
+        Verdict::Other { scheme, credentials } if engine.hooks.authenticate => {
+            let handler = conn.handler(engine).expect("a handler exists when hooks are set");
+            let mut reply = handler.authenticate(scheme, credentials);
+            let wait = engine.hook_waits.begin();
+            match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
+                Ok(Some(Ok(true))) => {
+                    head.headers.remove("proxy-authorization");
+                    return Ok(head);
+                }
+                Ok(Some(Ok(false))) => "proxy credentials not accepted",
+                // A hook that fails or hangs lets nobody in (its exception went to on_error).
+                Err(_) => "proxy credentials not accepted (hook on_authenticate did not return in time)",
+                Ok(_) => "proxy credentials not accepted (hook on_authenticate failed)",
+            }
+        }
+        Verdict::Rejected | Verdict::Other { .. } => "proxy credentials not accepted",
+    };
+    let keep = head.wants_keep_alive() && matches!(request_body_kind(&head), Ok(BodyKind::Empty)) && !engine.is_draining();
+    let challenge = format!("Proxy-Authenticate: {}\r\n", auth::CHALLENGE);
+    log_refusal(engine, &mut conn.info, 407, why);
+    let sent = send_error_with(&mut client.io, 407, why, keep, &challenge).await;
+    if keep && sent.is_ok() {
+        return Err(Next::KeepAlive);
+    }
+    let _ = client.io.shutdown().await;
+    Err(Next::Close)
 }
 
 /// What arrived instead of an HTTP request.

@@ -145,6 +145,7 @@ fn hook_set(names: &[String]) -> PyResult<HookSet> {
             "error" => &mut set.error,
             "connect" => &mut set.connect,
             "tunnel" => &mut set.tunnel,
+            "authenticate" => &mut set.authenticate,
             other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown hook {other:?}"))),
         };
         *flag = true;
@@ -241,6 +242,7 @@ impl HookBridge {
             (h.error, "error"),
             (h.connect, "connect"),
             (h.tunnel, "tunnel"),
+            (h.authenticate, "authenticate"),
         ] {
             if on {
                 out.push(name);

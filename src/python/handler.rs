@@ -234,6 +234,12 @@ impl ConnectionHandler for PyConnection {
     fn closed(&self) {
         self.release();
     }
+
+    fn authenticate(&self, scheme: String, credentials: String) -> Reply<bool> {
+        self.reply("authenticate", Pending::Auth, move |py| {
+            Ok(vec![PyString::new(py, &scheme).into_any(), PyString::new(py, &credentials).into_any()])
+        })
+    }
 }
 
 impl Drop for PyConnection {
@@ -411,6 +417,7 @@ pub enum Pending {
     Chunk(oneshot::Sender<Result<Option<Bytes>, String>>),
     Unit(oneshot::Sender<Result<(), String>>),
     Connect(oneshot::Sender<Result<ConnectDecision, String>>),
+    Auth(oneshot::Sender<Result<bool, String>>),
 }
 
 /// Answers one engine question (response head, body chunk, completion, CONNECT decision).
@@ -431,6 +438,7 @@ impl Completer {
             Some(Pending::Chunk(tx)) => drop(tx.send(Err(msg))),
             Some(Pending::Unit(tx)) => drop(tx.send(Err(msg))),
             Some(Pending::Connect(tx)) => drop(tx.send(Err(msg))),
+            Some(Pending::Auth(tx)) => drop(tx.send(Err(msg))),
             None => {}
         }
     }
@@ -492,6 +500,17 @@ impl Completer {
                 };
                 if let Some(Pending::Connect(tx)) = guard.take() {
                     let _ = tx.send(Ok(decision));
+                }
+            }
+            Pending::Auth(_) => {
+                let Ok(ok) = value.cast::<pyo3::types::PyBool>().map(|b| b.is_true()) else {
+                    return Err(PyTypeError::new_err(format!(
+                        "on_authenticate must return True or False, not {}",
+                        value.get_type().name()?
+                    )));
+                };
+                if let Some(Pending::Auth(tx)) = guard.take() {
+                    let _ = tx.send(Ok(ok));
                 }
             }
         }

@@ -11,6 +11,7 @@ use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::engine::access::{AccessLog, AccessRecord};
+use crate::engine::auth::{open_relay_refusal, ProxyAuth};
 use crate::engine::connector::Connector;
 use crate::engine::dns::{DnsConfig, DnsResolver, DnsSettings, DnsTransport};
 use crate::engine::flows::{FlowRecord, FlowRecorder};
@@ -86,7 +87,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
     flows_file = None, flows_capacity = 1000, handler = None, pool_idle_timeout = 30.0,
-    access_log_format = "text",
+    access_log_format = "text", proxy_auth = Vec::new(), allow_open_proxy = false,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -119,6 +120,8 @@ pub fn start_server<'py>(
     handler: Option<PyRef<'py, HookBridge>>,
     pool_idle_timeout: f64,
     access_log_format: &str,
+    proxy_auth: Vec<String>,
+    allow_open_proxy: bool,
 ) -> PyResult<Bound<'py, PyAny>> {
     let json_log = match access_log_format {
         "text" => false,
@@ -140,8 +143,12 @@ pub fn start_server<'py>(
         max_header_bytes: max_header_bytes.max(1024),
         hook_timeout: seconds("hook_timeout", hook_timeout)?,
         pool_idle_timeout: seconds("pool_idle_timeout", pool_idle_timeout)?,
+        proxy_auth: ProxyAuth::new(&proxy_auth).map_err(PyValueError::new_err)?,
         ..EngineConfig::default()
     };
+    let hook_authenticates = handler.as_ref().is_some_and(|bridge| bridge.handler().hooks().authenticate);
+    open_relay_refusal(config.listen, config.proxy_auth.is_enabled() || hook_authenticates, allow_open_proxy)
+        .map_err(PyValueError::new_err)?;
     let dns_config = match dns_server {
         None => DnsConfig::System,
         Some(server) => DnsConfig::Custom {
