@@ -42,6 +42,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 from support import LOOPBACK, Segproxy  # noqa: E402
+from support.loopback import read_head  # noqa: E402
 
 PAYLOAD = 64 * 1024
 
@@ -116,12 +117,7 @@ def open_tunnels(proxy_port: int, origin_port: int, n: int) -> list[socket.socke
             s.sendall(request)
             batch.append(s)
         for s in batch:
-            head = b""
-            while b"\r\n\r\n" not in head:
-                piece = s.recv(1024)
-                if not piece:
-                    raise RuntimeError(f"tunnel {len(socks)} closed before its answer")
-                head += piece
+            head, _ = read_head(s)
             if b" 200 " not in head.split(b"\r\n", 1)[0]:
                 raise RuntimeError(f"tunnel {len(socks)}: {head[:60]!r}")
             socks.append(s)

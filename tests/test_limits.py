@@ -19,7 +19,7 @@ import pytest
 import segproxy
 
 from support import Segproxy, wait_for
-from support.loopback import TIMEOUT, HttpOrigin, proxy_request
+from support.loopback import TIMEOUT, HttpOrigin, proxy_request, read_head
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -74,11 +74,7 @@ def open_files(pid: int) -> tuple[int, int]:
 def connect_tunnel(port: int, origin_port: int) -> socket.socket:
     s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
     s.sendall(f"CONNECT 127.0.0.1:{origin_port} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-    answer = b""
-    while b"\r\n\r\n" not in answer:
-        piece = s.recv(1024)
-        assert piece, f"closed before the answer: {answer!r}"
-        answer += piece
+    answer, _ = read_head(s)
     assert answer.startswith(b"HTTP/1.1 200 "), answer
     return s
 

@@ -274,10 +274,16 @@ impl<S> Segmented<S> {
         self.starting = Some((size, short));
     }
 
+    /// When the write about to start begins, if anything needs to know (a delay to schedule
+    /// or an observer); chunking without either never reads the clock.
+    fn clock(&self) -> Option<Instant> {
+        (!self.policy.delay.is_zero() || self.observer.is_some()).then(Instant::now)
+    }
+
     /// The chunk's first bytes were just written by a write that began at `at`: the next
     /// chunk's deadline counts from there (the write's own duration is not added to the gap).
-    fn mark_started(&mut self, at: Instant) {
-        if let Some((size, short)) = self.starting.take() {
+    fn mark_started(&mut self, at: Option<Instant>) {
+        if let (Some((size, short)), Some(at)) = (self.starting.take(), at) {
             if !self.policy.delay.is_zero() {
                 self.next_at = Some(at + self.policy.delay);
             }
@@ -305,7 +311,7 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
     fn poll_progress(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<()>> {
         loop {
             while self.in_flight > 0 {
-                let at = Instant::now();
+                let at = self.clock();
                 let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight]))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
@@ -391,7 +397,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         ready!(this.poll_deadline(cx));
         let accepted = if held == 0 {
             // The common case: the chunk goes straight from the caller's buffer.
-            let at = Instant::now();
+            let at = this.clock();
             let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..size]))?;
             if n == 0 {
                 return Poll::Ready(Ok(0));
