@@ -84,7 +84,9 @@ def serve(port: int, host: str = "127.0.0.1") -> None:
         threading.Thread(target=_serve_one, args=(conn,), daemon=True).start()
 
 
-def open_tunnel(proxy: tuple[str, int], target: tuple[str, int], timeout: float = 30) -> socket.socket:
+def open_tunnel(
+    proxy: tuple[str, int], target: tuple[str, int], timeout: float = 30
+) -> socket.socket:
     """A socket through ``proxy`` to ``target`` after a successful CONNECT."""
     sock = socket.create_connection(proxy, timeout=timeout)
     host, port = target

@@ -27,6 +27,7 @@ The segproxy under test is ``python -m segproxy`` (override: --segproxy-cmd).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import shlex
@@ -72,7 +73,9 @@ class Policy:
     hi: int = 150
 
     def rule(self) -> str:
-        sizes = f"chunk={self.chunk}" if self.strategy == "fixed" else f"min={self.lo},max={self.hi}"
+        sizes = (
+            f"chunk={self.chunk}" if self.strategy == "fixed" else f"min={self.lo},max={self.hi}"
+        )
         return f"*=segment_upstream,strategy={self.strategy},{sizes},delay={self.delay_ms:g},direction=both"
 
     def label(self) -> str:
@@ -138,10 +141,14 @@ class RawTLS:
     """A TLS session over a plain socket through MemoryBIOs, so every raw recv of the
     encrypted stream can be recorded."""
 
-    def __init__(self, sock: socket.socket, ctx: ssl.SSLContext, server: bool, host: str | None = None) -> None:
+    def __init__(
+        self, sock: socket.socket, ctx: ssl.SSLContext, server: bool, host: str | None = None
+    ) -> None:
         self.sock = stamp(sock)
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server, server_hostname=host)
+        self.obj = ctx.wrap_bio(
+            self.incoming, self.outgoing, server_side=server, server_hostname=host
+        )
         self.reads = Reads(recording=False)
 
     def _push(self) -> None:
@@ -290,7 +297,9 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
             t.join(120)
         else:
             # Connection: close, so the origin need not wait for the proxy's pool to let go.
-            head = f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+            head = (
+                f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\nConnection: close\r\n\r\n".encode()
+            )
 
             def serve(c: socket.socket) -> None:
                 read_head_plain(c)
@@ -307,7 +316,7 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
         return reads
     # Intercepted: the client trusts segproxy's CA; the origin serves a leaf of its test CA.
     assert tls_proxy is not None
-    ca_file, origin_ctx, proxy_ca = certs
+    _ca_file, origin_ctx, proxy_ca = certs
     client_ctx = ssl.create_default_context(cafile=str(proxy_ca))
     origin = Origin()
     target = f"localhost:{origin.port}"
@@ -358,13 +367,13 @@ def run_path(path: str, proxy: Segproxy, tls_proxy: Segproxy | None, certs, size
 
 def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
 def analyse(reads: Reads, policy: Policy) -> dict:
     events = reads.events
     sizes = [n for _, n in events][:-1]  # the stream's last chunk may be short
-    gaps = [(b[0] - a[0]) * 1000 - policy.delay_ms for a, b in zip(events, events[1:])]
+    gaps = [(b[0] - a[0]) * 1000 - policy.delay_ms for a, b in itertools.pairwise(events)]
     gaps = gaps[1:]  # the first gap spans the switch from head or handshake to the body
     return {
         "chunks": len(events),
@@ -377,15 +386,26 @@ def analyse(reads: Reads, policy: Policy) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--delays", default="1,5,20", help="delays in ms, comma-separated")
     p.add_argument("--strategies", default="fixed,random")
     p.add_argument("--paths", default=",".join(PATHS))
-    p.add_argument("--chunks", type=int, default=0, help="chunks per measurement (default: 300 for delays under 10 ms, 100 above)")
+    p.add_argument(
+        "--chunks",
+        type=int,
+        default=0,
+        help="chunks per measurement (default: 300 for delays under 10 ms, 100 above)",
+    )
     p.add_argument("--segproxy-cmd", default=f"{sys.executable} -m segproxy")
-    p.add_argument("--nice", type=int, default=None,
-                   help="run segproxy at this niceness (e.g. -10, as root), so this script's own "
-                        "sender and receiver threads do not delay its wake-ups")
+    p.add_argument(
+        "--nice",
+        type=int,
+        default=None,
+        help="run segproxy at this niceness (e.g. -10, as root), so this script's own "
+        "sender and receiver threads do not delay its wake-ups",
+    )
     p.add_argument("--json", metavar="FILE")
     args = p.parse_args(argv)
 
@@ -397,7 +417,9 @@ def main(argv: list[str] | None = None) -> int:
     origin_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     origin_ctx.load_cert_chain(cert, key)
     rows = []
-    print("| path | policy | chunks | gap error median ms | p99 ms | max ms | short gaps | exact chunks | proxy CPU % |")
+    print(
+        "| path | policy | chunks | gap error median ms | p99 ms | max ms | short gaps | exact chunks | proxy CPU % |"
+    )
     print("|---|---|---|---|---|---|---|---|---|")
     for strategy in strategies:
         for delay in delays:
@@ -411,7 +433,10 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 if any(x.startswith("intercept") for x in paths):
                     ca_dir = work / f"ca-{strategy}-{delay:g}"
-                    tls_proxy = Segproxy(common + ["--ca-dir", str(ca_dir), "--upstream-ca", str(ca_file)], command=command).__enter__()
+                    tls_proxy = Segproxy(
+                        common + ["--ca-dir", str(ca_dir), "--upstream-ca", str(ca_file)],
+                        command=command,
+                    ).__enter__()
                     proxy_ca = ca_dir / "ca-cert.pem"
                 else:
                     proxy_ca = None
@@ -423,7 +448,12 @@ def main(argv: list[str] | None = None) -> int:
                     before, t0 = cpu_seconds(target.pid), time.monotonic()
                     reads = run_path(path, proxy, tls_proxy, (ca_file, origin_ctx, proxy_ca), size)
                     cpu = (cpu_seconds(target.pid) - before) / (time.monotonic() - t0) * 100
-                    row = {"path": path, "policy": policy.label(), **analyse(reads, policy), "cpu": cpu}
+                    row = {
+                        "path": path,
+                        "policy": policy.label(),
+                        **analyse(reads, policy),
+                        "cpu": cpu,
+                    }
                     rows.append(row)
                     print(
                         f"| {path} | {row['policy']} | {row['chunks']} | {row['median']:+.3f} | {row['p99']:+.3f} | "

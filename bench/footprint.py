@@ -27,14 +27,14 @@ from __future__ import annotations
 import argparse
 import http.server
 import os
-import statistics
-import threading
 import resource
 import selectors
 import shlex
 import socket
+import statistics
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -139,7 +139,7 @@ def move_data(socks: list[socket.socket], payload: int, measure) -> None:
     while received < total and time.monotonic() < deadline:
         for key, events in sel.select(timeout=1):
             s = key.fileobj
-            out, want = left[s]
+            out, _want = left[s]
             if events & selectors.EVENT_WRITE and out:
                 try:
                     n = s.send(out)
@@ -168,7 +168,7 @@ def move_data(socks: list[socket.socket], payload: int, measure) -> None:
 class QuietHandler(http.server.BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+    def do_GET(self) -> None:
         body = b"ok"
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -186,7 +186,9 @@ def request_latencies_ms(proxy_port: int, web_port: int, count: int = 20) -> lis
     for i in range(count):
         t0 = time.monotonic()
         with socket.create_connection((LOOPBACK, proxy_port), timeout=30) as s:
-            s.sendall(f"GET http://{LOOPBACK}:{web_port}/{i} HTTP/1.1\r\nHost: {LOOPBACK}:{web_port}\r\n\r\n".encode())
+            s.sendall(
+                f"GET http://{LOOPBACK}:{web_port}/{i} HTTP/1.1\r\nHost: {LOOPBACK}:{web_port}\r\n\r\n".encode()
+            )
             got = b""
             while b"ok" not in got.split(b"\r\n\r\n", 1)[-1] or b"\r\n\r\n" not in got:
                 piece = s.recv(4096)
@@ -200,12 +202,16 @@ def request_latencies_ms(proxy_port: int, web_port: int, count: int = 20) -> lis
 
 
 def phase(name: str, args, n: int, extra: list[str], payload: int) -> dict:
-    origin = subprocess.Popen([sys.executable, "-c", ORIGIN_CODE, str(payload)], stdout=subprocess.PIPE, text=True)
+    origin = subprocess.Popen(
+        [sys.executable, "-c", ORIGIN_CODE, str(payload)], stdout=subprocess.PIPE, text=True
+    )
     proxy = None
     try:
         origin_port = int(origin.stdout.readline())
         command = shlex.split(args.segproxy_cmd)
-        proxy = Segproxy(["--max-connections", str(n + 500), "--log-level", "warning", *extra], command=command)
+        proxy = Segproxy(
+            ["--max-connections", str(n + 500), "--log-level", "warning", *extra], command=command
+        )
         proxy.__enter__()
         pid = proxy.pid
         # Warm up: a few tunnels open and close, so one-time allocations are in the baseline.
@@ -254,11 +260,19 @@ def phase(name: str, args, n: int, extra: list[str], payload: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--tunnels", type=int, default=10_000, help="idle tunnels")
-    p.add_argument("--segmented-tunnels", type=int, default=2_000,
-                   help="segmented tunnels (each paces its chunks: thousands at once only measure lateness)")
-    p.add_argument("--settle", type=float, default=5.0, help="seconds after close before RSS is read again")
+    p.add_argument(
+        "--segmented-tunnels",
+        type=int,
+        default=2_000,
+        help="segmented tunnels (each paces its chunks: thousands at once only measure lateness)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=5.0, help="seconds after close before RSS is read again"
+    )
     p.add_argument("--phases", default="idle,segmented")
     p.add_argument("--segproxy-cmd", default=f"{sys.executable} -m segproxy")
     args = p.parse_args(argv)
@@ -267,19 +281,34 @@ def main(argv: list[str] | None = None) -> int:
     limit = raise_nofile(2 * args.tunnels + 1000)
     if limit < 2 * args.tunnels + 500:
         args.tunnels = max(100, (limit - 500) // 2)
-        print(f"open-file limit {limit}: measuring {args.tunnels} tunnels (as many as it allows)", file=sys.stderr)
+        print(
+            f"open-file limit {limit}: measuring {args.tunnels} tunnels (as many as it allows)",
+            file=sys.stderr,
+        )
     segment = "*=segment_upstream,strategy=fixed,chunk=1024,delay=2,direction=both"
-    print("| phase | tunnels | fds / tunnel | RSS KiB / tunnel | baseline MiB | RSS after close, MiB above baseline | GET meanwhile, median / max ms |")
+    print(
+        "| phase | tunnels | fds / tunnel | RSS KiB / tunnel | baseline MiB | RSS after close, MiB above baseline | GET meanwhile, median / max ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for name in args.phases.split(","):
         if name == "idle":
             r = phase(name, args, args.tunnels, [], 0)
         else:
-            r = phase(name, args, min(args.segmented_tunnels, args.tunnels), ["--segment-rule", segment], PAYLOAD)
+            r = phase(
+                name,
+                args,
+                min(args.segmented_tunnels, args.tunnels),
+                ["--segment-rule", segment],
+                PAYLOAD,
+            )
         print(
             f"| {r['phase']} | {r['tunnels']} | {r['fds_per_tunnel']:.2f} | {r['kib_per_tunnel']:.1f} | "
             f"{r['base_mib']:.1f} | {r['after_close_mib']:+.1f} | "
-            + (f"{r['request_ms'][0]:.1f} / {r['request_ms'][1]:.1f} |" if r["request_ms"] else "– |"),
+            + (
+                f"{r['request_ms'][0]:.1f} / {r['request_ms'][1]:.1f} |"
+                if r["request_ms"]
+                else "– |"
+            ),
             flush=True,
         )
     return 0

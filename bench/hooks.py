@@ -59,7 +59,9 @@ def serve(mode: str) -> None:
     builders = {"none": None, "nothing": Nothing, "header": ReadsHeader}
 
     async def main() -> None:
-        server = await segproxy.start_proxy_server(builders[mode], "127.0.0.1", 0, max_connections=4096)
+        server = await segproxy.start_proxy_server(
+            builders[mode], "127.0.0.1", 0, max_connections=4096
+        )
         print(f"ready {server.port}", flush=True)
         await server.serve_forever()
 
@@ -73,7 +75,10 @@ class ProxyProcess:
     def __enter__(self) -> ProxyProcess:
         env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
         self.proc = subprocess.Popen(
-            [sys.executable, __file__, "--serve", self.mode], stdout=subprocess.PIPE, text=True, env=env
+            [sys.executable, __file__, "--serve", self.mode],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
         )
         assert self.proc.stdout is not None
         line = self.proc.stdout.readline()
@@ -127,7 +132,9 @@ async def roundtrip(rounds: int) -> dict[str, float]:
         runner.close()
 
 
-def keepalive(rounds: int, duration: float) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+def keepalive(
+    rounds: int, duration: float
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """req/s and proxy CPU µs per request (utime+stime of the proxy process: load-independent)."""
     bench = SimpleNamespace(args=SimpleNamespace(wrk_threads=2, wrk_connections=64))
     rates: dict[str, list[float]] = {"none": [], "nothing": [], "header": []}
@@ -146,10 +153,15 @@ def keepalive(rounds: int, duration: float) -> tuple[dict[str, list[float]], dic
                     c0 = runbench.cpu_seconds(p.proc.pid)
                     res = runbench.run_wrk(bench, url, target, hostport, duration, tmp)
                     used = runbench.cpu_seconds(p.proc.pid) - c0
-                errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+                errors = (
+                    res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+                )
                 rate = res["requests"] / (res["duration_us"] / 1e6)
                 per_req = used * 1e6 / max(1, res["requests"])
-                print(f"  round {r + 1} {mode:8s} {rate:9.0f} req/s  {per_req:6.1f} µs CPU/req  errors {errors}", file=sys.stderr)
+                print(
+                    f"  round {r + 1} {mode:8s} {rate:9.0f} req/s  {per_req:6.1f} µs CPU/req  errors {errors}",
+                    file=sys.stderr,
+                )
                 rates[mode].append(rate)
                 cpu[mode].append(per_req)
     return rates, cpu
@@ -159,7 +171,9 @@ def main() -> int:
     if len(sys.argv) == 3 and sys.argv[1] == "--serve":
         serve(sys.argv[2])
         return 0
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     p.add_argument("--quick", action="store_true")
@@ -180,9 +194,17 @@ def main() -> int:
         rates, cpu = keepalive(a.rounds, a.duration)
         med = {k: statistics.median(v) for k, v in rates.items()}
         mcpu = {k: statistics.median(v) for k, v in cpu.items()}
-        print("\n| keep-alive 1 KiB GET, wrk -t2 -c64 | req/s | vs no handler | proxy CPU µs/req |\n|---|---|---|---|")
-        for mode, label in [("none", "no handler"), ("nothing", "handler overriding nothing"), ("header", "on_request_received reads a header, forwards")]:
-            print(f"| {label} | {med[mode]:.0f} | {med[mode] / med['none']:.3f} | {mcpu[mode]:.1f} |")
+        print(
+            "\n| keep-alive 1 KiB GET, wrk -t2 -c64 | req/s | vs no handler | proxy CPU µs/req |\n|---|---|---|---|"
+        )
+        for mode, label in [
+            ("none", "no handler"),
+            ("nothing", "handler overriding nothing"),
+            ("header", "on_request_received reads a header, forwards"),
+        ]:
+            print(
+                f"| {label} | {med[mode]:.0f} | {med[mode] / med['none']:.3f} | {mcpu[mode]:.1f} |"
+            )
         out["keepalive"] = {"rounds": rates, "median": med, "cpu_us_per_request": cpu}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")

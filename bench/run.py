@@ -40,9 +40,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -99,7 +99,9 @@ class Bench:
     notes: list[str] = field(default_factory=list)
     extra: list[str] = field(default_factory=list)  # more markdown, printed after the table
 
-    def metric(self, key: str, label: str, unit: str, higher_is_better: bool, table: str = "main") -> Metric:
+    def metric(
+        self, key: str, label: str, unit: str, higher_is_better: bool, table: str = "main"
+    ) -> Metric:
         if key not in self.metrics:
             self.metrics[key] = Metric(key, label, unit, higher_is_better, table=table)
         return self.metrics[key]
@@ -157,7 +159,7 @@ class Proxies:
         self.bench = bench
         self.procs: dict[str, object] = {}
 
-    def __enter__(self) -> "Proxies":
+    def __enter__(self) -> Proxies:
         try:
             for name in self.bench.contenders:
                 self.procs[name] = start_proxy(self.bench, name)
@@ -191,7 +193,9 @@ def section_tunnel(bench: Bench) -> None:
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-bulk-"))
     server = ManagedProcess(
-        "bulk-server", [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)], workdir=tmp
+        "bulk-server",
+        [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)],
+        workdir=tmp,
     )
     up = bench.metric("tunnel_up", "CONNECT tunnel upload", "MiB/s", True)
     down = bench.metric("tunnel_down", "CONNECT tunnel download", "MiB/s", True)
@@ -282,7 +286,10 @@ def section_keepalive(bench: Bench) -> None:
     rss = bench.metric("ka_rss", "peak RSS under keep-alive load", "MiB", False)
     tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-wrk-"))
     try:
-        with NginxOrigin(large_size=MIB, worker_processes=a.nginx_workers) as origin, Proxies(bench) as proxies:
+        with (
+            NginxOrigin(large_size=MIB, worker_processes=a.nginx_workers) as origin,
+            Proxies(bench) as proxies,
+        ):
             origin_hostport = f"{LOOPBACK}:{origin.http_port}"
 
             def one(name: str, duration: float) -> tuple[dict, float | None]:
@@ -305,9 +312,13 @@ def section_keepalive(bench: Bench) -> None:
                     res, used = one(name, a.wrk_duration)
                     n = res["requests"]
                     secs = res["duration_us"] / 1e6
-                    errors = res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+                    errors = (
+                        res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
+                    )
                     if n == 0 or errors > 0.01 * n:
-                        bench.notes.append(f"keepalive {name} round {r + 1}: {errors} errors in {n} requests")
+                        bench.notes.append(
+                            f"keepalive {name} round {r + 1}: {errors} errors in {n} requests"
+                        )
                     rate.add(name, n / secs)
                     p99.add(name, res["p99_us"] / 1000)
                     if used is not None and n:
@@ -324,11 +335,17 @@ def section_keepalive(bench: Bench) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-
 # --------------------------------------------------------------------------
 # section: HTTPS interception (minting, handshakes, intercepted keep-alive)
 
-IC_CONTENDERS = ["direct-https", "segproxy", "mitmproxy", "proxy.py", "segproxy-http", "direct-http"]
+IC_CONTENDERS = [
+    "direct-https",
+    "segproxy",
+    "mitmproxy",
+    "proxy.py",
+    "segproxy-http",
+    "direct-http",
+]
 
 
 def cpu_seconds_group(pgid: int) -> float:
@@ -351,8 +368,16 @@ def cpu_seconds_group(pgid: int) -> float:
 class InterceptingProxy:
     """One intercepting contender: started with its own CA, which `ca_file` names for clients."""
 
-    def __init__(self, name: str, argv: list[str], workdir: Path, port: int, ca_file: Path,
-                 ready_file: Path | None = None, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        workdir: Path,
+        port: int,
+        ca_file: Path,
+        ready_file: Path | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name, self.port, self.ca_file = name, port, ca_file
         self.ready_file = ready_file
         self.process = ManagedProcess(name, argv, workdir=workdir, env=env)
@@ -361,11 +386,14 @@ class InterceptingProxy:
     def pid(self) -> int:
         return self.process.pid
 
-    def start(self) -> "InterceptingProxy":
+    def start(self) -> InterceptingProxy:
         self.process.start()
         self.process.wait_ready(
-            lambda: port_accepts(self.port) and (self.ready_file is None or self.ready_file.exists()),
-            timeout=60, what="listening",
+            lambda: (
+                port_accepts(self.port) and (self.ready_file is None or self.ready_file.exists())
+            ),
+            timeout=60,
+            what="listening",
         )
         return self
 
@@ -393,33 +421,91 @@ def start_interceptors(bench: Bench, origin: NginxOrigin, tmp: Path) -> dict[str
         port = free_port()
         out["mitmproxy"] = InterceptingProxy(
             "mitmproxy",
-            [mitm, "-q", "--listen-host", LOOPBACK, "--listen-port", str(port), "--set", f"confdir={conf}",
-             "--set", f"ssl_verify_upstream_trusted_ca={origin_ca}"],
-            tmp, port, conf / "mitmproxy-ca-cert.pem", ready_file=conf / "mitmproxy-ca-cert.pem",
+            [
+                mitm,
+                "-q",
+                "--listen-host",
+                LOOPBACK,
+                "--listen-port",
+                str(port),
+                "--set",
+                f"confdir={conf}",
+                "--set",
+                f"ssl_verify_upstream_trusted_ca={origin_ca}",
+            ],
+            tmp,
+            port,
+            conf / "mitmproxy-ca-cert.pem",
+            ready_file=conf / "mitmproxy-ca-cert.pem",
         ).start()
     else:
-        bench.notes.append(f"mitmproxy not measured: `{a.mitmdump_cmd}` not found (pip install mitmproxy; --mitmdump-cmd)")
+        bench.notes.append(
+            f"mitmproxy not measured: `{a.mitmdump_cmd}` not found (pip install mitmproxy; --mitmdump-cmd)"
+        )
     proxypy = shutil.which(a.proxypy_cmd) if a.proxypy_cmd else None
     if proxypy:
         d = tmp / "proxypy"
         (d / "certs").mkdir(parents=True)
         ca_key, ca_cert, sign_key = d / "ca-key.pem", d / "ca-cert.pem", d / "ca-signing-key.pem"
         openssl = find_binary("openssl")
-        subprocess.run([openssl, "genrsa", "-out", str(ca_key), "2048"], check=True, capture_output=True)
-        subprocess.run([openssl, "req", "-new", "-x509", "-days", "30", "-key", str(ca_key), "-out", str(ca_cert),
-                        "-subj", "/CN=proxy.py bench CA", "-addext", "basicConstraints=critical,CA:TRUE",
-                        "-addext", "keyUsage=critical,keyCertSign,cRLSign"], check=True, capture_output=True)
-        subprocess.run([openssl, "genrsa", "-out", str(sign_key), "2048"], check=True, capture_output=True)
+        subprocess.run(
+            [openssl, "genrsa", "-out", str(ca_key), "2048"], check=True, capture_output=True
+        )
+        subprocess.run(
+            [
+                openssl,
+                "req",
+                "-new",
+                "-x509",
+                "-days",
+                "30",
+                "-key",
+                str(ca_key),
+                "-out",
+                str(ca_cert),
+                "-subj",
+                "/CN=proxy.py bench CA",
+                "-addext",
+                "basicConstraints=critical,CA:TRUE",
+                "-addext",
+                "keyUsage=critical,keyCertSign,cRLSign",
+            ],
+            check=True,
+            capture_output=True,
+        )
+        subprocess.run(
+            [openssl, "genrsa", "-out", str(sign_key), "2048"], check=True, capture_output=True
+        )
         port = free_port()
         out["proxy.py"] = InterceptingProxy(
             "proxy.py",
-            [proxypy, "--hostname", LOOPBACK, "--port", str(port), "--log-level", "WARNING",
-             "--ca-key-file", str(ca_key), "--ca-cert-file", str(ca_cert), "--ca-signing-key-file", str(sign_key),
-             "--ca-cert-dir", str(d / "certs"), "--ca-file", origin_ca],
-            tmp, port, ca_cert,
+            [
+                proxypy,
+                "--hostname",
+                LOOPBACK,
+                "--port",
+                str(port),
+                "--log-level",
+                "WARNING",
+                "--ca-key-file",
+                str(ca_key),
+                "--ca-cert-file",
+                str(ca_cert),
+                "--ca-signing-key-file",
+                str(sign_key),
+                "--ca-cert-dir",
+                str(d / "certs"),
+                "--ca-file",
+                origin_ca,
+            ],
+            tmp,
+            port,
+            ca_cert,
         ).start()
     else:
-        bench.notes.append(f"proxy.py not measured: `{a.proxypy_cmd}` not found (pip install proxy.py; --proxypy-cmd)")
+        bench.notes.append(
+            f"proxy.py not measured: `{a.proxypy_cmd}` not found (pip install proxy.py; --proxypy-cmd)"
+        )
     return out
 
 
@@ -429,12 +515,20 @@ def section_intercept(bench: Bench) -> None:
     a = bench.args
     duration = a.wrk_duration
     conns = a.wrk_connections
-    bench.log(f"[intercept] {conns} keep-alive connections, {duration:g} s runs, {a.rounds} rounds, "
-              f"load client: bench/tlsload.py ({os.cpu_count()} processes)")
+    bench.log(
+        f"[intercept] {conns} keep-alive connections, {duration:g} s runs, {a.rounds} rounds, "
+        f"load client: bench/tlsload.py ({os.cpu_count()} processes)"
+    )
     T = "intercept"
     mint = bench.metric("ic_mint", "mint a certificate for a new host", "ms", False, T)
     cached = bench.metric("ic_cached", "certificate lookup, cached host", "µs", False, T)
-    hs = bench.metric("ic_handshake", "new TLS connections (CONNECT + full handshake), cached host", "conn/s", True, T)
+    hs = bench.metric(
+        "ic_handshake",
+        "new TLS connections (CONNECT + full handshake), cached host",
+        "conn/s",
+        True,
+        T,
+    )
     rate = bench.metric("ic_rate", "keep-alive 1 KiB GET over HTTPS", "req/s", True, T)
     p99 = bench.metric("ic_p99", "keep-alive p99 latency", "ms", False, T)
     cpu = bench.metric("ic_cpu", "proxy CPU per request", "µs/req", False, T)
@@ -461,18 +555,31 @@ def section_intercept(bench: Bench) -> None:
 
             def target(name: str) -> tlsload.Target | None:
                 if name == "direct-https":
-                    return tlsload.Target("localhost", origin.https_port, "/1k.bin", True, cafile=origin_ca)
+                    return tlsload.Target(
+                        "localhost", origin.https_port, "/1k.bin", True, cafile=origin_ca
+                    )
                 if name == "direct-http":
                     return tlsload.Target(LOOPBACK, origin.http_port, "/1k.bin", False)
                 if name == "segproxy-http":
                     p = procs.get("segproxy")
-                    return None if p is None else tlsload.Target(LOOPBACK, origin.http_port, "/1k.bin", False,
-                                                                  proxy=(LOOPBACK, p.port))
+                    return (
+                        None
+                        if p is None
+                        else tlsload.Target(
+                            LOOPBACK, origin.http_port, "/1k.bin", False, proxy=(LOOPBACK, p.port)
+                        )
+                    )
                 p = procs.get(name)
                 if p is None:
                     return None
-                return tlsload.Target("localhost", origin.https_port, "/1k.bin", True, cafile=str(p.ca_file),
-                                      proxy=(LOOPBACK, p.port))
+                return tlsload.Target(
+                    "localhost",
+                    origin.https_port,
+                    "/1k.bin",
+                    True,
+                    cafile=str(p.ca_file),
+                    proxy=(LOOPBACK, p.port),
+                )
 
             def pid_of(name: str) -> int | None:
                 p = procs.get("segproxy" if name == "segproxy-http" else name)
@@ -490,18 +597,24 @@ def section_intercept(bench: Bench) -> None:
                     used = cpu_seconds_group(pid) - c0 if pid else None
                     n = res["requests"]
                     if n == 0 or res["errors"] > 0.01 * n:
-                        bench.notes.append(f"intercept {name} round {r + 1}: {res['errors']} errors in {n} requests")
+                        bench.notes.append(
+                            f"intercept {name} round {r + 1}: {res['errors']} errors in {n} requests"
+                        )
                     rate.add(name, res["rate"])
                     p99.add(name, res["p99"] * 1e3)
                     if used is not None and n:
                         cpu.add(name, used * 1e6 / n)
-                    bench.log(f"  round {r + 1} {name:13s} {res['rate']:9.0f} req/s  p99 {res['p99'] * 1e3:6.2f} ms"
-                              + (f"  cpu {used * 1e6 / n:6.1f} µs/req" if used is not None and n else ""))
+                    bench.log(
+                        f"  round {r + 1} {name:13s} {res['rate']:9.0f} req/s  p99 {res['p99'] * 1e3:6.2f} ms"
+                        + (f"  cpu {used * 1e6 / n:6.1f} µs/req" if used is not None and n else "")
+                    )
                 for name in bench.order(r, tls_names):
                     res = tlsload.handshakes(target(name), 16, max(1.0, duration / 2))
                     if res["errors"]:
-                        bench.notes.append(f"handshakes {name} round {r + 1}: {res['errors']} errors "
-                                           f"(first: {res['first_error']})")
+                        bench.notes.append(
+                            f"handshakes {name} round {r + 1}: {res['errors']} errors "
+                            f"(first: {res['first_error']})"
+                        )
                     hs.add(name, res["rate"])
                     bench.log(f"  round {r + 1} {name:13s} {res['rate']:9.0f} handshakes/s")
     finally:
@@ -516,7 +629,11 @@ def section_intercept(bench: Bench) -> None:
 RULE_VARIANTS: list[tuple[str, str, list[str]]] = [
     # (name, description, extra segproxy arguments)
     ("norules", "no rules", []),
-    ("none", "rule `*=segment_upstream,strategy=none`", ["--segment-rule", "*=segment_upstream,strategy=none"]),
+    (
+        "none",
+        "rule `*=segment_upstream,strategy=none`",
+        ["--segment-rule", "*=segment_upstream,strategy=none"],
+    ),
     (
         "fixed1k",
         "rule fixed 1 KiB chunks, no delay, direction=both",
@@ -532,16 +649,29 @@ def section_rules(bench: Bench) -> None:
         bench.notes.append("section rules skipped: segproxy is not a contender")
         return
     nbytes = a.bulk_bytes
-    bench.log(f"[rules] segproxy tunnel, {nbytes / MIB:.0f} MiB each way, {a.rounds} rounds, variants "
-              + ", ".join(v[0] for v in RULE_VARIANTS))
+    bench.log(
+        f"[rules] segproxy tunnel, {nbytes / MIB:.0f} MiB each way, {a.rounds} rounds, variants "
+        + ", ".join(v[0] for v in RULE_VARIANTS)
+    )
     port = free_port()
     tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-rules-"))
     server = ManagedProcess(
-        "bulk-server", [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)], workdir=tmp
+        "bulk-server",
+        [sys.executable, str(HERE / "bulk.py"), "serve", "--port", str(port)],
+        workdir=tmp,
     )
-    up = {n: bench.metric(f"rules_{n}_up", f"tunnel upload, {d}", "MiB/s", True) for n, d, _ in RULE_VARIANTS}
-    down = {n: bench.metric(f"rules_{n}_down", f"tunnel download, {d}", "MiB/s", True) for n, d, _ in RULE_VARIANTS}
-    cpu = {n: bench.metric(f"rules_{n}_cpu", f"tunnel proxy CPU, {d}", "s/GiB", False) for n, d, _ in RULE_VARIANTS}
+    up = {
+        n: bench.metric(f"rules_{n}_up", f"tunnel upload, {d}", "MiB/s", True)
+        for n, d, _ in RULE_VARIANTS
+    }
+    down = {
+        n: bench.metric(f"rules_{n}_down", f"tunnel download, {d}", "MiB/s", True)
+        for n, d, _ in RULE_VARIANTS
+    }
+    cpu = {
+        n: bench.metric(f"rules_{n}_cpu", f"tunnel proxy CPU, {d}", "s/GiB", False)
+        for n, d, _ in RULE_VARIANTS
+    }
     procs: dict[str, Segproxy] = {}
     try:
         with server:
@@ -580,22 +710,35 @@ def section_rules(bench: Bench) -> None:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for name, desc, _ in RULE_VARIANTS:
-        u, d, c = up[name].median("segproxy"), down[name].median("segproxy"), cpu[name].median("segproxy")
-        rows.append(f"| {desc} | {fmt(u)} | {fmt(d)} | {fmt(c)} | {ratio(u, base_up)} | {ratio(d, base_down)} |")
+        u, d, c = (
+            up[name].median("segproxy"),
+            down[name].median("segproxy"),
+            cpu[name].median("segproxy"),
+        )
+        rows.append(
+            f"| {desc} | {fmt(u)} | {fmt(d)} | {fmt(c)} | {ratio(u, base_up)} | {ratio(d, base_down)} |"
+        )
     bench.extra.append("\n".join(rows))
 
     def paired(metric: dict[str, Metric], name: str) -> float | None:
         # Variants run back to back within a round: the median of per-round ratios cancels
         # most of the machine's drift between rounds. (CPU can read 0 on tiny runs.)
-        a_vals, b_vals = metric[name].rounds.get("segproxy", []), metric["norules"].rounds.get("segproxy", [])
-        ratios = [x / y for x, y in zip(a_vals, b_vals) if y > 0]
+        a_vals, b_vals = (
+            metric[name].rounds.get("segproxy", []),
+            metric["norules"].rounds.get("segproxy", []),
+        )
+        ratios = [x / y for x, y in zip(a_vals, b_vals, strict=False) if y > 0]
         return statistics.median(ratios) if ratios else None
 
     def show(v: float | None) -> str:
         return "–" if v is None else f"{v:.3f}×"
 
     u_ratio, d_ratio, c_ratio = paired(up, "none"), paired(down, "none"), paired(cpu, "none")
-    verdict = "meets" if u_ratio is not None and d_ratio is not None and min(u_ratio, d_ratio) >= 0.95 else "MISSES"
+    verdict = (
+        "meets"
+        if u_ratio is not None and d_ratio is not None and min(u_ratio, d_ratio) >= 0.95
+        else "MISSES"
+    )
     bench.extra.append(
         f"strategy=none rule vs no rules (median of per-round ratios): upload {show(u_ratio)}, download "
         f"{show(d_ratio)} — {verdict} the target (within 5 %); proxy CPU per GiB {show(c_ratio)} "
@@ -624,8 +767,12 @@ def thousand_rules_text(count: int = 1000) -> tuple[str, list[str]]:
     hosts = []
     for i in range(max(count, 1)):
         hosts.append(
-            [f"host{i}.example.com", f"a.b.zone{i // 10 * 10 + 6}.example.net",
-             f"api{i // 10 * 10 + 9}-x.example.org", f"nomatch{i}.test"][i % 4]
+            [
+                f"host{i}.example.com",
+                f"a.b.zone{i // 10 * 10 + 6}.example.net",
+                f"api{i // 10 * 10 + 9}-x.example.org",
+                f"nomatch{i}.test",
+            ][i % 4]
         )
     return "\n".join(lines) + "\n", hosts
 
@@ -641,8 +788,17 @@ def engine_decide_us(bench: Bench) -> float | None:
     if cargo is None:
         bench.notes.append("engine decide timing skipped: cargo not found")
         return None
-    cmd = [cargo, "test", "--release", "--no-default-features", "--lib", "--", "--ignored", "--nocapture",
-           "decide_timing"]
+    cmd = [
+        cargo,
+        "test",
+        "--release",
+        "--no-default-features",
+        "--lib",
+        "--",
+        "--ignored",
+        "--nocapture",
+        "decide_timing",
+    ]
     bench.log(f"  running {' '.join(cmd)} (compiles the test binary the first time)")
     try:
         out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1800)
@@ -652,7 +808,9 @@ def engine_decide_us(bench: Bench) -> float | None:
     m = re.search(CARGO_DECIDE_RE, out.stdout + out.stderr)
     if out.returncode != 0 or m is None:
         tail = (out.stderr or out.stdout).strip().splitlines()[-3:]
-        bench.notes.append(f"engine decide timing failed (exit {out.returncode}): {' / '.join(tail)}")
+        bench.notes.append(
+            f"engine decide timing failed (exit {out.returncode}): {' / '.join(tail)}"
+        )
         return None
     value, unit = float(m.group(1)), m.group(2)
     return value * {"ns": 1e-3, "µs": 1.0, "us": 1.0, "ms": 1e3, "s": 1e6}[unit]
@@ -668,7 +826,9 @@ def section_decide(bench: Bench) -> None:
     text, hosts = thousand_rules_text(1000)
     rules = Rules.parse(text, source="<bench>")
     iterations = 20_000 if a.quick else 200_000
-    bench.log(f"[decide] {len(rules)} rules, {iterations} decisions per round through Python Rules.decide")
+    bench.log(
+        f"[decide] {len(rules)} rules, {iterations} decisions per round through Python Rules.decide"
+    )
     py = bench.metric("decide_py", "rule decision, 1,000 rules, Python Rules.decide", "µs", False)
     decide = rules.decide
     for h in hosts[:1000]:  # warm-up
@@ -690,12 +850,16 @@ def section_decide(bench: Bench) -> None:
             eng.add("segproxy", us)
             bench.log(f"  round {r + 1} engine decide {us:.3f} µs/decision")
     rows = ["| rule decision, 1,000 rules | µs per decision | target |", "|---|---:|---|"]
-    for key, label in (("decide_py", "Python `Rules.decide` (binding + Decision object)"),
-                       ("decide_engine", "engine `RuleSet::decide` (Rust only)")):
+    for key, label in (
+        ("decide_py", "Python `Rules.decide` (binding + Decision object)"),
+        ("decide_engine", "engine `RuleSet::decide` (Rust only)"),
+    ):
         m = bench.metrics.get(key)
         v = m.median("segproxy") if m else None
-        rows.append(f"| {label} | {fmt(v) if v is None or v >= 0.1 else f'{v:.3f}'} | "
-                    f"{'–' if v is None else ('< 10 µs: met' if v < 10 else '< 10 µs: MISSED')} |")
+        rows.append(
+            f"| {label} | {fmt(v) if v is None or v >= 0.1 else f'{v:.3f}'} | "
+            f"{'–' if v is None else ('< 10 µs: met' if v < 10 else '< 10 µs: MISSED')} |"
+        )
     bench.extra.append("\n".join(rows))
 
 
@@ -731,7 +895,10 @@ def ratio(a: float | None, b: float | None) -> str:
 TABLES = {
     # table: (columns, ratios as (numerator, denominator))
     "main": (["direct", "segproxy", "squid"], [("segproxy", "direct"), ("segproxy", "squid")]),
-    "intercept": (IC_CONTENDERS, [("segproxy", "proxy.py"), ("segproxy", "mitmproxy"), ("segproxy", "segproxy-http")]),
+    "intercept": (
+        IC_CONTENDERS,
+        [("segproxy", "proxy.py"), ("segproxy", "mitmproxy"), ("segproxy", "segproxy-http")],
+    ),
 }
 
 
@@ -741,7 +908,11 @@ def report(bench: Bench, table: str = "main") -> str:
     if not metrics:
         return ""
     lines = [
-        "| metric | unit | better | " + " | ".join(cols) + " | " + " | ".join(f"{a}/{b}" for a, b in ratios) + " |",
+        "| metric | unit | better | "
+        + " | ".join(cols)
+        + " | "
+        + " | ".join(f"{a}/{b}" for a, b in ratios)
+        + " |",
         "|---|---|---|" + "---:|" * (len(cols) + len(ratios)),
     ]
     for m in metrics:
@@ -749,7 +920,9 @@ def report(bench: Bench, table: str = "main") -> str:
         lines.append(
             f"| {m.label} | {m.unit} | {'higher' if m.higher_is_better else 'lower'} | "
             + " | ".join(fmt(med[c]) for c in cols)
-            + " | " + " | ".join(ratio(med[a], med[b]) for a, b in ratios) + " |"
+            + " | "
+            + " | ".join(ratio(med[a], med[b]) for a, b in ratios)
+            + " |"
         )
     return "\n".join(lines)
 
@@ -797,7 +970,9 @@ def parse_size(text: str) -> int:
 def segproxy_available(cmd: str) -> str | None:
     """None if the segproxy command runs, else the reason it does not."""
     try:
-        out = subprocess.run(shlex.split(cmd) + ["--help"], capture_output=True, text=True, timeout=30)
+        out = subprocess.run(
+            shlex.split(cmd) + ["--help"], capture_output=True, text=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired) as e:
         return str(e)
     if out.returncode != 0:
@@ -807,22 +982,39 @@ def segproxy_available(cmd: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="smoke run: 3 rounds, 32 MiB, 1 s wrk runs")
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: 3 rounds, 32 MiB, 1 s wrk runs"
+    )
     ap.add_argument("--rounds", type=int, help="rounds per measurement (default 5, 3 with --quick)")
-    ap.add_argument("--bulk-size", help="bytes each way per tunnel transfer (default 1GiB, 32MiB with --quick)")
-    ap.add_argument("--wrk-duration", type=float, help="seconds per wrk run (default 10, 1 with --quick)")
+    ap.add_argument(
+        "--bulk-size", help="bytes each way per tunnel transfer (default 1GiB, 32MiB with --quick)"
+    )
+    ap.add_argument(
+        "--wrk-duration", type=float, help="seconds per wrk run (default 10, 1 with --quick)"
+    )
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--wrk-connections", type=int, default=64)
     ap.add_argument("--nginx-workers", type=int, default=1)
-    ap.add_argument("--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}")
+    ap.add_argument(
+        "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
+    )
     ap.add_argument("--contenders", default="direct,segproxy,squid")
     ap.add_argument("--segproxy-cmd", default=f"{shlex.quote(sys.executable)} -m segproxy")
     ap.add_argument(
-        "--segproxy-arg", action="append", default=[], help="extra segproxy CLI argument (repeatable)"
+        "--segproxy-arg",
+        action="append",
+        default=[],
+        help="extra segproxy CLI argument (repeatable)",
     )
-    ap.add_argument("--mitmdump-cmd", default="mitmdump", help="mitmproxy's mitmdump (intercept section)")
-    ap.add_argument("--proxypy-cmd", default="proxy", help="proxy.py's `proxy` command (intercept section)")
+    ap.add_argument(
+        "--mitmdump-cmd", default="mitmdump", help="mitmproxy's mitmdump (intercept section)"
+    )
+    ap.add_argument(
+        "--proxypy-cmd", default="proxy", help="proxy.py's `proxy` command (intercept section)"
+    )
     ap.add_argument("--json", type=Path, help="also write every round and the medians here")
     ap.add_argument(
         "--engine-decide",
@@ -865,10 +1057,14 @@ def main(argv: list[str] | None = None) -> int:
 
     m = meta(bench)
     print(f"\n## segproxy benchmark ({m['date']})\n")
-    print(f"`{m['command']}` — {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
-          f"{m['squid']}, {m['nginx']}, {m['wrk_version']}")
-    print(f"medians of {a.rounds} rounds; tunnel {a.bulk_bytes / MIB:.0f} MiB each way; "
-          f"wrk -t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration:g}s\n")
+    print(
+        f"`{m['command']}` — {m['cpus']} CPUs, Linux {m['kernel']}, Python {m['python']}, "
+        f"{m['squid']}, {m['nginx']}, {m['wrk_version']}"
+    )
+    print(
+        f"medians of {a.rounds} rounds; tunnel {a.bulk_bytes / MIB:.0f} MiB each way; "
+        f"wrk -t{a.wrk_threads} -c{a.wrk_connections} -d{a.wrk_duration:g}s\n"
+    )
     if report(bench):
         print(report(bench))
     for table in TABLES:

@@ -56,7 +56,9 @@ def open_conn(t: Target, ctx: ssl.SSLContext | None, timeout: float = 30.0) -> s
     if t.proxy is not None:
         sock = socket.create_connection(t.proxy, timeout=timeout)
         if t.tls:
-            sock.sendall(f"CONNECT {t.host}:{t.port} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n\r\n".encode())
+            sock.sendall(
+                f"CONNECT {t.host}:{t.port} HTTP/1.1\r\nHost: {t.host}:{t.port}\r\n\r\n".encode()
+            )
             head = _recv_head(sock)
             if not head.split(b" ", 2)[1].startswith(b"2"):
                 raise ConnectionError(f"CONNECT refused: {head!r}")
@@ -155,15 +157,23 @@ def _worker(t: Target, nconn: int, ready, start, duration: float, out) -> None:
         out.put({"error": f"{type(e).__name__}: {e}"})
 
 
-def keepalive(t: Target, connections: int = 64, duration: float = 5.0, processes: int | None = None) -> dict:
+def keepalive(
+    t: Target, connections: int = 64, duration: float = 5.0, processes: int | None = None
+) -> dict:
     """Keep-alive GETs over `connections` connections; returns requests, errors, seconds,
     rate (req/s) and p99 (s, worst process)."""
     processes = processes or os.cpu_count() or 2
     processes = max(1, min(processes, connections))
     mpc = mp.get_context("fork")
     ready, out, start = mpc.Queue(), mpc.Queue(), mpc.Event()
-    per = [connections // processes + (1 if i < connections % processes else 0) for i in range(processes)]
-    procs = [mpc.Process(target=_worker, args=(t, n, ready, start, duration, out), daemon=True) for n in per]
+    per = [
+        connections // processes + (1 if i < connections % processes else 0)
+        for i in range(processes)
+    ]
+    procs = [
+        mpc.Process(target=_worker, args=(t, n, ready, start, duration, out), daemon=True)
+        for n in per
+    ]
     for p in procs:
         p.start()
     try:
@@ -217,18 +227,29 @@ def _hs_worker(t: Target, threads: int, ready, start, duration: float, out) -> N
         th.start()
     for th in ths:
         th.join()
-    out.put({"handshakes": sum(counts), "errors": sum(errs), "seconds": time.perf_counter() - t0,
-             "first_error": first_error[0] if first_error else None})
+    out.put(
+        {
+            "handshakes": sum(counts),
+            "errors": sum(errs),
+            "seconds": time.perf_counter() - t0,
+            "first_error": first_error[0] if first_error else None,
+        }
+    )
 
 
-def handshakes(t: Target, concurrency: int = 16, duration: float = 3.0, processes: int | None = None) -> dict:
+def handshakes(
+    t: Target, concurrency: int = 16, duration: float = 3.0, processes: int | None = None
+) -> dict:
     """New TLS connections (CONNECT + full handshake, then close) per second."""
     assert t.tls
     processes = processes or os.cpu_count() or 2
     mpc = mp.get_context("fork")
     ready, out, start = mpc.Queue(), mpc.Queue(), mpc.Event()
     per = max(1, concurrency // processes)
-    procs = [mpc.Process(target=_hs_worker, args=(t, per, ready, start, duration, out), daemon=True) for _ in range(processes)]
+    procs = [
+        mpc.Process(target=_hs_worker, args=(t, per, ready, start, duration, out), daemon=True)
+        for _ in range(processes)
+    ]
     for p in procs:
         p.start()
     try:
@@ -245,4 +266,10 @@ def handshakes(t: Target, concurrency: int = 16, duration: float = 3.0, processe
     secs = max(r["seconds"] for r in results)
     errors = sum(r["errors"] for r in results)
     first = next((r["first_error"] for r in results if r["first_error"]), None)
-    return {"handshakes": n, "errors": errors, "seconds": secs, "rate": n / secs if secs else 0.0, "first_error": first}
+    return {
+        "handshakes": n,
+        "errors": errors,
+        "seconds": secs,
+        "rate": n / secs if secs else 0.0,
+        "first_error": first,
+    }

@@ -38,7 +38,7 @@ fi
 
 # --- Python test dependencies -------------------------------------------------
 PIP_PACKAGES=(httpx pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
-              matplotlib mypy cryptography websockets maturin)
+              matplotlib mypy ruff==0.17.6 cryptography websockets maturin)
 if [[ -n "${SKIP_PIP:-}" ]]; then
     log "pip: skipped (SKIP_PIP set)"
 else
@@ -46,6 +46,15 @@ else
     # Already-satisfied requirements are not downloaded again.
     "$PYTHON" -m pip install --disable-pip-version-check -q "${PIP_PACKAGES[@]}"
 fi
+
+# --- Rust lint components ------------------------------------------------------
+for component in rustfmt clippy; do
+    cmd=${component/rustfmt/fmt}
+    if ! cargo "$cmd" --version >/dev/null 2>&1 && command -v rustup >/dev/null; then
+        log "rustup: adding $component"
+        rustup component add "$component" || log "rustup: could not add $component"
+    fi
+done
 
 # --- segproxy itself ------------------------------------------------------------
 # An editable install (python/segproxy on sys.path, the compiled

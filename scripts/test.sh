@@ -22,6 +22,14 @@ if [[ -z "${SKIP_INSTALL:-}" ]]; then
     fi
 fi
 
+stage "lint (rustfmt, clippy with and without the python feature, ruff)"
+# mypy --strict and stubtest run in the pytest stage (tests/test_typing.py).
+cargo fmt --check || failed+=("cargo fmt --check")
+cargo clippy --all-targets --no-default-features -- -D warnings || failed+=("clippy (engine)")
+cargo clippy --all-targets -- -D warnings || failed+=("clippy (python feature)")
+"$PYTHON" -m ruff check python tests bench || failed+=("ruff check")
+"$PYTHON" -m ruff format --check python tests bench || failed+=("ruff format --check")
+
 stage "cargo test (engine, no Python)"
 cargo test --no-default-features || failed+=("cargo test")
 

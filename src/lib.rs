@@ -2,4 +2,3 @@
 pub mod engine;
 #[cfg(feature = "python")]
 mod python;
-

@@ -13,7 +13,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-from support import (  # noqa: E402
+from support import (
     Dnsmasq,
     MissingBinary,
     NginxOrigin,

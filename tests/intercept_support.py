@@ -28,7 +28,7 @@ class ProxyThread:
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.server: segproxy.ProxyServer | None = None
 
-    def __enter__(self) -> "ProxyThread":
+    def __enter__(self) -> ProxyThread:
         self.thread.start()
         try:
             self.server = self.call(segproxy.start_proxy_server(port=0, **self.options))
@@ -204,9 +204,11 @@ class EchoOrigin:
         ctx.load_cert_chain(str(cert), str(key))
         self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
         self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True)
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
 
-    def __enter__(self) -> "EchoOrigin":
+    def __enter__(self) -> EchoOrigin:
         self.thread.start()
         return self
 

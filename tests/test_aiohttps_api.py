@@ -47,7 +47,9 @@ async def test_handler_writing_status_line_plus_to_raw_sends_a_valid_response():
     class Answer(HTTPSProxyHandler):
         async def on_request_received(self) -> None:
             body = b"answered by the handler"
-            headers = HTTPHeader([("Content-Type", "text/plain"), ("Content-Length", str(len(body)))])
+            headers = HTTPHeader(
+                [("Content-Type", "text/plain"), ("Content-Length", str(len(body)))]
+            )
             self.write_response(b"HTTP/1.1 200 OK\r\n" + headers.to_raw() + body)
             await self.flush_response()
 
@@ -71,7 +73,11 @@ def test_parse_get_request_line():
     request = HTTPRequest()
     request.parse_request_line(b"GET http://example.com:8080/path?q=1 HTTP/1.1")
     assert (request.method, request.scheme, request.host, request.port, request.version) == (
-        "GET", "http", "example.com", 8080, "HTTP/1.1"
+        "GET",
+        "http",
+        "example.com",
+        8080,
+        "HTTP/1.1",
     )
     assert request.path == "/path?q=1"
     assert request.url() == "http://example.com:8080/path?q=1"
@@ -81,7 +87,11 @@ def test_parse_connect_request_line():
     request = HTTPRequest()
     request.parse_request_line(b"CONNECT example.com:443 HTTP/1.1")
     assert (request.method, request.scheme, request.host, request.port, request.version) == (
-        "CONNECT", "https", "example.com", 443, "HTTP/1.1"
+        "CONNECT",
+        "https",
+        "example.com",
+        443,
+        "HTTP/1.1",
     )
 
 
@@ -91,11 +101,14 @@ def test_parse_request_line_default_port():
     assert request.port == 80
 
 
-@pytest.mark.parametrize("line, message", [
-    (b"GET /", "Invalid request line"),
-    (b"GET / HTTP/1.1 extra", "Invalid request line"),
-    (b"CONNECT example.com HTTP/1.1", "Invalid CONNECT request line"),
-])
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        (b"GET /", "Invalid request line"),
+        (b"GET / HTTP/1.1 extra", "Invalid request line"),
+        (b"CONNECT example.com HTTP/1.1", "Invalid CONNECT request line"),
+    ],
+)
 def test_parse_request_line_errors(line, message):
     with pytest.raises(ValueError, match=message):
         HTTPRequest().parse_request_line(line)
@@ -105,25 +118,36 @@ def test_request_parse_headers():
     request = HTTPRequest()
     request.parse_headers(b"Host: a\r\nX: 1\r\nx: 2\r\n")
     assert isinstance(request.headers, HTTPHeader)
-    assert request.headers.first("x") == "1" and request.headers.to_dict() == {"Host": "a", "X": "1", "x": "2"}
+    assert request.headers.first("x") == "1" and request.headers.to_dict() == {
+        "Host": "a",
+        "X": "1",
+        "x": "2",
+    }
 
 
 # --------------------------------------------------------------------------------------
 # HTTPResponse.parse_status_line / parse_headers
 
 
-@pytest.mark.parametrize("line, version, code, reason", [
-    (b"HTTP/1.1 200 OK", "HTTP/1.1", 200, "OK"),
-    (b"HTTP/1.1 404", "HTTP/1.1", 404, ""),
-    (b"HTTP/1.1 500 Internal Server Error", "HTTP/1.1", 500, "Internal Server Error"),
-    (b"HTTP/2 200 OK", "HTTP/2", 200, "OK"),
-    (b"  HTTP/1.1 200 OK  \r\n", "HTTP/1.1", 200, "OK"),
-    (b"HTTP/1.1 301 Moved Permanently", "HTTP/1.1", 301, "Moved Permanently"),
-])
+@pytest.mark.parametrize(
+    "line, version, code, reason",
+    [
+        (b"HTTP/1.1 200 OK", "HTTP/1.1", 200, "OK"),
+        (b"HTTP/1.1 404", "HTTP/1.1", 404, ""),
+        (b"HTTP/1.1 500 Internal Server Error", "HTTP/1.1", 500, "Internal Server Error"),
+        (b"HTTP/2 200 OK", "HTTP/2", 200, "OK"),
+        (b"  HTTP/1.1 200 OK  \r\n", "HTTP/1.1", 200, "OK"),
+        (b"HTTP/1.1 301 Moved Permanently", "HTTP/1.1", 301, "Moved Permanently"),
+    ],
+)
 def test_parse_status_line(line, version, code, reason):
     response = HTTPResponse()
     response.parse_status_line(line)
-    assert (response.version, response.status_code, response.reason_phrase) == (version, code, reason)
+    assert (response.version, response.status_code, response.reason_phrase) == (
+        version,
+        code,
+        reason,
+    )
 
 
 @pytest.mark.parametrize("line", [b"INVALID", b"HTTP/1.1"])
@@ -140,7 +164,10 @@ def test_parse_status_line_bad_code():
 def test_response_parse_headers():
     response = HTTPResponse()
     response.parse_headers(b"Set-Cookie: a=1\r\nSet-Cookie: b=2\r\nContent-Type: text/html")
-    assert response.headers.first("set-cookie") == "a=1" and response.headers.first("CONTENT-TYPE") == "text/html"
+    assert (
+        response.headers.first("set-cookie") == "a=1"
+        and response.headers.first("CONTENT-TYPE") == "text/html"
+    )
     response.parse_headers(b"")
     assert isinstance(response.headers, HTTPHeader) and len(response.headers) == 0
 
@@ -156,7 +183,7 @@ def make_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "test CA")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name)
@@ -167,9 +194,17 @@ def make_ca() -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .add_extension(
-            x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                          data_encipherment=False, key_agreement=False, key_cert_sign=True, crl_sign=True,
-                          encipher_only=False, decipher_only=False),
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
             critical=True,
         )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -185,7 +220,11 @@ def test_tls_store_from_cryptography_objects_and_pem():
         TLSStore(key, cert),
         TLSStore(ca_key=key, ca_cert=cert),
         TLSStore(
-            key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()),
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            ),
             cert_pem.decode(),
         ),
     ):
@@ -226,7 +265,9 @@ async def test_get_ssl_context_serves_a_minted_certificate(tmp_path):
         writer.close()
         # Another name is refused by a verifying client: the certificate is the domain's.
         with pytest.raises(ssl.SSLCertVerificationError):
-            await asyncio.open_connection("127.0.0.1", port, ssl=client_ctx, server_hostname="other.example.test")
+            await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname="other.example.test"
+            )
     finally:
         server.close()
         await server.wait_closed()
@@ -305,13 +346,16 @@ async def test_response_hooks_see_transfer_encoding():
     assert not any(name.lower() == "transfer-encoding" for name, _ in seen[1]), seen
 
 
-@pytest.mark.parametrize("scheme, host_header, host, port", [
-    ("http", "example.com", "example.com", 80),
-    ("https", "example.com", "example.com", 443),
-    ("http", "example.com:8080", "example.com", 8080),
-    ("https", "[::1]:8443", "::1", 8443),
-    ("https", "[::1]", "::1", 443),
-])
+@pytest.mark.parametrize(
+    "scheme, host_header, host, port",
+    [
+        ("http", "example.com", "example.com", 80),
+        ("https", "example.com", "example.com", 443),
+        ("http", "example.com:8080", "example.com", 8080),
+        ("https", "[::1]:8443", "::1", 8443),
+        ("https", "[::1]", "::1", 443),
+    ],
+)
 def test_parse_host_from_the_host_header(scheme, host_header, host, port):
     request = HTTPRequest(scheme=scheme)
     request.parse_headers(f"Host: {host_header}\r\nAccept: */*\r\n".encode())

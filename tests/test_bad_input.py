@@ -17,7 +17,6 @@ import sys
 import pytest
 import segproxy
 from segproxy import HTTPSForwardProxyHandler, HTTPSProxyHandler, start_proxy_server
-
 from support import wait_for
 from support.origins import RecordingOrigin
 
@@ -77,10 +76,17 @@ async def test_tls_client_hello_is_recognised_at_once(server):
     assert rec["kind"] == "error"
 
 
-@pytest.mark.parametrize("greeting, reply, name", [
-    (b"\x05\x01\x00", b"\x05\xff", "SOCKS5"),
-    (b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00", b"\x00\x5b\x00\x00\x00\x00\x00\x00", "SOCKS4"),
-])
+@pytest.mark.parametrize(
+    "greeting, reply, name",
+    [
+        (b"\x05\x01\x00", b"\x05\xff", "SOCKS5"),
+        (
+            b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00",
+            b"\x00\x5b\x00\x00\x00\x00\x00\x00",
+            "SOCKS4",
+        ),
+    ],
+)
 async def test_socks_greeting_gets_a_socks_refusal(server, greeting, reply, name):
     answer = await exchange(server.port, greeting)
     assert answer == reply
@@ -92,7 +98,11 @@ async def test_binary_gets_a_400_that_names_the_proxy_url(server):
     answer = await exchange(server.port, b"\x00\x01\x02\x03")
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 400 Bad Request\r\n"), answer
-    assert b"this is an HTTP proxy; set the client's proxy to " + f"http://127.0.0.1:{server.port}".encode() in body
+    assert (
+        b"this is an HTTP proxy; set the client's proxy to "
+        + f"http://127.0.0.1:{server.port}".encode()
+        in body
+    )
     # The server carries on.
     with RecordingOrigin() as origin:
         import httpx
@@ -119,7 +129,10 @@ async def test_empty_reason_from_a_hook_gets_the_standard_phrase():
     with RecordingOrigin() as origin:
         server = await start_proxy_server(Teapot, port=0)
         try:
-            answer = await exchange(server.port, f"GET {origin.url('/x')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+            answer = await exchange(
+                server.port,
+                f"GET {origin.url('/x')} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode(),
+            )
             assert answer.startswith(b"HTTP/1.1 404 Not Found\r\n"), answer
         finally:
             await server.aclose()
@@ -170,7 +183,9 @@ async def test_intercept_without_tls_store_is_an_error_not_a_tunnel():
 
     server = await start_proxy_server(WantsIntercept, port=0)
     try:
-        answer = await exchange(server.port, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n")
+        answer = await exchange(
+            server.port, b"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost: 127.0.0.1:9\r\n\r\n"
+        )
         assert answer.startswith(b"HTTP/1.1 502 Bad Gateway\r\n"), answer
         assert b"tls_store" in answer
         await asyncio.wait_for(reported.wait(), 20)
@@ -184,19 +199,28 @@ async def test_intercept_without_tls_store_is_an_error_not_a_tunnel():
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "segproxy", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        [sys.executable, "-m", "segproxy", *args], capture_output=True, text=True, timeout=30
+    )
 
 
-@pytest.mark.parametrize("args, code, needle", [
-    (["--ca-dir", "{file}/sub", "--listen-port", "0"], 1, "Not a directory"),
-    (["--ca-dir", "/proc/segproxy-test/ca", "--listen-port", "0"], 1, "--ca-dir /proc/segproxy-test/ca"),
-    (["--listen-port", "70000"], 2, "port must be 0..65535"),
-    (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
-    (["--print-ca"], 2, "--print-ca and --export-ca need --ca-dir"),
-    (["--dns-port", "53"], 2, "--dns-port needs --dns-server"),
-    (["--rules-file", "{file}/nope"], 1, "cannot read rules file"),
-    (["--listen-port", "{busy}"], 1, "cannot listen on"),
-])
+@pytest.mark.parametrize(
+    "args, code, needle",
+    [
+        (["--ca-dir", "{file}/sub", "--listen-port", "0"], 1, "Not a directory"),
+        (
+            ["--ca-dir", "/proc/segproxy-test/ca", "--listen-port", "0"],
+            1,
+            "--ca-dir /proc/segproxy-test/ca",
+        ),
+        (["--listen-port", "70000"], 2, "port must be 0..65535"),
+        (["--no-such-flag"], 2, "unrecognized arguments: --no-such-flag"),
+        (["--print-ca"], 2, "--print-ca and --export-ca need --ca-dir"),
+        (["--dns-port", "53"], 2, "--dns-port needs --dns-server"),
+        (["--rules-file", "{file}/nope"], 1, "cannot read rules file"),
+        (["--listen-port", "{busy}"], 1, "cannot listen on"),
+    ],
+)
 def test_cli_failures_are_one_line(tmp_path, args, code, needle):
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
@@ -208,7 +232,9 @@ def test_cli_failures_are_one_line(tmp_path, args, code, needle):
     assert out.returncode == code, out
     lines = out.stderr.strip().splitlines()
     # One error line; a usage mistake (exit 2) adds a one-line usage after it.
-    assert len(lines) == (2 if code == 2 else 1) and lines[0].startswith("segproxy: error: "), out.stderr
+    assert len(lines) == (2 if code == 2 else 1) and lines[0].startswith("segproxy: error: "), (
+        out.stderr
+    )
     assert code == 1 or lines[1].startswith("usage: segproxy "), out.stderr
     assert needle in lines[0], out.stderr
     assert "Traceback" not in out.stderr

@@ -20,9 +20,22 @@ def test_bench_quick_smoke(tmp_path):
             pytest.skip(f"{tool} is not installed")
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "bench" / "run.py"), "--quick", "--rounds", "1",
-         "--bulk-size", "4MiB", "--wrk-duration", "1", "--json", str(out)],
-        capture_output=True, text=True, timeout=110,
+        [
+            sys.executable,
+            str(ROOT / "bench" / "run.py"),
+            "--quick",
+            "--rounds",
+            "1",
+            "--bulk-size",
+            "4MiB",
+            "--wrk-duration",
+            "1",
+            "--json",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=110,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| CONNECT tunnel upload |" in proc.stdout

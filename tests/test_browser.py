@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-
 import segproxy
 from support.certs import make_origin_certs
 
@@ -58,8 +57,12 @@ class Origin:
                     body, kind = b"not found", b"text/plain"
                 status = b"200 OK" if body != b"not found" else b"404 Not Found"
                 writer.write(
-                    b"HTTP/1.1 " + status + b"\r\nContent-Type: " + kind
-                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+                    b"HTTP/1.1 "
+                    + status
+                    + b"\r\nContent-Type: "
+                    + kind
+                    + b"\r\nContent-Length: %d\r\n\r\n" % len(body)
+                    + body
                 )
                 await writer.drain()
         except (asyncio.IncompleteReadError, ConnectionError, ssl.SSLError):
@@ -82,23 +85,44 @@ def nss_home(directory: Path, trusted: list[tuple[str, Path]]) -> Path:
     home = directory / "home"
     nssdb = home / ".pki" / "nssdb"
     nssdb.mkdir(parents=True)
-    subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True, timeout=60)
+    subprocess.run(
+        ["certutil", "-d", f"sql:{nssdb}", "-N", "--empty-password"], check=True, timeout=60
+    )
     for name, path in trusted:
-        subprocess.run(["certutil", "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", name, "-i", str(path)], check=True, timeout=60)
+        subprocess.run(
+            ["certutil", "-d", f"sql:{nssdb}", "-A", "-t", "C,,", "-n", name, "-i", str(path)],
+            check=True,
+            timeout=60,
+        )
     return home
 
 
 async def dump_dom(home: Path, proxy_url: str, url: str) -> str:
     """The page's DOM after its scripts ran, as headless Chromium printed it."""
     args = [
-        "chromium", "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        f"--user-data-dir={home / 'profile'}", f"--proxy-server={proxy_url}", "--proxy-bypass-list=<-loopback>",
-        "--virtual-time-budget=3000", "--dump-dom", url,
+        "chromium",
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={home / 'profile'}",
+        f"--proxy-server={proxy_url}",
+        "--proxy-bypass-list=<-loopback>",
+        "--virtual-time-budget=3000",
+        "--dump-dom",
+        url,
     ]
     env = {**os.environ, "HOME": str(home)}
     proc = await asyncio.create_subprocess_exec(
-        *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL, env=env, start_new_session=True
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
     )
     try:
         out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
@@ -118,7 +142,9 @@ async def origin_setup(tmp_path: Path) -> AsyncIterator[tuple[Origin, int, Path]
     await origin.stop()
 
 
-async def test_page_loads_through_a_tunnel(tmp_path: Path, origin_setup: tuple[Origin, int, Path]) -> None:
+async def test_page_loads_through_a_tunnel(
+    tmp_path: Path, origin_setup: tuple[Origin, int, Path]
+) -> None:
     origin, port, origin_ca = origin_setup
     home = nss_home(tmp_path, [("origin", origin_ca)])
     async with await segproxy.start_proxy_server(port=0) as server:
@@ -126,18 +152,22 @@ async def test_page_loads_through_a_tunnel(tmp_path: Path, origin_setup: tuple[O
         records = server.access_records()
     assert "static content" in dom and "dynamic fetched" in dom
     assert origin.paths.count("/page.html") == 1 and "/data.json" in origin.paths
-    tunnels = [r for r in records if r["method"] == "CONNECT" and r["target"] == f"localhost:{port}"]
+    tunnels = [
+        r for r in records if r["method"] == "CONNECT" and r["target"] == f"localhost:{port}"
+    ]
     assert tunnels and all(r["kind"] == "tunnel" and r["status"] == 200 for r in tunnels)
 
 
 async def test_page_loads_through_interception_when_our_ca_is_trusted(
     tmp_path: Path, origin_setup: tuple[Origin, int, Path]
 ) -> None:
-    origin, port, origin_ca = origin_setup
+    _origin, port, origin_ca = origin_setup
     store = segproxy.TLSStore.generate_ca(common_name="segproxy browser test CA")
     ca_file = tmp_path / "segproxy-ca.pem"
     ca_file.write_bytes(store.get_ca_pem())
-    home = nss_home(tmp_path, [("segproxy", ca_file)])  # only our CA: the origin's is unknown to the browser
+    home = nss_home(
+        tmp_path, [("segproxy", ca_file)]
+    )  # only our CA: the origin's is unknown to the browser
     seen_by_handler: list[str] = []
 
     class Recorder(segproxy.HTTPSForwardProxyHandler):
@@ -145,7 +175,9 @@ async def test_page_loads_through_interception_when_our_ca_is_trusted(
             seen_by_handler.append(self.request.url())
             await self.forward_http_request()
 
-    async with await segproxy.start_proxy_server(Recorder, port=0, tls_store=store, upstream_ca=[origin_ca]) as server:
+    async with await segproxy.start_proxy_server(
+        Recorder, port=0, tls_store=store, upstream_ca=[origin_ca]
+    ) as server:
         dom = await dump_dom(home, server.url, f"https://localhost:{port}/page.html")
         records = server.access_records()
     assert "static content" in dom and "dynamic fetched" in dom
@@ -163,7 +195,9 @@ async def test_browser_refuses_interception_without_trust(
     origin, port, origin_ca = origin_setup
     home = nss_home(tmp_path, [("origin", origin_ca)])  # trusts the origin, not our CA
     store = segproxy.TLSStore.generate_ca(common_name="untrusted segproxy CA")
-    async with await segproxy.start_proxy_server(port=0, tls_store=store, upstream_ca=[origin_ca]) as server:
+    async with await segproxy.start_proxy_server(
+        port=0, tls_store=store, upstream_ca=[origin_ca]
+    ) as server:
         dom = await dump_dom(home, server.url, f"https://localhost:{port}/page.html")
         await asyncio.sleep(0.2)
         records = server.access_records()

@@ -3,7 +3,6 @@ processes (stopped by pid), and the access log file they write."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -15,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from support import Segproxy, free_port, port_accepts, wait_for
 from support.clients import Conn, get_via
 from support.origins import RecordingOrigin, SinkThenReplyOrigin
@@ -23,12 +21,23 @@ from support.origins import RecordingOrigin, SinkThenReplyOrigin
 pytestmark = pytest.mark.timeout(60)
 
 MODULE = [sys.executable, "-m", "segproxy"]
-FLAGS = ["--listen-host", "--listen-port", "--connect-timeout", "--idle-timeout", "--header-timeout",
-         "--response-timeout", "--max-connections", "--log-level", "--access-log"]
+FLAGS = [
+    "--listen-host",
+    "--listen-port",
+    "--connect-timeout",
+    "--idle-timeout",
+    "--header-timeout",
+    "--response-timeout",
+    "--max-connections",
+    "--log-level",
+    "--access-log",
+]
 
 
 def run(argv, timeout=30):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 def test_help_lists_every_flag():
@@ -102,11 +111,20 @@ def test_console_script_is_the_module():
 
     pyproject = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
     assert pyproject["project"]["scripts"]["segproxy"] == "segproxy.cli:main"
-    via_entry = run([sys.executable, "-c", "import sys; from segproxy.cli import main; sys.exit(main())", "--help"])
+    via_entry = run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from segproxy.cli import main; sys.exit(main())",
+            "--help",
+        ]
+    )
     assert via_entry.returncode == 0 and via_entry.stdout == run(MODULE + ["--help"]).stdout
 
 
-@pytest.mark.skipif(shutil.which("segproxy") is None, reason="console script `segproxy` not installed")
+@pytest.mark.skipif(
+    shutil.which("segproxy") is None, reason="console script `segproxy` not installed"
+)
 def test_installed_console_script_matches_module():
     script = shutil.which("segproxy")
     assert run([script, "--help"]).stdout == run(MODULE + ["--help"]).stdout
@@ -128,7 +146,10 @@ def test_listening_line_and_sigterm_exit():
 
 def test_options_reach_the_engine():
     """--max-connections and --response-timeout given on the command line take effect."""
-    with RecordingOrigin() as origin, Segproxy(["--max-connections", "1", "--response-timeout", "1"]) as sp:
+    with (
+        RecordingOrigin() as origin,
+        Segproxy(["--max-connections", "1", "--response-timeout", "1"]) as sp,
+    ):
         time.sleep(0.3)  # the helper's readiness probes (connect, close) are gone by now
         with Conn(sp.port) as held:
             held.send(f"GET {origin.url('/first')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -152,11 +173,17 @@ LINE_RE = re.compile(
 
 
 def test_access_log_has_one_line_per_request_and_tunnel():
-    with RecordingOrigin() as origin, SinkThenReplyOrigin() as sink, Segproxy(with_access_log=True) as sp:
+    with (
+        RecordingOrigin() as origin,
+        SinkThenReplyOrigin() as sink,
+        Segproxy(with_access_log=True) as sp,
+    ):
         with Conn(sp.port) as c:  # two requests on one connection
             c.send(f"GET {origin.url('/gen/1000')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
             assert c.read_response().body_len == 1000
-            c.send(f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".encode())
+            c.send(
+                f"POST {origin.url('/echo')} HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello".encode()
+            )
             assert c.read_response().body == b"hello"
         with Conn(sp.port) as c:  # a tunnel
             c.send(f"CONNECT {sink.authority} HTTP/1.1\r\n\r\n".encode())
@@ -178,7 +205,16 @@ def test_access_log_has_one_line_per_request_and_tunnel():
     parsed = [LINE_RE.match(line) for line in lines]
     assert all(parsed), lines
     by = {(m["method"], m["status"]): m for m in parsed}
-    get, post, tunnel, nf, bad = (by[k] for k in [("GET", "200"), ("POST", "200"), ("CONNECT", "200"), ("GET", "404"), ("GET", "400")])
+    get, post, tunnel, nf, bad = (
+        by[k]
+        for k in [
+            ("GET", "200"),
+            ("POST", "200"),
+            ("CONNECT", "200"),
+            ("GET", "404"),
+            ("GET", "400"),
+        ]
+    )
     assert get["target"] == origin.url("/gen/1000") and (get["up"], get["down"]) == ("0", "1000")
     assert (post["up"], post["down"]) == ("5", "5")
     assert get["id"].split(".")[0] == post["id"].split(".")[0] and get["id"] != post["id"]
@@ -197,11 +233,16 @@ def test_segmentedproxy_command_line_runs_unchanged():
         with Segproxy(["--log-level", "DEBUG", "--access-log"]) as sp:
             assert get_via(sp.port, origin.url("/sp-compat")).status == 200
             assert wait_for(lambda: origin.url("/sp-compat") in sp.output(), timeout=5), sp.output()
-            line = next(l for l in sp.output().splitlines() if LINE_RE.match(l))
+            line = next(ln for ln in sp.output().splitlines() if LINE_RE.match(ln))
             assert LINE_RE.match(line)["target"] == origin.url("/sp-compat")
         port = free_port()
-        proc = subprocess.Popen(MODULE + ["--listen-port", str(port), "--access-log", "-", "--log-level", "Error"],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+        proc = subprocess.Popen(
+            MODULE + ["--listen-port", str(port), "--access-log", "-", "--log-level", "Error"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            stdin=subprocess.DEVNULL,
+            text=True,
+        )
         try:
             assert wait_for(lambda: port_accepts(port), timeout=15)
             assert get_via(port, origin.url("/to-stdout")).status == 200
@@ -210,10 +251,12 @@ def test_segmentedproxy_command_line_runs_unchanged():
             proc.send_signal(signal.SIGTERM)
             out, err = proc.communicate(timeout=10)
         assert proc.returncode == 0, err
-        lines = [l for l in out.splitlines() if LINE_RE.match(l)]
+        lines = [ln for ln in out.splitlines() if LINE_RE.match(ln)]
         assert len(lines) == 1 and origin.url("/to-stdout") in lines[0], (out, err)
         assert "/to-stdout" not in err
     r = run(MODULE + ["--segmentation", "segment_upstream", "--validate-rules"])
     # A bare segment_upstream default, as SegmentedProxy: nothing to segment with.
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[0].startswith("Default policy: mode=segment_upstream strategy=none "), r.stdout
+    assert r.stdout.splitlines()[0].startswith(
+        "Default policy: mode=segment_upstream strategy=none "
+    ), r.stdout

@@ -10,7 +10,6 @@ import uuid
 
 import pytest
 from segproxy import start_proxy_server
-
 from support import Dnsmasq, Segproxy, free_port, wait_for
 from support.loopback import (
     FramedOrigin,
@@ -44,7 +43,9 @@ def dns_args(dns: Dnsmasq, *extra: str, port: int | None = None) -> list[str]:
 
 
 def access_lines(proxy: Segproxy, n: int) -> list[str]:
-    assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= n), proxy.access_log.read_text()
+    assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= n), (
+        proxy.access_log.read_text()
+    )
     return proxy.access_log.read_text().splitlines()
 
 
@@ -66,14 +67,21 @@ def test_name_in_zone_reaches_local_origin(dnsmasq_server, origin):
 
 def test_connect_to_name_in_zone(dnsmasq_server):
     host = name()
-    with FramedOrigin() as framed, Segproxy(dns_args(dnsmasq_server), with_access_log=True) as proxy:
+    with (
+        FramedOrigin() as framed,
+        Segproxy(dns_args(dnsmasq_server), with_access_log=True) as proxy,
+    ):
         s, r = proxy_connect(("127.0.0.1", proxy.port), f"{host}:{framed.port}")
         assert r.status == 200
         with s:
             digest, down = framed_exchange(s, b"hello", 1000, 3)
         assert digest.hex() == sha(b"hello") and down == blob(3, 1000)
         lines = access_lines(proxy, 1)
-    assert f"method=CONNECT host={host} port={framed.port} " in lines[0] and " status=200 " in lines[0] and "dns=custom cache=miss" in lines[0], lines
+    assert (
+        f"method=CONNECT host={host} port={framed.port} " in lines[0]
+        and " status=200 " in lines[0]
+        and "dns=custom cache=miss" in lines[0]
+    ), lines
 
 
 @pytest.mark.parametrize("zone", ["bad.zone", "unknown.example"])
@@ -113,7 +121,9 @@ def test_udp_falls_back_to_tcp(dnsmasq_server, origin):
     with TcpRelay(("127.0.0.1", dnsmasq_server.port)) as relay:
         args = dns_args(dnsmasq_server, "--dns-transport", "udp", port=relay.port)
         with Segproxy(args) as proxy:
-            r = proxy_request(("127.0.0.1", proxy.port), "GET", f"http://{name()}:{origin.port}/fallback")
+            r = proxy_request(
+                ("127.0.0.1", proxy.port), "GET", f"http://{name()}:{origin.port}/fallback"
+            )
             assert r.status == 200
         assert relay.connections >= 1
 
@@ -128,7 +138,9 @@ def test_cache_size_zero_asks_every_time(dnsmasq_server, origin):
         lines = access_lines(proxy, 3)
     for line in lines:
         assert "dns=custom cache=off" in line, lines
-    assert wait_for(lambda: dnsmasq_server.query_log().count(f"query[A] {host}") >= 3), dnsmasq_server.query_log()[-2000:]
+    assert wait_for(lambda: dnsmasq_server.query_log().count(f"query[A] {host}") >= 3), (
+        dnsmasq_server.query_log()[-2000:]
+    )
 
 
 def test_cache_respects_ttl(origin):
@@ -142,7 +154,11 @@ def test_cache_respects_ttl(origin):
             time.sleep(2.2)
             assert proxy_request(addr, "GET", f"http://{host}:{origin.port}/c").status == 200
             lines = access_lines(proxy, 3)
-    assert ["dns=custom cache=miss" in lines[0], "dns=custom cache=hit" in lines[1], "dns=custom cache=miss" in lines[2]] == [True] * 3, lines
+    assert [
+        "dns=custom cache=miss" in lines[0],
+        "dns=custom cache=hit" in lines[1],
+        "dns=custom cache=miss" in lines[2],
+    ] == [True] * 3, lines
 
 
 def test_system_resolver_by_default(origin):
@@ -166,11 +182,18 @@ def test_unreachable_dns_server_gives_502(origin):
 
 
 async def test_dns_options_in_process(dnsmasq_server, origin):
-    server = await start_proxy_server(port=0, dns_server="127.0.0.1", dns_port=dnsmasq_server.port,
-                                      dns_transport="tcp", dns_cache_size=0)
+    server = await start_proxy_server(
+        port=0,
+        dns_server="127.0.0.1",
+        dns_port=dnsmasq_server.port,
+        dns_transport="tcp",
+        dns_cache_size=0,
+    )
     try:
         host = name()
-        r = await asyncio.to_thread(proxy_request, server.address, "GET", f"http://{host}:{origin.port}/p")
+        r = await asyncio.to_thread(
+            proxy_request, server.address, "GET", f"http://{host}:{origin.port}/p"
+        )
         assert r.status == 200
         # The record is written once the exchange is over, just after the client got its answer.
         assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 1)

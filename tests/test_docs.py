@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load_generator():
-    spec = importlib.util.spec_from_file_location("gen_cli_doc", ROOT / "scripts" / "gen-cli-doc.py")
+    spec = importlib.util.spec_from_file_location(
+        "gen_cli_doc", ROOT / "scripts" / "gen-cli-doc.py"
+    )
     assert spec and spec.loader
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,7 +29,11 @@ def test_cli_reference_is_current() -> None:
 
 def test_every_flag_in_help_is_documented() -> None:
     help_text = subprocess.run(
-        [sys.executable, "-m", "segproxy", "--help"], capture_output=True, text=True, timeout=60, check=True
+        [sys.executable, "-m", "segproxy", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
     ).stdout
     flags = {word.strip("[],:;.()") for word in help_text.split() if word.startswith("--")}
     flags = {f.split("=")[0] for f in flags if len(f) > 2}

@@ -9,14 +9,11 @@ asserts speed.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
-import segproxy
-
 from support import Segproxy, wait_for
 from support.clients import Conn, get_via
 from support.loopback import EchoOrigin, proxy_connect
@@ -50,7 +47,9 @@ async def test_client_connection_close_is_honoured(proxy, origin):
         assert resp.body_sha256 == pattern_sha256(5000)
         assert "close" in tokens(resp.header("connection")), resp.raw_head
         # The proxy closes the client connection once the response is complete.
-        assert c.at_eof(timeout=5), "the proxy kept the client connection open after Connection: close"
+        assert c.at_eof(timeout=5), (
+            "the proxy kept the client connection open after Connection: close"
+        )
 
     [req] = origin.requests
     assert (req.method, req.target, req.version) == ("GET", "/gen/5000", "HTTP/1.1")
@@ -97,7 +96,9 @@ async def test_http10_client_gets_a_response_and_the_connection_closed(proxy, or
         seen = json.loads(resp.body)
         assert seen["target"] == "/ten?x=1"
         assert resp.header("transfer-encoding") is None
-        assert c.at_eof(timeout=5), "an HTTP/1.0 client without keep-alive must see the connection closed"
+        assert c.at_eof(timeout=5), (
+            "an HTTP/1.0 client without keep-alive must see the connection closed"
+        )
     # The origin got a well-formed request naming its authority.
     [req] = origin.requests
     assert req.target == "/ten?x=1"
@@ -140,7 +141,7 @@ async def test_idle_connect_tunnel_is_closed(make_proxy):
                 rest = s.recv(64)
             except ConnectionResetError:
                 rest = b""
-            except socket.timeout:
+            except TimeoutError:
                 pytest.fail("idle tunnel still open 10 s after idle_timeout=1")
             assert rest == b""
         # The proxy closed the origin's side too.
@@ -167,8 +168,7 @@ async def test_pool_idle_expiry_through_the_python_api(make_proxy, origin):
 def two_rule_files(tmp_path):
     one = tmp_path / "one.rules"
     one.write_text(
-        "# file one\n"
-        "127.0.0.1=direct,action=block,reason=blocked by file one,path_prefix=/one\n"
+        "# file one\n127.0.0.1=direct,action=block,reason=blocked by file one,path_prefix=/one\n"
     )
     two = tmp_path / "two.rules"
     two.write_text(
@@ -181,7 +181,9 @@ def two_rule_files(tmp_path):
 
 def test_repeated_rules_file_rules_from_both_apply(tmp_path, origin):
     one, two = two_rule_files(tmp_path)
-    with Segproxy(["--rules-file", str(one), "--rules-file", str(two)], with_access_log=True) as proxy:
+    with Segproxy(
+        ["--rules-file", str(one), "--rules-file", str(two)], with_access_log=True
+    ) as proxy:
         r1 = get_via(proxy.port, origin.url("/one/x"))
         assert r1.status == 403 and b"blocked by file one" in r1.body, r1
         r2 = get_via(proxy.port, origin.url("/two/y"))
@@ -205,18 +207,26 @@ def test_validate_rules_lists_rules_of_both_files_with_file_and_line(tmp_path):
     assert lines[0].startswith("Default policy: "), out.stdout
     numbered = lines[2:]
     assert len(numbered) == 3, out.stdout
-    assert numbered[0].startswith("01. host=127.0.0.1") and f"source={one}:2" in numbered[0], numbered
+    assert numbered[0].startswith("01. host=127.0.0.1") and f"source={one}:2" in numbered[0], (
+        numbered
+    )
     assert "reason=blocked by file one" in numbered[0]
-    assert numbered[1].startswith("02. host=127.0.0.1") and f"source={two}:2" in numbered[1], numbered
+    assert numbered[1].startswith("02. host=127.0.0.1") and f"source={two}:2" in numbered[1], (
+        numbered
+    )
     assert "reason=blocked by file two" in numbered[1]
-    assert numbered[2].startswith("03. host=late.test") and f"source={two}:3" in numbered[2], numbered
+    assert numbered[2].startswith("03. host=late.test") and f"source={two}:3" in numbered[2], (
+        numbered
+    )
     assert "strategy=fixed chunk=64" in numbered[2]
 
 
 def test_validate_rules_bad_line_in_second_file_names_that_file_and_line(tmp_path):
     one, _ = two_rule_files(tmp_path)
     bad = tmp_path / "bad.rules"
-    bad.write_text("fine.test=direct\n# a comment\nbroken.test=segment_upstream,strategy=fixed,chunk=0\n")
+    bad.write_text(
+        "fine.test=direct\n# a comment\nbroken.test=segment_upstream,strategy=fixed,chunk=0\n"
+    )
     out = run_cli("--rules-file", str(one), "--rules-file", str(bad), "--validate-rules")
     assert out.returncode != 0, out.stdout
     assert f"{bad}:3" in out.stderr, out.stderr

@@ -4,13 +4,11 @@ keeps serving afterwards."""
 from __future__ import annotations
 
 import json
-import socket
 import time
 
 import pytest
-
 from support import wait_for
-from support.clients import Conn, get_via, request
+from support.clients import Conn, get_via
 from support.origins import ScriptedOrigin, blackhole_port, full_backlog_port, refused_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -24,7 +22,9 @@ def still_serves(proxy, origin) -> None:
 def one_line_reason(resp) -> str:
     text = resp.body.decode()
     assert text.endswith("\n") and text.count("\n") == 1, repr(text)
-    assert resp.header("content-type", ).startswith("text/plain")
+    assert resp.header(
+        "content-type",
+    ).startswith("text/plain")
     return text.strip()
 
 
@@ -61,9 +61,11 @@ async def test_malformed_request_gets_400(proxy, origin, raw):
 
 @pytest.mark.parametrize("fields", [70, 1024], ids=["70KiB", "1MiB"])
 async def test_oversized_header_section_gets_431(proxy, origin, fields):
-    raw = f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n".encode() + b"".join(
-        b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000) for i in range(fields)
-    ) + b"\r\n"
+    raw = (
+        f"GET {origin.url('/')} HTTP/1.1\r\nHost: x\r\n".encode()
+        + b"".join(b"X-Filler-%d: %s\r\n" % (i, b"a" * 1000) for i in range(fields))
+        + b"\r\n"
+    )
     reason = refused_with(proxy.port, raw, 431, "Request Header Fields Too Large")
     assert "header section larger than" in reason
     assert origin.connections == 0
@@ -71,7 +73,11 @@ async def test_oversized_header_section_gets_431(proxy, origin, fields):
 
 
 async def test_too_many_header_fields_gets_431(proxy, origin):
-    raw = f"GET {origin.url('/')} HTTP/1.1\r\n".encode() + b"".join(b"X-%d: 1\r\n" % i for i in range(300)) + b"\r\n"
+    raw = (
+        f"GET {origin.url('/')} HTTP/1.1\r\n".encode()
+        + b"".join(b"X-%d: 1\r\n" % i for i in range(300))
+        + b"\r\n"
+    )
     refused_with(proxy.port, raw, 431, "Request Header Fields Too Large")
     still_serves(proxy, origin)
 
@@ -90,7 +96,10 @@ async def test_origin_form_request_is_not_a_proxy_request(proxy, origin):
 @pytest.mark.parametrize(
     "fields,why",
     [
-        ("Content-Length: 5\r\nTransfer-Encoding: chunked\r\n", "both Transfer-Encoding and Content-Length"),
+        (
+            "Content-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+            "both Transfer-Encoding and Content-Length",
+        ),
         ("Content-Length: 5\r\nContent-Length: 6\r\n", "conflicting Content-Length"),
         ("Content-Length: 5, 6\r\n", "conflicting Content-Length"),
         ("Content-Length: -1\r\n", "invalid Content-Length"),
@@ -116,7 +125,9 @@ async def test_https_url_in_plain_request_gets_400(proxy, origin):
 
 @pytest.mark.parametrize("target", ["127.0.0.1", "127.0.0.1:0", "127.0.0.1:99999", "[::1"])
 async def test_bad_connect_target_gets_400(proxy, origin, target):
-    reason = refused_with(proxy.port, f"CONNECT {target} HTTP/1.1\r\n\r\n".encode(), 400, "Bad Request")
+    reason = refused_with(
+        proxy.port, f"CONNECT {target} HTTP/1.1\r\n\r\n".encode(), 400, "Bad Request"
+    )
     assert "bad CONNECT target" in reason
     still_serves(proxy, origin)
 
@@ -199,7 +210,10 @@ async def test_silent_origin_gets_504_after_response_timeout(make_proxy, origin)
     [
         (b"", "closed the connection without a response"),
         (b"NOT HTTP AT ALL\r\n\r\n", "bad response from"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx", "bad response from"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nx",
+            "bad response from",
+        ),
     ],
     ids=["closed", "garbage", "conflicting-length"],
 )
@@ -229,7 +243,7 @@ async def test_header_trickle_is_dropped_after_header_timeout(make_proxy, origin
             c.sock.settimeout(0.01)
             try:
                 data = c.sock.recv(65536)
-            except socket.timeout:
+            except TimeoutError:
                 continue
             except ConnectionResetError:
                 data = b""

@@ -15,7 +15,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 from test_browser import make_origin_pki
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,7 +26,7 @@ class EchoHandler(BaseHTTPRequestHandler):
 
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+    def do_GET(self) -> None:
         body = json.dumps({"path": self.path, "headers": dict(self.headers.items())}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
@@ -111,7 +110,9 @@ class Example:
 
 
 def curl(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=30)
+    return subprocess.run(
+        ["curl", "-sS", "--max-time", "20", *args], capture_output=True, text=True, timeout=30
+    )
 
 
 def test_forward_proxy(origin: str) -> None:
@@ -125,8 +126,10 @@ def test_forward_proxy(origin: str) -> None:
         assert example.stop() == 0
 
 
-def test_log_requests_http_and_https(origin: str, tls_origin: tuple[str, Path], tmp_path: Path) -> None:
-    tls_url, origin_ca = tls_origin
+def test_log_requests_http_and_https(
+    origin: str, tls_origin: tuple[str, Path], tmp_path: Path
+) -> None:
+    tls_url, _origin_ca = tls_origin
     example = Example("log_requests.py")
     try:
         r = curl("-x", example.proxy, f"{origin}/logged")
@@ -188,7 +191,10 @@ def test_mock_response(origin: str) -> None:
 
 def test_segmentation_experiment() -> None:
     r = subprocess.run(
-        [sys.executable, str(EXAMPLES / "segmentation_experiment.py")], capture_output=True, text=True, timeout=120
+        [sys.executable, str(EXAMPLES / "segmentation_experiment.py")],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     rows = {line[:20].strip(): line[20:].split() for line in r.stdout.splitlines()[1:]}

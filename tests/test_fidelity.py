@@ -14,6 +14,7 @@ Nothing here asserts a speed; waits are on events with bounded timeouts.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
 import random
 import socket
@@ -21,7 +22,6 @@ import time
 
 import pytest
 from segproxy import Rules, start_proxy_server
-
 from support import Segproxy, wait_for
 from support.loopback import (
     TIMEOUT,
@@ -123,7 +123,7 @@ async def test_chunk_starts_are_never_closer_than_the_delay():
         starts = [t for d, _n, t in server.flows()[-1]["chunks"] if d == "up"]
         assert len(starts) == 40
         # The engine's clock: each chunk started no earlier than the previous start + 3 ms.
-        gaps = [b - a for a, b in zip(starts, starts[1:])]
+        gaps = [b - a for a, b in itertools.pairwise(starts)]
         assert min(gaps) >= 0.003 - 1e-6, gaps
         # The receiver saw whole chunks: a late reader may find two in one read, but a chunk
         # (one write, TCP_NODELAY) never arrives split.
@@ -146,8 +146,13 @@ def test_idle_tunnels_hold_two_descriptors_each():
         try:
             for s in socks:
                 s.sendall(b"hello")  # bytes moved, then idle
-            assert wait_for(lambda: len(sink.recordings) >= 101 and all(len(r.data) >= 5 for r in sink.recordings[1:]),
-                            timeout=TIMEOUT), "bytes through every tunnel"
+            assert wait_for(
+                lambda: (
+                    len(sink.recordings) >= 101
+                    and all(len(r.data) >= 5 for r in sink.recordings[1:])
+                ),
+                timeout=TIMEOUT,
+            ), "bytes through every tunnel"
             held = len(os.listdir(fd_dir)) - before
             assert held <= 100 * 3, f"{held} descriptors for 100 idle tunnels"
             # (The warm-up tunnel's sockets may close meanwhile: a little under 200 is fine.)
@@ -194,10 +199,13 @@ async def test_a_client_gone_mid_upload_is_not_logged_as_a_status_never_sent():
                 s = socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT)
                 s.sendall(
                     f"POST http://127.0.0.1:{sink.port}/up HTTP/1.1\r\nHost: x\r\n"
-                    f"Content-Length: 100000\r\n\r\n".encode() + b"a" * 1000
+                    f"Content-Length: 100000\r\n\r\n".encode()
+                    + b"a" * 1000
                 )
-                assert wait_for(lambda: sink.recordings and len(sink.recordings[0].data) >= 1000,
-                                timeout=TIMEOUT), "the origin got the first bytes"
+                assert wait_for(
+                    lambda: sink.recordings and len(sink.recordings[0].data) >= 1000,
+                    timeout=TIMEOUT,
+                ), "the origin got the first bytes"
                 s.close()
 
             await asyncio.to_thread(run)
@@ -226,8 +234,13 @@ async def test_exchanges_and_tunnels_cut_at_shutdown_leave_records():
             s2 = await asyncio.to_thread(tunnel, server.port, sink.port)
             await server.aclose(grace=0.2)
             outcomes = sorted((r["method"], r["outcome"]) for r in server.access_records())
-            assert outcomes == [("CONNECT", "cut_at_shutdown"), ("GET", "cut_at_shutdown")], server.access_records()
-            assert sorted(f["outcome"] for f in server.flows()) == ["cut_at_shutdown", "cut_at_shutdown"]
+            assert outcomes == [("CONNECT", "cut_at_shutdown"), ("GET", "cut_at_shutdown")], (
+                server.access_records()
+            )
+            assert sorted(f["outcome"] for f in server.flows()) == [
+                "cut_at_shutdown",
+                "cut_at_shutdown",
+            ]
             s1.close()
             s2.close()
     finally:
@@ -243,5 +256,7 @@ def test_cli_access_log_names_the_outcome(tmp_path):
         with s:
             s.sendall(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
             assert s.recv(100).startswith(b"HTTP/1.1 400 ")
-        assert wait_for(lambda: log.exists() and "outcome=" in log.read_text(), timeout=TIMEOUT), "an access line"
+        assert wait_for(lambda: log.exists() and "outcome=" in log.read_text(), timeout=TIMEOUT), (
+            "an access line"
+        )
     assert "outcome=rejected" in log.read_text()

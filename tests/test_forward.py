@@ -6,13 +6,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import socket
 import time
 
 import httpx
 import pytest
-
-from support import Segproxy, wait_for
+from support import Segproxy
 from support.clients import Conn, curl, get_via, request
 from support.origins import MIB, RecordingOrigin, ScriptedOrigin, pattern_chunks, pattern_sha256
 
@@ -61,7 +59,15 @@ async def test_post_content_length_with_curl(proxy, origin, tmp_path):
     body = os.urandom(3 * MIB + 17)  # > 1 MiB: curl sends Expect: 100-continue
     f = tmp_path / "body.bin"
     f.write_bytes(body)
-    r = await curl("-x", proxy.url, "--data-binary", f"@{f}", "-H", "Content-Type: application/x-test", origin.url("/echo"))
+    r = await curl(
+        "-x",
+        proxy.url,
+        "--data-binary",
+        f"@{f}",
+        "-H",
+        "Content-Type: application/x-test",
+        origin.url("/echo"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == body
     [req] = origin.requests
@@ -77,7 +83,15 @@ async def test_post_chunked_with_curl(proxy, origin, tmp_path):
     body = os.urandom(MIB + 5)
     f = tmp_path / "body.bin"
     f.write_bytes(body)
-    r = await curl("-x", proxy.url, "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{f}", origin.url("/echo"))
+    r = await curl(
+        "-x",
+        proxy.url,
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{f}",
+        origin.url("/echo"),
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout == body
     [req] = origin.requests
@@ -120,7 +134,14 @@ async def test_hop_by_hop_request_fields_are_not_forwarded(proxy, origin):
     assert resp.status == 200
     [req] = origin.requests
     names = req.header_names()
-    for hop in ("proxy-connection", "connection", "x-secret", "keep-alive", "proxy-authorization", "te"):
+    for hop in (
+        "proxy-connection",
+        "connection",
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+    ):
         assert hop not in names, f"{hop} was forwarded: {req.headers}"
     assert req.header("x-normal") == "kept"
     assert [v for k, v in req.headers if k.lower() == "x-dup"] == ["one", "two"]
@@ -130,7 +151,11 @@ async def test_hop_by_hop_response_fields_are_not_returned(proxy, origin):
     resp = get_via(proxy.port, origin.url("/hop"))
     assert resp.status == 200 and resp.body == b"hop\n"
     names = resp.header_names()
-    assert "x-resp-secret" not in names and "keep-alive" not in names and "proxy-connection" not in names
+    assert (
+        "x-resp-secret" not in names
+        and "keep-alive" not in names
+        and "proxy-connection" not in names
+    )
     assert resp.header("x-resp-normal") == "yes"
 
 
@@ -158,7 +183,9 @@ async def test_host_is_rewritten_from_the_absolute_url(proxy, origin):
     ],
 )
 async def test_path_and_query_string_are_preserved(proxy, origin, sent, seen):
-    resp = request(proxy.port, f"GET http://{origin.authority}{sent} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+    resp = request(
+        proxy.port, f"GET http://{origin.authority}{sent} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+    )
     assert resp.status == 200
     assert origin.requests[0].target == seen
 
@@ -180,7 +207,11 @@ async def test_many_requests_on_one_client_connection_use_one_origin_connection(
 
 async def test_pipelined_requests_are_answered_in_order(proxy, origin):
     with Conn(proxy.port) as c:
-        c.send(b"".join(f"GET {origin.url(f'/p{i}')} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(5)))
+        c.send(
+            b"".join(
+                f"GET {origin.url(f'/p{i}')} HTTP/1.1\r\nHost: x\r\n\r\n".encode() for i in range(5)
+            )
+        )
         targets = [json.loads(c.read_response().body)["target"] for _ in range(5)]
     assert targets == [f"/p{i}" for i in range(5)]
     assert origin.connections == 1
@@ -190,9 +221,9 @@ async def test_curl_with_several_urls_reuses_connections(proxy, origin):
     urls = [origin.url(f"/u{i}") for i in range(4)]
     r = await curl("-x", proxy.url, *urls)
     assert r.returncode == 0, r.stderr
-    assert [json.loads(line)["target"] for line in r.stdout.replace(b"}{", b"}\n{").splitlines()] == [
-        f"/u{i}" for i in range(4)
-    ]
+    assert [
+        json.loads(line)["target"] for line in r.stdout.replace(b"}{", b"}\n{").splitlines()
+    ] == [f"/u{i}" for i in range(4)]
     assert origin.connections == 1
     ids = conn_ids(proxy, 4)
     assert len(ids) == 4 and len(set(ids)) == 1, ids
@@ -229,8 +260,10 @@ async def test_http10_client(proxy, origin):
         assert c.at_eof()
     # HTTP/1.0 keep-alive with a known length keeps the connection.
     with Conn(proxy.port) as c:
-        for i in range(2):
-            c.send(f"GET {origin.url('/gen/1000')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode())
+        for _i in range(2):
+            c.send(
+                f"GET {origin.url('/gen/1000')} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".encode()
+            )
             resp = c.read_response()
             assert resp.status == 200 and resp.body_sha256 == pattern_sha256(1000)
             assert (resp.header("connection") or "").lower() == "keep-alive"
@@ -245,7 +278,9 @@ async def test_head_204_304_have_no_body_and_keep_framing(proxy, origin):
         assert r.status == 200 and r.header("content-length") == "12345"
         c.send(f"GET {origin.url('/status/204')} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         assert c.read_response().status == 204
-        c.send(f"GET {origin.url('/status/304')} HTTP/1.1\r\nHost: x\r\nIf-None-Match: \"v1\"\r\n\r\n".encode())
+        c.send(
+            f'GET {origin.url("/status/304")} HTTP/1.1\r\nHost: x\r\nIf-None-Match: "v1"\r\n\r\n'.encode()
+        )
         r = c.read_response()
         assert r.status == 304 and r.header("etag") == '"v1"'
         # Had the proxy waited for (or invented) a body, this answer would be garbled or late.
@@ -312,7 +347,9 @@ def test_large_bodies_stream_both_ways_with_bounded_memory(tmp_path):
 
         # Upload, Content-Length: the origin hashes what it received.
         with Conn(sp.port, timeout=60) as c:
-            c.send(f"PUT {origin.url('/up')} HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n".encode())
+            c.send(
+                f"PUT {origin.url('/up')} HTTP/1.1\r\nHost: x\r\nContent-Length: {BIG}\r\n\r\n".encode()
+            )
             for piece in pattern_chunks(BIG):
                 c.send(piece)
             r = c.read_response()
@@ -322,13 +359,19 @@ def test_large_bodies_stream_both_ways_with_bounded_memory(tmp_path):
 
         # Upload, chunked.
         with Conn(sp.port, timeout=60) as c:
-            c.send(f"POST {origin.url('/upc')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode())
+            c.send(
+                f"POST {origin.url('/upc')} HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+            )
             for piece in pattern_chunks(BIG):
                 c.send(b"%x\r\n%s\r\n" % (len(piece), piece))
             c.send(b"0\r\n\r\n")
             r = c.read_response()
         seen = json.loads(r.body)
-        assert (seen["body_len"], seen["body_sha256"], seen["chunked"]) == (BIG, pattern_sha256(BIG), True)
+        assert (seen["body_len"], seen["body_sha256"], seen["chunked"]) == (
+            BIG,
+            pattern_sha256(BIG),
+            True,
+        )
 
         # Downloads, Content-Length and chunked.
         for path in (f"/gen/{BIG}", f"/gen-chunked/{BIG}"):

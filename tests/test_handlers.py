@@ -13,7 +13,6 @@ from pathlib import Path
 
 import httpx
 import pytest
-
 from segproxy import (
     HTTPHeader,
     HTTPSForwardProxyHandler,
@@ -82,7 +81,9 @@ class Origin:
     def respond(self, method: str, path: str, body: bytes) -> bytes:
         if path.startswith("/chunked"):
             parts = [b"alpha-", b"beta-", b"gamma"]
-            out = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+            out = (
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: chunked\r\n\r\n"
+            )
             for p in parts:
                 out += b"%x\r\n%s\r\n" % (len(p), p)
             return out + b"0\r\n\r\n"
@@ -136,13 +137,17 @@ class Recorder(HTTPSForwardProxyHandler):
         self.events.append(("connected",))
 
     async def on_request_received(self) -> None:
-        self.events.append(("request", self.request.method, self.request.url(), self.request.headers.first("x-n")))
+        self.events.append(
+            ("request", self.request.method, self.request.url(), self.request.headers.first("x-n"))
+        )
         await self.forward_http_request()
         self.events.append(("forwarded", self.response.status_code if self.response else None))
 
     async def on_response_received(self) -> None:
         assert self.response is not None
-        self.events.append(("response", self.response.status_code, self.response.headers.first("x-origin")))
+        self.events.append(
+            ("response", self.response.status_code, self.response.headers.first("x-origin"))
+        )
 
     async def on_response_chunk(self, chunk: bytes) -> bytes | None:
         self.events.append(("chunk", chunk))
@@ -204,7 +209,11 @@ async def test_request_modification_reaches_origin(origin: Origin) -> None:
     assert first.path == "/new/x?y=1"
     assert first.headers["x-added"] == "yes" and first.headers["x-keep"] == "k"
     assert "x-secret" not in first.headers
-    assert (second.method, second.body, second.headers["content-length"]) == ("PUT", b"replaced body", "13")
+    assert (second.method, second.body, second.headers["content-length"]) == (
+        "PUT",
+        b"replaced body",
+        "13",
+    )
     assert third.body == b"MAKE ME LOUD"
 
 
@@ -299,7 +308,9 @@ class RawClient:
         self.writer.write(f"GET {url} HTTP/1.1\r\nHost: {host}\r\n\r\n".encode())
         head = (await self.reader.readuntil(b"\r\n\r\n")).decode("latin-1").split("\r\n")
         status = int(head[0].split(" ")[1])
-        headers = {k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)}
+        headers = {
+            k.strip().lower(): v.strip() for k, _, v in (h.partition(":") for h in head[1:] if h)
+        }
         if "content-length" in headers:
             return status, headers, await self.reader.readexactly(int(headers["content-length"]))
         assert headers.get("transfer-encoding") == "chunked", headers
@@ -528,7 +539,9 @@ async def test_tunnel_not_slowed_by_sleeping_hook(origin: Origin) -> None:
             await SlowOnHttp.sleeping.wait()
             # a tunnel on another connection moves 16 MiB while the hook sleeps
             reader, writer = await asyncio.open_connection(server.host, server.port)
-            writer.write(f"CONNECT 127.0.0.1:{bulk_port} HTTP/1.1\r\nHost: 127.0.0.1:{bulk_port}\r\n\r\n".encode())
+            writer.write(
+                f"CONNECT 127.0.0.1:{bulk_port} HTTP/1.1\r\nHost: 127.0.0.1:{bulk_port}\r\n\r\n".encode()
+            )
             assert b" 200 " in await reader.readuntil(b"\r\n\r\n")
             block = b"y" * (1 << 20)
             for _ in range(16):
@@ -570,7 +583,12 @@ async def test_contextvar_continuity(origin: Origin) -> None:
             await c.get(f"{origin.base}/one")
             await c.get(f"{origin.base}/two")
         await eventually(lambda: len(ContextUser.seen) == 4)
-        assert ContextUser.seen == [("response", "/one"), ("complete", "/one"), ("response", "/two"), ("complete", "/two")]
+        assert ContextUser.seen == [
+            ("response", "/one"),
+            ("complete", "/one"),
+            ("response", "/two"),
+            ("complete", "/two"),
+        ]
     assert REQUEST_ID.get() == "unset"  # the caller's context is untouched
 
 
@@ -681,7 +699,9 @@ def test_header_type_asyncio_https_proxy_parts() -> None:
     assert h.headers is fields and fields == [("Host", "a"), ("X-Custom-Header", "Hello")]
     # It ends with the blank line, as there: a head is status line + to_raw().
     assert h.to_raw() == b"Host: a\r\nX-Custom-Header: Hello\r\n\r\n"
-    assert HTTPHeader([("X", "caf\u00e9 \u2713")]).to_raw() == "X: caf\u00e9 \u2713\r\n\r\n".encode()
+    assert (
+        HTTPHeader([("X", "caf\u00e9 \u2713")]).to_raw() == "X: caf\u00e9 \u2713\r\n\r\n".encode()
+    )
     assert HTTPHeader(b"\r\n").to_raw() == b"\r\n\r\n"
 
 
@@ -699,24 +719,37 @@ def make_origin_pki(directory: Path) -> tuple[Path, Path, Path]:
     from cryptography.hazmat.primitives.asymmetric import ec
     from cryptography.x509.oid import NameOID
 
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "handlers test origin CA")])
     ca = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
         .not_valid_after(now + datetime.timedelta(days=2))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(False, False, False, False, False, True, True, False, False), critical=True)
+        .add_extension(
+            x509.KeyUsage(False, False, False, False, False, True, True, False, False),
+            critical=True,
+        )
         .sign(ca_key, hashes.SHA256())
     )
     key = ec.generate_private_key(ec.SECP256R1())
     leaf = (
         x509.CertificateBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")]))
-        .issuer_name(ca_name).public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(hours=1)).not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(hours=1))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
@@ -724,7 +757,11 @@ def make_origin_pki(directory: Path) -> tuple[Path, Path, Path]:
     paths[0].write_bytes(ca.public_bytes(serialization.Encoding.PEM))
     paths[1].write_bytes(leaf.public_bytes(serialization.Encoding.PEM))
     paths[2].write_bytes(
-        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
     )
     return paths
 
@@ -742,7 +779,12 @@ class Intercept:
 
     async def proxy(self, builder: object, **options: object) -> ProxyServer:
         return await start_proxy_server(
-            builder, "127.0.0.1", 0, self.store, upstream_ca=[str(self.origin_ca)], **options  # type: ignore[arg-type]
+            builder,
+            "127.0.0.1",
+            0,
+            self.store,
+            upstream_ca=[str(self.origin_ca)],
+            **options,  # type: ignore[arg-type]
         )
 
     def client(self, server: ProxyServer, **kw: object) -> httpx.AsyncClient:
@@ -758,7 +800,9 @@ async def intercept(tmp_path: Path) -> AsyncIterator[Intercept]:
     o = Origin()
     o.server = await asyncio.start_server(o.handle, "127.0.0.1", 0, ssl=tls)
     o.port = o.server.sockets[0].getsockname()[1]
-    store = TLSStore.generate_ca("FR", "Ile-de-France", "Paris", "segproxy tests", "segproxy handlers test CA")
+    store = TLSStore.generate_ca(
+        "FR", "Ile-de-France", "Paris", "segproxy tests", "segproxy handlers test CA"
+    )
     proxy_ca = tmp_path / "proxy-ca.pem"
     proxy_ca.write_bytes(store.get_ca_pem())
     yield Intercept(o, ca, store, proxy_ca)
@@ -789,7 +833,9 @@ async def test_intercepted_hooks_in_order_over_keep_alive(intercept: Intercept) 
 
 async def test_intercepted_request_and_response_rewrite(intercept: Intercept) -> None:
     async with await intercept.proxy(Modifier) as server, intercept.client(server) as c:
-        r = await c.post(f"{intercept.base}/echo-replace", content=b"original", headers={"X-Secret": "1"})
+        r = await c.post(
+            f"{intercept.base}/echo-replace", content=b"original", headers={"X-Secret": "1"}
+        )
         assert r.text == "replaced body"
     seen = intercept.origin.seen[0]
     assert (seen.method, seen.body, seen.headers["x-added"]) == ("PUT", b"replaced body", "yes")
@@ -882,7 +928,9 @@ class CompatLogging(HTTPSForwardProxyHandler):
 
     async def on_response_received(self) -> None:
         if self.response:
-            CompatLogging.log.append(f"response {self.response.status_code} {self.response.reason_phrase}")
+            CompatLogging.log.append(
+                f"response {self.response.status_code} {self.response.reason_phrase}"
+            )
             if self.response.headers:
                 dict(self.response.headers.to_dict())
 
@@ -918,7 +966,9 @@ class CompatCustomClient(HTTPSProxyHandler):
     seen_response: list[object] = []
 
     async def on_request_received(self) -> None:
-        verify: ssl.SSLContext | bool = ssl.create_default_context(cafile=str(self.origin_ca)) if self.origin_ca else True
+        verify: ssl.SSLContext | bool = (
+            ssl.create_default_context(cafile=str(self.origin_ca)) if self.origin_ca else True
+        )
         async with httpx.AsyncClient(verify=verify) as remote:
             async with remote.stream(
                 self.request.method,
@@ -926,7 +976,9 @@ class CompatCustomClient(HTTPSProxyHandler):
                 headers=self.request.headers.to_dict(),
                 content=self.read_request_body(),
             ) as response:
-                self.write_response(f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n".encode())
+                self.write_response(
+                    f"HTTP/1.1 {response.status_code} {response.reason_phrase}\r\n".encode()
+                )
                 for key, value in response.headers.items():
                     self.write_response(f"{key}: {value}\r\n".encode())
                 self.write_response(b"\r\n")
@@ -962,10 +1014,17 @@ async def test_asyncio_https_proxy_example_patterns(origin: Origin, intercept: I
 async def test_asyncio_https_proxy_script_runs(intercept: Intercept) -> None:
     CompatLogging.log.clear()
     tls_store = TLSStore.generate_ca(
-        country="FR", state="Ile-de-France", locality="Paris", organization="Compat", common_name="Compat CA"
+        country="FR",
+        state="Ile-de-France",
+        locality="Paris",
+        organization="Compat",
+        common_name="Compat CA",
     )
     server = await start_proxy_server(
-        handler_builder=lambda: CompatLogging(), host="127.0.0.1", port=0, tls_store=tls_store,
+        handler_builder=lambda: CompatLogging(),
+        host="127.0.0.1",
+        port=0,
+        tls_store=tls_store,
         upstream_ca=[str(intercept.origin_ca)],
     )
     serving = asyncio.create_task(server.serve_forever())

@@ -7,9 +7,13 @@ import contextvars
 import statistics
 
 import pytest
-
 from segproxy import _engine
-from segproxy.handlers import HookRunner, HTTPSForwardProxyHandler, HTTPSProxyHandler, overridden_hooks
+from segproxy.handlers import (
+    HookRunner,
+    HTTPSForwardProxyHandler,
+    HTTPSProxyHandler,
+    overridden_hooks,
+)
 
 SEEN: contextvars.ContextVar[int] = contextvars.ContextVar("seen", default=0)
 
@@ -184,6 +188,8 @@ async def test_roundtrip_cost_is_reported() -> None:
         await _engine.hook_roundtrip(runner.bridge, 1, 50)
         seq = statistics.median(await _engine.hook_roundtrip(runner.bridge, 1, 500))
         conc = await _engine.hook_roundtrip(runner.bridge, 64, 50)
-        print(f"hook round trip: sequential {seq:.1f} µs; 64 flows {statistics.median(conc):.1f} µs/call latency")
+        print(
+            f"hook round trip: sequential {seq:.1f} µs; 64 flows {statistics.median(conc):.1f} µs/call latency"
+        )
     finally:
         runner.close()

@@ -11,7 +11,6 @@ import threading
 import time
 
 import pytest
-
 from segproxy import HTTPSForwardProxyHandler, start_proxy_server
 
 pytestmark = pytest.mark.timeout(60)

@@ -7,7 +7,6 @@ import asyncio
 import datetime
 import hashlib
 import ipaddress
-import json
 import os
 import shutil
 import ssl
@@ -19,10 +18,9 @@ from pathlib import Path
 import pytest
 
 cryptography = pytest.importorskip("cryptography")
+import segproxy  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
-
-import segproxy  # noqa: E402
 from intercept_support import (  # noqa: E402
     EchoOrigin,
     ProxyThread,
@@ -41,7 +39,11 @@ def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
     exe = shutil.which("curl")
     if exe is None:
         pytest.skip("curl is not installed")
-    return subprocess.run([exe, "-sS", "--max-time", str(int(timeout)), *args], capture_output=True, timeout=timeout + 10)
+    return subprocess.run(
+        [exe, "-sS", "--max-time", str(int(timeout)), *args],
+        capture_output=True,
+        timeout=timeout + 10,
+    )
 
 
 # --- fixtures -------------------------------------------------------------------------------
@@ -75,7 +77,9 @@ def cli_proxy(ca_dir, nginx_origin):
 @pytest.fixture(scope="module")
 def proxy(tls_store, nginx_origin):
     """An in-process segproxy (its TLSStore visible to the test) intercepting with `tls_store`."""
-    with ProxyThread(tls_store=tls_store, upstream_ca=[nginx_origin.cert_path], record_flows=True) as p:
+    with ProxyThread(
+        tls_store=tls_store, upstream_ca=[nginx_origin.cert_path], record_flows=True
+    ) as p:
         yield p
 
 
@@ -109,7 +113,15 @@ def test_curl_trusting_the_ca_keeps_alive(cli_proxy, ca_path, nginx_origin, tmp_
     args = []
     for i, path in enumerate(paths):
         args += [f"https://localhost:{port}{path}", "-o", str(tmp_path / f"out{i}")]
-    r = curl("-x", cli_proxy.proxy_url, "--cacert", str(ca_path), "-w", "%{http_code} %{num_connects}\n", *args)
+    r = curl(
+        "-x",
+        cli_proxy.proxy_url,
+        "--cacert",
+        str(ca_path),
+        "-w",
+        "%{http_code} %{num_connects}\n",
+        *args,
+    )
     assert r.returncode == 0, r.stderr.decode()
     lines = [line.split() for line in r.stdout.decode().splitlines()]
     assert [code for code, _ in lines] == ["200"] * 5, lines
@@ -125,7 +137,9 @@ def test_curl_trusting_the_ca_keeps_alive(cli_proxy, ca_path, nginx_origin, tmp_
 
 def test_curl_ip_literal_target(cli_proxy, ca_path, nginx_origin):
     # curl sends no SNI for an IP literal: the proxy mints for the CONNECT target (IP SAN).
-    r = curl("-x", cli_proxy.proxy_url, "--cacert", str(ca_path), nginx_origin.url("/1k.bin", tls=True))
+    r = curl(
+        "-x", cli_proxy.proxy_url, "--cacert", str(ca_path), nginx_origin.url("/1k.bin", tls=True)
+    )
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == ONE_K
 
@@ -185,7 +199,9 @@ def test_untrusting_clients_fail_and_the_proxy_carries_on(proxy, ca_path, nginx_
     for _ in range(3):
         r = curl("-x", proxy.url, "--cacert", str(ca_path), url)
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
-    errors = [rec for rec in proxy.server.access_records() if rec["kind"] == "intercept" and rec["error"]]
+    errors = [
+        rec for rec in proxy.server.access_records() if rec["kind"] == "intercept" and rec["error"]
+    ]
     assert errors, "the rejected handshakes were not recorded"
 
 
@@ -211,7 +227,7 @@ def check_leaf(cert: x509.Certificate, ca: x509.Certificate) -> x509.SubjectAlte
     assert bc.ca is False
     lifetime = cert.not_valid_after_utc - cert.not_valid_before_utc
     assert lifetime < datetime.timedelta(days=398), lifetime
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     assert cert.not_valid_before_utc <= now < cert.not_valid_after_utc
     return cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
 
@@ -252,7 +268,11 @@ async def _tls_get(proxy_port, target, ctx, sni, path, host_header):
         writer.write(f"GET {path} HTTP/1.1\r\nHost: {host_header}\r\n\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
         status = int(head.split(b" ", 2)[1])
-        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length:"))
+        length = next(
+            int(ln.split(b":")[1])
+            for ln in head.split(b"\r\n")
+            if ln.lower().startswith(b"content-length:")
+        )
         body = await reader.readexactly(length)
         return status, body, der
     finally:
@@ -270,7 +290,9 @@ def test_200_concurrent_first_contacts_mint_once(proxy, tls_store, ca_path, ngin
     target = f"127.0.0.1:{nginx_origin.https_port}"
 
     async def main():
-        return await asyncio.gather(*[_tls_get(proxy.port, target, ctx, host, "/1k.bin", host) for _ in range(200)])
+        return await asyncio.gather(
+            *[_tls_get(proxy.port, target, ctx, host, "/1k.bin", host) for _ in range(200)]
+        )
 
     results = asyncio.run(asyncio.wait_for(main(), 120))
     assert all(status == 200 and body == ONE_K for status, body, _ in results)
@@ -295,7 +317,7 @@ def test_1000_hosts_through_sni(proxy, tls_store, ca_path, nginx_origin):
         return await asyncio.gather(*[one(n) for n in names])
 
     results = asyncio.run(asyncio.wait_for(main(), 300))
-    for name, (status, body, der) in zip(names, results):
+    for name, (status, body, der) in zip(names, results, strict=False):
         assert status == 200 and body == ONE_K, name
         cert = x509.load_der_x509_certificate(der)
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -309,15 +331,36 @@ def test_1000_hosts_through_sni(proxy, tls_store, ca_path, nginx_origin):
 
 def test_intercept_no_rule_tunnels_while_others_are_intercepted(ca_dir, ca_path, nginx_origin):
     rule = "localhost=direct,intercept=no"
-    with Segproxy(["--ca-dir", str(ca_dir), "--upstream-ca", str(nginx_origin.cert_path), "--segment-rule", rule]) as p:
+    with Segproxy(
+        [
+            "--ca-dir",
+            str(ca_dir),
+            "--upstream-ca",
+            str(nginx_origin.cert_path),
+            "--segment-rule",
+            rule,
+        ]
+    ) as p:
         port = nginx_origin.https_port
         # Tunnelled: the origin's own certificate reaches the client.
-        r = curl("-x", p.proxy_url, "--cacert", str(nginx_origin.cert_path), f"https://localhost:{port}/1k.bin")
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(nginx_origin.cert_path),
+            f"https://localhost:{port}/1k.bin",
+        )
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
         r = curl("-x", p.proxy_url, "--cacert", str(ca_path), f"https://localhost:{port}/1k.bin")
         assert r.returncode == 60, r.stderr
         # Intercepted: 127.0.0.1 matches no rule, so it gets a minted certificate.
-        r = curl("-x", p.proxy_url, "--cacert", str(nginx_origin.cert_path), f"https://127.0.0.1:{port}/1k.bin")
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(nginx_origin.cert_path),
+            f"https://127.0.0.1:{port}/1k.bin",
+        )
         assert r.returncode == 60, r.stderr
         r = curl("-x", p.proxy_url, "--cacert", str(ca_path), f"https://127.0.0.1:{port}/1k.bin")
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
@@ -325,7 +368,13 @@ def test_intercept_no_rule_tunnels_while_others_are_intercepted(ca_dir, ca_path,
 
 def test_without_a_ca_everything_tunnels(nginx_origin):
     with Segproxy([]) as p:
-        r = curl("-x", p.proxy_url, "--cacert", str(nginx_origin.cert_path), nginx_origin.url("/1k.bin", tls=True))
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(nginx_origin.cert_path),
+            nginx_origin.url("/1k.bin", tls=True),
+        )
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
 
 
@@ -333,11 +382,20 @@ def test_intercept_yes_without_a_ca_is_a_configuration_error(tmp_path):
     async def start():
         return await segproxy.start_proxy_server(port=0, rules="*.test=direct,intercept=yes")
 
-    with pytest.raises(ValueError, match="intercept=yes.*no CA"):
+    with pytest.raises(ValueError, match=r"intercept=yes.*no CA"):
         asyncio.run(start())
     r = subprocess.run(
-        [sys.executable, "-m", "segproxy", "--listen-port", "0", "--segment-rule", "*.test=direct,intercept=yes"],
-        capture_output=True, timeout=30,
+        [
+            sys.executable,
+            "-m",
+            "segproxy",
+            "--listen-port",
+            "0",
+            "--segment-rule",
+            "*.test=direct,intercept=yes",
+        ],
+        capture_output=True,
+        timeout=30,
     )
     assert r.returncode != 0
     assert b"intercept=yes" in r.stderr and b"no CA" in r.stderr, r.stderr
@@ -349,7 +407,15 @@ def test_intercept_yes_without_a_ca_is_a_configuration_error(tmp_path):
 def test_origin_not_trusted_by_default_is_a_502_naming_the_reason(ca_dir, ca_path, nginx_origin):
     env = {k: v for k, v in os.environ.items() if k not in ("SSL_CERT_FILE", "SSL_CERT_DIR")}
     with Segproxy(["--ca-dir", str(ca_dir)], env=env) as p:
-        r = curl("-x", p.proxy_url, "--cacert", str(ca_path), "-w", "\n%{http_code}", f"https://localhost:{nginx_origin.https_port}/1k.bin")
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(ca_path),
+            "-w",
+            "\n%{http_code}",
+            f"https://localhost:{nginx_origin.https_port}/1k.bin",
+        )
         assert r.returncode == 0, r.stderr
         body, _, code = r.stdout.rpartition(b"\n")
         assert code == b"502"
@@ -359,7 +425,13 @@ def test_origin_not_trusted_by_default_is_a_502_naming_the_reason(ca_dir, ca_pat
 
 def test_upstream_insecure_skips_verification(ca_dir, ca_path, nginx_origin):
     with Segproxy(["--ca-dir", str(ca_dir), "--upstream-insecure"]) as p:
-        r = curl("-x", p.proxy_url, "--cacert", str(ca_path), f"https://localhost:{nginx_origin.https_port}/1k.bin")
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(ca_path),
+            f"https://localhost:{nginx_origin.https_port}/1k.bin",
+        )
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
 
 
@@ -375,7 +447,17 @@ def test_upstream_trust_options_from_python(tls_store, ca_path, nginx_origin):
             ({}, b"502"),
         ):
             with ProxyThread(tls_store=tls_store, **options) as p:
-                r = curl("-x", p.url, "--cacert", str(ca_path), "-w", "%{http_code}", "-o", "/dev/null", url)
+                r = curl(
+                    "-x",
+                    p.url,
+                    "--cacert",
+                    str(ca_path),
+                    "-w",
+                    "%{http_code}",
+                    "-o",
+                    "/dev/null",
+                    url,
+                )
                 assert r.stdout == expected, (options, r.stdout, r.stderr)
     finally:
         os.environ.update(env_free)
@@ -384,29 +466,49 @@ def test_upstream_trust_options_from_python(tls_store, ca_path, nginx_origin):
 def test_ssl_cert_file_is_honoured(ca_dir, ca_path, nginx_origin):
     env = dict(os.environ, SSL_CERT_FILE=str(nginx_origin.cert_path))
     with Segproxy(["--ca-dir", str(ca_dir)], env=env) as p:
-        r = curl("-x", p.proxy_url, "--cacert", str(ca_path), f"https://localhost:{nginx_origin.https_port}/1k.bin")
+        r = curl(
+            "-x",
+            p.proxy_url,
+            "--cacert",
+            str(ca_path),
+            f"https://localhost:{nginx_origin.https_port}/1k.bin",
+        )
         assert r.returncode == 0 and r.stdout == ONE_K, r.stderr
 
 
 def test_upstream_ca_option_trusts_the_origin(cli_proxy, ca_path, nginx_origin):
     # cli_proxy runs with --upstream-ca; the default-trust case above answered 502.
-    r = curl("-x", cli_proxy.proxy_url, "--cacert", str(ca_path), "-w", "%{http_code}", "-o", "/dev/null",
-             f"https://localhost:{nginx_origin.https_port}/index.html")
+    r = curl(
+        "-x",
+        cli_proxy.proxy_url,
+        "--cacert",
+        str(ca_path),
+        "-w",
+        "%{http_code}",
+        "-o",
+        "/dev/null",
+        f"https://localhost:{nginx_origin.https_port}/index.html",
+    )
     assert r.stdout == b"200", (r.stdout, r.stderr)
 
 
 # --- segmentation of intercepted flows ------------------------------------------------------
 
 
-def test_segmentation_applies_to_encrypted_bytes_toward_the_origin(tls_store, ca_path, echo_origin, nginx_origin):
+def test_segmentation_applies_to_encrypted_bytes_toward_the_origin(
+    tls_store, ca_path, echo_origin, nginx_origin
+):
     chunk = 100
     rules = f"*=segment_upstream,strategy=fixed,chunk={chunk}"
-    with ProxyThread(tls_store=tls_store, upstream_ca=[nginx_origin.cert_path], record_flows=True, rules=rules) as p:
+    with ProxyThread(
+        tls_store=tls_store, upstream_ca=[nginx_origin.cert_path], record_flows=True, rules=rules
+    ) as p:
         body = os.urandom(5000)
         sock = connect_tunnel(p.port, f"localhost:{echo_origin.port}")
         with trusting_context(ca_path).wrap_socket(sock, server_hostname="localhost") as tls:
             tls.sendall(
-                f"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body
+                f"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+                + body
             )
             status, _, reply = read_response(tls.makefile("rb"))
         assert status == 200
@@ -437,18 +539,22 @@ def test_chunked_bodies_through_interception(proxy, ca_path, echo_origin):
     with ctx.wrap_socket(sock, server_hostname="localhost") as tls:
         f = tls.makefile("rb")
         # A chunked response.
-        status, headers, body = get(tls, "localhost", "/chunked?n=50&size=3000", f)
+        status, _headers, body = get(tls, "localhost", "/chunked?n=50&size=3000", f)
         assert status == 200
         assert body == b"".join(bytes([i]) * 3000 for i in range(50))
         # A chunked request body, on the same connection.
         pieces = [os.urandom(n) for n in (1, 10, 4096, 70000, 3)]
-        tls.sendall(b"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+        tls.sendall(
+            b"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for piece in pieces:
             tls.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
         tls.sendall(b"0\r\n\r\n")
         status, _, reply = read_response(f)
         whole = b"".join(pieces)
-        assert status == 200 and reply.decode() == f"{hashlib.sha256(whole).hexdigest()} {len(whole)}"
+        assert (
+            status == 200 and reply.decode() == f"{hashlib.sha256(whole).hexdigest()} {len(whole)}"
+        )
         # And the connection still serves.
         status, _, body = get(tls, "localhost", "/chunked?n=2&size=5", f)
         assert status == 200 and body == b"\0" * 5 + b"\1" * 5
@@ -463,13 +569,28 @@ def test_50_mib_download_and_upload_through_interception(proxy, ca_path, nginx_o
         big.chmod(0o644)
     expected = hashlib.sha256(big.read_bytes()).hexdigest()
     # Download with curl, hash compared.
-    r = curl("-x", proxy.url, "--cacert", str(ca_path), f"https://localhost:{nginx_origin.https_port}/50m.bin", timeout=120)
+    r = curl(
+        "-x",
+        proxy.url,
+        "--cacert",
+        str(ca_path),
+        f"https://localhost:{nginx_origin.https_port}/50m.bin",
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert len(r.stdout) == 50 * MIB and hashlib.sha256(r.stdout).hexdigest() == expected
     # Upload 50 MiB chunked (curl streams a file read from stdin as chunked), hash compared.
     r = curl(
-        "-x", proxy.url, "--cacert", str(ca_path), "-H", "Transfer-Encoding: chunked", "--data-binary", f"@{big}",
-        f"https://localhost:{echo_origin.port}/sha256", timeout=120,
+        "-x",
+        proxy.url,
+        "--cacert",
+        str(ca_path),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        f"@{big}",
+        f"https://localhost:{echo_origin.port}/sha256",
+        timeout=120,
     )
     assert r.returncode == 0, r.stderr
     assert r.stdout.decode() == f"{expected} {50 * MIB}"

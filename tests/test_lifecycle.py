@@ -9,7 +9,6 @@ import socket
 import time
 
 import pytest
-
 import segproxy
 from support import LOOPBACK, wait_for
 from support.clients import Conn, get_via
@@ -40,7 +39,19 @@ async def test_server_surface(origin):
         # read that byte first.
         assert wait_for(server.access_records, timeout=10)
         [rec] = server.access_records(clear=True)
-        assert set(rec) >= {"id", "client", "method", "target", "status", "bytes_up", "bytes_down", "duration", "kind", "error", "line"}
+        assert set(rec) >= {
+            "id",
+            "client",
+            "method",
+            "target",
+            "status",
+            "bytes_up",
+            "bytes_down",
+            "duration",
+            "kind",
+            "error",
+            "line",
+        }
         assert rec["client"].startswith("127.0.0.1:") and rec["duration"] > 0
         assert server.access_records() == []
     finally:
@@ -113,12 +124,21 @@ async def test_shutdown_lets_inflight_transfer_finish_and_refuses_new_connection
     started = asyncio.Event()
     idle = Conn(port)  # an idle keep-alive client: closed at once, it holds nothing up
     download = asyncio.ensure_future(
-        asyncio.to_thread(slow_download, port, origin.url(f"/gen-slow/{n}?ms=20"), n, started, asyncio.get_running_loop())
+        asyncio.to_thread(
+            slow_download,
+            port,
+            origin.url(f"/gen-slow/{n}?ms=20"),
+            n,
+            started,
+            asyncio.get_running_loop(),
+        )
     )
     await asyncio.wait_for(started.wait(), 10)
     t0 = time.monotonic()
     server.close(grace=20)
-    assert await asyncio.to_thread(wait_for, lambda: refuses(port), 2.0), "new connections still accepted"
+    assert await asyncio.to_thread(wait_for, lambda: refuses(port), 2.0), (
+        "new connections still accepted"
+    )
     assert idle.at_eof(timeout=3), "idle connection not closed at shutdown"
     result = await asyncio.wait_for(download, 30)
     await asyncio.wait_for(server.wait_closed(), 30)
@@ -135,7 +155,14 @@ async def test_shutdown_cuts_transfers_after_grace(origin):
     n = 64 * MIB  # about 20 s at this rate: longer than the grace
     started = asyncio.Event()
     download = asyncio.ensure_future(
-        asyncio.to_thread(slow_download, server.port, origin.url(f"/gen-slow/{n}?ms=20"), n, started, asyncio.get_running_loop())
+        asyncio.to_thread(
+            slow_download,
+            server.port,
+            origin.url(f"/gen-slow/{n}?ms=20"),
+            n,
+            started,
+            asyncio.get_running_loop(),
+        )
     )
     await asyncio.wait_for(started.wait(), 10)
     t0 = time.monotonic()

@@ -17,7 +17,6 @@ import threading
 
 import pytest
 import segproxy
-
 from support import Segproxy, wait_for
 from support.loopback import TIMEOUT, HttpOrigin, proxy_request, read_head
 
@@ -93,7 +92,9 @@ def test_soft_limit_raised_and_connection_limit_derived_from_it():
         with proxy:
             assert open_files(proxy.pid) == (hard, hard)
             expected = segproxy_limit(hard)
-            assert wait_for(lambda: f"up to {expected} connections" in proxy.output(), timeout=TIMEOUT), proxy.output()
+            assert wait_for(
+                lambda: f"up to {expected} connections" in proxy.output(), timeout=TIMEOUT
+            ), proxy.output()
             for _ in range(1500):
                 socks.append(connect_tunnel(proxy.port, origin.port))
             # Still serving new requests with all of them open.
@@ -117,7 +118,9 @@ async def test_max_connections_still_overrides_and_default_is_derived():
     soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     async with await segproxy.start_proxy_server(port=0) as server:
         # This process's soft limit is now the hard one (the engine raised it).
-        assert server.max_connections == segproxy_limit(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+        assert server.max_connections == segproxy_limit(
+            resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        )
         assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] >= soft
 
 
@@ -125,19 +128,26 @@ def test_running_out_of_descriptors_never_stops_the_accept_loop():
     """With a hard limit of 200 files and room for 1,000 connections, 300 idle clients use up
     the descriptors: accepts fail (EMFILE), the loop backs off and says so at most about
     once a second, and once the clients go, requests are served again."""
-    proxy = Segproxy(["--max-connections", "1000", "--idle-timeout", "60"], command=with_nofile(200, 200))
+    proxy = Segproxy(
+        ["--max-connections", "1000", "--idle-timeout", "60"], command=with_nofile(200, 200)
+    )
     idle: list[socket.socket] = []
     with HttpOrigin() as web, proxy:
         try:
             for _ in range(300):
                 idle.append(socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT))
-            assert wait_for(lambda: "out of file descriptors" in proxy.output(), timeout=TIMEOUT), proxy.output()
+            assert wait_for(lambda: "out of file descriptors" in proxy.output(), timeout=TIMEOUT), (
+                proxy.output()
+            )
         finally:
             for s in idle:
                 s.close()
         # The backlog drains as descriptors come back; then a request is served.
         assert wait_for(
-            lambda: proxy_request(("127.0.0.1", proxy.port), "GET", web.url("/after")).status == 200, timeout=TIMEOUT
+            lambda: (
+                proxy_request(("127.0.0.1", proxy.port), "GET", web.url("/after")).status == 200
+            ),
+            timeout=TIMEOUT,
         )
         output = proxy.output()
     failures = re.findall(r"accept failed (\d+) time", output)

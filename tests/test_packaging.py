@@ -18,7 +18,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-
 import segproxy
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,8 +30,14 @@ pytestmark = [
 def build(*args: str, out: Path) -> Path:
     # Reuse the checkout's build directory so the wheel costs a link, not a full compile.
     env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target"), "MATURIN_NO_INSTALL_RUST": "1"}
-    subprocess.run(["maturin", *args, "--out", str(out)], cwd=ROOT, env=env, check=True, timeout=840,
-                   capture_output=True)
+    subprocess.run(
+        ["maturin", *args, "--out", str(out)],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        timeout=840,
+        capture_output=True,
+    )
     (built,) = out.iterdir()
     return built
 
@@ -45,7 +50,7 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
 class Hello(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
-    def do_GET(self) -> None:  # noqa: N802
+    def do_GET(self) -> None:
         self.send_response(200)
         self.send_header("Content-Length", "5")
         self.end_headers()
@@ -77,31 +82,58 @@ def test_version_has_one_source() -> None:
     assert segproxy.__version__ == cargo
 
 
-def test_wheel_is_abi3_and_works_in_a_fresh_venv_without_rust(wheel: Path, tmp_path: Path, origin: str) -> None:
+def test_wheel_is_abi3_and_works_in_a_fresh_venv_without_rust(
+    wheel: Path, tmp_path: Path, origin: str
+) -> None:
     assert "abi3" in wheel.name and wheel.suffix == ".whl", wheel.name
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     pip = venv / "bin" / "pip"
-    subprocess.run([str(pip), "install", "--no-index", "--no-deps", "-q", str(wheel)], check=True, timeout=300)
+    subprocess.run(
+        [str(pip), "install", "--no-index", "--no-deps", "-q", str(wheel)], check=True, timeout=300
+    )
     # PATH with the venv and the system tools only: no cargo, no rustc.
     env = {"PATH": f"{venv / 'bin'}:/usr/bin:/bin", "HOME": str(tmp_path)}
-    assert subprocess.run(["sh", "-c", "command -v cargo"], env=env, capture_output=True).returncode != 0
-    out = subprocess.run([str(venv / "bin" / "segproxy"), "--help"], env=env, capture_output=True, text=True, timeout=60)
+    assert (
+        subprocess.run(["sh", "-c", "command -v cargo"], env=env, capture_output=True).returncode
+        != 0
+    )
+    out = subprocess.run(
+        [str(venv / "bin" / "segproxy"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert out.returncode == 0 and "--listen-port" in out.stdout
     port = free_port()
     proc = subprocess.Popen(
         [str(venv / "bin" / "python"), "-m", "segproxy", "--listen-port", str(port)],
-        env=env, stderr=subprocess.PIPE, text=True, start_new_session=True, cwd=tmp_path,
+        env=env,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        cwd=tmp_path,
     )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert f"listening on 127.0.0.1:{port}" in line, line
-        r = subprocess.run(["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{port}", origin],
-                           capture_output=True, text=True, timeout=30)
+        r = subprocess.run(
+            ["curl", "-sS", "--max-time", "20", "-x", f"http://127.0.0.1:{port}", origin],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
         assert r.returncode == 0 and r.stdout == "hello", r
-        where = subprocess.run([str(venv / "bin" / "python"), "-c", "import segproxy; print(segproxy.__file__)"],
-                               env=env, capture_output=True, text=True, cwd=tmp_path, timeout=60).stdout
+        where = subprocess.run(
+            [str(venv / "bin" / "python"), "-c", "import segproxy; print(segproxy.__file__)"],
+            env=env,
+            capture_output=True,
+            text=True,
+            cwd=tmp_path,
+            timeout=60,
+        ).stdout
         assert str(venv) in where
     finally:
         proc.terminate()
@@ -117,13 +149,27 @@ def test_sdist_carries_the_sources_and_builds(tmp_path: Path) -> None:
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
         tar.extractall(tmp_path / "src", filter="data")
-    for needed in ("Cargo.toml", "Cargo.lock", "pyproject.toml", "src/lib.rs", "src/engine/proxy.rs",
-                   "python/segproxy/__init__.py", "python/segproxy/py.typed", "python/segproxy/_engine.pyi"):
+    for needed in (
+        "Cargo.toml",
+        "Cargo.lock",
+        "pyproject.toml",
+        "src/lib.rs",
+        "src/engine/proxy.rs",
+        "python/segproxy/__init__.py",
+        "python/segproxy/py.typed",
+        "python/segproxy/_engine.pyi",
+    ):
         assert needed in names, f"{needed} missing from the sdist"
     (unpacked,) = (tmp_path / "src").iterdir()
     env = {**os.environ, "CARGO_TARGET_DIR": str(ROOT / "target"), "MATURIN_NO_INSTALL_RUST": "1"}
     started = time.monotonic()
-    subprocess.run(["maturin", "build", "--release", "--out", str(tmp_path / "from-sdist")], cwd=unpacked,
-                   env=env, check=True, timeout=840, capture_output=True)
+    subprocess.run(
+        ["maturin", "build", "--release", "--out", str(tmp_path / "from-sdist")],
+        cwd=unpacked,
+        env=env,
+        check=True,
+        timeout=840,
+        capture_output=True,
+    )
     (built,) = (tmp_path / "from-sdist").iterdir()
     assert "abi3" in built.name, (built.name, time.monotonic() - started)

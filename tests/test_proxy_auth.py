@@ -9,7 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
 import segproxy
 from support import Segproxy, free_port, port_accepts, wait_for
 from support.clients import Conn, curl
@@ -37,8 +36,13 @@ def get(port: int, url: str, extra: str = "") -> tuple[Conn, object]:
 
 @pytest.mark.parametrize(
     "extra",
-    ["", f"Proxy-Authorization: {basic('alice', 'wrong')}\r\n", f"Proxy-Authorization: {basic('mallory', 's3cret')}\r\n",
-     "Proxy-Authorization: Basic !!!\r\n", "Proxy-Authorization: Bearer s3cret\r\n"],
+    [
+        "",
+        f"Proxy-Authorization: {basic('alice', 'wrong')}\r\n",
+        f"Proxy-Authorization: {basic('mallory', 's3cret')}\r\n",
+        "Proxy-Authorization: Basic !!!\r\n",
+        "Proxy-Authorization: Bearer s3cret\r\n",
+    ],
     ids=["missing", "wrong-password", "wrong-user", "not-base64", "other-scheme"],
 )
 async def test_missing_or_wrong_credentials_get_407(authed, origin, extra):
@@ -54,7 +58,11 @@ async def test_missing_or_wrong_credentials_get_407(authed, origin, extra):
 
 async def test_right_credentials_are_served_and_never_forwarded(authed, origin):
     for user, password in (("alice", "s3cret"), ("bob", "pa:ss")):
-        c, r = get(authed.port, origin.url(f"/ok-{user}"), f"Proxy-Authorization: {basic(user, password)}\r\n")
+        c, r = get(
+            authed.port,
+            origin.url(f"/ok-{user}"),
+            f"Proxy-Authorization: {basic(user, password)}\r\n",
+        )
         c.close()
         assert r.status == 200
     assert [q.target for q in origin.requests] == ["/ok-alice", "/ok-bob"]
@@ -66,15 +74,19 @@ async def test_a_407_keeps_the_connection_for_the_retry(authed, origin):
     c, r = get(authed.port, origin.url("/first"))
     with c:
         assert r.status == 407 and r.header("connection") == "keep-alive"
-        c.send(f"GET {origin.url('/retry')} HTTP/1.1\r\nHost: {origin.authority}\r\n"
-               f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n\r\n".encode())
+        c.send(
+            f"GET {origin.url('/retry')} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+            f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n\r\n".encode()
+        )
         assert c.read_response().status == 200
     assert [q.target for q in origin.requests] == ["/retry"]
 
 
 async def test_a_407_for_a_request_with_a_body_closes(authed, origin):
     with Conn(authed.port) as c:
-        c.send(f"POST {origin.url('/up')} HTTP/1.1\r\nHost: {origin.authority}\r\nContent-Length: 5\r\n\r\nhello".encode())
+        c.send(
+            f"POST {origin.url('/up')} HTTP/1.1\r\nHost: {origin.authority}\r\nContent-Length: 5\r\n\r\nhello".encode()
+        )
         r = c.read_response()
         assert r.status == 407 and r.header("connection") == "close"
         assert c.at_eof()
@@ -88,8 +100,10 @@ async def test_connect_needs_credentials_too(authed, origin):
         assert r.status == 407 and r.header("proxy-authenticate") == CHALLENGE
     assert origin.connections == 0
     with Conn(authed.port) as c:
-        c.send(f"CONNECT {origin.authority} HTTP/1.1\r\nHost: {origin.authority}\r\n"
-               f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n\r\n".encode())
+        c.send(
+            f"CONNECT {origin.authority} HTTP/1.1\r\nHost: {origin.authority}\r\n"
+            f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n\r\n".encode()
+        )
         assert c.read_response(method="HEAD").status == 200  # head only: the tunnel follows
         c.send(f"GET /tunnelled HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
         assert c.read_response().status == 200
@@ -140,7 +154,9 @@ async def test_python_refuses_an_open_relay(make_proxy):
 
 
 def run(argv, timeout=30):
-    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        argv, capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+    )
 
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "::"])
@@ -148,22 +164,31 @@ def test_cli_refuses_an_open_relay(host):
     r = run(MODULE + ["--listen-host", host, "--listen-port", str(free_port())])
     assert r.returncode == 2, r.stderr
     first, usage = r.stderr.splitlines()
-    assert first.startswith("segproxy: error: refusing to listen on ") and usage.startswith("usage: segproxy "), r.stderr
+    assert first.startswith("segproxy: error: refusing to listen on ") and usage.startswith(
+        "usage: segproxy "
+    ), r.stderr
     assert "--proxy-auth" in first and "--allow-open-proxy" in first
 
 
 def test_cli_bad_credentials_are_usage_errors(tmp_path):
     r = run(MODULE + ["--proxy-auth", "nocolon"])
-    assert r.returncode == 2 and r.stderr.startswith("segproxy: error: --proxy-auth needs USER:PASS"), r.stderr
+    assert r.returncode == 2 and r.stderr.startswith(
+        "segproxy: error: --proxy-auth needs USER:PASS"
+    ), r.stderr
     missing = tmp_path / "missing.txt"
     r = run(MODULE + ["--proxy-auth-file", str(missing)])
     assert r.returncode == 2 and "--proxy-auth-file" in r.stderr.splitlines()[0], r.stderr
 
 
 def test_cli_starts_with_allow_open_proxy():
-    with RecordingOrigin() as origin, Segproxy(["--listen-host", "0.0.0.0", "--allow-open-proxy"]) as sp:
+    with (
+        RecordingOrigin() as origin,
+        Segproxy(["--listen-host", "0.0.0.0", "--allow-open-proxy"]) as sp,
+    ):
         with Conn(sp.port) as c:
-            c.send(f"GET {origin.url('/open')} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode())
+            c.send(
+                f"GET {origin.url('/open')} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\n".encode()
+            )
             assert c.read_response().status == 200
 
 
@@ -171,17 +196,38 @@ def test_cli_proxy_auth_file_beyond_loopback(tmp_path):
     creds = tmp_path / "users.txt"
     creds.write_text("# users\nalice:s3cret\n\ncarol:c0:l0n\n")
     port = free_port()
-    proc = subprocess.Popen(MODULE + ["--listen-host", "0.0.0.0", "--listen-port", str(port), "--proxy-auth-file", str(creds),
-                                      "--proxy-auth", "dave:d"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    proc = subprocess.Popen(
+        MODULE
+        + [
+            "--listen-host",
+            "0.0.0.0",
+            "--listen-port",
+            str(port),
+            "--proxy-auth-file",
+            str(creds),
+            "--proxy-auth",
+            "dave:d",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        stdin=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         assert wait_for(lambda: port_accepts(port), timeout=15)
         with RecordingOrigin() as origin:
-            for creds_header, status in (("", 407), (basic("carol", "c0:l0n"), 200), (basic("dave", "d"), 200),
-                                         (basic("alice", "s3cret"), 200), (basic("alice", "x"), 407)):
+            for creds_header, status in (
+                ("", 407),
+                (basic("carol", "c0:l0n"), 200),
+                (basic("dave", "d"), 200),
+                (basic("alice", "s3cret"), 200),
+                (basic("alice", "x"), 407),
+            ):
                 extra = f"Proxy-Authorization: {creds_header}\r\n" if creds_header else ""
                 with Conn(port) as c:
-                    c.send(f"GET {origin.url('/f')} HTTP/1.1\r\nHost: {origin.authority}\r\n{extra}\r\n".encode())
+                    c.send(
+                        f"GET {origin.url('/f')} HTTP/1.1\r\nHost: {origin.authority}\r\n{extra}\r\n".encode()
+                    )
                     assert c.read_response().status == status, creds_header
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -216,7 +262,10 @@ def test_on_authenticate_judges_other_schemes(origin):
             ("Proxy-Authorization: Bearer tok-2\r\n", 407),
             ("Proxy-Authorization: Bearer boom\r\n", 407),
             (f"Proxy-Authorization: {basic('alice', 's3cret')}\r\n", 200),  # settled by proxy_auth
-            (f"Proxy-Authorization: {basic('alice', 'nope')}\r\n", 407),  # Basic wrong: no hook call
+            (
+                f"Proxy-Authorization: {basic('alice', 'nope')}\r\n",
+                407,
+            ),  # Basic wrong: no hook call
         ]
         for extra, status in cases:
             c, r = get(p.port, origin.url("/h"), extra)

@@ -14,7 +14,6 @@ import textwrap
 import pytest
 import segproxy
 from segproxy import Rules, start_proxy_server
-
 from support import Segproxy, wait_for
 from support.loopback import HttpOrigin, proxy_connect, proxy_request
 
@@ -58,14 +57,18 @@ def test_validate_rules_lists_default_and_numbered_rules(tmp_path):
     rules_file = tmp_path / "sp.rules"
     rules_file.write_text(SEGMENTEDPROXY_RULES)
     out = run_cli(
-        "--rules-file", str(rules_file),
-        "--segment-rule", "blocked.test=direct,action=block,reason=nope",
+        "--rules-file",
+        str(rules_file),
+        "--segment-rule",
+        "blocked.test=direct,action=block,reason=nope",
         "--validate-rules",
     )
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     # SegmentedProxy's format: its fields in its order, ours (source=..., policy=...) after.
-    assert lines[0] == "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up", out.stdout
+    assert (
+        lines[0] == "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up"
+    ), out.stdout
     assert lines[1] == "Rules:"
     numbered = lines[2:]
     assert len(numbered) == 7, out.stdout
@@ -82,11 +85,15 @@ def test_validate_rules_lists_default_and_numbered_rules(tmp_path):
         "03. host=ads.example.com action=block reason=ads are blocked mode=direct strategy=none chunk=1024 delay=0 "
         f"source={rules_file}:5"
     ), numbered[2]
-    assert numbered[3].startswith("04. host=*.corp.test action=upstream upstream=127.0.0.1:3128 mode=direct "), numbered[3]
+    assert numbered[3].startswith(
+        "04. host=*.corp.test action=upstream upstream=127.0.0.1:3128 mode=direct "
+    ), numbered[3]
     assert numbered[4].startswith(
         "05. host=api.test scheme=http method=POST path=/upload action=direct mode=segment_upstream strategy=fixed chunk=100 delay=0 "
     ), numbered[4]
-    assert numbered[6].startswith("07. host=blocked.test action=block reason=nope mode=direct "), numbered[6]
+    assert numbered[6].startswith("07. host=blocked.test action=block reason=nope mode=direct "), (
+        numbered[6]
+    )
     assert "source=--segment-rule#1:1" in numbered[6]
     assert out.stderr == ""
     # No rules: SegmentedProxy's "(none)".
@@ -95,28 +102,48 @@ def test_validate_rules_lists_default_and_numbered_rules(tmp_path):
 
 
 def test_validate_rules_default_policy_from_flags():
-    out = run_cli("--segmentation", "segment_upstream", "--segment-chunk-size", "300",
-                  "--segment-delay-ms", "5", "--validate-rules")
+    out = run_cli(
+        "--segmentation",
+        "segment_upstream",
+        "--segment-chunk-size",
+        "300",
+        "--segment-delay-ms",
+        "5",
+        "--validate-rules",
+    )
     assert out.returncode == 0, out.stderr
     first = out.stdout.splitlines()[0]
     # A chunk size without a strategy means fixed.
-    assert first == "Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up", first
+    assert (
+        first
+        == "Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up"
+    ), first
     assert "Rules: (none)" in out.stdout
     # Our reading of sizes without a strategy is said (SegmentedProxy would not segment).
     assert out.stderr.strip() == (
         "segproxy: warning: --segment-chunk-size, --segment-delay-ms without --segment-strategy: "
         "the default policy segments (SegmentedProxy does not segment without a strategy)"
     ), out.stderr
-    out = run_cli("--segmentation", "segment_upstream", "--segment-strategy", "fixed", "--segment-chunk-size", "300",
-                  "--validate-rules")
+    out = run_cli(
+        "--segmentation",
+        "segment_upstream",
+        "--segment-strategy",
+        "fixed",
+        "--segment-chunk-size",
+        "300",
+        "--validate-rules",
+    )
     assert out.returncode == 0 and out.stderr == "", out.stderr
 
 
-@pytest.mark.parametrize("flags", [
-    ["--segment-strategy", "fixed", "--segment-chunk-size", "100"],
-    ["--segment-chunk-size", "100"],
-    ["--segment-delay-ms", "5", "--segmentation", "direct"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--segment-strategy", "fixed", "--segment-chunk-size", "100"],
+        ["--segment-chunk-size", "100"],
+        ["--segment-delay-ms", "5", "--segmentation", "direct"],
+    ],
+)
 def test_default_policy_without_segment_upstream_warns(flags):
     out = run_cli(*flags, "--validate-rules")
     assert out.returncode == 0, out.stderr
@@ -126,11 +153,21 @@ def test_default_policy_without_segment_upstream_warns(flags):
     assert "without --segmentation segment_upstream" in warning and "\n" not in warning
 
 
-@pytest.mark.parametrize("flags", [
-    ["--segmentation", "segment_upstream", "--segment-strategy", "random"],
-    ["--segmentation", "segment_upstream", "--segment-strategy", "random", "--segment-min-size", "5"],
-    ["--segmentation", "segment_upstream", "--segment-max-size", "5"],
-])
+@pytest.mark.parametrize(
+    "flags",
+    [
+        ["--segmentation", "segment_upstream", "--segment-strategy", "random"],
+        [
+            "--segmentation",
+            "segment_upstream",
+            "--segment-strategy",
+            "random",
+            "--segment-min-size",
+            "5",
+        ],
+        ["--segmentation", "segment_upstream", "--segment-max-size", "5"],
+    ],
+)
 def test_default_random_strategy_needs_min_and_max(flags):
     out = run_cli(*flags, "--validate-rules")
     assert out.returncode == 1
@@ -156,13 +193,21 @@ def test_validate_rules_warns_about_lines_segmentedproxy_accepts(tmp_path):
     assert out.returncode == 0, out.stderr
     warnings = out.stderr.strip().splitlines()
     assert len(warnings) == 4, out.stderr
-    assert warnings[0].startswith(f"segproxy: warning: {rules_file}:2: unknown mode 'fast'"), warnings
+    assert warnings[0].startswith(f"segproxy: warning: {rules_file}:2: unknown mode 'fast'"), (
+        warnings
+    )
     assert warnings[1].startswith(f"segproxy: warning: {rules_file}:3: empty host glob"), warnings
-    assert warnings[2].startswith(f"segproxy: warning: {rules_file}:4: upstream port 70000 is out of range"), warnings
+    assert warnings[2].startswith(
+        f"segproxy: warning: {rules_file}:4: upstream port 70000 is out of range"
+    ), warnings
     # Our one reading of a line SegmentedProxy takes differently is said too.
-    assert warnings[3].startswith(f"segproxy: warning: {rules_file}:5: no strategy=: segmented as strategy=fixed"), warnings
+    assert warnings[3].startswith(
+        f"segproxy: warning: {rules_file}:5: no strategy=: segmented as strategy=fixed"
+    ), warnings
     numbered = out.stdout.splitlines()[2:]
-    assert numbered[0].startswith("01. host=fast.test action=direct mode=fast strategy=none"), numbered
+    assert numbered[0].startswith("01. host=fast.test action=direct mode=fast strategy=none"), (
+        numbered
+    )
     assert numbered[1].startswith("02. host= action=block mode=direct"), numbered
     # Their meaning, as in SegmentedProxy: no segmentation, a rule that matches nothing.
     rules = Rules.from_file(rules_file)
@@ -181,7 +226,9 @@ def test_out_of_range_upstream_port_answers_502(origin):
 
 def test_validate_rules_error_names_file_and_line(tmp_path):
     rules_file = tmp_path / "bad.rules"
-    rules_file.write_text("# comment\nexample.com=direct\n*.x.test=segment_upstream,strategy=fixed,chunk=0\n")
+    rules_file.write_text(
+        "# comment\nexample.com=direct\n*.x.test=segment_upstream,strategy=fixed,chunk=0\n"
+    )
     out = run_cli("--rules-file", str(rules_file), "--validate-rules")
     assert out.returncode != 0
     assert f"{rules_file}:3" in out.stderr, out.stderr
@@ -192,12 +239,12 @@ def test_validate_rules_error_names_file_and_line(tmp_path):
 @pytest.mark.parametrize(
     "line, word",
     [
-        ("a.test=direct,colour=blue", "colour"),                               # unknown key
-        ("a.test=direct,strategy=sideways", "sideways"),                        # bad strategy
+        ("a.test=direct,colour=blue", "colour"),  # unknown key
+        ("a.test=direct,strategy=sideways", "sideways"),  # bad strategy
         ("a.test=segment_upstream,strategy=random,min=10", "requires both min and max"),
-        ("a.test=segment_upstream,strategy=random,min=10,max=5", "min"),       # min > max
-        ("a.test=segment_upstream,delay=-1", "delay"),                          # negative delay
-        ("a.test=direct,action=upstream", "upstream"),                          # upstream without address
+        ("a.test=segment_upstream,strategy=random,min=10,max=5", "min"),  # min > max
+        ("a.test=segment_upstream,delay=-1", "delay"),  # negative delay
+        ("a.test=direct,action=upstream", "upstream"),  # upstream without address
         ("a.test=direct,action=upstream,upstream=nohostport", "nohostport"),
     ],
 )
@@ -211,7 +258,9 @@ def test_validate_rules_bad_rule_lines(tmp_path, line, word):
 
 
 def test_segment_rule_error_names_the_flag():
-    out = run_cli("--segment-rule", "ok.test=direct", "--segment-rule", "x=direct,nope=1", "--validate-rules")
+    out = run_cli(
+        "--segment-rule", "ok.test=direct", "--segment-rule", "x=direct,nope=1", "--validate-rules"
+    )
     assert out.returncode != 0
     assert "--segment-rule#2:1" in out.stderr, out.stderr
 
@@ -274,7 +323,9 @@ def test_rules_decide_without_match_uses_default_policy():
 
 def test_rules_parse_error_names_source_and_line():
     with pytest.raises(ValueError) as exc:
-        Rules.parse("a.test=direct\n# c\nb.test=direct,strategy=fixed,chunk=0\n", source="mine.rules")
+        Rules.parse(
+            "a.test=direct\n# c\nb.test=direct,strategy=fixed,chunk=0\n", source="mine.rules"
+        )
     assert "mine.rules:3" in str(exc.value)
 
 
@@ -320,18 +371,18 @@ SPECIFICITY = textwrap.dedent(
 @pytest.mark.parametrize(
     "method, scheme, host, path, reason",
     [
-        ("GET", "http", "www.example.com", "/", "exact"),          # exact beats *.suffix
-        ("GET", "http", "img.example.com", "/", "suffix"),         # *.suffix beats *
+        ("GET", "http", "www.example.com", "/", "exact"),  # exact beats *.suffix
+        ("GET", "http", "img.example.com", "/", "suffix"),  # *.suffix beats *
         ("GET", "http", "deep.img.example.com", "/", "suffix"),
         # *.example.com and *.a.example.com score the same (1200): the earlier wins, as in
         # SegmentedProxy.
         ("GET", "http", "x.a.example.com", "/", "suffix"),
         ("GET", "http", "example.org", "/", "star"),
-        ("POST", "http", "api.test", "/v1/x", "api-any"),          # method must match
-        ("GET", "http", "api.test", "/v2", "api-get"),             # method adds specificity
-        ("GET", "http", "api.test", "/v1/x", "api-get-v1"),        # path prefix adds more
+        ("POST", "http", "api.test", "/v1/x", "api-any"),  # method must match
+        ("GET", "http", "api.test", "/v2", "api-get"),  # method adds specificity
+        ("GET", "http", "api.test", "/v1/x", "api-get-v1"),  # path prefix adds more
         ("GET", "http", "api.test", "/v1/longer", "api-get-v1-long"),  # longer prefix wins
-        ("PUT", "https", "api.test", "/", "api-https"),            # scheme
+        ("PUT", "https", "api.test", "/", "api-https"),  # scheme
         ("CONNECT", "https", "tunnel.test", "", "tunnel-connect"),  # CONNECT is a method
         ("GET", "https", "tunnel.test", "/", "tunnel-any"),
     ],
@@ -350,12 +401,16 @@ def test_specificity_tie_goes_to_block():
     assert d.rule == "spec:13"
     assert "block" in d.explanation
     # Order does not matter: block placed last still wins the tie.
-    rules = Rules.parse("t.test=direct,action=upstream,upstream=127.0.0.1:9\nt.test=direct\nt.test=direct,action=block")
+    rules = Rules.parse(
+        "t.test=direct,action=upstream,upstream=127.0.0.1:9\nt.test=direct\nt.test=direct,action=block"
+    )
     assert rules.decide("GET", "http", "t.test", 80, "/").action == "block"
 
 
 def test_host_match_is_case_insensitive_and_globs():
-    rules = Rules.parse("Www.Example.COM=direct,action=block\nh?.test=direct,action=block,reason=q\n")
+    rules = Rules.parse(
+        "Www.Example.COM=direct,action=block\nh?.test=direct,action=block,reason=q\n"
+    )
     assert rules.decide("GET", "http", "WWW.example.com", 80, "/").action == "block"
     assert rules.decide("GET", "http", "h1.test", 80, "/").reason == "q"
     assert rules.decide("GET", "http", "h12.test", 80, "/").action == "direct"
@@ -385,8 +440,10 @@ def test_block_answers_403_with_reason_http_and_connect(origin):
         f"127.0.0.1=direct,action=block,reason=no origin today,port={origin.port}\n"
         "*.blocked.test=direct,action=block,reason=blocked zone\n"
     )
-    with Segproxy(["--segment-rule", rules.splitlines()[0], "--segment-rule", rules.splitlines()[1]],
-                  with_access_log=True) as proxy:
+    with Segproxy(
+        ["--segment-rule", rules.splitlines()[0], "--segment-rule", rules.splitlines()[1]],
+        with_access_log=True,
+    ) as proxy:
         addr = ("127.0.0.1", proxy.port)
         r = proxy_request(addr, "GET", origin.url("/x"))
         assert r.status == 403
@@ -407,7 +464,9 @@ def test_block_answers_403_with_reason_http_and_connect(origin):
 
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 5)
         lines = proxy.access_log.read_text().splitlines()
-        assert all(line.split(" ", 3)[2:3] == ["INFO"] and " ACCESS rid=" in line for line in lines), lines
+        assert all(
+            line.split(" ", 3)[2:3] == ["INFO"] and " ACCESS rid=" in line for line in lines
+        ), lines
         blocked = [line for line in lines if " status=403 " in line]
         assert len(blocked) == 4, lines
         for line in blocked:
@@ -428,7 +487,12 @@ async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
     try:
         import asyncio
 
-        r = await asyncio.to_thread(proxy_request, server.address, "GET", f"http://localhost:{origin.port}/blob?n=1000&seed=3")
+        r = await asyncio.to_thread(
+            proxy_request,
+            server.address,
+            "GET",
+            f"http://localhost:{origin.port}/blob?n=1000&seed=3",
+        )
         assert r.status == 200 and len(r.body) == 1000
         r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/plain"))
         assert r.status == 200
@@ -442,8 +506,8 @@ async def test_access_records_name_rule_action_and_policy(origin, tmp_path):
         assert seg["line"].count("rule=") == 1 and f"rule={rules_file}:2" in seg["line"]
         assert plain["rule"] == "default" and plain["policy"] == "none"
         text = log.read_text()
-        assert f" action=direct mode=segment_upstream strategy=fixed " in text, text
-        assert f"rule={rules_file}:2 policy=\"fixed" in text, text
+        assert " action=direct mode=segment_upstream strategy=fixed " in text, text
+        assert f'rule={rules_file}:2 policy="fixed' in text, text
     finally:
         await server.aclose()
 
@@ -483,7 +547,9 @@ def test_rules_from_objects():
         [
             Rule("*.example.test", strategy="fixed", chunk=512, delay=10),
             Rule("ads.example.test", action="block", reason="no ads"),
-            Rule("*", action="upstream", upstream="u:p@127.0.0.1:3128", method="GET", intercept=False),
+            Rule(
+                "*", action="upstream", upstream="u:p@127.0.0.1:3128", method="GET", intercept=False
+            ),
             "plain.test=direct",
         ],
         source="mine",
@@ -495,27 +561,44 @@ def test_rules_from_objects():
     assert (d.action, d.reason) == ("block", "no ads")
     d = rules.decide("GET", "http", "other.test", 80, "/")
     assert d.action == "upstream" and d.intercept == "no" and "p@" not in (d.upstream or "")
-    assert Rule("a.test", path_prefix="/api", port=8080).text() == "a.test=direct,path_prefix=/api,port=8080"
+    assert (
+        Rule("a.test", path_prefix="/api", port=8080).text()
+        == "a.test=direct,path_prefix=/api,port=8080"
+    )
     rules.add(Rule("late.test", action="block"))
     assert rules.decide("GET", "http", "late.test", 80, "/").action == "block"
     with pytest.raises(ValueError, match="mine:2"):
-        Rules.from_rules([Rule("ok.test"), Rule("bad.test", strategy="random", min=9, max=1)], source="mine")
+        Rules.from_rules(
+            [Rule("ok.test"), Rule("bad.test", strategy="random", min=9, max=1)], source="mine"
+        )
     with pytest.raises(ValueError, match="comma"):
         Rule("x.test", action="block", reason="a, b").text()
 
 
 def test_validate_rules_names_every_bad_line(tmp_path):
     first = tmp_path / "one.rules"
-    first.write_text("ok.test=direct\nbad.test=direct,strategy=fast\n# fine\nworse.test=direct,colour=red\n")
+    first.write_text(
+        "ok.test=direct\nbad.test=direct,strategy=fast\n# fine\nworse.test=direct,colour=red\n"
+    )
     second = tmp_path / "two.rules"
     second.write_text("x.test=segment_upstream,strategy=random,min=9,max=1\n")
-    out = run_cli("--rules-file", str(first), "--rules-file", str(second),
-                  "--segment-rule", "y.test=direct,action=upstream", "--validate-rules")
+    out = run_cli(
+        "--rules-file",
+        str(first),
+        "--rules-file",
+        str(second),
+        "--segment-rule",
+        "y.test=direct,action=upstream",
+        "--validate-rules",
+    )
     assert out.returncode == 1, out
     lines = out.stderr.strip().splitlines()
     assert all(line.startswith("segproxy: error: ") for line in lines), out.stderr
     assert [line.split(" ", 3)[2] for line in lines] == [
-        f"{first}:2:", f"{first}:4:", f"{second}:1:", "--segment-rule#1:1:"
+        f"{first}:2:",
+        f"{first}:4:",
+        f"{second}:1:",
+        "--segment-rule#1:1:",
     ], out.stderr
 
 
@@ -527,30 +610,60 @@ def test_debug_log_shows_the_decision_and_score(origin):
     rule = "127.0.0.1=direct,method=GET,reason=x"
     with Segproxy(["--log-level", "DEBUG", "--segment-rule", rule]) as proxy:
         assert proxy_request(("127.0.0.1", proxy.port), "GET", origin.url("/dbg")).status == 200
-        want = (f"HTTP forward decision: matched host_glob=127.0.0.1 method=GET; ctx host=127.0.0.1 scheme=http "
-                f"method=GET path=/dbg; score=1600; action=direct; rule 1 at --segment-rule#1:1")
+        want = (
+            "HTTP forward decision: matched host_glob=127.0.0.1 method=GET; ctx host=127.0.0.1 scheme=http "
+            "method=GET path=/dbg; score=1600; action=direct; rule 1 at --segment-rule#1:1"
+        )
         assert wait_for(lambda: want in proxy.output(), timeout=10), proxy.output()
-        assert f"HTTP forward 127.0.0.1:{origin.port} /dbg (rule=127.0.0.1 score=1600 action=direct mode=direct strategy=none rid=" in proxy.output()
+        assert (
+            f"HTTP forward 127.0.0.1:{origin.port} /dbg (rule=127.0.0.1 score=1600 action=direct mode=direct strategy=none rid="
+            in proxy.output()
+        )
 
 
 def test_access_log_json_lines_have_the_record_fields(origin, tmp_path):
     with Segproxy(["--access-log-format", "json"], with_access_log=True) as proxy:
         addr = ("127.0.0.1", proxy.port)
         assert proxy_request(addr, "GET", origin.url("/j1")).status == 200
-        s, r = proxy_connect(addr, "blocked.invalid:443")
+        s, _r = proxy_connect(addr, "blocked.invalid:443")
         s.close()
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 2)
         lines = proxy.access_log.read_text().splitlines()
     import json
 
     records = [json.loads(line) for line in lines]
-    fields = {"id", "client", "method", "target", "status", "bytes_up", "bytes_down", "duration", "kind", "rule",
-              "action", "policy", "dns", "error", "started", "host", "port", "scheme", "mode", "outcome", "line"}
+    fields = {
+        "id",
+        "client",
+        "method",
+        "target",
+        "status",
+        "bytes_up",
+        "bytes_down",
+        "duration",
+        "kind",
+        "rule",
+        "action",
+        "policy",
+        "dns",
+        "error",
+        "started",
+        "host",
+        "port",
+        "scheme",
+        "mode",
+        "outcome",
+        "line",
+    }
     assert all(set(rec) == fields for rec in records), records
     get = next(rec for rec in records if rec["method"] == "GET")
-    assert get["target"] == origin.url("/j1") and get["status"] == 200 and get["host"] == "127.0.0.1"
+    assert (
+        get["target"] == origin.url("/j1") and get["status"] == 200 and get["host"] == "127.0.0.1"
+    )
     assert get["port"] == origin.port and get["scheme"] == "http" and get["error"] is None
-    assert get["line"].startswith(f"ACCESS rid={get['id']} method=GET host=127.0.0.1 port={origin.port} scheme=http ")
+    assert get["line"].startswith(
+        f"ACCESS rid={get['id']} method=GET host=127.0.0.1 port={origin.port} scheme=http "
+    )
 
 
 async def test_access_records_match_the_json_fields(origin):
@@ -562,8 +675,16 @@ async def test_access_records_match_the_json_fields(origin):
         assert r.status == 200
         assert await asyncio.to_thread(wait_for, lambda: len(server.access_records()) == 1)
         [rec] = server.access_records()
-        assert (rec["host"], rec["port"], rec["scheme"], rec["mode"]) == ("127.0.0.1", origin.port, "http", "direct")
-        assert " strategy=none dur_ms=" in rec["line"] and f" target={origin.url('/rec')} " in rec["line"]
+        assert (rec["host"], rec["port"], rec["scheme"], rec["mode"]) == (
+            "127.0.0.1",
+            origin.port,
+            "http",
+            "direct",
+        )
+        assert (
+            " strategy=none dur_ms=" in rec["line"]
+            and f" target={origin.url('/rec')} " in rec["line"]
+        )
     finally:
         await server.aclose()
 
@@ -576,5 +697,7 @@ def test_intercept_rule_without_ca_dir_is_warned(tmp_path):
     assert out.stderr.strip() == (
         f"segproxy: warning: {rules_file}:2: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled"
     ), out.stderr
-    out = run_cli("--rules-file", str(rules_file), "--ca-dir", str(tmp_path / "ca"), "--validate-rules")
+    out = run_cli(
+        "--rules-file", str(rules_file), "--ca-dir", str(tmp_path / "ca"), "--validate-rules"
+    )
     assert out.returncode == 0 and out.stderr == "", out.stderr

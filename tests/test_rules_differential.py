@@ -23,7 +23,6 @@ from fnmatch import fnmatch
 import pytest
 from segproxy import Rules
 
-
 # --------------------------------------------------------------------------------------
 # SegmentedProxy's rules, as its source has them.
 
@@ -120,8 +119,21 @@ def sp_parse(text: str) -> SPRule:
         raise ValueError("upstream action requires upstream=HOST:PORT")
     if action == "block" and upstream is not None:
         raise ValueError("block action cannot include upstream")
-    return SPRule(host_glob, mode, action, upstream, reason, scheme, method, path_prefix, written_strategy,
-                  chunk, delay, min_chunk, max_chunk)
+    return SPRule(
+        host_glob,
+        mode,
+        action,
+        upstream,
+        reason,
+        scheme,
+        method,
+        path_prefix,
+        written_strategy,
+        chunk,
+        delay,
+        min_chunk,
+        max_chunk,
+    )
 
 
 def sp_shorten(value: str, max_len: int = 24) -> str:
@@ -142,7 +154,12 @@ def sp_format_rule(rule: SPRule) -> str:
         parts.append(f"upstream={rule.upstream[0]}:{rule.upstream[1]}")
     if rule.reason:
         parts.append(f"reason={sp_shorten(rule.reason)}")
-    parts += [f"mode={rule.mode}", f"strategy={rule.strategy or 'none'}", f"chunk={rule.chunk}", f"delay={rule.delay}"]
+    parts += [
+        f"mode={rule.mode}",
+        f"strategy={rule.strategy or 'none'}",
+        f"chunk={rule.chunk}",
+        f"delay={rule.delay}",
+    ]
     if rule.min_chunk is not None:
         parts.append(f"min={rule.min_chunk}")
     if rule.max_chunk is not None:
@@ -180,7 +197,9 @@ def sp_score(rule: SPRule) -> int:
     return score
 
 
-def sp_decide(rules: list[SPRule], method: str, scheme: str, host: str, path: str) -> tuple[int | None, int]:
+def sp_decide(
+    rules: list[SPRule], method: str, scheme: str, host: str, path: str
+) -> tuple[int | None, int]:
     """SegmentationEngine.decide: (index of the winning rule or None, its score or -1)."""
     best, best_score = None, -1
     for i, rule in enumerate(rules):
@@ -212,7 +231,19 @@ def sp_explain(rule: SPRule, method: str, scheme: str, host: str, path: str, sco
 
 
 LABELS = ["a", "b", "api", "www", "x1", "cdn", "example", "test", "com", "org"]
-PATHS = ["/", "/a", "/ab", "/abc", "/api", "/api/v1", "/api/v1/x", "/x", "/xyz", "/static/img.png", "/a?b=1"]
+PATHS = [
+    "/",
+    "/a",
+    "/ab",
+    "/abc",
+    "/api",
+    "/api/v1",
+    "/api/v1/x",
+    "/x",
+    "/xyz",
+    "/static/img.png",
+    "/a?b=1",
+]
 
 
 def gen_host(rng: random.Random) -> str:
@@ -228,19 +259,21 @@ def gen_glob(rng: random.Random, hosts: list[str]) -> str:
     if kind == 1:
         return host  # exact
     if kind == 2 and len(labels) > 1:
-        return "*." + ".".join(labels[rng.randint(1, len(labels) - 1):])  # *.suffix
+        return "*." + ".".join(labels[rng.randint(1, len(labels) - 1) :])  # *.suffix
     if kind == 3:
         return host[: rng.randint(0, len(host))] + "*"  # prefix*
     if kind == 4:
-        return "*" + host[rng.randint(0, len(host)):]  # *suffix without the dot
+        return "*" + host[rng.randint(0, len(host)) :]  # *suffix without the dot
     if kind == 5 and host:
         i = rng.randrange(len(host))
-        return host[:i] + "?" + host[i + 1:]
+        return host[:i] + "?" + host[i + 1 :]
     if kind == 6 and host:
         i = rng.randrange(len(host))
-        return host[:i] + rng.choice(["[a-c]", "[!a]", "[x1]", "[ab]"]) + host[i + 1:]
+        return host[:i] + rng.choice(["[a-c]", "[!a]", "[x1]", "[ab]"]) + host[i + 1 :]
     if kind == 7:
-        return rng.choice(["", "*.", "?", "*.*", "*a*", "[", "a[b"])  # odd globs SegmentedProxy takes
+        return rng.choice(
+            ["", "*.", "?", "*.*", "*a*", "[", "a[b"]
+        )  # odd globs SegmentedProxy takes
     if kind == 8:
         return "*." + rng.choice(LABELS)
     return rng.choice(hosts)
@@ -255,7 +288,9 @@ def gen_rule_line(rng: random.Random, hosts: list[str]) -> str:
         lambda: f"path_prefix={rng.choice(PATHS + ['api', 'a'])}",
         lambda: f"action={rng.choice(['direct', 'block', 'block', 'upstream'])}",
         lambda: f"reason={rng.choice(['no', 'r1', 'blocked here', ''])}",
-        lambda: f"upstream={rng.choice(['127.0.0.1:3128', 'proxy.test:8080', 'h:70000', 'h:0', 'nohost', ':80'])}",
+        lambda: (
+            f"upstream={rng.choice(['127.0.0.1:3128', 'proxy.test:8080', 'h:70000', 'h:0', 'nohost', ':80'])}"
+        ),
         lambda: f"strategy={rng.choice(['none', 'fixed', 'random', 'zigzag'])}",
         lambda: f"chunk={rng.choice(['512', '0', '-1', 'abc', '1_0'])}",
         lambda: f"min={rng.choice(['1', '10', '0'])}",
@@ -294,7 +329,9 @@ def check_rule_set(seed: int) -> None:
             ours = True
         except ValueError:
             ours = False
-        assert ours == (sp_rule is not None), f"seed {seed}: {line!r}: SegmentedProxy accepts={sp_rule is not None}, segproxy={ours}"
+        assert ours == (sp_rule is not None), (
+            f"seed {seed}: {line!r}: SegmentedProxy accepts={sp_rule is not None}, segproxy={ours}"
+        )
         if sp_rule is not None:
             accepted.append((line, sp_rule))
     if not accepted:
@@ -306,7 +343,7 @@ def check_rule_set(seed: int) -> None:
     # segproxy uses (and says so in a warning).
     listed = rules.describe().splitlines()[2:]
     assert len(listed) == len(sp_rules)
-    for i, (line, rule) in enumerate(zip(listed, sp_rules)):
+    for i, (line, rule) in enumerate(zip(listed, sp_rules, strict=False)):
         ours = line.split(". ", 1)[1].split(" source=", 1)[0]
         want = sp_format_rule(rule)
         if rule.mode == "segment_upstream" and rule.strategy is None:
@@ -317,12 +354,16 @@ def check_rule_set(seed: int) -> None:
         method, scheme, host, port, path = gen_request(rng, hosts)
         want, want_score = sp_decide(sp_rules, method, scheme, host, path)
         d = rules.decide(method, scheme, host, port, path)
-        context = f"seed {seed}: {method} {scheme}://{host}{path}\nrules:\n" + "\n".join(
-            f"  {i + 1}: {line}" for i, (line, _) in enumerate(accepted)
-        ) + f"\nsegproxy: {d}"
+        context = (
+            f"seed {seed}: {method} {scheme}://{host}{path}\nrules:\n"
+            + "\n".join(f"  {i + 1}: {line}" for i, (line, _) in enumerate(accepted))
+            + f"\nsegproxy: {d}"
+        )
         if want is None:
             assert d.rule is None, context
-            assert d.score is None and d.explanation == "no rule matched; using default policy", context
+            assert d.score is None and d.explanation == "no rule matched; using default policy", (
+                context
+            )
             assert d.action == "direct", context
             continue
         assert d.rule == f"gen:{want + 1}", context
@@ -330,7 +371,9 @@ def check_rule_set(seed: int) -> None:
         assert d.score == want_score, context
         assert d.action == rule.action, context
         assert d.mode == rule.mode, context
-        assert d.explanation.startswith(sp_explain(rule, method, scheme, host, path, want_score) + ";"), context
+        assert d.explanation.startswith(
+            sp_explain(rule, method, scheme, host, path, want_score) + ";"
+        ), context
         # The policy: no segmentation where SegmentedProxy has none (mode other than
         # segment_upstream, or strategy=none); the strategy it names otherwise. (Without
         # strategy=, a chunk size or delay means fixed here: a documented difference.)
@@ -353,7 +396,9 @@ def test_decisions_match_segmentedproxy(block):
 
 def test_issue_examples():
     # method outweighs a 2-character prefix
-    rules = Rules.parse("*=direct,method=POST,action=block,reason=A\n*=direct,path_prefix=/x,reason=B", source="t")
+    rules = Rules.parse(
+        "*=direct,method=POST,action=block,reason=A\n*=direct,path_prefix=/x,reason=B", source="t"
+    )
     d = rules.decide("POST", "http", "h.test", 80, "/xyz")
     assert (d.action, d.reason, d.rule, d.score) == ("block", "A", "t:1", 100)
     assert d.explanation.startswith(
@@ -384,7 +429,12 @@ def test_port_key_never_changes_a_segmentedproxy_decision():
         if not lines:
             continue
         plain = Rules.parse("\n".join(lines), source="gen")
-        with_port = Rules.parse("\n".join(lines + [lines[0].split(",")[0] + ",port=9"]), source="gen")
+        with_port = Rules.parse(
+            "\n".join(lines + [lines[0].split(",")[0] + ",port=9"]), source="gen"
+        )
         for _ in range(10):
             method, scheme, host, port, path = gen_request(rng, hosts)
-            assert plain.decide(method, scheme, host, port, path).rule == with_port.decide(method, scheme, host, port, path).rule
+            assert (
+                plain.decide(method, scheme, host, port, path).rule
+                == with_port.decide(method, scheme, host, port, path).rule
+            )

@@ -10,9 +10,15 @@ import asyncio
 
 import pytest
 from segproxy import start_proxy_server
-
 from support import Segproxy, wait_for
-from support.loopback import FramedOrigin, HttpOrigin, blob, framed_exchange, proxy_connect, proxy_request
+from support.loopback import (
+    FramedOrigin,
+    HttpOrigin,
+    blob,
+    framed_exchange,
+    proxy_connect,
+    proxy_request,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,7 +44,12 @@ def connect(proxy, host: str, port: int):
 
 
 def test_deny_domain_with_subdomains(dnsmasq_server, origin):
-    args = dns(dnsmasq_server) + ["--deny-domain", ".deny.test.zone", "--deny-domain", "exact.test.zone"]
+    args = dns(dnsmasq_server) + [
+        "--deny-domain",
+        ".deny.test.zone",
+        "--deny-domain",
+        "exact.test.zone",
+    ]
     with Segproxy(args, with_access_log=True) as proxy:
         for host in ("deny.test.zone", "a.deny.test.zone", "b.a.DENY.test.zone", "exact.test.zone"):
             r = get(proxy, host, origin.port, "/denied")
@@ -60,7 +71,12 @@ def test_deny_domain_with_subdomains(dnsmasq_server, origin):
 
 
 def test_allow_domain_only(dnsmasq_server, origin):
-    args = dns(dnsmasq_server) + ["--allow-domain", ".ok.test.zone", "--allow-domain", "single.test.zone"]
+    args = dns(dnsmasq_server) + [
+        "--allow-domain",
+        ".ok.test.zone",
+        "--allow-domain",
+        "single.test.zone",
+    ]
     with Segproxy(args) as proxy:
         for host in ("ok.test.zone", "a.ok.test.zone", "single.test.zone"):
             assert get(proxy, host, origin.port).status == 200, host
@@ -79,7 +95,12 @@ def test_allow_domain_only(dnsmasq_server, origin):
 
 
 def test_deny_wins_over_allow(dnsmasq_server, origin):
-    args = dns(dnsmasq_server) + ["--allow-domain", ".test.zone", "--deny-domain", "bad.host.test.zone"]
+    args = dns(dnsmasq_server) + [
+        "--allow-domain",
+        ".test.zone",
+        "--deny-domain",
+        "bad.host.test.zone",
+    ]
     with Segproxy(args) as proxy:
         assert get(proxy, "good.host.test.zone", origin.port).status == 200
         r = get(proxy, "bad.host.test.zone", origin.port)
@@ -132,7 +153,9 @@ async def test_safety_options_in_process(origin):
         await server.aclose()
     server = await start_proxy_server(port=0, allow_domains=["localhost"])
     try:
-        r = await asyncio.to_thread(proxy_request, server.address, "GET", f"http://localhost:{origin.port}/a")
+        r = await asyncio.to_thread(
+            proxy_request, server.address, "GET", f"http://localhost:{origin.port}/a"
+        )
         assert r.status == 200
         r = await asyncio.to_thread(proxy_request, server.address, "GET", origin.url("/b"))
         assert r.status == 403

@@ -9,6 +9,7 @@ between chunks, the reads of one chunk arrive together and the next chunk at lea
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import random
 import socket
@@ -16,7 +17,6 @@ import time
 
 import pytest
 from segproxy import Rules, start_proxy_server
-
 from support import Segproxy, free_port, wait_for
 from support.loopback import (
     TIMEOUT,
@@ -51,7 +51,7 @@ def bursts(rec: Recording) -> list[tuple[float, int]]:
 
 def assert_spaced(b: list[tuple[float, int]]) -> None:
     starts = [t for t, _ in b]
-    gaps = [b2 - b1 for b1, b2 in zip(starts, starts[1:])]
+    gaps = [b2 - b1 for b1, b2 in itertools.pairwise(starts)]
     assert gaps, b
     assert min(gaps) >= MIN_SPACING, f"chunks closer than {MIN_SPACING}s: {gaps}"
 
@@ -102,13 +102,19 @@ async def test_content_never_changes_random_policies(seed):
                 with tunnel(server.address, framed.port) as s:
                     digest, down = framed_exchange(s, up, down_size, seed)
                 assert digest.hex() == sha(up), f"tunnel upload changed under {policy}"
-                assert sha(down) == sha(blob(seed, down_size)), f"tunnel download changed under {policy}"
+                assert sha(down) == sha(blob(seed, down_size)), (
+                    f"tunnel download changed under {policy}"
+                )
                 # HTTP request body up and response body down (fresh connection each).
-                r = proxy_request(server.address, "POST", http.url(f"/upload?n={down_size}&seed={seed}"), body=up)
+                r = proxy_request(
+                    server.address, "POST", http.url(f"/upload?n={down_size}&seed={seed}"), body=up
+                )
                 assert r.status == 200, r
                 assert r.header("X-Body-Sha256") == sha(up), f"HTTP body changed under {policy}"
                 assert r.header("X-Body-Length") == str(len(up))
-                assert sha(r.body) == sha(blob(seed, down_size)), f"HTTP response changed under {policy}"
+                assert sha(r.body) == sha(blob(seed, down_size)), (
+                    f"HTTP response changed under {policy}"
+                )
 
             await asyncio.to_thread(run)
             assert not framed.errors, framed.errors
@@ -132,9 +138,16 @@ TOTAL = 5 * N + 300  # 3800 bytes: five full chunks and a short one
 
 def seg_args(direction: str = "up", chunk: int = N, delay: int = DELAY_MS) -> list[str]:
     return [
-        "--segmentation", "segment_upstream", "--segment-strategy", "fixed",
-        "--segment-chunk-size", str(chunk), "--segment-delay-ms", str(delay),
-        "--segment-direction", direction,
+        "--segmentation",
+        "segment_upstream",
+        "--segment-strategy",
+        "fixed",
+        "--segment-chunk-size",
+        str(chunk),
+        "--segment-delay-ms",
+        str(delay),
+        "--segment-direction",
+        direction,
     ]
 
 
@@ -191,7 +204,9 @@ def test_tunnel_both_directions_segmented():
 def test_http_request_body_fixed_chunks_with_delay():
     body = blob(3, TOTAL)
     with HttpRecordingOrigin() as origin, Segproxy(seg_args("up")) as proxy:
-        r = proxy_request(("127.0.0.1", proxy.port), "POST", f"http://127.0.0.1:{origin.port}/up", body=body)
+        r = proxy_request(
+            ("127.0.0.1", proxy.port), "POST", f"http://127.0.0.1:{origin.port}/up", body=body
+        )
         assert r.status == 200 and r.body == b"ok"
     rec = origin.recordings[0]
     head, got = bytes(rec.data).split(b"\r\n\r\n", 1)
@@ -227,8 +242,18 @@ def test_http_response_body_down_fixed_chunks_with_delay():
 
 def test_random_strategy_chunk_bounds():
     data = blob(11, 6000)
-    args = ["--segmentation", "segment_upstream", "--segment-strategy", "random",
-            "--segment-min-size", "300", "--segment-max-size", "900", "--segment-delay-ms", str(DELAY_MS)]
+    args = [
+        "--segmentation",
+        "segment_upstream",
+        "--segment-strategy",
+        "random",
+        "--segment-min-size",
+        "300",
+        "--segment-max-size",
+        "900",
+        "--segment-delay-ms",
+        str(DELAY_MS),
+    ]
     with SinkOrigin(len(data)) as sink, Segproxy(args) as proxy:
         with tunnel(("127.0.0.1", proxy.port), sink.port) as s:
             s.sendall(data)
@@ -260,7 +285,9 @@ def test_rule_policy_applies_only_to_matching_destination():
 
 
 async def test_flow_records_in_memory():
-    rules = Rules.parse("127.0.0.1=segment_upstream,strategy=fixed,chunk=500,direction=both", source="flows")
+    rules = Rules.parse(
+        "127.0.0.1=segment_upstream,strategy=fixed,chunk=500,direction=both", source="flows"
+    )
     server = await start_proxy_server(port=0, rules=rules, record_flows=True)
     try:
         up = blob(1, 4321)
@@ -270,7 +297,9 @@ async def test_flow_records_in_memory():
                 with tunnel(server.address, framed.port) as s:
                     digest, down = framed_exchange(s, up, 2345, 2)
                 assert digest.hex() == sha(up) and down == blob(2, 2345)
-                r = proxy_request(server.address, "POST", http.url("/upload?n=1500&seed=6"), body=up)
+                r = proxy_request(
+                    server.address, "POST", http.url("/upload?n=1500&seed=6"), body=up
+                )
                 assert r.status == 200 and r.body == blob(6, 1500)
 
             await asyncio.to_thread(run)
@@ -317,13 +346,18 @@ async def test_refused_and_failed_flows_are_recorded_with_their_status():
                     assert r.status in (403, 502), r
                 with tunnel(server.address, framed.port) as s:
                     framed_exchange(s, b"x" * 100, 10, 1)
-                assert proxy_request(server.address, "GET", f"http://127.0.0.1:{dead}/gone").status == 502
+                assert (
+                    proxy_request(server.address, "GET", f"http://127.0.0.1:{dead}/gone").status
+                    == 502
+                )
 
             await asyncio.to_thread(run)
         assert await asyncio.to_thread(wait_for, lambda: len(server.flows()) >= 4)
         by_target = {f["target"]: f for f in server.flows()}
         blocked = by_target["blocked.test:443"]
-        assert (blocked["status"], blocked["rule"]) == (403, "r:1") and "not this one" in blocked["error"]
+        assert (blocked["status"], blocked["rule"]) == (403, "r:1") and "not this one" in blocked[
+            "error"
+        ]
         refused = by_target[f"127.0.0.1:{dead}"]
         assert refused["status"] == 502 and f"127.0.0.1:{dead}" in refused["error"]
         opened = by_target[f"127.0.0.1:{framed.port}"]
@@ -353,12 +387,21 @@ async def test_flows_empty_without_record_flows():
 def test_record_flows_file_and_chunk_size_without_strategy_means_fixed(tmp_path):
     flows_file = tmp_path / "flows.jsonl"
     data = blob(13, 3000)
-    args = ["--segmentation", "segment_upstream", "--segment-chunk-size", "256", "--record-flows", str(flows_file)]
+    args = [
+        "--segmentation",
+        "segment_upstream",
+        "--segment-chunk-size",
+        "256",
+        "--record-flows",
+        str(flows_file),
+    ]
     with SinkOrigin(len(data)) as sink, Segproxy(args) as proxy:
         with tunnel(("127.0.0.1", proxy.port), sink.port) as s:
             s.sendall(data)
             assert recv_exact(s, 32).hex() == sha(data)
-        assert wait_for(lambda: flows_file.exists() and flows_file.read_text().strip() != "", timeout=10)
+        assert wait_for(
+            lambda: flows_file.exists() and flows_file.read_text().strip() != "", timeout=10
+        )
     lines = [json.loads(line) for line in flows_file.read_text().splitlines() if line.strip()]
     assert len(lines) == 1, lines
     flow = lines[0]

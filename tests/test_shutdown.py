@@ -10,7 +10,6 @@ import threading
 
 import pytest
 import segproxy
-
 from support import Segproxy, wait_for
 from support.loopback import TIMEOUT, read_response
 
@@ -40,7 +39,9 @@ class HeldOrigin:
                 head += piece
             self.asked.set()
             if self.release.wait(TIMEOUT):
-                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nfinished")
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nConnection: close\r\n\r\nfinished"
+                )
 
     def close(self) -> None:
         self.release.set()
@@ -70,7 +71,9 @@ async def test_close_lets_a_request_in_flight_finish_within_shutdown_timeout():
         client = send_request(server.port, origin.port)
         assert await asyncio.to_thread(origin.asked.wait, TIMEOUT)
         server.close()  # no grace given: the server's shutdown_timeout applies
-        assert await asyncio.to_thread(wait_for, lambda: refuses(server.port), TIMEOUT), "still accepting after close()"
+        assert await asyncio.to_thread(wait_for, lambda: refuses(server.port), TIMEOUT), (
+            "still accepting after close()"
+        )
         origin.release.set()
         response = await asyncio.to_thread(read_response, client)
         assert response.status == 200 and response.body == b"finished"

@@ -10,8 +10,6 @@ import json
 import ssl
 
 import pytest
-
-from support import LOOPBACK
 from support.clients import Conn, get_via
 from support.origins import RecordingOrigin, ScriptedOrigin
 
@@ -38,30 +36,61 @@ def still_serves(proxy, origin) -> None:
 # (head fields after the request line, body, words the answer must contain)
 HEADS = {
     "no-host": (b"Accept: */*\r\n", b"", "without a Host header (RFC 9112 section 3.2)"),
-    "two-hosts": (b"Host: a\r\nHost: b\r\n", b"", "2 Host headers in one request (RFC 9112 section 3.2)"),
-    "cl-te": (b"Host: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n", b"0\r\n\r\n",
-              "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)"),
-    "te-cl": (b"Host: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n", b"0\r\n\r\n",
-              "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)"),
-    "two-cl": (b"Host: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n", b"hello",
-               "conflicting Content-Length values (RFC 9112 section 6.3)"),
-    "cl-list": (b"Host: a\r\nContent-Length: 5, 6\r\n", b"hello", "conflicting Content-Length values"),
+    "two-hosts": (
+        b"Host: a\r\nHost: b\r\n",
+        b"",
+        "2 Host headers in one request (RFC 9112 section 3.2)",
+    ),
+    "cl-te": (
+        b"Host: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n",
+        b"0\r\n\r\n",
+        "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)",
+    ),
+    "te-cl": (
+        b"Host: a\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n",
+        b"0\r\n\r\n",
+        "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)",
+    ),
+    "two-cl": (
+        b"Host: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n",
+        b"hello",
+        "conflicting Content-Length values (RFC 9112 section 6.3)",
+    ),
+    "cl-list": (
+        b"Host: a\r\nContent-Length: 5, 6\r\n",
+        b"hello",
+        "conflicting Content-Length values",
+    ),
     "cl-invalid": (b"Host: a\r\nContent-Length: 0x5\r\n", b"hello", "invalid Content-Length"),
     "cl-negative": (b"Host: a\r\nContent-Length: -5\r\n", b"hello", "invalid Content-Length"),
-    "te-not-chunked-last": (b"Host: a\r\nTransfer-Encoding: chunked, gzip\r\n", b"0\r\n\r\n",
-                            "must end in chunked (RFC 9112 section 6.1)"),
+    "te-not-chunked-last": (
+        b"Host: a\r\nTransfer-Encoding: chunked, gzip\r\n",
+        b"0\r\n\r\n",
+        "must end in chunked (RFC 9112 section 6.1)",
+    ),
     "te-identity": (b"Host: a\r\nTransfer-Encoding: identity\r\n", b"hello", "must end in chunked"),
-    "host-with-space": (b"Host: a b\r\n", b"", "invalid Host header \"a b\" (RFC 9112 section 3.2)"),
+    "host-with-space": (b"Host: a b\r\n", b"", 'invalid Host header "a b" (RFC 9112 section 3.2)'),
     "host-with-userinfo": (b"Host: user@a\r\n", b"", "invalid Host header"),
-    "obs-fold": (b"Host: a\r\nX-A: 1\r\n b\r\n", b"", "obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)"),
+    "obs-fold": (
+        b"Host: a\r\nX-A: 1\r\n b\r\n",
+        b"",
+        "obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)",
+    ),
     "obs-fold-tab": (b"Host: a\r\nX-A: 1\r\n\tb\r\n", b"", "obs-fold"),
-    "space-before-colon": (b"Host: a\r\nContent-Length : 5\r\n", b"hello",
-                           "whitespace between the field name \"Content-Length\" and the colon (RFC 9112 section 5.1)"),
+    "space-before-colon": (
+        b"Host: a\r\nContent-Length : 5\r\n",
+        b"hello",
+        'whitespace between the field name "Content-Length" and the colon (RFC 9112 section 5.1)',
+    ),
     "tab-before-colon": (b"Host\t: a\r\n", b"", "RFC 9112 section 5.1"),
     "bare-cr-in-value": (b"Host: a\r\nX-A: 1\rX-B: 2\r\n", b"", "bare CR at offset"),
     "bare-cr-line-end": (b"Host: a\rX-B: 2\r\n", b"", "bare CR"),
     "nul-in-value": (b"Host: a\r\nX-A: a\x00b\r\n", b"", "NUL byte"),
-    "bad-field-name": (b"Host: a\r\nX@A: 1\r\n", b"", "the field name \"X@A\" is not a token (RFC 9110 section 5.1)"),
+    "bad-field-name": (
+        b"Host: a\r\nX@A: 1\r\n",
+        b"",
+        'the field name "X@A" is not a token (RFC 9110 section 5.1)',
+    ),
     "empty-field-name": (b"Host: a\r\n: 1\r\n", b"", "is not a token"),
 }
 
@@ -79,7 +108,7 @@ async def test_bad_request_head_gets_400_and_never_reaches_the_origin(proxy, ori
 @pytest.mark.parametrize(
     "request_line,why",
     [
-        (b"G(T", "the method \"G(T\" is not a token (RFC 9110 section 9.1)"),
+        (b"G(T", 'the method "G(T" is not a token (RFC 9110 section 9.1)'),
         (b"GET ", "invalid request head"),  # two spaces before the target (RFC 9112 section 3)
         (b"GE\x7fT", "is not a token"),
         (b"G\x00T", "NUL byte"),
@@ -133,9 +162,14 @@ async def test_bad_chunked_request_body_gets_400_and_nothing_is_forwarded(proxy,
 @pytest.mark.parametrize(
     "reply,why",
     [
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!", "conflicting Content-Length"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
-         "both Transfer-Encoding and Content-Length"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+            "conflicting Content-Length",
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            "both Transfer-Encoding and Content-Length",
+        ),
         (b"HTTP/1.1 2000 OK\r\nContent-Length: 0\r\n\r\n", "bad response"),
         (b"HTTP/1.1 200 OK\r\nX-A: 1\r\n folded\r\nContent-Length: 0\r\n\r\n", "obs-fold"),
         (b"HTTP/1.1 200 OK\r\nX-A: 1\rContent-Length: 0\r\n\r\n", "bare CR"),
@@ -167,7 +201,9 @@ class TlsRecordingOrigin(RecordingOrigin):
         self.ssl_context = ctx
 
 
-@pytest.mark.parametrize("case", ["no-host", "two-hosts", "cl-te", "obs-fold", "space-before-colon"])
+@pytest.mark.parametrize(
+    "case", ["no-host", "two-hosts", "cl-te", "obs-fold", "space-before-colon"]
+)
 def test_same_checks_inside_interception(tmp_path, case):
     """The inner HTTP/1.1 loop of an intercepted CONNECT refuses the same heads."""
     pytest.importorskip("cryptography")
@@ -175,13 +211,20 @@ def test_same_checks_inside_interception(tmp_path, case):
     from intercept_support import ProxyThread, connect_tunnel, get, trusting_context
 
     segproxy.load_or_create_ca(tmp_path / "ca")
-    store = segproxy.TLSStore.load_ca_from_disk(tmp_path / "ca" / "ca-key.pem", tmp_path / "ca" / "ca-cert.pem")
-    with TlsRecordingOrigin(tmp_path) as origin, ProxyThread(tls_store=store, upstream_ca=[origin.cert_path]) as p:
+    store = segproxy.TLSStore.load_ca_from_disk(
+        tmp_path / "ca" / "ca-key.pem", tmp_path / "ca" / "ca-cert.pem"
+    )
+    with (
+        TlsRecordingOrigin(tmp_path) as origin,
+        ProxyThread(tls_store=store, upstream_ca=[origin.cert_path]) as p,
+    ):
         ctx = trusting_context(tmp_path / "ca" / "ca-cert.pem")
         fields, body, why = HEADS[case]
         if case == "no-host":
             why = "without a Host header"
-        with ctx.wrap_socket(connect_tunnel(p.port, f"localhost:{origin.port}"), server_hostname="localhost") as tls:
+        with ctx.wrap_socket(
+            connect_tunnel(p.port, f"localhost:{origin.port}"), server_hostname="localhost"
+        ) as tls:
             tls.sendall(b"POST /strict HTTP/1.1\r\n" + fields + b"\r\n" + body)
             f = tls.makefile("rb")
             status_line = f.readline()
@@ -190,7 +233,9 @@ def test_same_checks_inside_interception(tmp_path, case):
         assert why.encode() in rest, rest
         assert origin.requests == []
         # A well-formed request through the same interception is forwarded.
-        with ctx.wrap_socket(connect_tunnel(p.port, f"localhost:{origin.port}"), server_hostname="localhost") as tls:
+        with ctx.wrap_socket(
+            connect_tunnel(p.port, f"localhost:{origin.port}"), server_hostname="localhost"
+        ) as tls:
             status, _, _ = get(tls, "localhost", "/fine")
         assert status == 200
         assert [r.target for r in origin.requests] == ["/fine"]

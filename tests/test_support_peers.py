@@ -11,7 +11,6 @@ import subprocess
 
 import httpx
 import pytest
-
 from support import NginxOrigin, query_a, wait_for
 
 pytestmark = pytest.mark.timeout(60)
@@ -75,7 +74,10 @@ def test_peer_proxy_tunnels_connect_to_any_port(peer, nginx_origin, request):
     proxy = request.getfixturevalue(peer)
     # The HTTPS port is a random high port: CONNECT must be allowed to it.
     r = curl(
-        "-x", proxy.proxy_url, "--cacert", str(nginx_origin.cert_path),
+        "-x",
+        proxy.proxy_url,
+        "--cacert",
+        str(nginx_origin.cert_path),
         nginx_origin.url("/1k.bin", tls=True),
     )
     assert r.returncode == 0, r.stderr
@@ -114,10 +116,7 @@ def test_stop_kills_the_process_and_its_children():
         pytest.skip(str(e))
     with origin:
         master = origin.pid
-        workers = [
-            int(p) for p in os.listdir("/proc")
-            if p.isdigit() and _ppid(int(p)) == master
-        ]
+        workers = [int(p) for p in os.listdir("/proc") if p.isdigit() and _ppid(int(p)) == master]
         assert workers, "nginx master has workers"
         assert pid_alive(master)
         directory = origin.dir

@@ -12,12 +12,11 @@ from pathlib import Path
 import pytest
 
 pytest.importorskip("cryptography")
-from cryptography import x509  # noqa: E402
-from cryptography.hazmat.primitives import serialization  # noqa: E402
-from cryptography.x509.oid import NameOID  # noqa: E402
-
-import segproxy  # noqa: E402
-from segproxy import TLSStore, load_or_create_ca  # noqa: E402
+import segproxy
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
+from segproxy import TLSStore, load_or_create_ca
 
 
 def mode(p: Path) -> int:
@@ -70,14 +69,14 @@ def test_mismatched_key_and_cert_rejected_clearly(tmp_path):
     with pytest.raises(ValueError) as info:
         TLSStore.load_ca_from_disk(tmp_path / "a.key", tmp_path / "b.crt")
     assert "match" in str(info.value).lower(), info.value
-    with pytest.raises(ValueError, match="(?i)match"):
+    with pytest.raises(ValueError, match=r"(?i)match"):
         TLSStore.from_pem(a.get_ca_key_pem(), b.get_ca_pem())
 
 
 def test_missing_or_garbage_files_rejected_clearly(tmp_path):
     store = TLSStore.generate_ca()
     store.save_ca_to_disk(tmp_path / "ca.key", tmp_path / "ca.crt")
-    with pytest.raises(ValueError, match="nope.key"):
+    with pytest.raises(ValueError, match=r"nope\.key"):
         TLSStore.load_ca_from_disk(tmp_path / "nope.key", tmp_path / "ca.crt")
     (tmp_path / "junk.crt").write_text("not a certificate\n")
     with pytest.raises(ValueError):
@@ -105,7 +104,9 @@ def test_key_file_readable_by_others_is_warned_about(tmp_path):
 
 def test_path_keywords_of_both_spellings(tmp_path):
     """key_file/cert_file (asyncio-https-proxy) and key_path/cert_path name the same paths."""
-    store = TLSStore.generate_ca(country="FR", state="IDF", locality="Paris", organization="o", common_name="kw CA")
+    store = TLSStore.generate_ca(
+        country="FR", state="IDF", locality="Paris", organization="o", common_name="kw CA"
+    )
     store.save_ca_to_disk(key_path=tmp_path / "k.pem", cert_path=tmp_path / "c.pem")
     store.save_ca_to_disk(key_file=tmp_path / "k2.pem", cert_file=tmp_path / "c2.pem")
     for loaded in (
@@ -115,7 +116,9 @@ def test_path_keywords_of_both_spellings(tmp_path):
     ):
         assert loaded.get_ca_pem() == store.get_ca_pem()
     with pytest.raises(TypeError, match="once each"):
-        TLSStore.load_ca_from_disk(tmp_path / "k.pem", tmp_path / "c.pem", key_path=tmp_path / "k.pem")
+        TLSStore.load_ca_from_disk(
+            tmp_path / "k.pem", tmp_path / "c.pem", key_path=tmp_path / "k.pem"
+        )
     with pytest.raises(TypeError, match="needs"):
         TLSStore.load_ca_from_disk(tmp_path / "k.pem")
 
@@ -133,7 +136,9 @@ def test_load_or_create_ca_creates_then_reuses(tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess[bytes]:
-    return subprocess.run([sys.executable, "-m", "segproxy", *args], capture_output=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "segproxy", *args], capture_output=True, timeout=60
+    )
 
 
 def test_cli_ca_dir_print_and_export(tmp_path):
@@ -141,7 +146,9 @@ def test_cli_ca_dir_print_and_export(tmp_path):
     r = run_cli("--ca-dir", str(d), "--print-ca")
     assert r.returncode == 0, r.stderr
     pem = r.stdout
-    assert pem.startswith(b"-----BEGIN CERTIFICATE-----") and pem == (d / "ca-cert.pem").read_bytes()
+    assert (
+        pem.startswith(b"-----BEGIN CERTIFICATE-----") and pem == (d / "ca-cert.pem").read_bytes()
+    )
     x509.load_pem_x509_certificate(pem)
     assert mode(d / "ca-key.pem") == 0o600
     key_before = (d / "ca-key.pem").read_bytes()
@@ -160,7 +167,9 @@ def test_cli_ca_dir_print_and_export(tmp_path):
     (d / "ca-key.pem").chmod(0o644)
     r = run_cli("--ca-dir", str(d), "--print-ca")
     assert r.returncode == 0 and r.stdout == pem
-    assert r.stderr.decode().startswith("segproxy: warning: ") and "ca-key.pem" in r.stderr.decode(), r.stderr
+    assert (
+        r.stderr.decode().startswith("segproxy: warning: ") and "ca-key.pem" in r.stderr.decode()
+    ), r.stderr
 
 
 def test_engine_minting_timer_available():

@@ -8,19 +8,26 @@ import os
 import socket
 import ssl
 import struct
-import time
 
 import httpx
 import pytest
-
 from support import wait_for
 from support.clients import Conn, curl
-from support.origins import MIB, SinkThenReplyOrigin, TlsEchoOrigin, WebSocketOrigin, pattern_chunks, pattern_sha256
+from support.origins import (
+    MIB,
+    SinkThenReplyOrigin,
+    TlsEchoOrigin,
+    WebSocketOrigin,
+    pattern_chunks,
+    pattern_sha256,
+)
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def connect_through(port: int, authority: str, timeout: float = 10.0, leftover: bytes = b"") -> socket.socket:
+def connect_through(
+    port: int, authority: str, timeout: float = 10.0, leftover: bytes = b""
+) -> socket.socket:
     """A socket to the proxy after a successful ``CONNECT authority``; ``leftover`` is
     what the destination is expected to have sent already (read after the 200)."""
     c = Conn(port, timeout)
@@ -89,12 +96,16 @@ async def test_python_ssl_through_tunnel_sees_origin_certificate(proxy, nginx_or
 
 
 async def test_httpx_https_through_tunnel(proxy, nginx_origin):
-    async with httpx.AsyncClient(proxy=proxy.url, verify=ssl.create_default_context(cafile=str(nginx_origin.cert_path))) as c:
+    async with httpx.AsyncClient(
+        proxy=proxy.url, verify=ssl.create_default_context(cafile=str(nginx_origin.cert_path))
+    ) as c:
         for _ in range(3):
             r = await c.get(nginx_origin.url("/1k.bin", tls=True))
             assert r.status_code == 200 and r.content == bytes(range(256)) * 4
     # One tunnel carried the three requests (its record is written when it closes).
-    assert wait_for(lambda: [x["kind"] for x in proxy.access_records()] == ["tunnel"], timeout=5), proxy.access_records()
+    assert wait_for(lambda: [x["kind"] for x in proxy.access_records()] == ["tunnel"], timeout=5), (
+        proxy.access_records()
+    )
 
 
 async def test_tls_conversation_round_trips(proxy, tmp_path):
@@ -112,7 +123,9 @@ async def test_tls_conversation_round_trips(proxy, tmp_path):
 async def test_client_bytes_sent_with_connect_are_not_lost(proxy, tmp_path):
     """A client may send its first bytes in the same packet as the CONNECT head."""
     with SinkThenReplyOrigin() as origin, Conn(proxy.port) as c:
-        c.send(f"CONNECT {origin.authority} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\nearly-bytes".encode())
+        c.send(
+            f"CONNECT {origin.authority} HTTP/1.1\r\nHost: {origin.authority}\r\n\r\nearly-bytes".encode()
+        )
         assert c._read_until(b"\r\n\r\n").startswith(b"HTTP/1.1 200")
         c.send(b"+late")
         c.sock.shutdown(socket.SHUT_WR)
@@ -150,7 +163,9 @@ async def test_origin_half_close_reaches_client_and_client_can_still_send(proxy)
         assert got == b"server-says-bye"
         s.sendall(b"client-still-talking")
         s.shutdown(socket.SHUT_WR)
-        assert wait_for(lambda: origin.received == [b"client-still-talking"], timeout=5), origin.received
+        assert wait_for(lambda: origin.received == [b"client-still-talking"], timeout=5), (
+            origin.received
+        )
         s.close()
 
 
@@ -177,7 +192,9 @@ async def test_raw_101_upgrade_relays_both_ways(proxy, origin):
 
 
 async def test_upgraded_bytes_are_segmented_like_a_tunnel(make_proxy, origin):
-    proxy = await make_proxy(rules="*=segment_upstream,strategy=fixed,chunk=3,direction=both", record_flows=True)
+    proxy = await make_proxy(
+        rules="*=segment_upstream,strategy=fixed,chunk=3,direction=both", record_flows=True
+    )
     with Conn(proxy.port) as c:
         c.send(
             f"GET {origin.url('/upgrade')} HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: echo-proto\r\n\r\n".encode()
@@ -217,7 +234,9 @@ async def test_websocket_upgrade_in_forward_mode(proxy):
         )
         head = c._read_until(b"\r\n\r\n").decode()
         assert head.startswith("HTTP/1.1 101"), head
-        accept = base64.b64encode(hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()).decode()
+        accept = base64.b64encode(
+            hashlib.sha1((key + "258EAFA5-E914-47DA-95CA-C5AB0DC85B11").encode()).digest()
+        ).decode()
         assert f"sec-websocket-accept: {accept.lower()}" in head.lower()
         c.send(ws_frame(b"ping through proxy"))
         while len(c.buf) < 2:

@@ -29,9 +29,21 @@ def test_mypy_strict(tmp_path: Path) -> None:
     for nb in sorted((ROOT / "notebooks").glob("*.ipynb")):
         (tmp_path / f"nb_{nb.stem.replace('-', '_')}.py").write_text(notebook_as_module(nb))
     result = subprocess.run(
-        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", "--ignore-missing-imports",
-         str(ROOT / "python" / "segproxy"), str(ROOT / "examples"), str(tmp_path)],
-        capture_output=True, text=True, timeout=280, cwd=ROOT,
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--strict",
+            "--no-incremental",
+            "--ignore-missing-imports",
+            str(ROOT / "python" / "segproxy"),
+            str(ROOT / "examples"),
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
     )
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -42,6 +54,10 @@ def test_stubs_match_the_extension() -> None:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "python")}
     result = subprocess.run(
         [sys.executable, "-m", "mypy.stubtest", "segproxy._engine"],
-        capture_output=True, text=True, timeout=280, cwd=ROOT, env=env,
+        capture_output=True,
+        text=True,
+        timeout=280,
+        cwd=ROOT,
+        env=env,
     )
     assert result.returncode == 0, result.stdout + result.stderr

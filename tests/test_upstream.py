@@ -10,7 +10,6 @@ import uuid
 
 import pytest
 from segproxy import Rules, start_proxy_server
-
 from support import Segproxy, free_port, wait_for
 from support.loopback import (
     TIMEOUT,
@@ -69,7 +68,9 @@ def test_http_through_tinyproxy(tinyproxy_proxy, origin):
                 assert r.status == 200 and r.body == f"origin ok /tp-{t}-{i}\n".encode()
         assert wait_for(lambda: proxy.access_log.read_text().count("\n") >= 3)
         log = proxy.access_log.read_text()
-        assert f"action=upstream " in log and f" upstream=127.0.0.1:{tinyproxy_proxy.port} " in log, log
+        assert (
+            "action=upstream " in log and f" upstream=127.0.0.1:{tinyproxy_proxy.port} " in log
+        ), log
     tp_log = tinyproxy_proxy.log.read_text()
     # tinyproxy got every request, in absolute form.
     for path in (f"/tp-{t}", f"/tp-{t}-0", f"/tp-{t}-1"):
@@ -89,7 +90,9 @@ def test_connect_through_tinyproxy(tinyproxy_proxy):
             with s:
                 digest, down = framed_exchange(s, up, 70_000, 22)
             assert digest.hex() == sha(up) and down == blob(22, 70_000)
-    assert wait_for(lambda: f"CONNECT 127.0.0.1:{framed.port} HTTP/1.1" in tinyproxy_proxy.log.read_text())
+    assert wait_for(
+        lambda: f"CONNECT 127.0.0.1:{framed.port} HTTP/1.1" in tinyproxy_proxy.log.read_text()
+    )
 
 
 def test_segmentation_applies_on_the_way_to_tinyproxy(tinyproxy_proxy):
@@ -119,7 +122,12 @@ def test_credentials_sent_to_the_upstream_only(origin):
         with Segproxy(["--segment-rule", rule], with_access_log=True) as proxy:
             addr = ("127.0.0.1", proxy.port)
             # The client's own Proxy-Authorization (for segproxy) is not passed on.
-            r = proxy_request(addr, "GET", origin.url("/cred"), headers={"Proxy-Authorization": basic("client", "pw")})
+            r = proxy_request(
+                addr,
+                "GET",
+                origin.url("/cred"),
+                headers={"Proxy-Authorization": basic("client", "pw")},
+            )
             assert r.status == 200
             assert r.body == f"fake upstream saw {origin.url('/cred')}".encode()
             s, r = proxy_connect(addr, f"127.0.0.1:{framed.port}")
@@ -145,8 +153,12 @@ def test_credentials_sent_to_the_upstream_only(origin):
 
 def test_origin_never_sees_proxy_authorization_direct(origin):
     with Segproxy([]) as proxy:
-        r = proxy_request(("127.0.0.1", proxy.port), "GET", origin.url("/direct"),
-                          headers={"Proxy-Authorization": basic("u", "p")})
+        r = proxy_request(
+            ("127.0.0.1", proxy.port),
+            "GET",
+            origin.url("/direct"),
+            headers={"Proxy-Authorization": basic("u", "p")},
+        )
         assert r.status == 200
     assert len(origin.requests) == 1
     assert header(origin.requests[0][1], "Proxy-Authorization") is None
@@ -155,11 +167,16 @@ def test_origin_never_sees_proxy_authorization_direct(origin):
 def test_segproxy_chained_to_segproxy(origin):
     with Segproxy([], with_access_log=True) as second:
         rule = upstream_rule(f"bob:pw@127.0.0.1:{second.port}", host="*")
-        with Segproxy(["--segment-rule", rule], with_access_log=True) as first, FramedOrigin() as framed:
+        with (
+            Segproxy(["--segment-rule", rule], with_access_log=True) as first,
+            FramedOrigin() as framed,
+        ):
             addr = ("127.0.0.1", first.port)
             r = proxy_request(addr, "GET", origin.url("/chain"))
             assert r.status == 200 and r.body == b"origin ok /chain\n"
-            r = proxy_request(addr, "POST", origin.url("/upload?n=10&seed=1"), body=blob(26, 100_000))
+            r = proxy_request(
+                addr, "POST", origin.url("/upload?n=10&seed=1"), body=blob(26, 100_000)
+            )
             assert r.status == 200 and r.header("X-Body-Sha256") == sha(blob(26, 100_000))
             s, r = proxy_connect(addr, f"127.0.0.1:{framed.port}")
             assert r.status == 200
@@ -173,7 +190,11 @@ def test_segproxy_chained_to_segproxy(origin):
             second_log = second.access_log.read_text()
     assert first_log.count(f" upstream=127.0.0.1:{second.port} ") == 3, first_log
     # The second proxy saw all three, as a plain direct proxy.
-    assert f"method=GET " in second_log and f" status=200 client=" in second_log and f" target={origin.url('/chain')} " in second_log, second_log
+    assert (
+        "method=GET " in second_log
+        and " status=200 client=" in second_log
+        and f" target={origin.url('/chain')} " in second_log
+    ), second_log
     assert f"method=CONNECT host=127.0.0.1 port={framed.port} " in second_log, second_log
     assert second_log.count("action=direct") == 3
     assert len(origin.requests) == 2
@@ -183,8 +204,11 @@ def test_segproxy_chained_to_segproxy(origin):
 
 async def test_flow_records_through_upstream():
     with FakeUpstream() as fake, FramedOrigin() as framed:
-        rules = Rules.parse(upstream_rule(f"127.0.0.1:{fake.port}").replace(
-            "=direct,", "=segment_upstream,chunk=333,", 1))
+        rules = Rules.parse(
+            upstream_rule(f"127.0.0.1:{fake.port}").replace(
+                "=direct,", "=segment_upstream,chunk=333,", 1
+            )
+        )
         server = await start_proxy_server(port=0, rules=rules, record_flows=True)
         try:
             up = blob(29, 5000)
@@ -212,7 +236,9 @@ async def test_flow_records_through_upstream():
 
 def test_upstream_refusing_connections_gives_502(origin):
     dead = free_port()  # nothing listens there
-    with Segproxy(["--segment-rule", upstream_rule(f"127.0.0.1:{dead}")], with_access_log=True) as proxy:
+    with Segproxy(
+        ["--segment-rule", upstream_rule(f"127.0.0.1:{dead}")], with_access_log=True
+    ) as proxy:
         addr = ("127.0.0.1", proxy.port)
         r = proxy_request(addr, "GET", origin.url("/x"))
         assert r.status == 502
@@ -241,7 +267,9 @@ def test_upstream_refusing_connect_gives_502_with_its_status(status, origin):
     assert len(fake.heads) == 1
 
 
-@pytest.mark.parametrize("reply, words", [("close", "closed the connection"), ("407", "answered 407")])
+@pytest.mark.parametrize(
+    "reply, words", [("close", "closed the connection"), ("407", "answered 407")]
+)
 def test_failing_upstream_on_plain_http_is_named(reply, words, origin):
     """Plain HTTP goes to the upstream in absolute form: when the upstream fails, the 502
     names that hop (not the destination behind it); its 407 is for the rule's credentials,
@@ -264,7 +292,9 @@ def test_request_on_a_pooled_connection_the_origin_closed_is_retried():
     with OneRequestOrigin() as origin, Segproxy([]) as proxy:
         with socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT) as s:
             for i in range(3):
-                s.sendall(f"GET http://127.0.0.1:{origin.port}/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+                s.sendall(
+                    f"GET http://127.0.0.1:{origin.port}/{i} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+                )
                 r = read_response(s)
                 assert r.status == 200, r
                 assert r.body == f"answered /{i}".encode()

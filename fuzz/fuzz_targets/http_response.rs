@@ -9,7 +9,9 @@ use _engine::engine::http1::{response_body_kind, BufStream};
 
 fuzz_target!(|data: &[u8]| {
     // The first byte picks the request method the response answers.
-    let Some((&pick, rest)) = data.split_first() else { return };
+    let Some((&pick, rest)) = data.split_first() else {
+        return;
+    };
     let method = ["GET", "HEAD", "POST", "CONNECT"][pick as usize % 4];
     common::block_on(async {
         let mut src = BufStream::new(rest);

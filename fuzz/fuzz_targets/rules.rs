@@ -5,7 +5,9 @@ use libfuzzer_sys::fuzz_target;
 use _engine::engine::rules::{RuleSet, Scheme};
 
 fuzz_target!(|data: &[u8]| {
-    let Ok(text) = std::str::from_utf8(data) else { return };
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
     if let Ok(rules) = RuleSet::parse(text, "fuzz.rules") {
         for (method, scheme, host, port, path) in [
             ("GET", Scheme::Http, "example.test", 80, "/"),

@@ -8,7 +8,16 @@ hooks into flows. Start one on a running asyncio loop::
 """
 
 from ._engine import __version__
-from ._server import AccessRecord, BoundSocket, FlowRecord, ProxyOptions, ProxyServer, run, servers, start_proxy_server
+from ._server import (
+    AccessRecord,
+    BoundSocket,
+    FlowRecord,
+    ProxyOptions,
+    ProxyServer,
+    run,
+    servers,
+    start_proxy_server,
+)
 from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rule, Rules
@@ -31,8 +40,8 @@ __all__ = [
     "Rule",
     "Rules",
     "TLSStore",
-    "load_or_create_ca",
     "__version__",
+    "load_or_create_ca",
     "run",
     "servers",
     "start_proxy_server",

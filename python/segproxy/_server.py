@@ -17,7 +17,16 @@ from .handlers import HookRunner
 from .rules import Rules
 from .tls import TLSStore
 
-__all__ = ["AccessRecord", "BoundSocket", "FlowRecord", "ProxyOptions", "ProxyServer", "run", "servers", "start_proxy_server"]
+__all__ = [
+    "AccessRecord",
+    "BoundSocket",
+    "FlowRecord",
+    "ProxyOptions",
+    "ProxyServer",
+    "run",
+    "servers",
+    "start_proxy_server",
+]
 
 #: Every ProxyServer of this process, by creation order; weak, so it keeps none alive.
 _SERVERS: weakref.WeakValueDictionary[int, ProxyServer] = weakref.WeakValueDictionary()
@@ -204,6 +213,7 @@ class ProxyServer:
         self.shutdown_timeout = shutdown_timeout
         """Seconds that exchanges in flight get when the server closes."""
         self._stopped_future: asyncio.Future[None] | None = None
+        self._stop_poller: asyncio.Task[None] | None = None
         _SERVERS[next(_ORDER)] = self
         # Dropped without aclose(): the listener closes, so the port can be used again.
         self._finalizer = weakref.finalize(self, _collected, engine, hooks)
@@ -276,13 +286,15 @@ class ProxyServer:
             try:
                 loop.add_reader(fd, settle)
             except NotImplementedError:  # loops without add_reader: poll
+
                 async def poll() -> None:
-                    while not self._engine.is_stopped():
+                    # No descriptor to wait on here, so the engine's state is polled.
+                    while not self._engine.is_stopped():  # noqa: ASYNC110
                         await asyncio.sleep(0.05)
                     if not future.done():
                         future.set_result(None)
 
-                loop.create_task(poll())
+                self._stop_poller = loop.create_task(poll())
             self._stopped_future = future
         return self._stopped_future
 
@@ -313,7 +325,10 @@ class ProxyServer:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.aclose()
 
@@ -353,7 +368,9 @@ async def start_proxy_server(
     """
     unknown = sorted(set(options) - set(ENGINE_OPTIONS))
     if unknown:
-        raise TypeError(f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}")
+        raise TypeError(
+            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}"
+        )
     kwargs = {**ENGINE_OPTIONS, **options}
     for path_option in ("access_log", "flows_file"):
         if kwargs[path_option] is not None:
@@ -361,7 +378,9 @@ async def start_proxy_server(
     rules = kwargs.pop("rules")
     shutdown_timeout = float(kwargs.pop("shutdown_timeout"))
     if not shutdown_timeout >= 0:
-        raise ValueError(f"shutdown_timeout must be a number of seconds >= 0, not {shutdown_timeout!r}")
+        raise ValueError(
+            f"shutdown_timeout must be a number of seconds >= 0, not {shutdown_timeout!r}"
+        )
     if isinstance(rules, str):
         rules = Rules.parse(rules)
     if rules is not None and not isinstance(rules, Rules):
@@ -372,7 +391,9 @@ async def start_proxy_server(
         kwargs[list_option] = [str(d) for d in _one_or_many(kwargs[list_option])]
     kwargs["upstream_ca"] = [os.fspath(p) for p in _one_or_many(kwargs["upstream_ca"])]
     kwargs["proxy_auth"] = _credentials(kwargs["proxy_auth"])
-    hooks = None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
+    hooks = (
+        None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
+    )
     try:
         engine = await _engine.start_server(
             host,
@@ -417,7 +438,9 @@ def _credentials(value: Any) -> list[str]:
                 raise ValueError(f"proxy_auth: a user name may not contain ':' ({user!r})")
             out.append(f"{user}:{password}")
         else:
-            raise TypeError(f"proxy_auth entries must be 'user:pass' strings or (user, password) tuples, not {type(item).__name__}")
+            raise TypeError(
+                f"proxy_auth entries must be 'user:pass' strings or (user, password) tuples, not {type(item).__name__}"
+            )
     return out
 
 

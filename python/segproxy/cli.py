@@ -25,7 +25,12 @@ STDERR = "<stderr>"
 
 
 def number(
-    kind: type[T], low: float, high: float | None = None, what: str = "", above: bool = False, subject: str = ""
+    kind: type[T],
+    low: float,
+    high: float | None = None,
+    what: str = "",
+    above: bool = False,
+    subject: str = "",
 ) -> Callable[[str], T]:
     """An argparse type: a number of `kind` within [low, high] (above `low` when `above`),
     with a message that says so."""
@@ -34,11 +39,19 @@ def number(
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"not {what or ('a whole number' if kind is int else 'a number')}: {text!r}") from None
+            raise argparse.ArgumentTypeError(
+                f"not {what or ('a whole number' if kind is int else 'a number')}: {text!r}"
+            ) from None
         in_range = low < value if above else low <= value  # false for NaN too
         if not in_range or (high is not None and value > high):
-            bound = f"{low:g}..{high:g}" if high is not None else f"{'greater than' if above else 'at least'} {low:g}"
-            raise argparse.ArgumentTypeError(f"{subject + ' ' if subject else ''}must be {bound}: {text!r}")
+            bound = (
+                f"{low:g}..{high:g}"
+                if high is not None
+                else f"{'greater than' if above else 'at least'} {low:g}"
+            )
+            raise argparse.ArgumentTypeError(
+                f"{subject + ' ' if subject else ''}must be {bound}: {text!r}"
+            )
         return value
 
     return parse
@@ -56,7 +69,10 @@ class Parser(argparse.ArgumentParser):
     that read it), then a one-line usage pointing at ``--help``; exit 2."""
 
     def error(self, message: str) -> NoReturn:
-        self.exit(2, f"{self.prog}: error: {' '.join(message.split())}\nusage: {self.prog} [OPTIONS] (see {self.prog} --help)\n")
+        self.exit(
+            2,
+            f"{self.prog}: error: {' '.join(message.split())}\nusage: {self.prog} [OPTIONS] (see {self.prog} --help)\n",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -66,52 +82,245 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"segproxy {_engine.__version__}")
     listen = parser.add_argument_group("listening")
-    listen.add_argument("--listen-host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)")
-    listen.add_argument("--listen-port", type=port_number, default=8080, help="port to listen on, 0 for any free port (default: 8080)")
+    listen.add_argument(
+        "--listen-host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
+    )
+    listen.add_argument(
+        "--listen-port",
+        type=port_number,
+        default=8080,
+        help="port to listen on, 0 for any free port (default: 8080)",
+    )
     auth = parser.add_argument_group("client authentication")
-    auth.add_argument("--proxy-auth", action="append", default=[], metavar="USER:PASS", help="require these Basic credentials on Proxy-Authorization (407 otherwise); repeatable")
-    auth.add_argument("--proxy-auth-file", action="append", default=[], metavar="FILE", help="a file of USER:PASS lines (# comments, blank lines ignored) accepted as --proxy-auth; repeatable")
-    auth.add_argument("--allow-open-proxy", action="store_true", help="listen on an address other than loopback without --proxy-auth (anyone who reaches it can relay through it)")
+    auth.add_argument(
+        "--proxy-auth",
+        action="append",
+        default=[],
+        metavar="USER:PASS",
+        help="require these Basic credentials on Proxy-Authorization (407 otherwise); repeatable",
+    )
+    auth.add_argument(
+        "--proxy-auth-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of USER:PASS lines (# comments, blank lines ignored) accepted as --proxy-auth; repeatable",
+    )
+    auth.add_argument(
+        "--allow-open-proxy",
+        action="store_true",
+        help="listen on an address other than loopback without --proxy-auth (anyone who reaches it can relay through it)",
+    )
     limits = parser.add_argument_group("timeouts and limits")
-    limits.add_argument("--connect-timeout", type=positive_float, default=10.0, metavar="SECONDS", help="TCP connect timeout to destinations and upstreams (default: 10)")
-    limits.add_argument("--idle-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="close client connections and tunnels idle this long (default: 60)")
-    limits.add_argument("--header-timeout", type=positive_float, default=30.0, metavar="SECONDS", help="drop clients that take longer to send a request head (default: 30)")
-    limits.add_argument("--response-timeout", type=positive_float, default=60.0, metavar="SECONDS", help="answer 504 when the destination sends no response head in time (default: 60)")
-    limits.add_argument("--shutdown-timeout", type=non_negative_float, default=5.0, metavar="SECONDS",
-                        help="on SIGTERM / Ctrl-C, seconds that exchanges in flight get to finish before they are cut (default: 5)")
-    limits.add_argument("--max-connections", type=positive_int, default=None, metavar="N",
-                        help="most concurrent client connections; more get 503 (default: from the open-file limit, "
-                             "raised to its hard limit: two descriptors a connection plus headroom)")
+    limits.add_argument(
+        "--connect-timeout",
+        type=positive_float,
+        default=10.0,
+        metavar="SECONDS",
+        help="TCP connect timeout to destinations and upstreams (default: 10)",
+    )
+    limits.add_argument(
+        "--idle-timeout",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="close client connections and tunnels idle this long (default: 60)",
+    )
+    limits.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="SECONDS",
+        help="drop clients that take longer to send a request head (default: 30)",
+    )
+    limits.add_argument(
+        "--response-timeout",
+        type=positive_float,
+        default=60.0,
+        metavar="SECONDS",
+        help="answer 504 when the destination sends no response head in time (default: 60)",
+    )
+    limits.add_argument(
+        "--shutdown-timeout",
+        type=non_negative_float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGTERM / Ctrl-C, seconds that exchanges in flight get to finish before they are cut (default: 5)",
+    )
+    limits.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="most concurrent client connections; more get 503 (default: from the open-file limit, "
+        "raised to its hard limit: two descriptors a connection plus headroom)",
+    )
     seg = parser.add_argument_group("rules and segmentation (SegmentedProxy compatible)")
-    seg.add_argument("--segment-rule", action="append", default=[], metavar="RULE", help="a rule HOST_GLOB=MODE[,key=value...]; repeatable")
-    seg.add_argument("--rules-file", action="append", default=[], metavar="FILE", help="a file of rules, one a line, # comments; repeatable")
-    seg.add_argument("--segmentation", choices=["direct", "segment_upstream"], default="direct", help="default mode when no rule matches (default: direct)")
-    seg.add_argument("--segment-strategy", choices=["none", "fixed", "random"], default=None, help="default strategy (default: fixed when a chunk size or delay is given, random with a min or max size, else none)")
-    seg.add_argument("--segment-chunk-size", type=positive_int, default=None, metavar="BYTES", help="default chunk size for the fixed strategy (default: 1024)")
-    seg.add_argument("--segment-min-size", type=positive_int, default=None, metavar="BYTES", help="smallest chunk for the random strategy")
-    seg.add_argument("--segment-max-size", type=positive_int, default=None, metavar="BYTES", help="largest chunk for the random strategy")
-    seg.add_argument("--segment-delay-ms", type=non_negative_float, default=None, metavar="MS", help="default pause between chunks in milliseconds (default: 0)")
-    seg.add_argument("--segment-direction", choices=["up", "down", "both"], default="up", help="default direction segmented: up = client to destination (default), down, both")
-    seg.add_argument("--validate-rules", action="store_true", help="print the default policy and the numbered rules, then exit (non-zero on any error)")
-    seg.add_argument("--record-flows", metavar="FILE", default=None, help="write one JSON line per flow with its decision and per-chunk sizes and times")
+    seg.add_argument(
+        "--segment-rule",
+        action="append",
+        default=[],
+        metavar="RULE",
+        help="a rule HOST_GLOB=MODE[,key=value...]; repeatable",
+    )
+    seg.add_argument(
+        "--rules-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of rules, one a line, # comments; repeatable",
+    )
+    seg.add_argument(
+        "--segmentation",
+        choices=["direct", "segment_upstream"],
+        default="direct",
+        help="default mode when no rule matches (default: direct)",
+    )
+    seg.add_argument(
+        "--segment-strategy",
+        choices=["none", "fixed", "random"],
+        default=None,
+        help="default strategy (default: fixed when a chunk size or delay is given, random with a min or max size, else none)",
+    )
+    seg.add_argument(
+        "--segment-chunk-size",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="default chunk size for the fixed strategy (default: 1024)",
+    )
+    seg.add_argument(
+        "--segment-min-size",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="smallest chunk for the random strategy",
+    )
+    seg.add_argument(
+        "--segment-max-size",
+        type=positive_int,
+        default=None,
+        metavar="BYTES",
+        help="largest chunk for the random strategy",
+    )
+    seg.add_argument(
+        "--segment-delay-ms",
+        type=non_negative_float,
+        default=None,
+        metavar="MS",
+        help="default pause between chunks in milliseconds (default: 0)",
+    )
+    seg.add_argument(
+        "--segment-direction",
+        choices=["up", "down", "both"],
+        default="up",
+        help="default direction segmented: up = client to destination (default), down, both",
+    )
+    seg.add_argument(
+        "--validate-rules",
+        action="store_true",
+        help="print the default policy and the numbered rules, then exit (non-zero on any error)",
+    )
+    seg.add_argument(
+        "--record-flows",
+        metavar="FILE",
+        default=None,
+        help="write one JSON line per flow with its decision and per-chunk sizes and times",
+    )
     net = parser.add_argument_group("DNS and destinations")
-    net.add_argument("--dns-server", metavar="IP", default=None, help="resolve with this DNS server instead of the system resolver")
-    net.add_argument("--dns-port", type=port_number, default=None, help="port of --dns-server (default: 53)")
-    net.add_argument("--dns-transport", choices=["udp", "tcp"], default=None, help="with --dns-server: udp (falls back to tcp) or tcp (default: udp)")
-    net.add_argument("--dns-cache-size", type=non_negative_int, default=1024, metavar="N", help="TTL-respecting cache entries, 0 turns it off (default: 1024)")
-    net.add_argument("--allow-domain", action="append", default=[], metavar="DOMAIN", help="only these destinations (.example.com includes subdomains); repeatable")
-    net.add_argument("--deny-domain", action="append", default=[], metavar="DOMAIN", help="refuse these destinations with 403; repeatable")
-    net.add_argument("--deny-private", action="store_true", help="refuse destinations resolving to private, loopback, link-local or reserved addresses")
+    net.add_argument(
+        "--dns-server",
+        metavar="IP",
+        default=None,
+        help="resolve with this DNS server instead of the system resolver",
+    )
+    net.add_argument(
+        "--dns-port", type=port_number, default=None, help="port of --dns-server (default: 53)"
+    )
+    net.add_argument(
+        "--dns-transport",
+        choices=["udp", "tcp"],
+        default=None,
+        help="with --dns-server: udp (falls back to tcp) or tcp (default: udp)",
+    )
+    net.add_argument(
+        "--dns-cache-size",
+        type=non_negative_int,
+        default=1024,
+        metavar="N",
+        help="TTL-respecting cache entries, 0 turns it off (default: 1024)",
+    )
+    net.add_argument(
+        "--allow-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="only these destinations (.example.com includes subdomains); repeatable",
+    )
+    net.add_argument(
+        "--deny-domain",
+        action="append",
+        default=[],
+        metavar="DOMAIN",
+        help="refuse these destinations with 403; repeatable",
+    )
+    net.add_argument(
+        "--deny-private",
+        action="store_true",
+        help="refuse destinations resolving to private, loopback, link-local or reserved addresses",
+    )
     tls = parser.add_argument_group("HTTPS interception")
-    tls.add_argument("--ca-dir", metavar="DIR", default=None, help="load the CA from DIR (ca-key.pem, ca-cert.pem) or create it there; turns interception on")
-    tls.add_argument("--export-ca", metavar="FILE", default=None, help="with --ca-dir: write the CA certificate to FILE and exit")
-    tls.add_argument("--print-ca", action="store_true", help="with --ca-dir: print the CA certificate (PEM) and exit")
-    tls.add_argument("--upstream-ca", action="append", default=[], metavar="FILE", help="also trust the CAs in FILE when verifying origins; repeatable")
-    tls.add_argument("--upstream-insecure", action="store_true", help="do not verify origin certificates of intercepted flows")
+    tls.add_argument(
+        "--ca-dir",
+        metavar="DIR",
+        default=None,
+        help="load the CA from DIR (ca-key.pem, ca-cert.pem) or create it there; turns interception on",
+    )
+    tls.add_argument(
+        "--export-ca",
+        metavar="FILE",
+        default=None,
+        help="with --ca-dir: write the CA certificate to FILE and exit",
+    )
+    tls.add_argument(
+        "--print-ca",
+        action="store_true",
+        help="with --ca-dir: print the CA certificate (PEM) and exit",
+    )
+    tls.add_argument(
+        "--upstream-ca",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="also trust the CAs in FILE when verifying origins; repeatable",
+    )
+    tls.add_argument(
+        "--upstream-insecure",
+        action="store_true",
+        help="do not verify origin certificates of intercepted flows",
+    )
     output = parser.add_argument_group("logging")
-    output.add_argument("--log-level", type=str.lower, default="warning", choices=LOG_LEVELS, help="engine log level on stderr, any case (default: warning)")
-    output.add_argument("--access-log", metavar="FILE", nargs="?", const=STDERR, default=None, help="one line per request or tunnel (SegmentedProxy's ACCESS rid=... line), appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout")
-    output.add_argument("--access-log-format", choices=["text", "json"], default="text", help="text: SegmentedProxy's ACCESS line, our fields after its fields (default); json: one JSON object a line with the fields of server.access_records()")
+    output.add_argument(
+        "--log-level",
+        type=str.lower,
+        default="warning",
+        choices=LOG_LEVELS,
+        help="engine log level on stderr, any case (default: warning)",
+    )
+    output.add_argument(
+        "--access-log",
+        metavar="FILE",
+        nargs="?",
+        const=STDERR,
+        default=None,
+        help="one line per request or tunnel (SegmentedProxy's ACCESS rid=... line), appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout",
+    )
+    output.add_argument(
+        "--access-log-format",
+        choices=["text", "json"],
+        default="text",
+        help="text: SegmentedProxy's ACCESS line, our fields after its fields (default); json: one JSON object a line with the fields of server.access_records()",
+    )
     return parser
 
 
@@ -143,14 +352,18 @@ def default_policy_warning(args: argparse.Namespace) -> str | None:
     if args.segmentation == "segment_upstream":
         sizes = [flag for name, flag in DEFAULT_POLICY_FLAGS[1:] if getattr(args, name) is not None]
         if args.segment_strategy is None and sizes:
-            return (f"{', '.join(sizes)} without --segment-strategy: the default policy segments "
-                    "(SegmentedProxy does not segment without a strategy)")
+            return (
+                f"{', '.join(sizes)} without --segment-strategy: the default policy segments "
+                "(SegmentedProxy does not segment without a strategy)"
+            )
         return None
     given = [flag for name, flag in DEFAULT_POLICY_FLAGS if getattr(args, name) is not None]
     if not given:
         return None
-    return (f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
-            "--segmentation segment_upstream: requests that no rule matches are not segmented")
+    return (
+        f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect without "
+        "--segmentation segment_upstream: requests that no rule matches are not segmented"
+    )
 
 
 def build_rules(args: argparse.Namespace) -> Rules:
@@ -169,7 +382,9 @@ def build_rules(args: argparse.Namespace) -> Rules:
             strategy = "none"
     if strategy == "random" and (args.segment_min_size is None or args.segment_max_size is None):
         # SegmentedProxy's reason, naming our flags.
-        raise ValueError("random strategy requires both min and max (--segment-min-size and --segment-max-size)")
+        raise ValueError(
+            "random strategy requires both min and max (--segment-min-size and --segment-max-size)"
+        )
     if args.segmentation == "direct":  # the default policy flags do nothing (see the warning)
         rules = Rules(direction=args.segment_direction, mode="direct")
     else:
@@ -233,7 +448,9 @@ def is_loopback(host: str) -> bool:
         infos = socket.getaddrinfo(host, None)
     except OSError:
         return False  # the listen itself will report the name
-    return bool(infos) and all(ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos)
+    return bool(infos) and all(
+        ipaddress.ip_address(str(info[4][0]).split("%")[0]).is_loopback for info in infos
+    )
 
 
 def error(message: str) -> None:
@@ -262,7 +479,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.dns_server is None:
         for given, flag in ((args.dns_port, "--dns-port"), (args.dns_transport, "--dns-transport")):
             if given is not None:
-                parser.error(f"{flag} needs --dns-server (the system resolver has no port or transport to set)")
+                parser.error(
+                    f"{flag} needs --dns-server (the system resolver has no port or transport to set)"
+                )
     credentials = list(args.proxy_auth)
     for path in args.proxy_auth_file:
         try:
@@ -272,10 +491,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     for pair in credentials:
         user, sep, _ = pair.partition(":")
         if not sep or not user:
-            parser.error(f"--proxy-auth needs USER:PASS with a non-empty USER, got {user or '(empty)'!r}{':***' if sep else ''}")
+            parser.error(
+                f"--proxy-auth needs USER:PASS with a non-empty USER, got {user or '(empty)'!r}{':***' if sep else ''}"
+            )
     args.credentials = credentials
     exits_early = args.validate_rules or args.print_ca or args.export_ca
-    if not credentials and not args.allow_open_proxy and not exits_early and not is_loopback(args.listen_host):
+    if (
+        not credentials
+        and not args.allow_open_proxy
+        and not exits_early
+        and not is_loopback(args.listen_host)
+    ):
         parser.error(
             f"refusing to listen on {args.listen_host} without client authentication (an open relay): "
             "give --proxy-auth USER:PASS, or --allow-open-proxy if the network is trusted"
@@ -298,7 +524,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for line in rules.describe().splitlines():
             if " intercept=yes " in line:
                 source = line.split(" source=", 1)[1].split(" ", 1)[0]
-                warn(f"{source}: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled")
+                warn(
+                    f"{source}: intercept=yes needs --ca-dir: without a CA the CONNECTs it matches are tunnelled"
+                )
     if args.validate_rules:
         print(rules.describe(), end="")
         return 0
@@ -330,7 +558,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def ready(server: ProxyServer) -> None:
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
-        print(f"segproxy: up to {server.max_connections} connections{open_file_note()}", file=sys.stderr, flush=True)
+        print(
+            f"segproxy: up to {server.max_connections} connections{open_file_note()}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     code = _serve(args, rules, tls_store, ready)
     # Leave without finalizing the interpreter: an engine thread may still be handing its
@@ -344,7 +576,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _serve(
-    args: argparse.Namespace, rules: Rules, tls_store: TLSStore | None, ready: Callable[[ProxyServer], None]
+    args: argparse.Namespace,
+    rules: Rules,
+    tls_store: TLSStore | None,
+    ready: Callable[[ProxyServer], None],
 ) -> int:
     try:
         run(

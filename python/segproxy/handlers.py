@@ -53,7 +53,7 @@ class ProxyError(Exception):
 class _FlowState:
     """What a handler needs about the request in hand; replaced for every request."""
 
-    __slots__ = ("flow", "body_read", "policy", "reader", "writer", "client")
+    __slots__ = ("body_read", "client", "flow", "policy", "reader", "writer")
 
     def __init__(self, flow: _engine.FlowHandle, client: tuple[str, int]) -> None:
         self.flow = flow
@@ -217,7 +217,11 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
             r.headers.set("Content-Length", str(len(body)))
         conn: _Connection | None = getattr(self, "_conn", None)
         waiter = conn.expect_response() if conn is not None and conn.waits_response else None
-        sp.flow.forward((r.method, r.scheme, r.host, r.port, r.path, r.version, r.headers._fields), body, sp.policy)
+        sp.flow.forward(
+            (r.method, r.scheme, r.host, r.port, r.path, r.version, r.headers._fields),
+            body,
+            sp.policy,
+        )
         if waiter is not None:
             await waiter
 
@@ -373,7 +377,9 @@ def overridden_hooks(cls: type) -> list[str]:
         hooks.append("error")
     if _overrides(cls, "on_connect", HTTPSProxyHandler):
         hooks.append("connect")
-    if _overrides(cls, "on_tunnel_open", HTTPSProxyHandler) or _overrides(cls, "on_tunnel_close", HTTPSProxyHandler):
+    if _overrides(cls, "on_tunnel_open", HTTPSProxyHandler) or _overrides(
+        cls, "on_tunnel_close", HTTPSProxyHandler
+    ):
         hooks.append("tunnel")
     if _overrides(cls, "on_authenticate", HTTPSProxyHandler):
         hooks.append("authenticate")
@@ -393,9 +399,25 @@ class _Connection:
     """Runs one client connection's hooks; the bridge calls its methods on the loop thread.
     Every method returns at once, starting the hook as a task in the connection's context."""
 
-    __slots__ = ("handler", "loop", "ctx", "client", "waits_response", "connected", "tasks", "response_done")
+    __slots__ = (
+        "client",
+        "connected",
+        "ctx",
+        "handler",
+        "loop",
+        "response_done",
+        "tasks",
+        "waits_response",
+    )
 
-    def __init__(self, handler: Any, loop: asyncio.AbstractEventLoop, ctx: contextvars.Context, client: tuple[str, int], waits_response: bool) -> None:
+    def __init__(
+        self,
+        handler: Any,
+        loop: asyncio.AbstractEventLoop,
+        ctx: contextvars.Context,
+        client: tuple[str, int],
+        waits_response: bool,
+    ) -> None:
         self.handler = handler
         self.loop = loop
         self.ctx = ctx
@@ -443,7 +465,9 @@ class _Connection:
     async def _request(self, flow: _engine.FlowHandle, parts: tuple[Any, ...]) -> None:
         h = self.handler
         method, scheme, host, port, path, version, headers = parts
-        h.request = HTTPRequest(method, scheme, host, port, path, version, HTTPHeader._wrap(headers))
+        h.request = HTTPRequest(
+            method, scheme, host, port, path, version, HTTPHeader._wrap(headers)
+        )
         h._sp = _FlowState(flow, self.client)
         if isinstance(h, HTTPSForwardProxyHandler) and "response" in h.__dict__:
             del h.response  # the previous request's response must not leak into this one
@@ -528,7 +552,9 @@ class _Connection:
     def authenticate(self, completer: _engine.Completer, scheme: str, credentials: str) -> None:
         self._spawn(self._authenticate(completer, scheme, credentials))
 
-    async def _authenticate(self, completer: _engine.Completer, scheme: str, credentials: str) -> None:
+    async def _authenticate(
+        self, completer: _engine.Completer, scheme: str, credentials: str
+    ) -> None:
         try:
             completer.resolve(await self.handler.on_authenticate(scheme, credentials))
         except Exception as exc:
@@ -539,7 +565,10 @@ class _Connection:
         self._spawn(self._observe(self.handler.on_tunnel_open(host, port)), flow=False)
 
     def tunnel_closed(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
-        self._spawn(self._observe(self.handler.on_tunnel_close(host, port, bytes_up, bytes_down)), flow=False)
+        self._spawn(
+            self._observe(self.handler.on_tunnel_close(host, port, bytes_up, bytes_down)),
+            flow=False,
+        )
 
     async def _observe(self, hook: Coroutine[Any, Any, None]) -> None:
         try:
@@ -591,7 +620,9 @@ class HookRunner:
 
         def open_connection(conn_id: int, client_host: str, client_port: int) -> _Connection:
             handler = spare.pop() if spare else _checked(handler_builder(), handler_builder)
-            return _Connection(handler, loop, base_ctx.copy(), (client_host, client_port), waits_response)
+            return _Connection(
+                handler, loop, base_ctx.copy(), (client_host, client_port), waits_response
+            )
 
         self.bridge = _engine.HookBridge(open_connection, self.hooks)
         self.loop = loop

@@ -26,7 +26,9 @@ class HTTPHeader:
 
     __slots__ = ("_fields",)
 
-    def __init__(self, source: bytes | Iterable[tuple[str, str]] | Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self, source: bytes | Iterable[tuple[str, str]] | Mapping[str, str] | None = None
+    ) -> None:
         self._fields: list[tuple[str, str]] = []
         if source is None:
             return
@@ -161,7 +163,7 @@ class HTTPRequest:
     `body`, if set to bytes, replaces the client's body (Content-Length follows).
     """
 
-    __slots__ = ("method", "scheme", "host", "port", "path", "version", "headers", "body")
+    __slots__ = ("body", "headers", "host", "method", "path", "port", "scheme", "version")
 
     def __init__(
         self,
@@ -204,7 +206,9 @@ class HTTPRequest:
         self.scheme = "https" if uri.scheme == "https" else "http"
         self.host = uri.hostname or ""
         self.port = uri.port or (443 if self.scheme == "https" else 80)
-        self.path = (uri.path or "/") + (f"?{uri.query}" if uri.query else "") if uri.netloc else target
+        self.path = (
+            (uri.path or "/") + (f"?{uri.query}" if uri.query else "") if uri.netloc else target
+        )
 
     def parse_headers(self, raw_headers: bytes) -> None:
         """Set `headers` from raw header lines (``Name: value\r\n`` each)."""
@@ -243,7 +247,7 @@ class HTTPRequest:
 class HTTPResponse:
     """A response head. Change it in `on_response_received` to change what the client gets."""
 
-    __slots__ = ("version", "status_code", "reason_phrase", "headers")
+    __slots__ = ("headers", "reason_phrase", "status_code", "version")
 
     def __init__(
         self,

@@ -85,7 +85,11 @@ class Rule:
 
     def text(self) -> str:
         """The rule line, e.g. ``*.example.test=segment_upstream,strategy=fixed,chunk=512``."""
-        mode = "segment_upstream" if any(getattr(self, k) is not None for k in self._SEGMENTING) else "direct"
+        mode = (
+            "segment_upstream"
+            if any(getattr(self, k) is not None for k in self._SEGMENTING)
+            else "direct"
+        )
         parts = [f"{self.host}={mode}"]
         for f in fields(self):
             value = getattr(self, f.name)
@@ -95,7 +99,9 @@ class Rule:
                 value = "yes" if value else "no"
             text = str(value)
             if "," in text or "\n" in text:
-                raise ValueError(f"rule {self.host}: {f.name} cannot contain a comma or a line break: {text!r}")
+                raise ValueError(
+                    f"rule {self.host}: {f.name} cannot contain a comma or a line break: {text!r}"
+                )
             parts.append(f"{f.name}={text}")
         return ",".join(parts)
 
@@ -124,7 +130,13 @@ class Rules:
         if strategy == "random" and (min is None or max is None):
             raise ValueError("random strategy requires both min and max")
         self._set = _engine.RuleSet(
-            strategy, chunk, 1 if min is None else min, 1024 if max is None else max, delay_ms, direction, mode
+            strategy,
+            chunk,
+            1 if min is None else min,
+            1024 if max is None else max,
+            delay_ms,
+            direction,
+            mode,
         )
 
     @classmethod
@@ -141,7 +153,9 @@ class Rules:
         return rules
 
     @classmethod
-    def from_rules(cls, rules: Iterable[Rule | str], source: str = "<rules>", **default_policy: object) -> Rules:
+    def from_rules(
+        cls, rules: Iterable[Rule | str], source: str = "<rules>", **default_policy: object
+    ) -> Rules:
         """Rules from `Rule` objects (or rule lines); errors name ``source:N``, N counting
         from 1 in the order given."""
         built = cls(**default_policy)  # type: ignore[arg-type]

@@ -33,17 +33,27 @@ class TLSStore:
     certificate as `cryptography` objects or as PEM text.
     """
 
-    def __init__(self, ca_key: Any = None, ca_cert: Any = None, *, ca: _engine.CertificateAuthority | None = None) -> None:
+    def __init__(
+        self,
+        ca_key: Any = None,
+        ca_cert: Any = None,
+        *,
+        ca: _engine.CertificateAuthority | None = None,
+    ) -> None:
         if isinstance(ca_key, _engine.CertificateAuthority):
             ca, ca_key = ca_key, None
         if ca is not None:
             if ca_key is not None or ca_cert is not None:
-                raise TypeError("TLSStore: give either a CA (ca=) or its key and certificate, not both")
+                raise TypeError(
+                    "TLSStore: give either a CA (ca=) or its key and certificate, not both"
+                )
             self._ca = ca
         elif ca_key is None and ca_cert is None:
             self._ca = _engine.CertificateAuthority.generate()
         elif ca_key is None or ca_cert is None:
-            raise TypeError("TLSStore(ca_key, ca_cert) needs both the CA key and the CA certificate")
+            raise TypeError(
+                "TLSStore(ca_key, ca_cert) needs both the CA key and the CA certificate"
+            )
         else:
             self._ca = _engine.CertificateAuthority.from_pem(_key_pem(ca_key), _cert_pem(ca_cert))
 
@@ -57,7 +67,11 @@ class TLSStore:
         common_name: str = "segproxy CA",
     ) -> TLSStore:
         """A new CA (P-256 key, 10 years) with these subject fields."""
-        return cls(_engine.CertificateAuthority.generate(country, state, locality, organization, common_name))
+        return cls(
+            _engine.CertificateAuthority.generate(
+                country, state, locality, organization, common_name
+            )
+        )
 
     @classmethod
     def from_pem(cls, key_pem: str | bytes, cert_pem: str | bytes) -> TLSStore:
@@ -142,7 +156,9 @@ def load_or_create_ca(directory: StrPath, *, stacklevel: int = 1) -> TLSStore:
         # A warning about the key names the caller's line, not this one.
         return TLSStore.load_ca_from_disk(key, cert, stacklevel=stacklevel + 1)
     if key.exists() or cert.exists():
-        raise ValueError(f"{folder} holds only one of ca-key.pem and ca-cert.pem; remove it or add the other")
+        raise ValueError(
+            f"{folder} holds only one of ca-key.pem and ca-cert.pem; remove it or add the other"
+        )
     folder.mkdir(parents=True, exist_ok=True)
     store = TLSStore.generate_ca()
     store.save_ca_to_disk(key, cert)
@@ -150,11 +166,19 @@ def load_or_create_ca(directory: StrPath, *, stacklevel: int = 1) -> TLSStore:
 
 
 def _paths(
-    method: str, key_file: StrPath | None, cert_file: StrPath | None, key_path: StrPath | None, cert_path: StrPath | None
+    method: str,
+    key_file: StrPath | None,
+    cert_file: StrPath | None,
+    key_path: StrPath | None,
+    cert_path: StrPath | None,
 ) -> tuple[str, str]:
     """The (key, cert) paths given under either pair of names, exactly once each."""
-    if key_file is not None and key_path is not None or cert_file is not None and cert_path is not None:
-        raise TypeError(f"{method}: give the key and the certificate once each (key_file or key_path, cert_file or cert_path)")
+    if (key_file is not None and key_path is not None) or (
+        cert_file is not None and cert_path is not None
+    ):
+        raise TypeError(
+            f"{method}: give the key and the certificate once each (key_file or key_path, cert_file or cert_path)"
+        )
     key = key_file if key_file is not None else key_path
     cert = cert_file if cert_file is not None else cert_path
     if key is None or cert is None:
@@ -174,10 +198,14 @@ def _key_pem(key: Any) -> str:
         from cryptography.hazmat.primitives import serialization
 
         pem: bytes = key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
         )
         return pem.decode()
-    raise TypeError(f"ca_key must be PEM text or a cryptography private key, not {type(key).__name__}")
+    raise TypeError(
+        f"ca_key must be PEM text or a cryptography private key, not {type(key).__name__}"
+    )
 
 
 def _cert_pem(cert: Any) -> str:
@@ -189,4 +217,6 @@ def _cert_pem(cert: Any) -> str:
 
         cert_bytes: bytes = cert.public_bytes(serialization.Encoding.PEM)
         return cert_bytes.decode()
-    raise TypeError(f"ca_cert must be PEM text or a cryptography x509.Certificate, not {type(cert).__name__}")
+    raise TypeError(
+        f"ca_cert must be PEM text or a cryptography x509.Certificate, not {type(cert).__name__}"
+    )

@@ -5,9 +5,9 @@ use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{LineWriter, Write};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
 use std::sync::Mutex;
-use std::ops::{Deref, DerefMut};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::watch;
@@ -127,10 +127,20 @@ impl AccessRecord {
             // Ours is "SOURCE/CACHE" ("system/miss", "custom/hit") or "literal"; the
             // transport is known for the system resolver only (SegmentedProxy says udp, 0).
             let (dns, cache) = self.dns.split_once('/').unwrap_or((&self.dns, "-"));
-            let (transport, fallback) = if dns == "system" { ("udp", "0") } else { ("-", "-") };
-            let _ = write!(line, " dns={dns} cache={cache} transport={transport} fallback={fallback}");
+            let (transport, fallback) = if dns == "system" {
+                ("udp", "0")
+            } else {
+                ("-", "-")
+            };
+            let _ = write!(
+                line,
+                " dns={dns} cache={cache} transport={transport} fallback={fallback}"
+            );
         }
-        let client = self.client.map(|c| c.to_string()).unwrap_or_else(|| "-".into());
+        let client = self
+            .client
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into());
         let _ = write!(
             line,
             " bytes_up={} bytes_down={} status={} client={client} target={} kind={} rule={}",
@@ -157,8 +167,15 @@ impl AccessRecord {
 
     /// One JSON object with the fields of `server.access_records()` (`--access-log-format json`).
     pub fn to_json(&self) -> String {
-        let client = self.client.map(|c| json_str(&c.to_string())).unwrap_or_else(|| "null".into());
-        let error = self.error.as_deref().map(json_str).unwrap_or_else(|| "null".into());
+        let client = self
+            .client
+            .map(|c| json_str(&c.to_string()))
+            .unwrap_or_else(|| "null".into());
+        let error = self
+            .error
+            .as_deref()
+            .map(json_str)
+            .unwrap_or_else(|| "null".into());
         format!(
             "{{\"id\":{},\"client\":{client},\"method\":{},\"target\":{},\"status\":{},\"bytes_up\":{},\"bytes_down\":{},\"duration\":{},\"kind\":{},\"rule\":{},\"action\":{},\"policy\":{},\"dns\":{},\"error\":{error},\"started\":{},\"host\":{},\"port\":{},\"scheme\":{},\"mode\":{},\"outcome\":{},\"line\":{}}}",
             json_str(&self.id),
@@ -223,7 +240,10 @@ fn or_dash(s: &str) -> &str {
 }
 
 pub fn now_epoch() -> f64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// Where access lines go besides memory.
@@ -251,11 +271,19 @@ impl AccessLog {
             Some(p) if p == Path::new("/dev/stdout") => Some(Mutex::new(Sink::Stdout)),
             Some(p) if p == Path::new("/dev/stderr") => Some(Mutex::new(Sink::Stderr)),
             Some(p) => Some(Mutex::new(Sink::File(LineWriter::new(
-                std::fs::OpenOptions::new().create(true).append(true).open(p)?,
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(p)?,
             )))),
             None => None,
         };
-        Ok(AccessLog { file, json: false, recent: Mutex::new(VecDeque::new()), capacity })
+        Ok(AccessLog {
+            file,
+            json: false,
+            recent: Mutex::new(VecDeque::new()),
+            capacity,
+        })
     }
 
     /// Writes one JSON object a line (the fields of `access_records()`) instead of text.
@@ -313,8 +341,18 @@ pub struct PendingRecord<'a> {
 }
 
 impl<'a> PendingRecord<'a> {
-    pub fn new(log: &'a AccessLog, closing: &'a watch::Receiver<bool>, record: AccessRecord) -> Self {
-        PendingRecord { log, closing, record, flow: None, written: false }
+    pub fn new(
+        log: &'a AccessLog,
+        closing: &'a watch::Receiver<bool>,
+        record: AccessRecord,
+    ) -> Self {
+        PendingRecord {
+            log,
+            closing,
+            record,
+            flow: None,
+            written: false,
+        }
     }
 
     pub fn attach_flow(&mut self, flow: FlowHandle) {
@@ -332,7 +370,11 @@ impl<'a> PendingRecord<'a> {
         }
         let record = &mut self.record;
         if record.outcome == Outcome::Unfinished {
-            record.outcome = if *self.closing.borrow() { Outcome::CutAtShutdown } else { Outcome::ClientAborted };
+            record.outcome = if *self.closing.borrow() {
+                Outcome::CutAtShutdown
+            } else {
+                Outcome::ClientAborted
+            };
         }
         if let Some(flow) = self.flow.take() {
             flow.update(|f| {
@@ -422,19 +464,45 @@ mod tests {
             "ACCESS rid=1.1 method=- host=- port=0 scheme=- action=- mode=direct strategy=none dur_ms=0 bytes_up=0 bytes_down=0 \
              status=400 client=- target=- kind=error rule=- policy=\"none\" outcome=rejected error=\"bad 'head'\""
         );
-        let r = AccessRecord { dns: "via 127.0.0.1:3128".into(), ..record() };
-        assert!(r.to_line().contains(" bytes_up=5 ") && r.to_line().contains(" via=127.0.0.1:3128"), "{}", r.to_line());
+        let r = AccessRecord {
+            dns: "via 127.0.0.1:3128".into(),
+            ..record()
+        };
+        assert!(
+            r.to_line().contains(" bytes_up=5 ") && r.to_line().contains(" via=127.0.0.1:3128"),
+            "{}",
+            r.to_line()
+        );
         assert!(!r.to_line().contains(" dns="));
-        let r = AccessRecord { dns: "custom/hit".into(), ..record() };
-        assert!(r.to_line().contains(" dns=custom cache=hit transport=- fallback=- "), "{}", r.to_line());
+        let r = AccessRecord {
+            dns: "custom/hit".into(),
+            ..record()
+        };
+        assert!(
+            r.to_line()
+                .contains(" dns=custom cache=hit transport=- fallback=- "),
+            "{}",
+            r.to_line()
+        );
     }
 
     #[test]
     fn json_lines() {
         let j = record().to_json();
-        assert!(j.starts_with("{\"id\":\"3.1\",\"client\":\"127.0.0.1:5555\",\"method\":\"GET\","), "{j}");
-        assert!(j.contains("\"duration\":0.0129,") && j.contains("\"error\":null,") && j.contains("\"port\":8080,"), "{j}");
-        assert!(j.contains("\"line\":\"ACCESS rid=3.1 ") && j.contains("policy=\\\"fixed"), "{j}");
+        assert!(
+            j.starts_with("{\"id\":\"3.1\",\"client\":\"127.0.0.1:5555\",\"method\":\"GET\","),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"duration\":0.0129,")
+                && j.contains("\"error\":null,")
+                && j.contains("\"port\":8080,"),
+            "{j}"
+        );
+        assert!(
+            j.contains("\"line\":\"ACCESS rid=3.1 ") && j.contains("policy=\\\"fixed"),
+            "{j}"
+        );
         assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
     }
 

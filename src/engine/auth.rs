@@ -59,7 +59,12 @@ impl ProxyAuth {
             let pair = pair.as_ref();
             match pair.split_once(':') {
                 Some((user, _)) if !user.is_empty() => digests.push(digest(pair.as_bytes())),
-                _ => return Err(format!("proxy credentials must be USER:PASS with a non-empty USER, got {:?}", redact(pair))),
+                _ => {
+                    return Err(format!(
+                        "proxy credentials must be USER:PASS with a non-empty USER, got {:?}",
+                        redact(pair)
+                    ))
+                }
             }
         }
         Ok(ProxyAuth { digests })
@@ -82,7 +87,9 @@ impl ProxyAuth {
 
     /// Judges the Proxy-Authorization of a request.
     pub fn check(&self, headers: &Headers) -> Verdict {
-        let Some(value) = headers.get("proxy-authorization") else { return Verdict::Missing };
+        let Some(value) = headers.get("proxy-authorization") else {
+            return Verdict::Missing;
+        };
         let value = value.trim();
         let (scheme, credentials) = value.split_once([' ', '\t']).unwrap_or((value, ""));
         let credentials = credentials.trim();
@@ -93,11 +100,17 @@ impl ProxyAuth {
                 }
             }
             if !self.is_enabled() {
-                return Verdict::Other { scheme: scheme.to_string(), credentials: credentials.to_string() };
+                return Verdict::Other {
+                    scheme: scheme.to_string(),
+                    credentials: credentials.to_string(),
+                };
             }
             return Verdict::Rejected;
         }
-        Verdict::Other { scheme: scheme.to_string(), credentials: credentials.to_string() }
+        Verdict::Other {
+            scheme: scheme.to_string(),
+            credentials: credentials.to_string(),
+        }
     }
 }
 
@@ -111,7 +124,11 @@ fn redact(pair: &str) -> String {
 
 /// Refuses to serve without authentication on an address other than loopback: anyone who can
 /// reach it could relay traffic through it (and reach what only this machine can).
-pub fn open_relay_refusal(listen: SocketAddr, authenticated: bool, allow_open_proxy: bool) -> Result<(), String> {
+pub fn open_relay_refusal(
+    listen: SocketAddr,
+    authenticated: bool,
+    allow_open_proxy: bool,
+) -> Result<(), String> {
     if authenticated || allow_open_proxy || listen.ip().is_loopback() {
         return Ok(());
     }
@@ -138,14 +155,29 @@ mod tests {
         assert!(auth.is_enabled());
         let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
         assert_eq!(auth.check(&Headers::default()), Verdict::Missing);
-        assert_eq!(auth.check(&with(&format!("Basic {}", b64("alice:s3cret")))), Verdict::Accepted);
-        assert_eq!(auth.check(&with(&format!("basic  {}", b64("bob:pa:ss")))), Verdict::Accepted);
-        assert_eq!(auth.check(&with(&format!("Basic {}", b64("alice:wrong")))), Verdict::Rejected);
-        assert_eq!(auth.check(&with(&format!("Basic {}", b64("alice:s3cret2")))), Verdict::Rejected);
+        assert_eq!(
+            auth.check(&with(&format!("Basic {}", b64("alice:s3cret")))),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            auth.check(&with(&format!("basic  {}", b64("bob:pa:ss")))),
+            Verdict::Accepted
+        );
+        assert_eq!(
+            auth.check(&with(&format!("Basic {}", b64("alice:wrong")))),
+            Verdict::Rejected
+        );
+        assert_eq!(
+            auth.check(&with(&format!("Basic {}", b64("alice:s3cret2")))),
+            Verdict::Rejected
+        );
         assert_eq!(auth.check(&with("Basic !!notbase64")), Verdict::Rejected);
         assert_eq!(
             auth.check(&with("Bearer tok123")),
-            Verdict::Other { scheme: "Bearer".into(), credentials: "tok123".into() }
+            Verdict::Other {
+                scheme: "Bearer".into(),
+                credentials: "tok123".into()
+            }
         );
         assert!(ProxyAuth::new(["nocolon"]).is_err());
         assert!(ProxyAuth::new([":pass"]).is_err());
@@ -158,7 +190,10 @@ mod tests {
     fn open_relay_is_refused_off_loopback() {
         let public: SocketAddr = "0.0.0.0:8080".parse().unwrap();
         let e = open_relay_refusal(public, false, false).unwrap_err();
-        assert!(e.contains("--proxy-auth") && e.contains("--allow-open-proxy"), "{e}");
+        assert!(
+            e.contains("--proxy-auth") && e.contains("--allow-open-proxy"),
+            "{e}"
+        );
         assert!(open_relay_refusal(public, true, false).is_ok());
         assert!(open_relay_refusal(public, false, true).is_ok());
         assert!(open_relay_refusal("127.0.0.1:1".parse().unwrap(), false, false).is_ok());

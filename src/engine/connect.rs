@@ -18,23 +18,32 @@ use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
 use super::server::Engine;
 use super::tls;
-use super::tunnel::{pump, SEGMENTING_BUFFER};
 #[cfg(target_os = "linux")]
 use super::tunnel::splice_pump;
+use super::tunnel::{pump, SEGMENTING_BUFFER};
 
-pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, head: RequestHead, conn: &mut ConnState) {
+pub async fn handle_connect(
+    engine: &Arc<Engine>,
+    mut client: BufStream<TcpStream>,
+    head: RequestHead,
+    conn: &mut ConnState,
+) {
     let started = Instant::now();
-    let mut record = PendingRecord::new(&engine.access, &engine.closing, AccessRecord {
-        id: conn.info.next_id(),
-        client: Some(conn.info.peer),
-        method: "CONNECT".into(),
-        target: head.target.clone(),
-        kind: "tunnel".into(),
-        action: "direct".into(),
-        policy: "none".into(),
-        started: now_epoch(),
-        ..Default::default()
-    });
+    let mut record = PendingRecord::new(
+        &engine.access,
+        &engine.closing,
+        AccessRecord {
+            id: conn.info.next_id(),
+            client: Some(conn.info.peer),
+            method: "CONNECT".into(),
+            target: head.target.clone(),
+            kind: "tunnel".into(),
+            action: "direct".into(),
+            policy: "none".into(),
+            started: now_epoch(),
+            ..Default::default()
+        },
+    );
     // Each stage is boxed: the connection's future then weighs what the current stage needs
     // (an idle tunnel holds only the tunnel's state), not the largest stage's.
     let plan = Box::pin(plan_connect(engine, &head, conn, &mut record)).await;
@@ -49,7 +58,11 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
         other => other.map(|plan| Ready { plan, origin: None }),
     };
     let result = match plan {
-        Err(Refusal { status, message, handler_knows }) => {
+        Err(Refusal {
+            status,
+            message,
+            handler_knows,
+        }) => {
             // Recorded first, so whoever reads the answer also finds the record.
             record.status = status;
             record.error = Some(message.clone());
@@ -77,8 +90,13 @@ pub async fn handle_connect(engine: &Arc<Engine>, mut client: BufStream<TcpStrea
             let _ = send_error(&mut client.io, status, &message, false).await;
             return;
         }
-        Ok(Ready { plan, origin: None }) => Box::pin(intercept(engine, client, plan, conn, &mut record)).await,
-        Ok(Ready { plan, origin: Some(origin) }) => Box::pin(tunnel(engine, client, origin, plan, conn, &mut record)).await,
+        Ok(Ready { plan, origin: None }) => {
+            Box::pin(intercept(engine, client, plan, conn, &mut record)).await
+        }
+        Ok(Ready {
+            plan,
+            origin: Some(origin),
+        }) => Box::pin(tunnel(engine, client, origin, plan, conn, &mut record)).await,
     };
     if let Err(message) = result {
         conn.report_error(engine, &message);
@@ -100,8 +118,16 @@ struct Ready {
     origin: Option<BufStream<TcpStream>>,
 }
 
-async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> Result<Ready, Refusal> {
-    let (origin, dns) = match engine.connector.open_tunnel(&plan.route, &plan.host, plan.port).await {
+async fn open_tunnel(
+    engine: &Engine,
+    plan: Plan,
+    record: &mut AccessRecord,
+) -> Result<Ready, Refusal> {
+    let (origin, dns) = match engine
+        .connector
+        .open_tunnel(&plan.route, &plan.host, plan.port)
+        .await
+    {
         Ok(opened) => opened,
         Err(e) => {
             let refusal = (e.status(), e.to_string());
@@ -115,7 +141,10 @@ async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut AccessRecord) -> 
         }
     };
     record.dns = dns;
-    Ok(Ready { plan, origin: Some(origin) })
+    Ok(Ready {
+        plan,
+        origin: Some(origin),
+    })
 }
 
 /// What to do with a CONNECT once rules and the handler have spoken.
@@ -140,13 +169,22 @@ struct Refusal {
 
 impl From<(u16, String)> for Refusal {
     fn from((status, message): (u16, String)) -> Self {
-        Refusal { status, message, handler_knows: false }
+        Refusal {
+            status,
+            message,
+            handler_knows: false,
+        }
     }
 }
 
-async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnState, record: &mut AccessRecord) -> Result<Plan, Refusal> {
-    let (host, port) =
-        split_authority(&head.target, None).map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
+async fn plan_connect(
+    engine: &Arc<Engine>,
+    head: &RequestHead,
+    conn: &mut ConnState,
+    record: &mut AccessRecord,
+) -> Result<Plan, Refusal> {
+    let (host, port) = split_authority(&head.target, None)
+        .map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
     let decision = decide(engine, "CONNECT", Scheme::Https, &host, port, "", record);
     let mut choice = match decision.intercept {
         Intercept::Yes => ConnectDecision::Intercept,
@@ -162,10 +200,25 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
             let mut reply = handler.connect(host.clone(), port);
             let wait = engine.hook_waits.begin();
             match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
-                Err(_) => return Err((504, format!("hook on_connect did not return within {:?}", engine.config.hook_timeout)).into()),
-                Ok(None) => return Err((502, "hook on_connect: the handler went away".to_string()).into()),
+                Err(_) => {
+                    return Err((
+                        504,
+                        format!(
+                            "hook on_connect did not return within {:?}",
+                            engine.config.hook_timeout
+                        ),
+                    )
+                        .into())
+                }
+                Ok(None) => {
+                    return Err((502, "hook on_connect: the handler went away".to_string()).into())
+                }
                 Ok(Some(Err(m))) => {
-                    return Err(Refusal { status: 502, message: format!("hook on_connect failed: {m}"), handler_knows: true })
+                    return Err(Refusal {
+                        status: 502,
+                        message: format!("hook on_connect failed: {m}"),
+                        handler_knows: true,
+                    })
                 }
                 Ok(Some(Ok(ConnectDecision::Default))) => {}
                 Ok(Some(Ok(ConnectDecision::Intercept))) if engine.ca.is_none() => {
@@ -188,21 +241,38 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
         record.kind = "block".into();
         return Err((403, reason).into());
     }
-    engine.filter.check_host(&host).map_err(|reason| (403, format!("destination {host} denied: {reason}")))?;
+    engine
+        .filter
+        .check_host(&host)
+        .map_err(|reason| (403, format!("destination {host} denied: {reason}")))?;
     let intercept = match (&choice, &engine.ca) {
         (ConnectDecision::Intercept, Some(_)) => true,
         (ConnectDecision::Intercept, None) => {
-            log::warn!("CONNECT {host}:{port}: interception asked for but no CA is configured; tunnelling");
+            log::warn!(
+                "CONNECT {host}:{port}: interception asked for but no CA is configured; tunnelling"
+            );
             false
         }
         _ => false,
     };
-    let up_policy = if decision.direction.segments_up() { decision.policy.clone() } else { SegmentPolicy::none() };
-    let down_policy = if decision.direction.segments_down() { decision.policy.clone() } else { SegmentPolicy::none() };
+    let up_policy = if decision.direction.segments_up() {
+        decision.policy.clone()
+    } else {
+        SegmentPolicy::none()
+    };
+    let down_policy = if decision.direction.segments_down() {
+        decision.policy.clone()
+    } else {
+        SegmentPolicy::none()
+    };
     let flow = engine.flows.as_ref().map(|f| {
         f.begin(FlowRecord {
             id: record.id.clone(),
-            kind: if intercept { "intercept".into() } else { "tunnel".into() },
+            kind: if intercept {
+                "intercept".into()
+            } else {
+                "tunnel".into()
+            },
             method: "CONNECT".into(),
             target: head.target.clone(),
             rule: record.rule.clone(),
@@ -213,30 +283,74 @@ async fn plan_connect(engine: &Arc<Engine>, head: &RequestHead, conn: &mut ConnS
         })
     });
 
-    Ok(Plan { host, port, intercept, route: route_for(&decision.action), up_policy, down_policy, flow })
+    Ok(Plan {
+        host,
+        port,
+        intercept,
+        route: route_for(&decision.action),
+        up_policy,
+        down_policy,
+        flow,
+    })
 }
 
-async fn intercept(engine: &Arc<Engine>, mut client: BufStream<TcpStream>, plan: Plan, conn: &mut ConnState, record: &mut AccessRecord) -> Result<(), String> {
-    let Plan { host, port, up_policy, down_policy, flow, .. } = plan;
+async fn intercept(
+    engine: &Arc<Engine>,
+    mut client: BufStream<TcpStream>,
+    plan: Plan,
+    conn: &mut ConnState,
+    record: &mut AccessRecord,
+) -> Result<(), String> {
+    let Plan {
+        host,
+        port,
+        up_policy,
+        down_policy,
+        flow,
+        ..
+    } = plan;
     record.kind = "intercept".into();
     let ca = engine.ca.clone().expect("interception needs a CA");
-    client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
+    client
+        .io
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     record.status = 200;
-    let BufStream { io: client_io, buf: client_buf } = client;
+    let BufStream {
+        io: client_io,
+        buf: client_buf,
+    } = client;
     let prefix = leftover(client_buf);
     let down_segmenting = !down_policy.is_passthrough();
-    let down = Segmented::new(client_io, down_policy, flow.as_ref().map(|f| f.observer("down")));
-    let accepted =
-        tokio::time::timeout(engine.config.header_timeout, tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host)).await;
+    let down = Segmented::new(
+        client_io,
+        down_policy,
+        flow.as_ref().map(|f| f.observer("down")),
+    );
+    let accepted = tokio::time::timeout(
+        engine.config.header_timeout,
+        tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host),
+    )
+    .await;
     let tls_stream = match accepted {
-        Err(_) => return Err(format!("TLS handshake with the client for {host} timed out")),
+        Err(_) => {
+            return Err(format!(
+                "TLS handshake with the client for {host} timed out"
+            ))
+        }
         Ok(Err(e)) => {
             log::info!("intercepting {host}:{port}: {e}");
             return Err(e.to_string());
         }
         Ok(Ok((s, _sni))) => s,
     };
-    let mode = Mode::Intercepted { host, port, up_policy, down_segmenting };
+    let mode = Mode::Intercepted {
+        host,
+        port,
+        up_policy,
+        down_segmenting,
+    };
     let _ = Box::pin(serve_http(engine, BufStream::new(tls_stream), conn, &mode)).await;
     if let Some(f) = flow {
         f.update(|f| f.status = 200);
@@ -253,8 +367,19 @@ async fn tunnel(
     conn: &mut ConnState,
     record: &mut AccessRecord,
 ) -> Result<(), String> {
-    let Plan { host, port, up_policy, down_policy, flow, .. } = plan;
-    client.io.write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n").await.map_err(|e| e.to_string())?;
+    let Plan {
+        host,
+        port,
+        up_policy,
+        down_policy,
+        flow,
+        ..
+    } = plan;
+    client
+        .io
+        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
+        .await
+        .map_err(|e| e.to_string())?;
     record.status = 200;
     if engine.hooks.tunnel {
         if let Some(h) = conn.handler(engine) {
@@ -263,8 +388,14 @@ async fn tunnel(
     }
     // Bytes read past the heads go first; the head buffers are let go before the tunnel
     // settles in, so an idle tunnel holds no buffer.
-    let BufStream { io: client_io, buf: client_buf } = client;
-    let BufStream { io: origin_io, buf: origin_buf } = origin;
+    let BufStream {
+        io: client_io,
+        buf: client_buf,
+    } = client;
+    let BufStream {
+        io: origin_io,
+        buf: origin_buf,
+    } = origin;
     let client_prefix = leftover(client_buf);
     let origin_prefix = leftover(origin_buf);
     #[cfg(target_os = "linux")]

@@ -74,8 +74,12 @@ impl fmt::Display for ConnectError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ConnectError::Resolve { host, reason } => write!(f, "cannot resolve {host}: {reason}"),
-            ConnectError::Denied { host, reason } => write!(f, "destination {host} denied: {reason}"),
-            ConnectError::Connect { target, reason } => write!(f, "cannot connect to {target}: {reason}"),
+            ConnectError::Denied { host, reason } => {
+                write!(f, "destination {host} denied: {reason}")
+            }
+            ConnectError::Connect { target, reason } => {
+                write!(f, "cannot connect to {target}: {reason}")
+            }
             ConnectError::Timeout { target } => write!(f, "timed out connecting to {target}"),
             ConnectError::Upstream { hop, reason } => write!(f, "upstream proxy {hop}: {reason}"),
         }
@@ -101,8 +105,13 @@ pub struct Connected {
 
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
-        let resolver = DnsResolver::new(DnsSettings::default()).expect("default DNS settings are valid");
-        Connector { connect_timeout, resolver, addr_check: None }
+        let resolver =
+            DnsResolver::new(DnsSettings::default()).expect("default DNS settings are valid");
+        Connector {
+            connect_timeout,
+            resolver,
+            addr_check: None,
+        }
     }
 
     /// TCP to `host:port`, trying each resolved address in turn within the connect timeout.
@@ -112,13 +121,21 @@ impl Connector {
 
     /// `check_addr`: apply the address check (the deny-private switch) to what `host`
     /// resolves to. Upstream proxies are the operator's own choice and are not checked.
-    async fn connect(&self, host: &str, port: u16, check_addr: bool) -> Result<Connected, ConnectError> {
+    async fn connect(
+        &self,
+        host: &str,
+        port: u16,
+        check_addr: bool,
+    ) -> Result<Connected, ConnectError> {
         let target = authority(host, port);
-        let resolved = self
-            .resolver
-            .resolve(host, port)
-            .await
-            .map_err(|e| ConnectError::Resolve { host: host.to_string(), reason: e.reason().to_string() })?;
+        let resolved =
+            self.resolver
+                .resolve(host, port)
+                .await
+                .map_err(|e| ConnectError::Resolve {
+                    host: host.to_string(),
+                    reason: e.reason().to_string(),
+                })?;
         let dns = match resolved.cache {
             CacheOutcome::Literal => "literal".to_string(),
             cache => format!("{}/{}", resolved.source, cache.as_str()),
@@ -126,7 +143,10 @@ impl Connector {
         let addrs = resolved.addrs;
         if let Some(check) = self.addr_check.as_ref().filter(|_| check_addr) {
             for a in &addrs {
-                check(a.ip()).map_err(|reason| ConnectError::Denied { host: host.to_string(), reason })?;
+                check(a.ip()).map_err(|reason| ConnectError::Denied {
+                    host: host.to_string(),
+                    reason,
+                })?;
             }
         }
         let attempt = async {
@@ -144,7 +164,10 @@ impl Connector {
                 let _ = stream.set_nodelay(true);
                 Ok(Connected { stream, dns })
             }
-            Ok(Err(e)) => Err(ConnectError::Connect { target, reason: e.to_string() }),
+            Ok(Err(e)) => Err(ConnectError::Connect {
+                target,
+                reason: e.to_string(),
+            }),
             Err(_) => Err(ConnectError::Timeout { target }),
         }
     }
@@ -153,11 +176,19 @@ impl Connector {
     pub async fn tcp_to_hop(&self, hop: &UpstreamHop) -> Result<Connected, ConnectError> {
         self.connect(&hop.host, hop.port, false)
             .await
-            .map_err(|e| ConnectError::Upstream { hop: hop.to_string(), reason: e.to_string() })
+            .map_err(|e| ConnectError::Upstream {
+                hop: hop.to_string(),
+                reason: e.to_string(),
+            })
     }
 
     /// A byte stream to `host:port` by `route`: direct TCP, or a CONNECT tunnel through the hop.
-    pub async fn open_tunnel(&self, route: &Route, host: &str, port: u16) -> Result<(BufStream<TcpStream>, String), ConnectError> {
+    pub async fn open_tunnel(
+        &self,
+        route: &Route,
+        host: &str,
+        port: u16,
+    ) -> Result<(BufStream<TcpStream>, String), ConnectError> {
         match route {
             Route::Direct => {
                 let c = self.tcp(host, port).await?;
@@ -187,15 +218,28 @@ async fn upstream_connect(
     if let Some(auth) = &hop.authorization {
         headers.push("Proxy-Authorization", auth.clone());
     }
-    let head = RequestHead { method: "CONNECT".into(), target: target.clone(), version: 1, headers };
-    let fail = |reason: String| ConnectError::Upstream { hop: hop.to_string(), reason };
-    s.io.write_all(&head.encode()).await.map_err(|e| fail(format!("sending CONNECT failed: {e}")))?;
+    let head = RequestHead {
+        method: "CONNECT".into(),
+        target: target.clone(),
+        version: 1,
+        headers,
+    };
+    let fail = |reason: String| ConnectError::Upstream {
+        hop: hop.to_string(),
+        reason,
+    };
+    s.io.write_all(&head.encode())
+        .await
+        .map_err(|e| fail(format!("sending CONNECT failed: {e}")))?;
     let response = tokio::time::timeout(timeout, s.read_response_head(64 * 1024))
         .await
         .map_err(|_| fail(format!("no answer to CONNECT {target} within {timeout:?}")))?
         .map_err(|e| fail(format!("bad answer to CONNECT {target}: {e}")))?;
     if !(200..300).contains(&response.status) {
-        return Err(fail(format!("answered {} {} to CONNECT {target}", response.status, response.reason)));
+        return Err(fail(format!(
+            "answered {} {} to CONNECT {target}",
+            response.status, response.reason
+        )));
     }
     Ok(())
 }
@@ -213,7 +257,11 @@ impl<S> Rewind<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
-    fn poll_read(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         if !self.prefix.is_empty() {
             let n = self.prefix.len().min(buf.remaining());
             let part = self.prefix.split_to(n);
@@ -225,7 +273,11 @@ impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
-    fn poll_write(mut self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write(cx, buf)
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -234,7 +286,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
     }
-    fn poll_write_vectored(mut self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {

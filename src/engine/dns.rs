@@ -25,8 +25,8 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use hickory_resolver::config::{
-    LookupIpStrategy, NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig, ResolverOpts,
-    ServerOrderingStrategy,
+    LookupIpStrategy, NameServerConfig, NameServerConfigGroup, ResolveHosts, ResolverConfig,
+    ResolverOpts, ServerOrderingStrategy,
 };
 use hickory_resolver::name_server::TokioConnectionProvider;
 use hickory_resolver::proto::op::ResponseCode;
@@ -261,7 +261,11 @@ impl fmt::Debug for DnsResolver {
 impl DnsResolver {
     pub fn new(settings: DnsSettings) -> Result<Self, DnsError> {
         if settings.timeout.is_zero() {
-            return Err(DnsError::new("", DnsErrorKind::Config, "timeout must be > 0"));
+            return Err(DnsError::new(
+                "",
+                DnsErrorKind::Config,
+                "timeout must be > 0",
+            ));
         }
         let backend = match settings.config {
             DnsConfig::System => Backend::System,
@@ -282,7 +286,11 @@ impl DnsResolver {
                     DnsTransport::Udp => Backend::Custom {
                         // UDP gets half the budget, TCP the rest.
                         primary: Box::new(build_hickory(addr, true, settings.timeout / 2)),
-                        tcp_fallback: Some(Box::new(build_hickory(addr, false, settings.timeout / 2))),
+                        tcp_fallback: Some(Box::new(build_hickory(
+                            addr,
+                            false,
+                            settings.timeout / 2,
+                        ))),
                     },
                     DnsTransport::Tcp => Backend::Custom {
                         primary: Box::new(build_hickory(addr, false, settings.timeout)),
@@ -323,10 +331,18 @@ impl DnsResolver {
             });
         }
         if host.is_empty() {
-            return Err(DnsError::new(host, DnsErrorKind::NotFound, "empty host name"));
+            return Err(DnsError::new(
+                host,
+                DnsErrorKind::NotFound,
+                "empty host name",
+            ));
         }
         let key = host.to_ascii_lowercase();
-        let with_port = |ips: Vec<IpAddr>| ips.into_iter().map(|ip| SocketAddr::new(ip, port)).collect();
+        let with_port = |ips: Vec<IpAddr>| {
+            ips.into_iter()
+                .map(|ip| SocketAddr::new(ip, port))
+                .collect()
+        };
 
         if let Some(cache) = &self.cache {
             let hit = cache.lock().unwrap().get(&key, Instant::now());
@@ -345,7 +361,10 @@ impl DnsResolver {
                 Backend::Custom {
                     primary,
                     tcp_fallback,
-                } => match (lookup_custom(primary, host, self.timeout / 2).await, tcp_fallback) {
+                } => match (
+                    lookup_custom(primary, host, self.timeout / 2).await,
+                    tcp_fallback,
+                ) {
                     (Err(e), Some(tcp)) if e.kind() == DnsErrorKind::Timeout || e.io => {
                         lookup_custom(tcp, host, self.timeout)
                             .await
@@ -421,7 +440,8 @@ fn build_hickory(addr: SocketAddr, udp: bool, budget: Duration) -> TokioResolver
     opts.num_concurrent_reqs = 1;
     opts.ndots = 0;
 
-    let mut builder = TokioResolver::builder_with_config(config, TokioConnectionProvider::default());
+    let mut builder =
+        TokioResolver::builder_with_config(config, TokioConnectionProvider::default());
     *builder.options_mut() = opts;
     builder.build()
 }
@@ -461,7 +481,13 @@ async fn lookup_custom(
 ) -> Result<(Vec<IpAddr>, Instant), DnsError> {
     let answer = match tokio::time::timeout(budget, r.lookup_ip(host)).await {
         Ok(answer) => answer,
-        Err(_) => return Err(DnsError::new(host, DnsErrorKind::Timeout, "DNS query timed out")),
+        Err(_) => {
+            return Err(DnsError::new(
+                host,
+                DnsErrorKind::Timeout,
+                "DNS query timed out",
+            ))
+        }
     };
     match answer {
         Ok(lookup) => {
@@ -479,19 +505,31 @@ fn map_hickory_error(host: &str, e: &ResolveError) -> DnsError {
     };
     match proto.kind() {
         ProtoErrorKind::NoRecordsFound { response_code, .. } => match *response_code {
-            ResponseCode::NXDomain => DnsError::new(host, DnsErrorKind::NotFound, "no such name (NXDOMAIN)"),
-            ResponseCode::NoError => DnsError::new(host, DnsErrorKind::NotFound, "no address records"),
+            ResponseCode::NXDomain => {
+                DnsError::new(host, DnsErrorKind::NotFound, "no such name (NXDOMAIN)")
+            }
+            ResponseCode::NoError => {
+                DnsError::new(host, DnsErrorKind::NotFound, "no address records")
+            }
             ResponseCode::Refused => DnsError::new(
                 host,
                 DnsErrorKind::Failed,
                 "the DNS server refused the query (REFUSED)",
             ),
-            ResponseCode::ServFail => {
-                DnsError::new(host, DnsErrorKind::Failed, "the DNS server failed (SERVFAIL)")
-            }
-            code => DnsError::new(host, DnsErrorKind::Failed, format!("DNS error response {code}")),
+            ResponseCode::ServFail => DnsError::new(
+                host,
+                DnsErrorKind::Failed,
+                "the DNS server failed (SERVFAIL)",
+            ),
+            code => DnsError::new(
+                host,
+                DnsErrorKind::Failed,
+                format!("DNS error response {code}"),
+            ),
         },
-        ProtoErrorKind::Timeout => DnsError::new(host, DnsErrorKind::Timeout, "DNS query timed out"),
+        ProtoErrorKind::Timeout => {
+            DnsError::new(host, DnsErrorKind::Timeout, "DNS query timed out")
+        }
         ProtoErrorKind::Io(io) => DnsError {
             io: true,
             ..DnsError::new(
@@ -532,10 +570,16 @@ mod tests {
 
     #[test]
     fn literal_parsing() {
-        assert_eq!(parse_ip_literal("127.0.0.1"), Some("127.0.0.1".parse().unwrap()));
+        assert_eq!(
+            parse_ip_literal("127.0.0.1"),
+            Some("127.0.0.1".parse().unwrap())
+        );
         assert_eq!(parse_ip_literal("::1"), Some("::1".parse().unwrap()));
         assert_eq!(parse_ip_literal("[::1]"), Some("::1".parse().unwrap()));
-        assert_eq!(parse_ip_literal("[fe80::1]"), Some("fe80::1".parse().unwrap()));
+        assert_eq!(
+            parse_ip_literal("[fe80::1]"),
+            Some("fe80::1".parse().unwrap())
+        );
         assert_eq!(parse_ip_literal("example.com"), None);
         assert_eq!(parse_ip_literal("[example.com]"), None);
         assert_eq!(parse_ip_literal("[::1"), None);
@@ -556,15 +600,25 @@ mod tests {
         assert!(c.get("a", now).is_none(), "closest to expiry is evicted");
         assert!(c.get("b", now).is_some());
         assert!(c.get("c", now + Duration::from_secs(25)).is_some());
-        assert!(c.get("b", now + Duration::from_secs(25)).is_none(), "expired");
+        assert!(
+            c.get("b", now + Duration::from_secs(25)).is_none(),
+            "expired"
+        );
         c.insert("zero".into(), vec![ip], now, now);
         assert!(c.get("zero", now).is_none(), "TTL 0 is not cached");
     }
 
     #[test]
     fn error_display_is_one_line_naming_the_host() {
-        let e = DnsError::new("x.example", DnsErrorKind::NotFound, "no such name (NXDOMAIN)");
-        assert_eq!(e.to_string(), "cannot resolve x.example: no such name (NXDOMAIN)");
+        let e = DnsError::new(
+            "x.example",
+            DnsErrorKind::NotFound,
+            "no such name (NXDOMAIN)",
+        );
+        assert_eq!(
+            e.to_string(),
+            "cannot resolve x.example: no such name (NXDOMAIN)"
+        );
         assert_eq!(e.host(), "x.example");
     }
 
@@ -624,7 +678,10 @@ mod tests {
         assert_eq!(first.source, "system");
         assert_eq!(first.cache, CacheOutcome::Miss);
         assert!(
-            first.addrs.iter().all(|a| a.ip().is_loopback() && a.port() == 80),
+            first
+                .addrs
+                .iter()
+                .all(|a| a.ip().is_loopback() && a.port() == 80),
             "{first:?}"
         );
         let second = r.resolve("LOCALHOST", 81).await.unwrap();
@@ -809,7 +866,9 @@ mod tests {
         tokio::spawn(async move {
             while let Ok((mut client, _)) = listener.accept().await {
                 tokio::spawn(async move {
-                    if let Ok(mut server) = tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await {
+                    if let Ok(mut server) =
+                        tokio::net::TcpStream::connect(("127.0.0.1", upstream)).await
+                    {
                         let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
                     }
                 });
@@ -876,7 +935,10 @@ mod tests {
         let r = custom(&d, DnsTransport::Udp, 16);
         let e = r.resolve("example.org", 80).await.unwrap_err();
         eprintln!("unanswerable: {e}");
-        assert!(e.to_string().starts_with("cannot resolve example.org: "), "{e}");
+        assert!(
+            e.to_string().starts_with("cannot resolve example.org: "),
+            "{e}"
+        );
     }
 
     #[tokio::test]

@@ -31,9 +31,17 @@ async fn within_for<T>(limit: Duration, what: &str, fut: impl Future<Output = T>
 }
 
 async fn start_proxy(tweak: impl FnOnce(&mut EngineConfig)) -> ProxyServer {
-    let mut config = EngineConfig { listen: SocketAddr::from(([127, 0, 0, 1], 0)), ..Default::default() };
+    let mut config = EngineConfig {
+        listen: SocketAddr::from(([127, 0, 0, 1], 0)),
+        ..Default::default()
+    };
     tweak(&mut config);
-    within("proxy bind", ProxyServer::bind(config, EngineParts::default())).await.expect("proxy binds")
+    within(
+        "proxy bind",
+        ProxyServer::bind(config, EngineParts::default()),
+    )
+    .await
+    .expect("proxy binds")
 }
 
 /// Deterministic, non-repeating-looking bytes.
@@ -83,7 +91,10 @@ impl Wire {
                 if self.buf.is_empty() {
                     return Ok(None);
                 }
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed inside a head"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed inside a head",
+                ));
             }
         }
     }
@@ -96,7 +107,10 @@ impl Wire {
                 return Ok(line);
             }
             if self.fill().await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "closed inside a line"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "closed inside a line",
+                ));
             }
         }
     }
@@ -104,7 +118,10 @@ impl Wire {
     async fn exact(&mut self, n: usize) -> io::Result<Vec<u8>> {
         while self.buf.len() < n {
             if self.fill().await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("closed with {} of {n} bytes", self.buf.len())));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("closed with {} of {n} bytes", self.buf.len()),
+                ));
             }
         }
         Ok(self.buf.drain(..n).collect())
@@ -115,7 +132,12 @@ impl Wire {
         loop {
             let size_line = self.line().await?;
             let size = usize::from_str_radix(size_line.split(';').next().unwrap().trim(), 16)
-                .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("chunk size {size_line:?}: {e}")))?;
+                .map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("chunk size {size_line:?}: {e}"),
+                    )
+                })?;
             if size == 0 {
                 while !self.line().await?.is_empty() {}
                 return Ok(body);
@@ -129,10 +151,14 @@ impl Wire {
     /// The body a head announces (requests: no framing means empty; responses to GET: see
     /// `response`).
     async fn body(&mut self, head: &Head, close_delimited: bool) -> io::Result<Vec<u8>> {
-        if head.header("transfer-encoding").is_some_and(|v| v.to_ascii_lowercase().contains("chunked")) {
+        if head
+            .header("transfer-encoding")
+            .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"))
+        {
             self.chunked().await
         } else if let Some(n) = head.header("content-length") {
-            self.exact(n.trim().parse().expect("numeric Content-Length")).await
+            self.exact(n.trim().parse().expect("numeric Content-Length"))
+                .await
         } else if close_delimited {
             while self.fill().await? > 0 {}
             Ok(std::mem::take(&mut self.buf))
@@ -143,7 +169,10 @@ impl Wire {
 
     /// Reads one response (head and body).
     async fn response(&mut self) -> io::Result<(Head, Vec<u8>)> {
-        let raw = self.head().await?.ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no response"))?;
+        let raw = self
+            .head()
+            .await?
+            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "no response"))?;
         let head = Head::parse(&raw);
         let body = self.body(&head, true).await?;
         Ok((head, body))
@@ -183,13 +212,20 @@ impl Head {
         Head { first, headers }
     }
     fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k.eq_ignore_ascii_case(name)).map(|(_, v)| v.as_str())
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
     }
     fn has(&self, name: &str) -> bool {
         self.header(name).is_some()
     }
     fn status(&self) -> u16 {
-        self.first.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0)
+        self.first
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0)
     }
 }
 
@@ -199,7 +235,11 @@ impl Head {
 #[derive(Debug)]
 enum Event {
     Accepted,
-    Request { conn: usize, head: Head, body: Vec<u8> },
+    Request {
+        conn: usize,
+        head: Head,
+        body: Vec<u8>,
+    },
     Closed(usize),
 }
 
@@ -217,14 +257,18 @@ impl Origin {
     /// Answers `/big` with `BIG` pattern bytes (Content-Length), anything else with
     /// `ok <target>` (Content-Length); keeps connections open unless asked to close.
     async fn start() -> Origin {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("origin binds");
+        let listener = TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("origin binds");
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let (tx, events) = mpsc::unbounded_channel();
         let count = accepted.clone();
         tokio::spawn(async move {
             loop {
-                let Ok((s, _)) = listener.accept().await else { return };
+                let Ok((s, _)) = listener.accept().await else {
+                    return;
+                };
                 let n = count.fetch_add(1, Ordering::SeqCst) + 1;
                 let _ = tx.send(Event::Accepted);
                 let tx = tx.clone();
@@ -234,7 +278,13 @@ impl Origin {
                 });
             }
         });
-        Origin { addr, accepted, events, closed: Vec::new(), pending: Default::default() }
+        Origin {
+            addr,
+            accepted,
+            events,
+            closed: Vec::new(),
+            pending: Default::default(),
+        }
     }
 
     fn url(&self, path: &str) -> String {
@@ -251,7 +301,10 @@ impl Origin {
             return r;
         }
         loop {
-            match within("origin request", self.events.recv()).await.expect("origin alive") {
+            match within("origin request", self.events.recv())
+                .await
+                .expect("origin alive")
+            {
                 Event::Request { conn, head, body } => return (conn, head, body),
                 Event::Closed(c) => self.closed.push(c),
                 Event::Accepted => {}
@@ -270,23 +323,45 @@ impl Origin {
                 Err(_) => return Err(format!("origin connection {n} still open after {limit:?}")),
                 Ok(None) => return Err("origin gone".into()),
                 Ok(Some(Event::Closed(c))) => self.closed.push(c),
-                Ok(Some(Event::Request { conn, head, body })) => self.pending.push_back((conn, head, body)),
+                Ok(Some(Event::Request { conn, head, body })) => {
+                    self.pending.push_back((conn, head, body))
+                }
                 Ok(Some(Event::Accepted)) => {}
             }
         }
     }
 }
 
-async fn serve_origin_conn(mut w: Wire, n: usize, tx: &mpsc::UnboundedSender<Event>) -> io::Result<()> {
+async fn serve_origin_conn(
+    mut w: Wire,
+    n: usize,
+    tx: &mpsc::UnboundedSender<Event>,
+) -> io::Result<()> {
     loop {
-        let Some(raw) = w.head().await? else { return Ok(()) };
+        let Some(raw) = w.head().await? else {
+            return Ok(());
+        };
         let head = Head::parse(&raw);
         let body = w.body(&head, false).await?;
         let target = head.first.split(' ').nth(1).unwrap_or("").to_string();
-        let close = head.header("connection").is_some_and(|v| v.eq_ignore_ascii_case("close"));
-        let _ = tx.send(Event::Request { conn: n, head, body });
-        let payload = if target == "/big" { pattern(BIG, 7) } else { format!("ok {target}").into_bytes() };
-        let mut out = format!("HTTP/1.1 200 OK\r\nServer: e2e-origin\r\nContent-Length: {}\r\n", payload.len()).into_bytes();
+        let close = head
+            .header("connection")
+            .is_some_and(|v| v.eq_ignore_ascii_case("close"));
+        let _ = tx.send(Event::Request {
+            conn: n,
+            head,
+            body,
+        });
+        let payload = if target == "/big" {
+            pattern(BIG, 7)
+        } else {
+            format!("ok {target}").into_bytes()
+        };
+        let mut out = format!(
+            "HTTP/1.1 200 OK\r\nServer: e2e-origin\r\nContent-Length: {}\r\n",
+            payload.len()
+        )
+        .into_bytes();
         if close {
             out.extend_from_slice(b"Connection: close\r\n");
         }
@@ -300,7 +375,9 @@ async fn serve_origin_conn(mut w: Wire, n: usize, tx: &mpsc::UnboundedSender<Eve
 }
 
 async fn client(proxy: &ProxyServer) -> Wire {
-    let s = within("connect to proxy", TcpStream::connect(proxy.local_addr())).await.expect("proxy accepts");
+    let s = within("connect to proxy", TcpStream::connect(proxy.local_addr()))
+        .await
+        .expect("proxy accepts");
     s.set_nodelay(true).unwrap();
     Wire::new(s)
 }
@@ -331,15 +408,34 @@ async fn e2e_absolute_form_is_forwarded_in_origin_form_without_hop_by_hop_header
     assert_eq!(body, b"ok /a/b?c=1&d=%20");
 
     let (_, head, _) = origin.next_request().await;
-    assert_eq!(head.first, "GET /a/b?c=1&d=%20 HTTP/1.1", "origin got {head:?}");
-    let hosts: Vec<_> = head.headers.iter().filter(|(k, _)| k.eq_ignore_ascii_case("host")).collect();
+    assert_eq!(
+        head.first, "GET /a/b?c=1&d=%20 HTTP/1.1",
+        "origin got {head:?}"
+    );
+    let hosts: Vec<_> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("host"))
+        .collect();
     assert_eq!(hosts.len(), 1, "exactly one Host: {head:?}");
-    assert_eq!(hosts[0].1, origin.addr.to_string(), "Host names the URL's authority: {head:?}");
-    for hop in ["x-secret-hop", "proxy-connection", "keep-alive", "proxy-authorization"] {
+    assert_eq!(
+        hosts[0].1,
+        origin.addr.to_string(),
+        "Host names the URL's authority: {head:?}"
+    );
+    for hop in [
+        "x-secret-hop",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+    ] {
         assert!(!head.has(hop), "{hop} leaked to the origin: {head:?}");
     }
     if let Some(conn) = head.header("connection") {
-        assert!(!conn.to_ascii_lowercase().contains("x-secret-hop"), "{head:?}");
+        assert!(
+            !conn.to_ascii_lowercase().contains("x-secret-hop"),
+            "{head:?}"
+        );
     }
     assert_eq!(head.header("x-normal"), Some("kept"), "{head:?}");
 }
@@ -353,7 +449,11 @@ async fn e2e_two_requests_on_one_client_connection_reuse_one_origin_connection()
     let proxy = start_proxy(|_| {}).await;
     let mut c = client(&proxy).await;
     for path in ["/one", "/two"] {
-        let req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.url(path), origin.addr);
+        let req = format!(
+            "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+            origin.url(path),
+            origin.addr
+        );
         within("send", c.s.write_all(req.as_bytes())).await.unwrap();
         let (resp, body) = within("response", c.response()).await.unwrap();
         assert_eq!(resp.status(), 200);
@@ -361,7 +461,10 @@ async fn e2e_two_requests_on_one_client_connection_reuse_one_origin_connection()
     }
     let (c1, h1, _) = origin.next_request().await;
     let (c2, h2, _) = origin.next_request().await;
-    assert!(h1.first.starts_with("GET /one ") && h2.first.starts_with("GET /two "), "{h1:?} {h2:?}");
+    assert!(
+        h1.first.starts_with("GET /one ") && h2.first.starts_with("GET /two "),
+        "{h1:?} {h2:?}"
+    );
     assert_eq!((c1, c2), (1, 1), "both requests on origin connection 1");
     assert_eq!(origin.accepted(), 1, "the origin accepted one connection");
 }
@@ -396,7 +499,9 @@ async fn e2e_chunked_request_body_and_large_response_are_byte_identical() {
         off = end;
     }
     req.extend_from_slice(b"0\r\nX-Trailer: t\r\n\r\n");
-    within("send chunked request", c.s.write_all(&req)).await.unwrap();
+    within("send chunked request", c.s.write_all(&req))
+        .await
+        .unwrap();
     let (resp, answer) = within("upload response", c.response()).await.unwrap();
     assert_eq!(resp.status(), 200, "{resp:?}");
     assert_eq!(answer, b"ok /upload");
@@ -406,11 +511,19 @@ async fn e2e_chunked_request_body_and_large_response_are_byte_identical() {
     assert!(got == body, "request body bytes differ at the origin");
 
     // Same client connection: a large Content-Length response.
-    let req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.url("/big"), origin.addr);
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url("/big"),
+        origin.addr
+    );
     within("send", c.s.write_all(req.as_bytes())).await.unwrap();
     let (resp, big) = within("large response", c.response()).await.unwrap();
     assert_eq!(resp.status(), 200);
-    assert_eq!(resp.header("content-length"), Some(BIG.to_string().as_str()), "{resp:?}");
+    assert_eq!(
+        resp.header("content-length"),
+        Some(BIG.to_string().as_str()),
+        "{resp:?}"
+    );
     assert!(!resp.has("transfer-encoding"), "{resp:?}");
     assert_eq!(big.len(), BIG);
     assert!(big == pattern(BIG, 7), "large response bytes differ");
@@ -427,7 +540,9 @@ async fn e2e_connect_tunnel_pumps_both_ways_and_passes_half_close() {
     let origin_addr = listener.local_addr().unwrap();
     let (got_tx, got_rx) = tokio::sync::oneshot::channel::<Vec<u8>>();
     tokio::spawn(async move {
-        let Ok((mut s, _)) = listener.accept().await else { return };
+        let Ok((mut s, _)) = listener.accept().await else {
+            return;
+        };
         let mut all = Vec::new();
         let mut buf = vec![0u8; 32 * 1024];
         loop {
@@ -449,10 +564,18 @@ async fn e2e_connect_tunnel_pumps_both_ways_and_passes_half_close() {
     let proxy = start_proxy(|_| {}).await;
     let mut c = client(&proxy).await;
     let req = format!("CONNECT {origin_addr} HTTP/1.1\r\nHost: {origin_addr}\r\n\r\n");
-    within("send CONNECT", c.s.write_all(req.as_bytes())).await.unwrap();
-    let raw = within("CONNECT answer", c.head()).await.unwrap().expect("an answer");
+    within("send CONNECT", c.s.write_all(req.as_bytes()))
+        .await
+        .unwrap();
+    let raw = within("CONNECT answer", c.head())
+        .await
+        .unwrap()
+        .expect("an answer");
     assert_eq!(Head::parse(&raw).status(), 200, "{raw}");
-    assert!(c.buf.is_empty(), "nothing after the 200 head before the origin speaks");
+    assert!(
+        c.buf.is_empty(),
+        "nothing after the 200 head before the origin speaks"
+    );
 
     // A first exchange proves the tunnel is open both ways.
     within("ping", c.s.write_all(b"ping")).await.unwrap();
@@ -472,8 +595,13 @@ async fn e2e_connect_tunnel_pumps_both_ways_and_passes_half_close() {
         Ok::<_, io::Error>(w)
     });
     let mut back = Vec::new();
-    within("read until the tunnel closes", r.read_to_end(&mut back)).await.expect("clean end of stream");
-    let _w = within("writer", writer).await.unwrap().expect("client wrote and half-closed");
+    within("read until the tunnel closes", r.read_to_end(&mut back))
+        .await
+        .expect("clean end of stream");
+    let _w = within("writer", writer)
+        .await
+        .unwrap()
+        .expect("client wrote and half-closed");
     let mut expected = payload.clone();
     expected.extend_from_slice(b"ORIGIN-BYE");
     assert_eq!(back.len(), expected.len(), "bytes back through the tunnel");
@@ -481,7 +609,12 @@ async fn e2e_connect_tunnel_pumps_both_ways_and_passes_half_close() {
     let got = within("origin report", got_rx).await.unwrap();
     let mut sent = b"ping".to_vec();
     sent.extend_from_slice(&payload);
-    assert!(got == sent, "origin got {} bytes, expected {}", got.len(), sent.len());
+    assert!(
+        got == sent,
+        "origin got {} bytes, expected {}",
+        got.len(),
+        sent.len()
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -493,20 +626,40 @@ async fn e2e_malformed_request_gets_400_and_the_server_still_serves() {
     let proxy = start_proxy(|_| {}).await;
 
     let mut bad = client(&proxy).await;
-    within("send garbage", bad.s.write_all(b"NOT HTTP AT ALL\r\n\r\n")).await.unwrap();
+    within("send garbage", bad.s.write_all(b"NOT HTTP AT ALL\r\n\r\n"))
+        .await
+        .unwrap();
     let (resp, body) = within("400 answer", bad.response()).await.unwrap();
-    assert_eq!(resp.status(), 400, "{resp:?} {}", String::from_utf8_lossy(&body));
-    assert!(within("close after 400", bad.at_eof()).await, "connection closed after the 400");
+    assert_eq!(
+        resp.status(),
+        400,
+        "{resp:?} {}",
+        String::from_utf8_lossy(&body)
+    );
+    assert!(
+        within("close after 400", bad.at_eof()).await,
+        "connection closed after the 400"
+    );
 
     let mut good = client(&proxy).await;
-    let req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.url("/after"), origin.addr);
-    within("send", good.s.write_all(req.as_bytes())).await.unwrap();
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url("/after"),
+        origin.addr
+    );
+    within("send", good.s.write_all(req.as_bytes()))
+        .await
+        .unwrap();
     let (resp, body) = within("response", good.response()).await.unwrap();
     assert_eq!(resp.status(), 200);
     assert_eq!(body, b"ok /after");
     let (_, head, _) = origin.next_request().await;
     assert!(head.first.starts_with("GET /after "), "{head:?}");
-    assert_eq!(origin.accepted(), 1, "the malformed request never reached the origin");
+    assert_eq!(
+        origin.accepted(),
+        1,
+        "the malformed request never reached the origin"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
@@ -516,7 +669,11 @@ const POOL_IDLE: Duration = Duration::from_millis(300);
 
 async fn one_get(proxy: &ProxyServer, origin: &Origin, path: &str) {
     let mut c = client(proxy).await;
-    let req = format!("GET {} HTTP/1.1\r\nHost: {}\r\n\r\n", origin.url(path), origin.addr);
+    let req = format!(
+        "GET {} HTTP/1.1\r\nHost: {}\r\n\r\n",
+        origin.url(path),
+        origin.addr
+    );
     within("send", c.s.write_all(req.as_bytes())).await.unwrap();
     let (resp, body) = within("response", c.response()).await.unwrap();
     assert_eq!(resp.status(), 200);
@@ -536,9 +693,18 @@ async fn e2e_pooled_idle_upstream_connection_is_dropped_after_pool_idle_timeout(
     // Left idle, the pooled connection is closed by the proxy (the pool is swept now and
     // then, so allow well past the timeout: no speed is asserted).
     let idle_from = Instant::now();
-    origin.wait_closed(1, Duration::from_secs(15)).await.expect("the proxy closes the idle pooled connection");
-    assert!(idle_from.elapsed() + Duration::from_millis(50) >= POOL_IDLE, "not closed before the timeout");
-    eprintln!("idle pooled connection closed by the proxy {:?} after it went idle", idle_from.elapsed());
+    origin
+        .wait_closed(1, Duration::from_secs(15))
+        .await
+        .expect("the proxy closes the idle pooled connection");
+    assert!(
+        idle_from.elapsed() + Duration::from_millis(50) >= POOL_IDLE,
+        "not closed before the timeout"
+    );
+    eprintln!(
+        "idle pooled connection closed by the proxy {:?} after it went idle",
+        idle_from.elapsed()
+    );
 
     // And the next request opens a new origin connection.
     one_get(&proxy, &origin, "/fresh").await;
@@ -567,8 +733,14 @@ async fn e2e_expired_pooled_connection_is_not_used_for_the_next_request() {
         conns.push((conn, head.first));
     }
     assert_eq!(conns[0].0, 1, "{conns:?}");
-    assert_eq!(conns[1].0, 2, "a new connection after the pool idle timeout: {conns:?}");
-    origin.wait_closed(1, Duration::from_secs(5)).await.expect("the expired connection is closed");
+    assert_eq!(
+        conns[1].0, 2,
+        "a new connection after the pool idle timeout: {conns:?}"
+    );
+    origin
+        .wait_closed(1, Duration::from_secs(5))
+        .await
+        .expect("the expired connection is closed");
 }
 
 /// Stricter than the test above: the proxy closes an idle pooled connection about when
@@ -583,4 +755,3 @@ async fn e2e_pooled_idle_upstream_connection_is_closed_promptly() {
         .await
         .expect("closed within pool_idle_timeout + 1.5 s");
 }
-

@@ -125,7 +125,12 @@ impl FlowRecorder {
             Some(p) => Some(Mutex::new(LineWriter::new(File::create(p)?))),
             None => None,
         };
-        Ok(FlowRecorder { epoch: Instant::now(), capacity, done: Mutex::new(Finished::default()), file })
+        Ok(FlowRecorder {
+            epoch: Instant::now(),
+            capacity,
+            done: Mutex::new(Finished::default()),
+            file,
+        })
     }
 
     pub fn now(&self) -> f64 {
@@ -134,13 +139,22 @@ impl FlowRecorder {
 
     pub fn begin(self: &Arc<Self>, mut record: FlowRecord) -> FlowHandle {
         record.start = self.now();
-        FlowHandle { inner: Arc::new(InProgress { recorder: self.clone(), record: Mutex::new(record) }) }
+        FlowHandle {
+            inner: Arc::new(InProgress {
+                recorder: self.clone(),
+                record: Mutex::new(record),
+            }),
+        }
     }
 
     fn finish(&self, mut record: FlowRecord) {
         record.end = Some(self.now());
         if let Some(f) = &self.file {
-            let _ = writeln!(f.lock().unwrap_or_else(|e| e.into_inner()), "{}", record.to_json());
+            let _ = writeln!(
+                f.lock().unwrap_or_else(|e| e.into_inner()),
+                "{}",
+                record.to_json()
+            );
         }
         if self.capacity == 0 {
             return;
@@ -148,7 +162,9 @@ impl FlowRecorder {
         let mut done = self.done.lock().unwrap_or_else(|e| e.into_inner());
         done.chunks += record.chunks.len();
         done.flows.push_back(record);
-        while done.flows.len() > self.capacity || (done.chunks > MAX_STORED_CHUNKS && done.flows.len() > 1) {
+        while done.flows.len() > self.capacity
+            || (done.chunks > MAX_STORED_CHUNKS && done.flows.len() > 1)
+        {
             if let Some(old) = done.flows.pop_front() {
                 done.chunks -= old.chunks.len();
             }
@@ -156,7 +172,13 @@ impl FlowRecorder {
     }
 
     pub fn flows(&self) -> Vec<FlowRecord> {
-        self.done.lock().unwrap_or_else(|e| e.into_inner()).flows.iter().cloned().collect()
+        self.done
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .flows
+            .iter()
+            .cloned()
+            .collect()
     }
 
     pub fn clear(&self) {
@@ -192,10 +214,21 @@ impl FlowHandle {
     pub fn observer(&self, direction: &'static str) -> ChunkObserver {
         let handle = self.clone();
         Arc::new(move |size, short, at: Instant| {
-            let t = at.saturating_duration_since(handle.inner.recorder.epoch).as_secs_f64();
-            let mut r = handle.inner.record.lock().unwrap_or_else(|e| e.into_inner());
+            let t = at
+                .saturating_duration_since(handle.inner.recorder.epoch)
+                .as_secs_f64();
+            let mut r = handle
+                .inner
+                .record
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             if r.chunks.len() < MAX_CHUNKS_PER_FLOW {
-                r.chunks.push(ChunkEvent { direction, size, t, short });
+                r.chunks.push(ChunkEvent {
+                    direction,
+                    size,
+                    t,
+                    short,
+                });
             } else {
                 r.dropped_chunks += 1;
             }
@@ -213,7 +246,10 @@ mod tests {
     use super::*;
 
     fn flow(recorder: &Arc<FlowRecorder>, id: &str, chunks: usize) {
-        let f = recorder.begin(FlowRecord { id: id.into(), ..Default::default() });
+        let f = recorder.begin(FlowRecord {
+            id: id.into(),
+            ..Default::default()
+        });
         let observe = f.observer("up");
         for _ in 0..chunks {
             observe(10, None, Instant::now());
@@ -228,7 +264,10 @@ mod tests {
         }
         let ids: Vec<String> = recorder.flows().into_iter().map(|f| f.id).collect();
         assert_eq!(ids, ["2", "3", "4"]);
-        assert!(recorder.flows().iter().all(|f| f.end.is_some() && f.chunks.len() == 2));
+        assert!(recorder
+            .flows()
+            .iter()
+            .all(|f| f.end.is_some() && f.chunks.len() == 2));
 
         // The chunk budget lets old flows go before the flow count does.
         let recorder = Arc::new(FlowRecorder::new(1000, None).unwrap());

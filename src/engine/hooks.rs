@@ -173,14 +173,24 @@ impl Default for HookWaits {
 
 impl HookWaits {
     pub fn new(poll_budget: Duration) -> Self {
-        HookWaits { in_progress: AtomicUsize::new(0), poll_budget }
+        HookWaits {
+            in_progress: AtomicUsize::new(0),
+            poll_budget,
+        }
     }
 
     /// Starts a wait; it counts as in progress until the returned guard is dropped.
     pub fn begin(&self) -> HookWait<'_> {
         let others = self.in_progress.fetch_add(1, Ordering::AcqRel);
-        let budget = if others == 0 { self.poll_budget } else { Duration::ZERO };
-        HookWait { waits: self, budget }
+        let budget = if others == 0 {
+            self.poll_budget
+        } else {
+            Duration::ZERO
+        };
+        HookWait {
+            waits: self,
+            budget,
+        }
     }
 
     /// Waits in progress right now.
@@ -230,7 +240,10 @@ impl HookWait<'_> {
     }
 
     /// The next command on `commands` (None: the handler went away), polled first when alone.
-    pub async fn command(&self, commands: &mut mpsc::UnboundedReceiver<HandlerCommand>) -> Option<HandlerCommand> {
+    pub async fn command(
+        &self,
+        commands: &mut mpsc::UnboundedReceiver<HandlerCommand>,
+    ) -> Option<HandlerCommand> {
         let early = self
             .early(|| match commands.try_recv() {
                 Ok(command) => Some(Some(command)),
@@ -291,7 +304,10 @@ mod tests {
         let (tx, mut commands) = mpsc::unbounded_channel();
         tx.send(HandlerCommand::Finish).unwrap();
         drop(tx);
-        assert!(matches!(first.command(&mut commands).await, Some(HandlerCommand::Finish)));
+        assert!(matches!(
+            first.command(&mut commands).await,
+            Some(HandlerCommand::Finish)
+        ));
         assert!(first.command(&mut commands).await.is_none());
         drop(first);
         assert_eq!(waits.in_progress(), 0);

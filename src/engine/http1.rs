@@ -23,7 +23,10 @@ pub struct Header {
 
 impl Header {
     pub fn new(name: impl Into<String>, value: impl Into<Bytes>) -> Self {
-        Header { name: name.into(), value: value.into() }
+        Header {
+            name: name.into(),
+            value: value.into(),
+        }
     }
     pub fn value_str(&self) -> &str {
         std::str::from_utf8(&self.value).unwrap_or("")
@@ -36,10 +39,16 @@ pub struct Headers(pub Vec<Header>);
 
 impl Headers {
     pub fn get(&self, name: &str) -> Option<&str> {
-        self.0.iter().find(|h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value_str())
+        self.0
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value_str())
     }
     pub fn get_all<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
-        self.0.iter().filter(move |h| h.name.eq_ignore_ascii_case(name)).map(|h| h.value_str())
+        self.0
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .map(|h| h.value_str())
     }
     pub fn contains(&self, name: &str) -> bool {
         self.0.iter().any(|h| h.name.eq_ignore_ascii_case(name))
@@ -49,7 +58,11 @@ impl Headers {
     }
     pub fn set(&mut self, name: &str, value: impl Into<Bytes>) {
         let value = value.into();
-        match self.0.iter().position(|h| h.name.eq_ignore_ascii_case(name)) {
+        match self
+            .0
+            .iter()
+            .position(|h| h.name.eq_ignore_ascii_case(name))
+        {
             Some(i) => {
                 self.0[i].value = value;
                 let mut seen = 0;
@@ -70,7 +83,9 @@ impl Headers {
     }
     /// Whether a comma-separated header (e.g. Connection) lists `token`.
     pub fn has_token(&self, name: &str, token: &str) -> bool {
-        self.get_all(name).flat_map(|v| v.split(',')).any(|t| t.trim().eq_ignore_ascii_case(token))
+        self.get_all(name)
+            .flat_map(|v| v.split(','))
+            .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
     fn write_to(&self, out: &mut Vec<u8>) {
         for h in &self.0 {
@@ -105,7 +120,11 @@ impl RequestHead {
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.target.as_bytes());
-        out.extend_from_slice(if self.version == 0 { b" HTTP/1.0\r\n" } else { b" HTTP/1.1\r\n" });
+        out.extend_from_slice(if self.version == 0 {
+            b" HTTP/1.0\r\n"
+        } else {
+            b" HTTP/1.1\r\n"
+        });
         self.headers.write_to(&mut out);
         out.extend_from_slice(b"\r\n");
         out
@@ -125,7 +144,13 @@ impl RequestHead {
 impl ResponseHead {
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(format!("HTTP/1.{} {} {}\r\n", self.version, self.status, self.reason).as_bytes());
+        out.extend_from_slice(
+            format!(
+                "HTTP/1.{} {} {}\r\n",
+                self.version, self.status, self.reason
+            )
+            .as_bytes(),
+        );
         self.headers.write_to(&mut out);
         out.extend_from_slice(b"\r\n");
         out
@@ -170,7 +195,10 @@ pub struct BufStream<S> {
 
 impl<S: AsyncRead + Unpin> BufStream<S> {
     pub fn new(io: S) -> Self {
-        BufStream { io, buf: BytesMut::with_capacity(HEAD_CHUNK) }
+        BufStream {
+            io,
+            buf: BytesMut::with_capacity(HEAD_CHUNK),
+        }
     }
 
     /// Reads more bytes into the buffer; returns how many (0 at end of stream).
@@ -199,7 +227,9 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
             // The limit holds however the head arrived: in one read or in many.
             let end = find_head_end(&self.buf, scanned);
             if end.unwrap_or(self.buf.len()) > limit {
-                return Err(HttpError::TooLarge(format!("header section larger than {limit} bytes")));
+                return Err(HttpError::TooLarge(format!(
+                    "header section larger than {limit} bytes"
+                )));
             }
             if let Some(pos) = end {
                 return Ok(pos);
@@ -247,7 +277,10 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
                 return Err(invalid("chunked body: line too long"));
             }
             if self.fill().await? == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunked body"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "connection closed inside a chunked body",
+                ));
             }
         }
     }
@@ -255,10 +288,17 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
 
 fn find_head_end(buf: &[u8], from: usize) -> Option<usize> {
     let start = from.min(buf.len());
-    buf[start..].windows(4).position(|w| w == b"\r\n\r\n").map(|p| start + p + 4).or_else(|| {
-        // Bare LF line endings, which httparse accepts too.
-        buf[start..].windows(2).position(|w| w == b"\n\n").map(|p| start + p + 2)
-    })
+    buf[start..]
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| start + p + 4)
+        .or_else(|| {
+            // Bare LF line endings, which httparse accepts too.
+            buf[start..]
+                .windows(2)
+                .position(|w| w == b"\n\n")
+                .map(|p| start + p + 2)
+        })
 }
 
 fn invalid(msg: &str) -> io::Error {
@@ -268,7 +308,10 @@ fn invalid(msg: &str) -> io::Error {
 fn convert_headers(raw: &[httparse::Header<'_>], head: &Bytes) -> Headers {
     Headers(
         raw.iter()
-            .map(|h| Header { name: h.name.to_string(), value: head.slice_ref(h.value) })
+            .map(|h| Header {
+                name: h.name.to_string(),
+                value: head.slice_ref(h.value),
+            })
             .collect(),
     )
 }
@@ -284,14 +327,20 @@ fn is_tchar(b: u8) -> bool {
 /// 5.1), and, in requests, a method or field name that is not a token.
 fn check_head_bytes(head: &[u8], request: bool) -> Result<(), String> {
     if let Some(i) = head.iter().position(|&b| b == 0) {
-        return Err(format!("NUL byte at offset {i} of the message head (RFC 9110 section 5.5)"));
+        return Err(format!(
+            "NUL byte at offset {i} of the message head (RFC 9110 section 5.5)"
+        ));
     }
     for (i, &b) in head.iter().enumerate() {
         if b == b'\r' && head.get(i + 1) != Some(&b'\n') {
-            return Err(format!("bare CR at offset {i} of the message head (RFC 9112 section 2.2)"));
+            return Err(format!(
+                "bare CR at offset {i} of the message head (RFC 9112 section 2.2)"
+            ));
         }
     }
-    let mut lines = head.split(|&b| b == b'\n').map(|l| l.strip_suffix(b"\r").unwrap_or(l));
+    let mut lines = head
+        .split(|&b| b == b'\n')
+        .map(|l| l.strip_suffix(b"\r").unwrap_or(l));
     let start = lines.next().unwrap_or_default();
     if request {
         let method = start.split(|&b| b == b' ').next().unwrap_or_default();
@@ -307,10 +356,15 @@ fn check_head_bytes(head: &[u8], request: bool) -> Result<(), String> {
             break;
         }
         if line[0] == b' ' || line[0] == b'\t' {
-            return Err("obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)".into());
+            return Err(
+                "obs-fold: a header line starts with whitespace (RFC 9112 section 5.2)".into(),
+            );
         }
         let Some(colon) = line.iter().position(|&b| b == b':') else {
-            return Err(format!("header line without a colon: {:?} (RFC 9112 section 5)", String::from_utf8_lossy(line)));
+            return Err(format!(
+                "header line without a colon: {:?} (RFC 9112 section 5)",
+                String::from_utf8_lossy(line)
+            ));
         };
         let name = &line[..colon];
         if name.last().is_some_and(|&b| b == b' ' || b == b'\t') {
@@ -337,7 +391,9 @@ fn check_host(head: &RequestHead) -> Result<(), String> {
         0 if head.version == 1 && !head.method.eq_ignore_ascii_case("CONNECT") => {
             Err("HTTP/1.1 request without a Host header (RFC 9112 section 3.2)".into())
         }
-        n if n > 1 => Err(format!("{n} Host headers in one request (RFC 9112 section 3.2)")),
+        n if n > 1 => Err(format!(
+            "{n} Host headers in one request (RFC 9112 section 3.2)"
+        )),
         _ => {
             // uri-host [ ":" port ] (RFC 9110 section 7.2): no whitespace, userinfo, path...
             let value = head.headers.get("host").unwrap_or("");
@@ -345,7 +401,9 @@ fn check_host(head: &RequestHead) -> Result<(), String> {
             if value.bytes().all(ok) {
                 Ok(())
             } else {
-                Err(format!("invalid Host header {value:?} (RFC 9112 section 3.2)"))
+                Err(format!(
+                    "invalid Host header {value:?} (RFC 9112 section 3.2)"
+                ))
             }
         }
     }
@@ -357,9 +415,13 @@ fn parse_request(head: &Bytes) -> Result<RequestHead, HttpError> {
     let mut req = httparse::Request::new(&mut storage);
     match req.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(HttpError::Malformed("incomplete request head".into())),
+        Ok(httparse::Status::Partial) => {
+            return Err(HttpError::Malformed("incomplete request head".into()))
+        }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::TooLarge(format!("more than {MAX_HEADERS} header fields")))
+            return Err(HttpError::TooLarge(format!(
+                "more than {MAX_HEADERS} header fields"
+            )))
         }
         Err(e) => return Err(HttpError::Malformed(format!("invalid request head ({e})"))),
     }
@@ -379,9 +441,13 @@ fn parse_response(head: &Bytes) -> Result<ResponseHead, HttpError> {
     let mut res = httparse::Response::new(&mut storage);
     match res.parse(head) {
         Ok(httparse::Status::Complete(_)) => {}
-        Ok(httparse::Status::Partial) => return Err(HttpError::Malformed("incomplete response head".into())),
+        Ok(httparse::Status::Partial) => {
+            return Err(HttpError::Malformed("incomplete response head".into()))
+        }
         Err(httparse::Error::TooManyHeaders) => {
-            return Err(HttpError::TooLarge(format!("more than {MAX_HEADERS} header fields")))
+            return Err(HttpError::TooLarge(format!(
+                "more than {MAX_HEADERS} header fields"
+            )))
         }
         Err(e) => return Err(HttpError::Malformed(format!("invalid response head ({e})"))),
     }
@@ -409,15 +475,27 @@ pub fn request_body_kind(head: &RequestHead) -> Result<BodyKind, String> {
     let has_cl = head.headers.contains("content-length");
     if !te.is_empty() {
         if has_cl {
-            return Err("both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)".into());
+            return Err(
+                "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)"
+                    .into(),
+            );
         }
         if head.version == 0 {
-            return Err("Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)".into());
+            return Err(
+                "Transfer-Encoding is not allowed in an HTTP/1.0 request (RFC 9112 section 6.1)"
+                    .into(),
+            );
         }
-        let last = te.iter().flat_map(|v| v.split(',')).map(str::trim).filter(|t| !t.is_empty()).last();
+        let last = te
+            .iter()
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .rfind(|t| !t.is_empty());
         return match last {
             Some(t) if t.eq_ignore_ascii_case("chunked") => Ok(BodyKind::Chunked),
-            _ => Err("Transfer-Encoding of a request must end in chunked (RFC 9112 section 6.1)".into()),
+            _ => Err(
+                "Transfer-Encoding of a request must end in chunked (RFC 9112 section 6.1)".into(),
+            ),
         };
     }
     match content_length(&head.headers)? {
@@ -451,7 +529,10 @@ pub fn response_body_kind(request_method: &str, head: &ResponseHead) -> Result<B
     }
     if head.headers.contains("transfer-encoding") {
         if head.headers.contains("content-length") {
-            return Err("both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)".into());
+            return Err(
+                "both Transfer-Encoding and Content-Length are present (RFC 9112 section 6.1)"
+                    .into(),
+            );
         }
         if head.version == 0 {
             return Err("Transfer-Encoding in an HTTP/1.0 response (RFC 9112 section 6.1)".into());
@@ -476,9 +557,13 @@ fn content_length(headers: &Headers) -> Result<Option<u64>, String> {
         for part in value.split(',') {
             let part = part.trim();
             if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                return Err(format!("invalid Content-Length {value:?} (RFC 9110 section 8.6)"));
+                return Err(format!(
+                    "invalid Content-Length {value:?} (RFC 9110 section 8.6)"
+                ));
             }
-            let n: u64 = part.parse().map_err(|_| format!("invalid Content-Length {value:?} (RFC 9110 section 8.6)"))?;
+            let n: u64 = part
+                .parse()
+                .map_err(|_| format!("invalid Content-Length {value:?} (RFC 9110 section 8.6)"))?;
             if found.is_some_and(|f| f != n) {
                 return Err("conflicting Content-Length values (RFC 9112 section 6.3)".into());
             }
@@ -502,7 +587,11 @@ impl BodyReader {
             BodyKind::Length(n) => n,
             _ => 0,
         };
-        BodyReader { kind, remaining, done: kind == BodyKind::Empty }
+        BodyReader {
+            kind,
+            remaining,
+            done: kind == BodyKind::Empty,
+        }
     }
 
     pub fn is_done(&self) -> bool {
@@ -510,7 +599,10 @@ impl BodyReader {
     }
 
     /// The next piece of content, or None at the end of the body.
-    pub async fn next<S: AsyncRead + Unpin>(&mut self, src: &mut BufStream<S>) -> io::Result<Option<Bytes>> {
+    pub async fn next<S: AsyncRead + Unpin>(
+        &mut self,
+        src: &mut BufStream<S>,
+    ) -> io::Result<Option<Bytes>> {
         if self.done {
             return Ok(None);
         }
@@ -525,7 +617,10 @@ impl BodyReader {
                 if data.is_empty() {
                     return Err(io::Error::new(
                         io::ErrorKind::UnexpectedEof,
-                        format!("connection closed with {} body bytes still expected", self.remaining),
+                        format!(
+                            "connection closed with {} body bytes still expected",
+                            self.remaining
+                        ),
                     ));
                 }
                 self.remaining -= data.len() as u64;
@@ -547,7 +642,10 @@ impl BodyReader {
                     let want = self.remaining.min(READ_CHUNK as u64) as usize;
                     let data = src.read_some(want).await?;
                     if data.is_empty() {
-                        return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed inside a chunk"));
+                        return Err(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "connection closed inside a chunk",
+                        ));
                     }
                     self.remaining -= data.len() as u64;
                     if self.remaining == 0 {
@@ -582,10 +680,14 @@ impl BodyReader {
 /// 7.1 and 2.2): a bare CR or LF there is how smuggled requests hide.
 fn check_chunk_line(line: &[u8], what: &str) -> io::Result<()> {
     let body = line.strip_suffix(b"\r\n").ok_or_else(|| {
-        invalid(&format!("chunked body: {what} line does not end in CRLF (RFC 9112 section 7.1)"))
+        invalid(&format!(
+            "chunked body: {what} line does not end in CRLF (RFC 9112 section 7.1)"
+        ))
     })?;
     if body.iter().any(|&b| b == b'\r' || b == b'\n' || b == 0) {
-        return Err(invalid(&format!("chunked body: bare CR, LF or NUL in a {what} line (RFC 9112 section 7.1)")));
+        return Err(invalid(&format!(
+            "chunked body: bare CR, LF or NUL in a {what} line (RFC 9112 section 7.1)"
+        )));
     }
     Ok(())
 }
@@ -597,14 +699,20 @@ fn parse_chunk_size(line: &[u8]) -> io::Result<u64> {
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
     let (size, rest) = line.split_at(digits);
     if size.is_empty() {
-        return Err(invalid("chunked body: chunk size is not a hex number (RFC 9112 section 7.1)"));
+        return Err(invalid(
+            "chunked body: chunk size is not a hex number (RFC 9112 section 7.1)",
+        ));
     }
     let ext = rest.trim_ascii_start();
     if !ext.is_empty() && ext[0] != b';' {
-        return Err(invalid("chunked body: chunk size is not a hex number (RFC 9112 section 7.1)"));
+        return Err(invalid(
+            "chunked body: chunk size is not a hex number (RFC 9112 section 7.1)",
+        ));
     }
     if ext.iter().any(|&b| b < 0x20 && b != b'\t' || b == 0x7f) {
-        return Err(invalid("chunked body: control character in a chunk extension (RFC 9112 section 7.1.1)"));
+        return Err(invalid(
+            "chunked body: control character in a chunk extension (RFC 9112 section 7.1.1)",
+        ));
     }
     let text = std::str::from_utf8(size).expect("hex digits are ASCII");
     u64::from_str_radix(text, 16)
@@ -624,7 +732,11 @@ impl BodyWriter {
         BodyWriter { kind }
     }
 
-    pub async fn write<W: AsyncWrite + Unpin>(&mut self, dst: &mut W, data: &[u8]) -> io::Result<()> {
+    pub async fn write<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        data: &[u8],
+    ) -> io::Result<()> {
         if data.is_empty() {
             return Ok(());
         }
@@ -697,7 +809,9 @@ impl RawResponse {
     }
 
     pub fn reusable(&self, request_method: &str) -> bool {
-        let Some(head) = self.parsed.as_ref().filter(|_| !self.broken) else { return false };
+        let Some(head) = self.parsed.as_ref().filter(|_| !self.broken) else {
+            return false;
+        };
         if head.version != 1 || head.headers.has_token("connection", "close") {
             return false;
         }
@@ -722,10 +836,16 @@ pub fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
         let n = h.name.to_ascii_lowercase();
         let hop = matches!(
             n.as_str(),
-            "connection" | "proxy-connection" | "keep-alive" | "proxy-authorization" | "te" | "trailer"
+            "connection"
+                | "proxy-connection"
+                | "keep-alive"
+                | "proxy-authorization"
+                | "te"
+                | "trailer"
                 | "transfer-encoding"
-        ) || (n == "upgrade" && !keep_upgrade)
-            || (named.contains(&n) && !(keep_upgrade && n == "upgrade"));
+        ) || n == "upgrade"
+            || named.contains(&n);
+        let hop = hop && !(keep_upgrade && n == "upgrade");
         !hop
     });
 }
@@ -753,7 +873,11 @@ mod tests {
 
     #[tokio::test]
     async fn parses_absolute_form_request() {
-        let h = parse_req(b"GET http://a.test:81/x?y=1 HTTP/1.1\r\nHost: a.test:81\r\nX-A: 1\r\nx-a: 2\r\n\r\n").await.unwrap();
+        let h = parse_req(
+            b"GET http://a.test:81/x?y=1 HTTP/1.1\r\nHost: a.test:81\r\nX-A: 1\r\nx-a: 2\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert_eq!(h.method, "GET");
         assert_eq!(h.target, "http://a.test:81/x?y=1");
         assert_eq!(h.headers.get_all("X-A").collect::<Vec<_>>(), vec!["1", "2"]);
@@ -761,15 +885,24 @@ mod tests {
 
     #[tokio::test]
     async fn rejects_garbage_and_oversized_heads() {
-        assert!(matches!(parse_req(b"NOT HTTP\r\n\r\n").await, Err(HttpError::Malformed(_))));
+        assert!(matches!(
+            parse_req(b"NOT HTTP\r\n\r\n").await,
+            Err(HttpError::Malformed(_))
+        ));
         let big = format!("GET http://a/ HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(10000));
-        assert!(matches!(parse_req(big.as_bytes()).await, Err(HttpError::TooLarge(_))));
+        assert!(matches!(
+            parse_req(big.as_bytes()).await,
+            Err(HttpError::TooLarge(_))
+        ));
         // A complete head over the limit is refused even when it arrived in a single read.
         let mut s = BufStream::new(big.as_bytes());
         while s.buf.len() < big.len() {
             assert!(s.fill().await.unwrap() > 0);
         }
-        assert!(matches!(s.read_request_head(8192).await, Err(HttpError::TooLarge(_))));
+        assert!(matches!(
+            s.read_request_head(8192).await,
+            Err(HttpError::TooLarge(_))
+        ));
         assert!(matches!(parse_req(b"").await, Err(HttpError::Closed)));
     }
 
@@ -777,9 +910,15 @@ mod tests {
     async fn smuggling_framings_are_rejected() {
         let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n").await.unwrap();
         assert!(request_body_kind(&h).is_err());
-        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n").await.unwrap();
+        let h = parse_req(
+            b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+        )
+        .await
+        .unwrap();
         assert!(request_body_kind(&h).is_err());
-        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n").await.unwrap();
+        let h = parse_req(b"POST http://a/ HTTP/1.1\r\nHost: a\r\nContent-Length: 3, 3\r\n\r\n")
+            .await
+            .unwrap();
         assert_eq!(request_body_kind(&h).unwrap(), BodyKind::Length(3));
     }
 
@@ -787,40 +926,94 @@ mod tests {
     #[tokio::test]
     async fn strict_request_heads() {
         let cases: &[(&[u8], &str)] = &[
-            (b"GET http://a/ HTTP/1.1\r\nAccept: */*\r\n\r\n", "without a Host header"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", "2 Host headers"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n", "obs-fold"),
+            (
+                b"GET http://a/ HTTP/1.1\r\nAccept: */*\r\n\r\n",
+                "without a Host header",
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+                "2 Host headers",
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\r\n  folded\r\n\r\n",
+                "obs-fold",
+            ),
             (b"GET http://a/ HTTP/1.1\r\nHost : a\r\n\r\n", "section 5.1"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\rY: 2\r\n\r\n", "bare CR"),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: 1\rY: 2\r\n\r\n",
+                "bare CR",
+            ),
             (b"GET http://a/ HTTP/1.1\rHost: a\r\n\r\n", "bare CR"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", "NUL"),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n",
+                "NUL",
+            ),
             (b"G(T http://a/ HTTP/1.1\r\nHost: a\r\n\r\n", "not a token"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX@Y: 1\r\n\r\n", "not a token"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n", "not a token"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: a b\r\n\r\n", "invalid Host header"),
-            (b"GET http://a/ HTTP/1.1\r\nHost: user@a\r\n\r\n", "invalid Host header"),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX@Y: 1\r\n\r\n",
+                "not a token",
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a\r\n: 1\r\n\r\n",
+                "not a token",
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: a b\r\n\r\n",
+                "invalid Host header",
+            ),
+            (
+                b"GET http://a/ HTTP/1.1\r\nHost: user@a\r\n\r\n",
+                "invalid Host header",
+            ),
         ];
         for (raw, why) in cases {
             match parse_req(raw).await {
-                Err(HttpError::Malformed(m)) => assert!(m.contains(why), "{m:?} should name {why:?}"),
-                other => panic!("{:?} accepted or misread: {other:?}", String::from_utf8_lossy(raw)),
+                Err(HttpError::Malformed(m)) => {
+                    assert!(m.contains(why), "{m:?} should name {why:?}")
+                }
+                other => panic!(
+                    "{:?} accepted or misread: {other:?}",
+                    String::from_utf8_lossy(raw)
+                ),
             }
         }
         // HTTP/1.0 may omit Host; CONNECT is tolerated without one.
         assert!(parse_req(b"GET http://a/ HTTP/1.0\r\n\r\n").await.is_ok());
         assert!(parse_req(b"CONNECT a:443 HTTP/1.1\r\n\r\n").await.is_ok());
-        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Y_z~: 1\r\n\r\n").await.is_ok());
-        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n").await.is_ok());
-        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost:\r\n\r\n").await.is_ok());
+        assert!(
+            parse_req(b"GET http://a/ HTTP/1.1\r\nHost: a\r\nX-Y_z~: 1\r\n\r\n")
+                .await
+                .is_ok()
+        );
+        assert!(
+            parse_req(b"GET http://a/ HTTP/1.1\r\nHost: [::1]:8080\r\n\r\n")
+                .await
+                .is_ok()
+        );
+        assert!(parse_req(b"GET http://a/ HTTP/1.1\r\nHost:\r\n\r\n")
+            .await
+            .is_ok());
     }
 
     #[test]
     fn strict_response_framing() {
-        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
+        let mut r = ResponseHead {
+            version: 1,
+            status: 200,
+            reason: "OK".into(),
+            headers: Headers::default(),
+        };
         r.headers.push("Content-Length", "3");
         r.headers.push("Transfer-Encoding", "chunked");
-        assert!(response_body_kind("GET", &r).unwrap_err().contains("section 6.1"));
-        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
+        assert!(response_body_kind("GET", &r)
+            .unwrap_err()
+            .contains("section 6.1"));
+        let mut r = ResponseHead {
+            version: 1,
+            status: 200,
+            reason: "OK".into(),
+            headers: Headers::default(),
+        };
         r.headers.push("Content-Length", "3");
         r.headers.push("Content-Length", "4");
         assert!(response_body_kind("GET", &r).is_err());
@@ -909,7 +1102,13 @@ mod tests {
     #[test]
     fn hop_by_hop_headers_are_removed() {
         let mut h = Headers::default();
-        for (n, v) in [("Connection", "close, X-Secret"), ("X-Secret", "1"), ("Keep-Alive", "5"), ("Proxy-Authorization", "x"), ("Accept", "*/*")] {
+        for (n, v) in [
+            ("Connection", "close, X-Secret"),
+            ("X-Secret", "1"),
+            ("Keep-Alive", "5"),
+            ("Proxy-Authorization", "x"),
+            ("Accept", "*/*"),
+        ] {
             h.push(n, v.as_bytes().to_vec());
         }
         strip_hop_by_hop(&mut h, false);
@@ -919,8 +1118,16 @@ mod tests {
 
     #[test]
     fn response_framing_follows_rfc() {
-        let mut r = ResponseHead { version: 1, status: 200, reason: "OK".into(), headers: Headers::default() };
-        assert_eq!(response_body_kind("GET", &r).unwrap(), BodyKind::CloseDelimited);
+        let mut r = ResponseHead {
+            version: 1,
+            status: 200,
+            reason: "OK".into(),
+            headers: Headers::default(),
+        };
+        assert_eq!(
+            response_body_kind("GET", &r).unwrap(),
+            BodyKind::CloseDelimited
+        );
         assert_eq!(response_body_kind("HEAD", &r).unwrap(), BodyKind::Empty);
         r.headers.push("Content-Length", "10");
         assert_eq!(response_body_kind("GET", &r).unwrap(), BodyKind::Length(10));

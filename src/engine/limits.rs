@@ -11,19 +11,26 @@
 pub fn raise_open_files() -> Option<(u64, u64)> {
     #[cfg(unix)]
     {
-        let mut lim = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
         // SAFETY: getrlimit/setrlimit write to / read from a valid rlimit struct we own.
         unsafe {
             if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
                 return None;
             }
             if lim.rlim_cur < lim.rlim_max {
-                let raised = libc::rlimit { rlim_cur: lim.rlim_max, rlim_max: lim.rlim_max };
+                let raised = libc::rlimit {
+                    rlim_cur: lim.rlim_max,
+                    rlim_max: lim.rlim_max,
+                };
                 if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
                     lim.rlim_cur = lim.rlim_max;
                 }
             }
         }
+        #[allow(clippy::unnecessary_cast)] // rlim_t is not u64 on every unix
         Some((lim.rlim_cur as u64, lim.rlim_max as u64))
     }
     #[cfg(not(unix))]

@@ -7,11 +7,13 @@ pub mod config;
 pub mod connect;
 pub mod connector;
 pub mod dns;
+#[cfg(test)]
+mod e2e_tests;
 pub mod flows;
 pub mod hooks;
-pub mod memory;
 pub mod http1;
 pub mod limits;
+pub mod memory;
 pub mod pool;
 pub mod proxy;
 pub mod rules;
@@ -21,7 +23,6 @@ pub mod server;
 pub mod timer;
 pub mod tls;
 pub mod tunnel;
-#[cfg(test)] mod e2e_tests;
 
 pub use config::EngineConfig;
 pub use server::{Engine, EngineParts, ProxyServer};

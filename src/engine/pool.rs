@@ -22,7 +22,11 @@ pub struct Pool {
 
 impl Pool {
     pub fn new(idle_timeout: Duration, max_per_key: usize) -> Self {
-        Pool { idle: Mutex::new(HashMap::new()), idle_timeout, max_per_key }
+        Pool {
+            idle: Mutex::new(HashMap::new()),
+            idle_timeout,
+            max_per_key,
+        }
     }
 
     /// The most recently used live connection for `key`, if any.
@@ -38,7 +42,10 @@ impl Pool {
                 }
                 item?
             };
-            if now.duration_since(since) < self.idle_timeout && conn.buf.is_empty() && still_open(&mut conn) {
+            if now.duration_since(since) < self.idle_timeout
+                && conn.buf.is_empty()
+                && still_open(&mut conn)
+            {
                 return Some(conn);
             }
         }
@@ -79,5 +86,8 @@ fn still_open(conn: &mut OriginConn) -> bool {
     let mut scratch = [0u8; 1];
     let mut buf = ReadBuf::new(&mut scratch);
     let mut cx = Context::from_waker(Waker::noop());
-    matches!(Pin::new(&mut conn.io).poll_read(&mut cx, &mut buf), Poll::Pending)
+    matches!(
+        Pin::new(&mut conn.io).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
 }

@@ -9,22 +9,25 @@ use std::time::Instant;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
 
-use super::auth::{self, Verdict};
 use super::access::{now_epoch, AccessRecord, Outcome, PendingRecord};
+use super::auth::{self, Verdict};
 use super::connector::{authority, ConnectError, Io, Rewind, Route, UpstreamHop};
 use super::flows::{FlowHandle, FlowRecord};
-use super::hooks::{ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
-use super::rules::{Action, Decision, Scheme};
-use super::segment::{read_flushing, Carry, ChunkObserver, SegmentPolicy, Segmented};
-use super::tunnel::SEGMENTING_BUFFER;
-use super::tls;
+use super::hooks::{
+    ConnectionHandler, ConnectionMeta, ForwardOrder, HandlerCommand, Reply, RequestParts,
+    ResponseParts,
+};
 use super::http1::{
-    chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BodyWriter, BufStream, HttpError,
-    RawResponse, RequestHead, ResponseHead,
+    chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind,
+    BodyReader, BodyWriter, BufStream, HttpError, RawResponse, RequestHead, ResponseHead,
 };
 use super::pool::OriginConn;
+use super::rules::{Action, Decision, Scheme};
+use super::segment::{read_flushing, Carry, ChunkObserver, SegmentPolicy, Segmented};
 use super::server::Engine;
+use super::tls;
 use super::tunnel::pump;
+use super::tunnel::SEGMENTING_BUFFER;
 
 /// Where requests on a connection come from, which fixes how their targets are read.
 #[derive(Clone, Debug)]
@@ -34,7 +37,12 @@ pub enum Mode {
     /// Requests inside an intercepted CONNECT: origin-form targets for this destination.
     /// `up_policy` segments the encrypted bytes of new origin connections;
     /// `down_segmenting` says whether the client's encrypted bytes are segmented below TLS.
-    Intercepted { host: String, port: u16, up_policy: SegmentPolicy, down_segmenting: bool },
+    Intercepted {
+        host: String,
+        port: u16,
+        up_policy: SegmentPolicy,
+        down_segmenting: bool,
+    },
 }
 
 /// Per-connection facts shared by its exchanges.
@@ -69,7 +77,10 @@ impl Target {
     pub fn host_header(&self) -> String {
         let default = if self.scheme == "https" { 443 } else { 80 };
         if self.port == default {
-            authority(&self.host, self.port).rsplit_once(':').map(|(h, _)| h.to_string()).unwrap_or_default()
+            authority(&self.host, self.port)
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .unwrap_or_default()
         } else {
             self.authority()
         }
@@ -102,11 +113,19 @@ pub fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String,
             None => (auth.to_string(), None),
         }
     };
-    if host.is_empty() || host.bytes().any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'?' || b == b'#') {
+    if host.is_empty()
+        || host
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'?' || b == b'#')
+    {
         return Err(format!("bad host {host:?}"));
     }
     let port = match port {
-        Some(p) => p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(|| format!("bad port {p:?}"))?,
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("bad port {p:?}"))?,
         None => default_port.ok_or("a port is required")?,
     };
     Ok((host.to_ascii_lowercase(), port))
@@ -132,7 +151,12 @@ pub fn parse_absolute(target: &str) -> Result<Target, String> {
     } else {
         path.to_string()
     };
-    Ok(Target { scheme, host, port, path })
+    Ok(Target {
+        scheme,
+        host,
+        port,
+        path,
+    })
 }
 
 /// The standard reason phrases (RFC 9110 and the registered extensions a proxy may send).
@@ -190,7 +214,12 @@ pub fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// Writes a short plain-text response made by the proxy itself.
-pub async fn send_error<W: AsyncWrite + Unpin>(client: &mut W, status: u16, message: &str, keep_alive: bool) -> io::Result<()> {
+pub async fn send_error<W: AsyncWrite + Unpin>(
+    client: &mut W,
+    status: u16,
+    message: &str,
+    keep_alive: bool,
+) -> io::Result<()> {
     send_error_with(client, status, message, keep_alive, "").await
 }
 
@@ -225,14 +254,25 @@ pub struct ConnState {
 
 impl ConnState {
     pub fn new(id: u64, peer: SocketAddr) -> Self {
-        ConnState { info: ConnInfo { id, peer, exchanges: 0 }, handler: None, local: None }
+        ConnState {
+            info: ConnInfo {
+                id,
+                peer,
+                exchanges: 0,
+            },
+            handler: None,
+            local: None,
+        }
     }
 
     /// The connection's handler, created when a hook first applies.
     pub fn handler(&mut self, engine: &Engine) -> Option<&dyn ConnectionHandler> {
         let user = engine.handler.as_ref()?;
         if self.handler.is_none() {
-            self.handler = Some(user.open(ConnectionMeta { id: self.info.id, client: self.info.peer }));
+            self.handler = Some(user.open(ConnectionMeta {
+                id: self.info.id,
+                client: self.info.peer,
+            }));
         }
         self.handler.as_deref()
     }
@@ -261,8 +301,13 @@ pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketA
     conn.local = stream.local_addr().ok();
     let client = BufStream::new(stream);
     // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
-    if let Some((head, client)) = Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await {
-        Box::pin(super::connect::handle_connect(engine, client, head, &mut conn)).await;
+    if let Some((head, client)) =
+        Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await
+    {
+        Box::pin(super::connect::handle_connect(
+            engine, client, head, &mut conn,
+        ))
+        .await;
     }
 }
 
@@ -300,10 +345,26 @@ pub async fn serve_http<C: Io>(
             answer_foreign(engine, &mut client, conn, foreign).await;
             return None;
         }
-        let head = match tokio::time::timeout(cfg.header_timeout, client.read_request_head(cfg.max_header_bytes)).await {
+        let head = match tokio::time::timeout(
+            cfg.header_timeout,
+            client.read_request_head(cfg.max_header_bytes),
+        )
+        .await
+        {
             Err(_) => {
-                let _ = send_error(&mut client.io, 408, "request head not received in time", false).await;
-                log_refusal(engine, &mut conn.info, 408, "request head not received in time");
+                let _ = send_error(
+                    &mut client.io,
+                    408,
+                    "request head not received in time",
+                    false,
+                )
+                .await;
+                log_refusal(
+                    engine,
+                    &mut conn.info,
+                    408,
+                    "request head not received in time",
+                );
                 return None;
             }
             Ok(Err(HttpError::Closed)) | Ok(Err(HttpError::Io(_))) => return None,
@@ -322,18 +383,26 @@ pub async fn serve_http<C: Io>(
         // Client authentication, for every request a client sends the proxy itself (inside an
         // intercepted CONNECT, the CONNECT was authenticated).
         let head = match mode {
-            Mode::Proxy if cfg.proxy_auth.is_enabled() || engine.hooks.authenticate => match authenticate(engine, &mut client, conn, head).await {
-                Ok(head) => head,
-                Err(Next::KeepAlive) => continue,
-                Err(Next::Close) => return None,
-            },
+            Mode::Proxy if cfg.proxy_auth.is_enabled() || engine.hooks.authenticate => {
+                match authenticate(engine, &mut client, conn, head).await {
+                    Ok(head) => head,
+                    Err(Next::KeepAlive) => continue,
+                    Err(Next::Close) => return None,
+                }
+            }
             _ => head,
         };
         if head.method.eq_ignore_ascii_case("CONNECT") {
             if matches!(mode, Mode::Proxy) {
                 return Some((head, client));
             }
-            let _ = send_error(&mut client.io, 400, "CONNECT inside an intercepted connection is not supported", false).await;
+            let _ = send_error(
+                &mut client.io,
+                400,
+                "CONNECT inside an intercepted connection is not supported",
+                false,
+            )
+            .await;
             return None;
         }
         // Boxed: between requests a kept-alive connection holds only this loop's state.
@@ -350,15 +419,27 @@ pub async fn serve_http<C: Io>(
 /// Checks a request's Proxy-Authorization: the request without that header when accepted;
 /// else a 407 with the challenge is sent. The connection stays open for the client's retry
 /// when the request had no body and the client keeps alive; otherwise it is shut down.
-async fn authenticate<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &mut ConnState, mut head: RequestHead) -> Result<RequestHead, Next> {
+async fn authenticate<C: Io>(
+    engine: &Engine,
+    client: &mut BufStream<C>,
+    conn: &mut ConnState,
+    mut head: RequestHead,
+) -> Result<RequestHead, Next> {
     let why = match engine.config.proxy_auth.check(&head.headers) {
         Verdict::Accepted => {
             head.headers.remove("proxy-authorization");
             return Ok(head);
         }
-        Verdict::Missing => "proxy authentication required: send Basic credentials on Proxy-Authorization",
-        Verdict::Other { scheme, credentials } if engine.hooks.authenticate => {
-            let handler = conn.handler(engine).expect("a handler exists when hooks are set");
+        Verdict::Missing => {
+            "proxy authentication required: send Basic credentials on Proxy-Authorization"
+        }
+        Verdict::Other {
+            scheme,
+            credentials,
+        } if engine.hooks.authenticate => {
+            let handler = conn
+                .handler(engine)
+                .expect("a handler exists when hooks are set");
             let mut reply = handler.authenticate(scheme, credentials);
             let wait = engine.hook_waits.begin();
             match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
@@ -368,13 +449,17 @@ async fn authenticate<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &
                 }
                 Ok(Some(Ok(false))) => "proxy credentials not accepted",
                 // A hook that fails or hangs lets nobody in (its exception went to on_error).
-                Err(_) => "proxy credentials not accepted (hook on_authenticate did not return in time)",
+                Err(_) => {
+                    "proxy credentials not accepted (hook on_authenticate did not return in time)"
+                }
                 Ok(_) => "proxy credentials not accepted (hook on_authenticate failed)",
             }
         }
         Verdict::Rejected | Verdict::Other { .. } => "proxy credentials not accepted",
     };
-    let keep = head.wants_keep_alive() && matches!(request_body_kind(&head), Ok(BodyKind::Empty)) && !engine.is_draining();
+    let keep = head.wants_keep_alive()
+        && matches!(request_body_kind(&head), Ok(BodyKind::Empty))
+        && !engine.is_draining();
     let challenge = format!("Proxy-Authenticate: {}\r\n", auth::CHALLENGE);
     log_refusal(engine, &mut conn.info, 407, why);
     let sent = send_error_with(&mut client.io, 407, why, keep, &challenge).await;
@@ -416,8 +501,16 @@ pub fn sniff_foreign(buf: &[u8]) -> Option<Foreign> {
 /// Answers non-HTTP bytes the way their client can read: SOCKS with its own refusal, a TLS
 /// client by closing (it cannot read plain text), anything else with a 400 that names the
 /// proxy URL to use; and records it.
-async fn answer_foreign<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn: &mut ConnState, foreign: Foreign) {
-    let url = conn.local.map(|a| format!("http://{a}")).unwrap_or_else(|| "http://HOST:PORT".into());
+async fn answer_foreign<C: Io>(
+    engine: &Engine,
+    client: &mut BufStream<C>,
+    conn: &mut ConnState,
+    foreign: Foreign,
+) {
+    let url = conn
+        .local
+        .map(|a| format!("http://{a}"))
+        .unwrap_or_else(|| "http://HOST:PORT".into());
     let hint = format!("this is an HTTP proxy; set the client's proxy to {url}");
     let (status, why) = match foreign {
         Foreign::Tls => (0, format!("TLS handshake on the HTTP proxy port (the client is set to use an HTTPS proxy): {hint}")),
@@ -446,7 +539,11 @@ async fn answer_foreign<C: Io>(engine: &Engine, client: &mut BufStream<C>, conn:
 fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why: &str) {
     engine.access.record(AccessRecord {
         // Status 0: closed without an answer the client could read.
-        outcome: if status == 0 { Outcome::Rejected } else { Outcome::of_status(status) },
+        outcome: if status == 0 {
+            Outcome::Rejected
+        } else {
+            Outcome::of_status(status)
+        },
         id: info.next_id(),
         client: Some(info.peer),
         method: "-".into(),
@@ -475,18 +572,34 @@ fn request_target(head: &RequestHead, mode: &Mode) -> Result<Target, String> {
         Mode::Intercepted { host, port, .. } => {
             if head.target.contains("://") {
                 let t = parse_absolute(&head.target)?;
-                return Ok(Target { scheme: "https", ..t });
+                return Ok(Target {
+                    scheme: "https",
+                    ..t
+                });
             }
             if !head.target.starts_with('/') {
                 return Err(format!("bad request target {:?}", head.target));
             }
-            Ok(Target { scheme: "https", host: host.clone(), port: *port, path: head.target.clone() })
+            Ok(Target {
+                scheme: "https",
+                host: host.clone(),
+                port: *port,
+                path: head.target.clone(),
+            })
         }
     }
 }
 
 /// The rule decision for a flow, written into its access record.
-pub fn decide(engine: &Engine, method: &str, scheme: Scheme, host: &str, port: u16, path: &str, record: &mut AccessRecord) -> Decision {
+pub fn decide(
+    engine: &Engine,
+    method: &str,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+    path: &str,
+    record: &mut AccessRecord,
+) -> Decision {
     let decision = engine.rules.decide(method, scheme, host, port, path);
     record.host = host.to_string();
     record.port = port;
@@ -507,16 +620,30 @@ pub fn decide(engine: &Engine, method: &str, scheme: Scheme, host: &str, port: u
     record.policy = if decision.policy.is_passthrough() {
         "none".into()
     } else {
-        format!("{} dir={}", decision.policy.describe(), decision.direction.as_str())
+        format!(
+            "{} dir={}",
+            decision.policy.describe(),
+            decision.direction.as_str()
+        )
     };
     decision
 }
 
 /// SegmentedProxy's two debug lines for a decision (the rule, its score, the policy; then the
 /// explain line), with our request id as `rid`.
-fn log_decision(engine: &Engine, method: &str, host: &str, port: u16, path: &str, d: &Decision, rid: &str) {
+fn log_decision(
+    engine: &Engine,
+    method: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+    d: &Decision,
+    rid: &str,
+) {
     use crate::engine::segment::Strategy;
-    let rule = d.rule.map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
+    let rule = d
+        .rule
+        .map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
     let score = d.score.map_or(-1, i64::from);
     let strategy = match d.policy.strategy {
         Strategy::None => "none",
@@ -555,28 +682,55 @@ pub fn route_for(action: &Action) -> Route {
 }
 
 /// One plain (or intercepted) HTTP exchange: request out, response back, bodies streamed.
-async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: RequestHead, conn: &mut ConnState, mode: &Mode) -> Next {
+async fn forward<C: Io>(
+    engine: &Arc<Engine>,
+    client: &mut BufStream<C>,
+    head: RequestHead,
+    conn: &mut ConnState,
+    mode: &Mode,
+) -> Next {
     let started = Instant::now();
-    let mut record = PendingRecord::new(&engine.access, &engine.closing, AccessRecord {
-        id: conn.info.next_id(),
-        client: Some(conn.info.peer),
-        method: head.method.clone(),
-        target: head.target.clone(),
-        kind: if matches!(mode, Mode::Proxy) { "forward".into() } else { "intercept".into() },
-        action: "direct".into(),
-        policy: "none".into(),
-        started: now_epoch(),
-        ..Default::default()
-    });
+    let mut record = PendingRecord::new(
+        &engine.access,
+        &engine.closing,
+        AccessRecord {
+            id: conn.info.next_id(),
+            client: Some(conn.info.peer),
+            method: head.method.clone(),
+            target: head.target.clone(),
+            kind: if matches!(mode, Mode::Proxy) {
+                "forward".into()
+            } else {
+                "intercept".into()
+            },
+            action: "direct".into(),
+            policy: "none".into(),
+            started: now_epoch(),
+            ..Default::default()
+        },
+    );
     let flow = engine.flows.as_ref().map(|f| {
-        f.begin(FlowRecord { id: record.id.clone(), kind: record.kind.clone(), method: head.method.clone(), ..Default::default() })
+        f.begin(FlowRecord {
+            id: record.id.clone(),
+            kind: record.kind.clone(),
+            method: head.method.clone(),
+            ..Default::default()
+        })
     });
     if let Some(f) = &flow {
         record.attach_flow(f.clone());
     }
     // Intercepted flows record the encrypted chunks toward the origin (see `connect_origin`).
-    let wire_up = flow.as_ref().filter(|_| !matches!(mode, Mode::Proxy)).map(|f| f.observer("up"));
-    let outcome = ORIGIN_WIRE_UP.scope(wire_up, exchange(engine, client, head, mode, conn, &mut record, flow.as_ref())).await;
+    let wire_up = flow
+        .as_ref()
+        .filter(|_| !matches!(mode, Mode::Proxy))
+        .map(|f| f.observer("up"));
+    let outcome = ORIGIN_WIRE_UP
+        .scope(
+            wire_up,
+            exchange(engine, client, head, mode, conn, &mut record, flow.as_ref()),
+        )
+        .await;
     record.duration = started.elapsed();
     // The record is written before an error answer goes out, so whoever reads the answer
     // also finds its record.
@@ -611,7 +765,10 @@ async fn forward<C: Io>(engine: &Arc<Engine>, client: &mut BufStream<C>, head: R
     drop(flow);
     record.commit();
     if let Some((status, message, keep)) = answer {
-        if send_error(&mut client.io, status, &message, keep).await.is_err() {
+        if send_error(&mut client.io, status, &message, keep)
+            .await
+            .is_err()
+        {
             return Next::Close;
         }
     }
@@ -633,18 +790,36 @@ struct Failure {
 
 impl Failure {
     fn answer(status: u16, message: impl Into<String>, client_reusable: bool) -> Self {
-        Failure { respond: Some(status), message: message.into(), client_reusable, from_hook: false, outcome: Outcome::of_status(status) }
+        Failure {
+            respond: Some(status),
+            message: message.into(),
+            client_reusable,
+            from_hook: false,
+            outcome: Outcome::of_status(status),
+        }
     }
     fn cut(message: impl Into<String>) -> Self {
-        Failure { respond: None, message: message.into(), client_reusable: false, from_hook: false, outcome: Outcome::OriginAborted }
+        Failure {
+            respond: None,
+            message: message.into(),
+            client_reusable: false,
+            from_hook: false,
+            outcome: Outcome::OriginAborted,
+        }
     }
     /// The client went away: nothing can be answered.
     fn client_gone(message: impl Into<String>) -> Self {
-        Failure { outcome: Outcome::ClientAborted, ..Failure::cut(message) }
+        Failure {
+            outcome: Outcome::ClientAborted,
+            ..Failure::cut(message)
+        }
     }
     /// The response had started when something other than the destination failed.
     fn cut_error(message: impl Into<String>) -> Self {
-        Failure { outcome: Outcome::Error, ..Failure::cut(message) }
+        Failure {
+            outcome: Outcome::Error,
+            ..Failure::cut(message)
+        }
     }
     fn hook(mut self) -> Self {
         self.from_hook = true;
@@ -654,7 +829,11 @@ impl Failure {
 
 /// Writes a request head through its segmenting writer: flushed when it is the whole message,
 /// else left for the body to complete its last chunk.
-async fn write_head<W: AsyncWrite + Unpin>(w: &mut Segmented<W>, head: &[u8], whole_message: bool) -> io::Result<()> {
+async fn write_head<W: AsyncWrite + Unpin>(
+    w: &mut Segmented<W>,
+    head: &[u8],
+    whole_message: bool,
+) -> io::Result<()> {
     w.write_all(head).await?;
     if whole_message {
         w.flush().await
@@ -674,7 +853,12 @@ fn body_read_failure(e: io::Error, what: &str) -> Failure {
 }
 
 /// Waits for a hook's answer within the hook timeout.
-async fn hook_reply<T>(engine: &Engine, reply: Reply<T>, hook: &str, started_response: bool) -> Result<T, Failure> {
+async fn hook_reply<T>(
+    engine: &Engine,
+    reply: Reply<T>,
+    hook: &str,
+    started_response: bool,
+) -> Result<T, Failure> {
     let fail = |status: u16, msg: String| {
         if started_response {
             Failure::cut_error(msg).hook()
@@ -685,7 +869,13 @@ async fn hook_reply<T>(engine: &Engine, reply: Reply<T>, hook: &str, started_res
     let mut reply = reply;
     let wait = engine.hook_waits.begin();
     match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
-        Err(_) => Err(fail(504, format!("hook {hook} did not return within {:?}", engine.config.hook_timeout))),
+        Err(_) => Err(fail(
+            504,
+            format!(
+                "hook {hook} did not return within {:?}",
+                engine.config.hook_timeout
+            ),
+        )),
         Ok(None) => Err(fail(502, format!("hook {hook}: the handler went away"))),
         Ok(Some(Err(message))) => Err(fail(502, format!("hook {hook} failed: {message}"))),
         Ok(Some(Ok(value))) => Ok(value),
@@ -717,10 +907,15 @@ async fn exchange<C: Io>(
     let hooks = engine.hooks;
     let body_kind = request_body_kind(&head).map_err(|m| Failure::answer(400, m, false))?;
     let body_empty = body_kind == BodyKind::Empty;
-    let mut target = request_target(&head, mode).map_err(|m| Failure::answer(400, m, body_empty))?;
+    let mut target =
+        request_target(&head, mode).map_err(|m| Failure::answer(400, m, body_empty))?;
     record.target = target.url();
     if target.scheme == "https" && matches!(mode, Mode::Proxy) {
-        return Err(Failure::answer(400, "https:// URLs must be requested through CONNECT", body_empty));
+        return Err(Failure::answer(
+            400,
+            "https:// URLs must be requested through CONNECT",
+            body_empty,
+        ));
     }
     let client_keep_alive = head.wants_keep_alive();
     let mut request_body = BodyReader::new(body_kind);
@@ -729,7 +924,9 @@ async fn exchange<C: Io>(
     let mut order: Option<ForwardOrder> = None;
     let call_handler = hooks.request || hooks.any_response();
     if call_handler {
-        let handler = conn.handler(engine).expect("a handler exists when hooks are set");
+        let handler = conn
+            .handler(engine)
+            .expect("a handler exists when hooks are set");
         let mut commands = handler.request(parts_of(&head, &target));
         let mut wrote_raw = false;
         let mut raw = RawResponse::default();
@@ -739,8 +936,15 @@ async fn exchange<C: Io>(
             drop(wait);
             let command = match next {
                 Err(_) => {
-                    let msg = format!("hook on_request_received did not return within {:?}", cfg.hook_timeout);
-                    return Err(if wrote_raw { Failure::cut_error(msg) } else { Failure::answer(504, msg, false) });
+                    let msg = format!(
+                        "hook on_request_received did not return within {:?}",
+                        cfg.hook_timeout
+                    );
+                    return Err(if wrote_raw {
+                        Failure::cut_error(msg)
+                    } else {
+                        Failure::answer(504, msg, false)
+                    });
                 }
                 Ok(None) => HandlerCommand::Fail("the handler went away".into()),
                 Ok(Some(c)) => c,
@@ -755,10 +959,13 @@ async fn exchange<C: Io>(
                     record.bytes_down += bytes.len() as u64;
                     raw.feed(&bytes);
                     record.status = raw.status();
-                    client.io.write_all(&bytes).await.map_err(|e| Failure::client_gone(format!("writing to client failed: {e}")))?;
+                    client.io.write_all(&bytes).await.map_err(|e| {
+                        Failure::client_gone(format!("writing to client failed: {e}"))
+                    })?;
                 }
                 HandlerCommand::ReadBody(reply) => {
-                    let piece = tokio::time::timeout(cfg.idle_timeout, request_body.next(client)).await;
+                    let piece =
+                        tokio::time::timeout(cfg.idle_timeout, request_body.next(client)).await;
                     let piece = match piece {
                         Err(_) => Err("client stopped sending the request body".to_string()),
                         Ok(r) => r.map_err(|e| e.to_string()),
@@ -774,14 +981,25 @@ async fn exchange<C: Io>(
                         // if that response was complete and well framed.
                         let _ = client.io.flush().await;
                         record.kind = "handler".into();
-                        let keep = raw.reusable(&head.method) && request_body.is_done() && client_keep_alive;
+                        let keep = raw.reusable(&head.method)
+                            && request_body.is_done()
+                            && client_keep_alive;
                         return Ok(if keep { Next::KeepAlive } else { Next::Close });
                     }
-                    return Err(Failure::answer(502, "the handler returned without forwarding or answering the request", request_body.is_done()).hook());
+                    return Err(Failure::answer(
+                        502,
+                        "the handler returned without forwarding or answering the request",
+                        request_body.is_done(),
+                    )
+                    .hook());
                 }
                 HandlerCommand::Fail(message) => {
                     let msg = format!("hook on_request_received failed: {message}");
-                    return Err(if wrote_raw { Failure::cut_error(msg).hook() } else { Failure::answer(502, msg, false).hook() });
+                    return Err(if wrote_raw {
+                        Failure::cut_error(msg).hook()
+                    } else {
+                        Failure::answer(502, msg, false).hook()
+                    });
                 }
             }
         }
@@ -797,36 +1015,73 @@ async fn exchange<C: Io>(
         out.headers = r.headers;
         target.host = r.host;
         target.port = r.port;
-        target.path = if r.path.is_empty() { "/".into() } else { r.path };
+        target.path = if r.path.is_empty() {
+            "/".into()
+        } else {
+            r.path
+        };
         replacement_body = order.body;
         policy_override = order.policy;
         record.method = out.method.clone();
         record.target = target.url();
     }
 
-    let scheme = if target.scheme == "https" { Scheme::Https } else { Scheme::Http };
-    let mut decision = decide(engine, &out.method, scheme, &target.host, target.port, &target.path, record);
+    let scheme = if target.scheme == "https" {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
+    let mut decision = decide(
+        engine,
+        &out.method,
+        scheme,
+        &target.host,
+        target.port,
+        &target.path,
+        record,
+    );
     if let Some(p) = policy_override {
         decision.policy = p;
-        record.policy = format!("{} dir={} (handler)", decision.policy.describe(), decision.direction.as_str());
+        record.policy = format!(
+            "{} dir={} (handler)",
+            decision.policy.describe(),
+            decision.direction.as_str()
+        );
     }
     if let Action::Block { reason } = &decision.action {
         record.kind = "block".into();
-        return Err(Failure::answer(403, format!("blocked by rule {}: {reason}", record.rule), body_empty));
+        return Err(Failure::answer(
+            403,
+            format!("blocked by rule {}: {reason}", record.rule),
+            body_empty,
+        ));
     }
     engine.filter.check_host(&target.host).map_err(|reason| {
-        Failure::answer(403, format!("destination {} denied: {reason}", target.host), body_empty)
+        Failure::answer(
+            403,
+            format!("destination {} denied: {reason}", target.host),
+            body_empty,
+        )
     })?;
     let route = route_for(&decision.action);
     // Plain HTTP is segmented here; intercepted flows were segmented below TLS at CONNECT.
     let plain = matches!(mode, Mode::Proxy);
-    let up_policy = if plain && decision.direction.segments_up() { decision.policy.clone() } else { SegmentPolicy::none() };
-    let down_policy = if plain && decision.direction.segments_down() { decision.policy.clone() } else { SegmentPolicy::none() };
+    let up_policy = if plain && decision.direction.segments_up() {
+        decision.policy.clone()
+    } else {
+        SegmentPolicy::none()
+    };
+    let down_policy = if plain && decision.direction.segments_down() {
+        decision.policy.clone()
+    } else {
+        SegmentPolicy::none()
+    };
     if let Some(f) = flow {
         f.update(|r| r.direction = decision.direction.as_str().to_string());
     }
 
-    let is_upgrade = out.headers.contains("upgrade") && out.headers.has_token("connection", "upgrade");
+    let is_upgrade =
+        out.headers.contains("upgrade") && out.headers.has_token("connection", "upgrade");
     out.version = 1;
     strip_hop_by_hop(&mut out.headers, is_upgrade);
     if is_upgrade {
@@ -835,7 +1090,10 @@ async fn exchange<C: Io>(
     if plain || !out.headers.contains("host") {
         out.headers.set("Host", target.host_header());
     }
-    let expects_continue = out.headers.get("expect").is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
+    let expects_continue = out
+        .headers
+        .get("expect")
+        .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"));
     if expects_continue {
         out.headers.remove("expect");
     }
@@ -848,7 +1106,10 @@ async fn exchange<C: Io>(
             BodyKind::Length(b.len() as u64)
         }
         (None, BodyKind::Chunked) => {
-            out.headers.push("Transfer-Encoding", chunked_transfer_encoding(&head.headers));
+            out.headers.push(
+                "Transfer-Encoding",
+                chunked_transfer_encoding(&head.headers),
+            );
             BodyKind::Chunked
         }
         (None, k) => k,
@@ -877,7 +1138,10 @@ async fn exchange<C: Io>(
     };
 
     // Named in error messages; formatted only when one is written, not per request.
-    let peer = Peer { route: &route, target: &target };
+    let peer = Peer {
+        route: &route,
+        target: &target,
+    };
     let via_upstream = matches!(route, Route::Upstream(_)) && target.scheme != "https";
 
     // An origin connection: a pooled one when there is one, else a new one.
@@ -904,14 +1168,18 @@ async fn exchange<C: Io>(
     let mut origin = match origin_conn {
         Some(c) => c,
         None => {
-            let mut new = connect_origin(engine, &route, &target, mode, record).await.map_err(|e| {
-                let status = e.status();
-                Failure::answer(status, e.to_string(), body_empty)
-            })?;
+            let mut new = connect_origin(engine, &route, &target, mode, record)
+                .await
+                .map_err(|e| {
+                    let status = e.status();
+                    Failure::answer(status, e.to_string(), body_empty)
+                })?;
             let mut w = Segmented::new(&mut new.io, up_policy.clone(), up_observer.clone());
             write_head(&mut w, &encoded, head_is_message)
                 .await
-                .map_err(|e| Failure::answer(502, format!("sending request to {peer} failed: {e}"), false))?;
+                .map_err(|e| {
+                    Failure::answer(502, format!("sending request to {peer} failed: {e}"), false)
+                })?;
             head_carry = w.take_carry();
             drop(w);
             new
@@ -922,9 +1190,11 @@ async fn exchange<C: Io>(
     // stop reading (413, 501...): a failed send is reported only if no response follows.
     let mut send_failure: Option<String> = None;
     {
-        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone()).with_carry(head_carry);
+        let mut w = Segmented::new(&mut origin.io, up_policy.clone(), up_observer.clone())
+            .with_carry(head_carry);
         // Below TLS, an intercepted flow's writer may hold bytes too: flush it when idle.
-        let segmenting = !w.is_passthrough() || matches!(mode, Mode::Intercepted { up_policy, .. } if !up_policy.is_passthrough());
+        let segmenting = !w.is_passthrough()
+            || matches!(mode, Mode::Intercepted { up_policy, .. } if !up_policy.is_passthrough());
         let mut writer = BodyWriter::new(body_out);
         if let Some(body) = &replacement_body {
             // What was sent up is the replacement, whatever the hook read of the client's.
@@ -941,7 +1211,10 @@ async fn exchange<C: Io>(
                 let piece = match tokio::time::timeout(cfg.idle_timeout, read).await {
                     Err(_) => {
                         let stalled = Failure::cut("client stopped sending the request body");
-                        return Err(Failure { outcome: Outcome::IdleTimeout, ..stalled });
+                        return Err(Failure {
+                            outcome: Outcome::IdleTimeout,
+                            ..stalled
+                        });
                     }
                     Ok(Err(e)) => {
                         send_failure = Some(e.to_string());
@@ -969,17 +1242,28 @@ async fn exchange<C: Io>(
     // A body the handler replaced may still be unread: then this connection cannot carry on.
     let client_reusable = request_body.is_done() && send_failure.is_none();
     let sent_failed = |e: String| match &send_failure {
-        Some(send) => Failure::answer(502, format!("sending request body to {peer} failed: {send}"), false),
+        Some(send) => Failure::answer(
+            502,
+            format!("sending request body to {peer} failed: {send}"),
+            false,
+        ),
         None => Failure::answer(502, e, client_reusable),
     };
 
     // Response head; interim 1xx answers (other than 101) are consumed.
     let response = loop {
-        let r = tokio::time::timeout(cfg.response_timeout, origin.read_response_head(cfg.max_header_bytes))
-            .await
-            .map_err(|_| {
-                Failure::answer(504, format!("no response from {peer} within {:?}", cfg.response_timeout), client_reusable)
-            })?;
+        let r = tokio::time::timeout(
+            cfg.response_timeout,
+            origin.read_response_head(cfg.max_header_bytes),
+        )
+        .await
+        .map_err(|_| {
+            Failure::answer(
+                504,
+                format!("no response from {peer} within {:?}", cfg.response_timeout),
+                client_reusable,
+            )
+        })?;
         let r = match r {
             Err(HttpError::Closed) | Err(HttpError::Io(_)) if retry_fresh => {
                 retry_fresh = false;
@@ -990,13 +1274,21 @@ async fn exchange<C: Io>(
                 w.write_all(&encoded)
                     .await
                     .and(w.flush().await)
-                    .map_err(|e| Failure::answer(502, format!("sending request to {peer} failed: {e}"), client_reusable))?;
+                    .map_err(|e| {
+                        Failure::answer(
+                            502,
+                            format!("sending request to {peer} failed: {e}"),
+                            client_reusable,
+                        )
+                    })?;
                 drop(w);
                 origin = new;
                 continue;
             }
             r => r.map_err(|e| match e {
-                HttpError::Closed => sent_failed(format!("{peer} closed the connection without a response")),
+                HttpError::Closed => {
+                    sent_failed(format!("{peer} closed the connection without a response"))
+                }
                 e => sent_failed(format!("bad response from {peer}: {e}")),
             })?,
         };
@@ -1010,7 +1302,10 @@ async fn exchange<C: Io>(
         // The credentials come from the rule, not the client: the client cannot fix this.
         return Err(Failure::answer(
             502,
-            format!("{peer} answered 407 {}: check the credentials in the rule's upstream=", response.reason),
+            format!(
+                "{peer} answered 407 {}: check the credentials in the rule's upstream=",
+                response.reason
+            ),
             client_reusable,
         ));
     }
@@ -1018,12 +1313,22 @@ async fn exchange<C: Io>(
 
     if response.status == 101 && is_upgrade {
         let down_observer = flow.filter(|_| plain).map(|f| f.observer("down"));
-        let segmenting = Segmenting { up: up_policy, down: down_policy, up_observer, down_observer };
+        let segmenting = Segmenting {
+            up: up_policy,
+            down: down_policy,
+            up_observer,
+            down_observer,
+        };
         return upgrade(engine, client, origin, response, record, segmenting).await;
     }
 
-    let origin_kind = response_body_kind(&out.method, &response)
-        .map_err(|m| Failure::answer(502, format!("bad response from {peer}: {m}"), client_reusable))?;
+    let origin_kind = response_body_kind(&out.method, &response).map_err(|m| {
+        Failure::answer(
+            502,
+            format!("bad response from {peer}: {m}"),
+            client_reusable,
+        )
+    })?;
     let origin_keep_alive = send_failure.is_none()
         && origin_kind != BodyKind::CloseDelimited
         && !response.headers.has_token("connection", "close")
@@ -1033,15 +1338,27 @@ async fn exchange<C: Io>(
     // or a chunk hook may change it.
     // Transfer codings other than chunked are the message's; stripping the hop-by-hop headers
     // removes them, so the re-chunked response names them again.
-    let rechunked_te = response.headers.contains("transfer-encoding").then(|| chunked_transfer_encoding(&response.headers));
+    let rechunked_te = response
+        .headers
+        .contains("transfer-encoding")
+        .then(|| chunked_transfer_encoding(&response.headers));
     // Hooks see Transfer-Encoding as the origin sent it (asyncio-https-proxy shows it); the
     // body is re-framed whatever they do with it.
     let origin_te: Vec<_> = if hooks.response {
-        response.headers.0.iter().filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding")).cloned().collect()
+        response
+            .headers
+            .0
+            .iter()
+            .filter(|h| h.name.eq_ignore_ascii_case("transfer-encoding"))
+            .cloned()
+            .collect()
     } else {
         Vec::new()
     };
-    let mut back = ResponseHead { version: 1, ..response };
+    let mut back = ResponseHead {
+        version: 1,
+        ..response
+    };
     strip_hop_by_hop(&mut back.headers, false);
     if hooks.response {
         let handler = conn.handler(engine).expect("handler");
@@ -1053,10 +1370,20 @@ async fn exchange<C: Io>(
             reason: back.reason.clone(),
             headers: hook_headers,
         };
-        let changed = hook_reply(engine, handler.response(parts), "on_response_received", false).await?;
+        let changed = hook_reply(
+            engine,
+            handler.response(parts),
+            "on_response_received",
+            false,
+        )
+        .await?;
         back.status = changed.status;
         // A hook that leaves the reason empty gets the standard phrase on the status line.
-        back.reason = if changed.reason.is_empty() { reason_phrase(changed.status).to_string() } else { changed.reason };
+        back.reason = if changed.reason.is_empty() {
+            reason_phrase(changed.status).to_string()
+        } else {
+            changed.reason
+        };
         back.headers = changed.headers;
         strip_hop_by_hop(&mut back.headers, false);
         record.status = back.status;
@@ -1071,7 +1398,10 @@ async fn exchange<C: Io>(
         BodyKind::Empty => BodyKind::Empty,
         _ if head.version == 1 => {
             back.headers.remove("content-length");
-            back.headers.push("Transfer-Encoding", rechunked_te.unwrap_or_else(|| "chunked".into()));
+            back.headers.push(
+                "Transfer-Encoding",
+                rechunked_te.unwrap_or_else(|| "chunked".into()),
+            );
             BodyKind::Chunked
         }
         _ => {
@@ -1087,7 +1417,14 @@ async fn exchange<C: Io>(
     }
     let down_observer = flow.map(|f| f.observer("down"));
     let mut to_client = Segmented::new(&mut client.io, down_policy, down_observer);
-    let segmenting = !to_client.is_passthrough() || matches!(mode, Mode::Intercepted { down_segmenting: true, .. });
+    let segmenting = !to_client.is_passthrough()
+        || matches!(
+            mode,
+            Mode::Intercepted {
+                down_segmenting: true,
+                ..
+            }
+        );
     to_client
         .write_all(&back.encode())
         .await
@@ -1099,13 +1436,22 @@ async fn exchange<C: Io>(
         let read = read_flushing(reader.next(&mut origin), to_client.idle_flush(), segmenting);
         let piece = tokio::time::timeout(cfg.idle_timeout, read)
             .await
-            .map_err(|_| Failure::cut(format!("{peer} stalled in the middle of the response body")))?
+            .map_err(|_| {
+                Failure::cut(format!("{peer} stalled in the middle of the response body"))
+            })?
             .map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?
             .map_err(|e| Failure::cut(format!("reading response body from {peer}: {e}")))?;
         let Some(piece) = piece else { break };
         let piece = if rewrites_body {
             let handler = conn.handler(engine).expect("handler");
-            match hook_reply(engine, handler.response_chunk(piece), "on_response_chunk", true).await? {
+            match hook_reply(
+                engine,
+                handler.response_chunk(piece),
+                "on_response_chunk",
+                true,
+            )
+            .await?
+            {
                 Some(p) => p,
                 None => continue,
             }
@@ -1113,13 +1459,18 @@ async fn exchange<C: Io>(
             piece
         };
         record.bytes_down += piece.len() as u64;
-        writer
-            .write(&mut to_client, &piece)
-            .await
-            .map_err(|e| Failure::client_gone(format!("writing response body to client failed: {e}")))?;
+        writer.write(&mut to_client, &piece).await.map_err(|e| {
+            Failure::client_gone(format!("writing response body to client failed: {e}"))
+        })?;
     }
-    writer.finish(&mut to_client).await.map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
-    to_client.flush().await.map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
+    writer
+        .finish(&mut to_client)
+        .await
+        .map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
+    to_client
+        .flush()
+        .await
+        .map_err(|e| Failure::client_gone(format!("writing response to client failed: {e}")))?;
     drop(to_client);
 
     if origin_keep_alive {
@@ -1127,9 +1478,19 @@ async fn exchange<C: Io>(
     }
     if hooks.any_response() {
         let handler = conn.handler(engine).expect("handler");
-        hook_reply(engine, handler.response_complete(), "on_response_complete", true).await?;
+        hook_reply(
+            engine,
+            handler.response_complete(),
+            "on_response_complete",
+            true,
+        )
+        .await?;
     }
-    Ok(if keep_client { Next::KeepAlive } else { Next::Close })
+    Ok(if keep_client {
+        Next::KeepAlive
+    } else {
+        Next::Close
+    })
 }
 
 tokio::task_local! {
@@ -1139,7 +1500,13 @@ tokio::task_local! {
 
 /// A new connection to the destination: TCP (direct or through an upstream proxy), and TLS
 /// for intercepted flows, with the intercepted flow's up-policy segmenting the encrypted bytes.
-async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &Mode, record: &mut AccessRecord) -> Result<OriginConn, ConnectError> {
+async fn connect_origin(
+    engine: &Engine,
+    route: &Route,
+    target: &Target,
+    mode: &Mode,
+    record: &mut AccessRecord,
+) -> Result<OriginConn, ConnectError> {
     if target.scheme != "https" {
         let stream: Box<dyn Io> = match route {
             Route::Direct => {
@@ -1155,7 +1522,10 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
         };
         return Ok(BufStream::new(stream));
     }
-    let (tcp, dns) = engine.connector.open_tunnel(route, &target.host, target.port).await?;
+    let (tcp, dns) = engine
+        .connector
+        .open_tunnel(route, &target.host, target.port)
+        .await?;
     record.dns = dns;
     let up_policy = match mode {
         Mode::Intercepted { up_policy, .. } => up_policy.clone(),
@@ -1174,8 +1544,13 @@ async fn connect_origin(engine: &Engine, route: &Route, target: &Target, mode: &
         tls::connect_origin(io, engine.origin_tls.clone(), &target.host),
     )
     .await
-    .map_err(|_| ConnectError::Timeout { target: format!("{} (TLS handshake)", target.authority()) })?
-    .map_err(|e| ConnectError::Connect { target: target.authority(), reason: e.to_string() })?;
+    .map_err(|_| ConnectError::Timeout {
+        target: format!("{} (TLS handshake)", target.authority()),
+    })?
+    .map_err(|e| ConnectError::Connect {
+        target: target.authority(),
+        reason: e.to_string(),
+    })?;
     Ok(BufStream::new(Box::new(tls)))
 }
 
@@ -1193,7 +1568,11 @@ impl std::fmt::Display for Peer<'_> {
             Route::Upstream(hop) if self.target.scheme != "https" => {
                 write!(f, "upstream proxy {hop} (for {})", self.target.authority())
             }
-            Route::Upstream(hop) => write!(f, "{} (through upstream proxy {hop})", self.target.authority()),
+            Route::Upstream(hop) => write!(
+                f,
+                "{} (through upstream proxy {hop})",
+                self.target.authority()
+            ),
             Route::Direct => f.write_str(&self.target.authority()),
         }
     }
@@ -1220,8 +1599,15 @@ async fn upgrade<C: Io>(
     response.headers.push("Connection", "Upgrade");
     // The 101 head and the bytes after it are one segmented stream toward the client.
     let head_carry = {
-        let mut head = Segmented::new(&mut client.io, segmenting.down.clone(), segmenting.down_observer.clone());
-        head.write_all(&response.encode()).await.and(head.progress().await).map_err(|e| Failure::client_gone(e.to_string()))?;
+        let mut head = Segmented::new(
+            &mut client.io,
+            segmenting.down.clone(),
+            segmenting.down_observer.clone(),
+        );
+        head.write_all(&response.encode())
+            .await
+            .and(head.progress().await)
+            .map_err(|e| Failure::client_gone(e.to_string()))?;
         head.take_carry()
     };
     record.kind = "upgrade".into();
@@ -1234,7 +1620,11 @@ async fn upgrade<C: Io>(
     // The upgraded bytes are segmented like a tunnel's: toward the origin (up) and the client.
     let bw = Segmented::new(bw, segmenting.up, segmenting.up_observer);
     let aw = Segmented::new(aw, segmenting.down, segmenting.down_observer).with_carry(head_carry);
-    let buffer = if aw.is_passthrough() && bw.is_passthrough() { engine.config.tunnel_buffer_bytes } else { SEGMENTING_BUFFER };
+    let buffer = if aw.is_passthrough() && bw.is_passthrough() {
+        engine.config.tunnel_buffer_bytes
+    } else {
+        SEGMENTING_BUFFER
+    };
     let (totals, _err) = pump((ar, aw), (br, bw), buffer, engine.config.idle_timeout).await;
     record.bytes_up += totals.a_to_b;
     record.bytes_down += totals.b_to_a;
@@ -1248,7 +1638,10 @@ mod tests {
     #[test]
     fn targets_are_parsed() {
         let t = parse_absolute("http://Example.test:8080/a/b?c=1").unwrap();
-        assert_eq!((t.host.as_str(), t.port, t.path.as_str()), ("example.test", 8080, "/a/b?c=1"));
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("example.test", 8080, "/a/b?c=1")
+        );
         let t = parse_absolute("http://[::1]/").unwrap();
         assert_eq!((t.host.as_str(), t.port), ("::1", 80));
         assert_eq!(t.host_header(), "[::1]");
@@ -1256,10 +1649,16 @@ mod tests {
         assert_eq!(t.path, "/?x");
         assert!(parse_absolute("ftp://a/").is_err());
         assert!(parse_absolute("http://u:p@a/").is_err());
-        assert_eq!(split_authority("a.test:443", None).unwrap(), ("a.test".into(), 443));
+        assert_eq!(
+            split_authority("a.test:443", None).unwrap(),
+            ("a.test".into(), 443)
+        );
         assert!(split_authority("a.test", None).is_err());
         assert!(split_authority("a.test:0", None).is_err());
-        assert_eq!(split_authority("[::1]:8443", None).unwrap(), ("::1".into(), 8443));
+        assert_eq!(
+            split_authority("[::1]:8443", None).unwrap(),
+            ("::1".into(), 8443)
+        );
     }
 
     #[test]
@@ -1270,7 +1669,13 @@ mod tests {
         assert_eq!(sniff_foreign(b"\x04\x01\x00\x50"), Some(Foreign::Socks4));
         assert_eq!(sniff_foreign(b"\x00\xff"), Some(Foreign::Binary));
         assert_eq!(sniff_foreign(b" GET"), Some(Foreign::Binary));
-        for ok in [&b"GET http://a/ HTTP/1.1"[..], b"CONNECT a:443", b"\r\nGET", b"p", b""] {
+        for ok in [
+            &b"GET http://a/ HTTP/1.1"[..],
+            b"CONNECT a:443",
+            b"\r\nGET",
+            b"p",
+            b"",
+        ] {
             assert_eq!(sniff_foreign(ok), None, "{ok:?}");
         }
     }

@@ -247,7 +247,9 @@ impl UpstreamProxy {
         // ends up in a host name or a note.
         let (credentials, hostport) = match value.rsplit_once('@') {
             Some((creds, hostport)) => match creds.split_once(':') {
-                Some((user, pass)) if !user.is_empty() => (Some((user.to_string(), pass.to_string())), hostport),
+                Some((user, pass)) if !user.is_empty() => {
+                    (Some((user.to_string(), pass.to_string())), hostport)
+                }
                 _ => (None, value),
             },
             None => (None, value),
@@ -271,11 +273,23 @@ impl UpstreamProxy {
                 0
             }
         };
-        let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
-        if !host.bytes().all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b)) {
-            notes.push(format!("upstream host '{host}' is not a host name: flows sent to it get 502"));
+        let host = host
+            .strip_prefix('[')
+            .and_then(|h| h.strip_suffix(']'))
+            .unwrap_or(host);
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._:".contains(&b))
+        {
+            notes.push(format!(
+                "upstream host '{host}' is not a host name: flows sent to it get 502"
+            ));
         }
-        Ok(Self { host: host.to_ascii_lowercase(), port, credentials })
+        Ok(Self {
+            host: host.to_ascii_lowercase(),
+            port,
+            credentials,
+        })
     }
 }
 
@@ -755,7 +769,8 @@ impl RuleSet {
         let host = host.as_ref();
         let fits = |i: usize| self.rules[i].conditions_match(method, scheme, port, path);
         let mut best: Option<usize> = None;
-        let better = |i: usize, best: Option<usize>| best.is_none_or(|b| self.keys[i] > self.keys[b]);
+        let better =
+            |i: usize, best: Option<usize>| best.is_none_or(|b| self.keys[i] > self.keys[b]);
         // Each indexed list is sorted best first: its first fitting rule is its best.
         for list in self.indexed_lists(host) {
             if let Some(&i) = list.iter().find(|&&i| fits(i)) {
@@ -818,7 +833,15 @@ impl RuleSet {
     }
 
     /// SegmentedProxy's explain line, then ours: which rule (number, FILE:LINE, text).
-    fn explain(&self, w: usize, method: &str, scheme: Scheme, host: &str, port: u16, path: &str) -> String {
+    fn explain(
+        &self,
+        w: usize,
+        method: &str,
+        scheme: Scheme,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> String {
         let rule = &self.rules[w];
         let mut out = format!("matched host_glob={}", rule.host_glob);
         if let Some(s) = rule.scheme {
@@ -910,9 +933,19 @@ fn glob_match(pattern: &str, text: &str) -> bool {
     if pattern.contains('[') {
         let tokens = glob_tokens(pattern);
         let text: Vec<char> = text.chars().collect();
-        wildcard_match(&tokens, &text, |t, c| t.matches(c), |t| matches!(t, GlobToken::Star))
+        wildcard_match(
+            &tokens,
+            &text,
+            |t, c| t.matches(c),
+            |t| matches!(t, GlobToken::Star),
+        )
     } else {
-        wildcard_match(pattern.as_bytes(), text.as_bytes(), |p, t| *p == b'?' || p == t, |p| *p == b'*')
+        wildcard_match(
+            pattern.as_bytes(),
+            text.as_bytes(),
+            |p, t| *p == b'?' || p == t,
+            |p| *p == b'*',
+        )
     }
 }
 
@@ -922,7 +955,10 @@ enum GlobToken {
     Star,
     Any,
     Literal(char),
-    Class { negated: bool, items: Vec<(char, char)> },
+    Class {
+        negated: bool,
+        items: Vec<(char, char)>,
+    },
 }
 
 impl GlobToken {
@@ -931,7 +967,9 @@ impl GlobToken {
             GlobToken::Star => true,
             GlobToken::Any => true,
             GlobToken::Literal(l) => l == c,
-            GlobToken::Class { negated, items } => items.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated,
+            GlobToken::Class { negated, items } => {
+                items.iter().any(|(lo, hi)| lo <= c && c <= hi) != *negated
+            }
         }
     }
 }
@@ -989,7 +1027,12 @@ fn glob_tokens(pattern: &str) -> Vec<GlobToken> {
 
 /// Wildcard matching where every non-star element matches exactly one item: linear, with
 /// backtracking to the last star only.
-fn wildcard_match<P, T>(pattern: &[P], text: &[T], one: impl Fn(&P, &T) -> bool, star: impl Fn(&P) -> bool) -> bool {
+fn wildcard_match<P, T>(
+    pattern: &[P],
+    text: &[T],
+    one: impl Fn(&P, &T) -> bool,
+    star: impl Fn(&P) -> bool,
+) -> bool {
     let (mut p, mut t) = (0, 0);
     let mut last_star: Option<(usize, usize)> = None;
     while t < text.len() {
@@ -1123,7 +1166,9 @@ fn parse_rule(
                 .iter()
                 .copied()
                 .find(|known| *known == k)
-                .ok_or_else(|| format!("unknown rule key '{k}' (known: {})", KNOWN_KEYS.join(", ")))?,
+                .ok_or_else(|| {
+                    format!("unknown rule key '{k}' (known: {})", KNOWN_KEYS.join(", "))
+                })?,
         };
         if seen.contains(&canonical) {
             // SegmentedProxy takes the last value; so do we, and say so.
@@ -1137,7 +1182,14 @@ fn parse_rule(
         match canonical {
             "strategy" => keys.strategy = Some(value),
             "chunk" | "min" | "max" | "delay" => {
-                let n = Some(parse_int(if key.starts_with("chunk_") { &key } else { canonical }, value)?);
+                let n = Some(parse_int(
+                    if key.starts_with("chunk_") {
+                        &key
+                    } else {
+                        canonical
+                    },
+                    value,
+                )?);
                 match canonical {
                     "chunk" => keys.chunk = n,
                     "min" => keys.min = n,
@@ -1174,7 +1226,9 @@ fn parse_rule(
                     return Err("method must be non-empty".into());
                 }
                 if !is_http_token(value) {
-                    notes.push(format!("method '{value}' is not an HTTP method: this rule matches no request"));
+                    notes.push(format!(
+                        "method '{value}' is not an HTTP method: this rule matches no request"
+                    ));
                 }
                 keys.method = Some(value.to_ascii_uppercase());
             }
@@ -1183,7 +1237,11 @@ fn parse_rule(
                     return Err("path_prefix must be non-empty".into());
                 }
                 // As SegmentedProxy: `api` means `/api`.
-                let prefix = if value.starts_with('/') { value.to_string() } else { format!("/{value}") };
+                let prefix = if value.starts_with('/') {
+                    value.to_string()
+                } else {
+                    format!("/{value}")
+                };
                 shown = format!("path_prefix={prefix}");
                 keys.path_prefix = Some(prefix);
             }
@@ -1265,7 +1323,11 @@ fn canonical_key(part: &str) -> &str {
     } else if key.eq_ignore_ascii_case("chunk_max") {
         "max"
     } else {
-        KNOWN_KEYS.iter().copied().find(|k| k.eq_ignore_ascii_case(key)).unwrap_or(key)
+        KNOWN_KEYS
+            .iter()
+            .copied()
+            .find(|k| k.eq_ignore_ascii_case(key))
+            .unwrap_or(key)
     }
 }
 
@@ -1301,7 +1363,9 @@ fn parse_host_glob(glob: &str, notes: &mut Vec<String>) -> String {
     if glob.is_empty() {
         notes.push("empty host glob: this rule matches no host".into());
     } else if glob.contains(char::is_whitespace) {
-        notes.push(format!("host glob '{glob}' contains a space: it matches no host"));
+        notes.push(format!(
+            "host glob '{glob}' contains a space: it matches no host"
+        ));
     }
     glob.to_lowercase()
 }
@@ -1312,14 +1376,21 @@ fn parse_host_glob(glob: &str, notes: &mut Vec<String>) -> String {
 /// - no `strategy`: a valid `chunk` or a `delay` means fixed, a valid `min`/`max` pair random
 ///   (SegmentedProxy forwards such lines unsegmented; we do what they say), anything else none;
 /// - sizes that the strategy does not use are ignored, and noted.
-fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Result<SegmentPolicy, String> {
+fn build_policy(
+    segmenting: bool,
+    k: &Keys<'_>,
+    notes: &mut Vec<String>,
+) -> Result<SegmentPolicy, String> {
     let random_keys = k.min.is_some() || k.max.is_some();
     let valid_pair = matches!((k.min, k.max), (Some(min), Some(max)) if 0 < min && min <= max);
     let strategy_name = match k.strategy.map(str::to_ascii_lowercase) {
         Some(s) => s,
         None if k.chunk.is_some_and(|c| c > 0) => "fixed".to_string(),
         None if k.chunk.is_some() => {
-            notes.push(format!("chunk={} is not a chunk size: no segmentation (strategy none)", k.chunk.unwrap_or(0)));
+            notes.push(format!(
+                "chunk={} is not a chunk size: no segmentation (strategy none)",
+                k.chunk.unwrap_or(0)
+            ));
             "none".to_string()
         }
         None if random_keys && valid_pair => "random".to_string(),
@@ -1345,7 +1416,9 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
             if random_keys {
                 notes.push("min/max ignored by strategy=fixed (it uses chunk)".into());
             }
-            Strategy::Fixed { chunk: chunk as usize }
+            Strategy::Fixed {
+                chunk: chunk as usize,
+            }
         }
         "random" => {
             let (Some(min), Some(max)) = (k.min, k.max) else {
@@ -1355,14 +1428,23 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
                 return Err("random strategy requires min/max > 0".into());
             }
             if min > max {
-                return Err(format!("random strategy requires min <= max (min={min} max={max})"));
+                return Err(format!(
+                    "random strategy requires min <= max (min={min} max={max})"
+                ));
             }
             if k.chunk.is_some() {
                 notes.push("chunk ignored by strategy=random (it uses min and max)".into());
             }
-            Strategy::Random { min: min as usize, max: max as usize }
+            Strategy::Random {
+                min: min as usize,
+                max: max as usize,
+            }
         }
-        other => return Err(format!("unknown strategy '{other}' (expected none, fixed or random)")),
+        other => {
+            return Err(format!(
+                "unknown strategy '{other}' (expected none, fixed or random)"
+            ))
+        }
     };
     let delay = match k.delay {
         Some(d) if d < 0 => return Err("delay must be >= 0".into()),
@@ -1374,7 +1456,10 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
         notes.push("delay ignored with strategy=none (nothing is segmented)".into());
     }
     let delay = if strategy == Strategy::None { 0 } else { delay };
-    let policy = SegmentPolicy { strategy, delay: Duration::from_millis(delay) };
+    let policy = SegmentPolicy {
+        strategy,
+        delay: Duration::from_millis(delay),
+    };
     if segmenting && k.strategy.is_none() && strategy != Strategy::None {
         // Our reading, said out loud so that no SegmentedProxy user meets it by surprise.
         notes.push(format!(
@@ -1394,7 +1479,10 @@ fn build_policy(segmenting: bool, k: &Keys<'_>, notes: &mut Vec<String>) -> Resu
 /// there, `upstream=` takes effect only with `action=upstream` and `reason=` only with
 /// `action=block`; otherwise they are noted.
 fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, String> {
-    let name = k.action.map(str::to_ascii_lowercase).unwrap_or_else(|| "direct".to_string());
+    let name = k
+        .action
+        .map(str::to_ascii_lowercase)
+        .unwrap_or_else(|| "direct".to_string());
     if name != "block" && k.reason.is_some_and(|r| !r.is_empty()) {
         notes.push("reason= ignored (it is the message of action=block)".into());
     }
@@ -1407,7 +1495,11 @@ fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, Str
             Ok(Action::Direct)
         }
         "block" => Ok(Action::Block {
-            reason: k.reason.filter(|r| !r.is_empty()).unwrap_or("blocked by rule").to_string(),
+            reason: k
+                .reason
+                .filter(|r| !r.is_empty())
+                .unwrap_or("blocked by rule")
+                .to_string(),
         }),
         "upstream" => match k.upstream.take() {
             Some(up) => Ok(Action::Upstream(up)),
@@ -1548,7 +1640,13 @@ mod tests {
         // As in SegmentedProxy, strategy=none relays unsegmented, delay or not.
         let r = one("a=segment_upstream,strategy=none,delay=7");
         assert_eq!(r.policy, SegmentPolicy::none());
-        assert!(r.notes.iter().any(|n| n.contains("delay ignored with strategy=none")), "{:?}", r.notes);
+        assert!(
+            r.notes
+                .iter()
+                .any(|n| n.contains("delay ignored with strategy=none")),
+            "{:?}",
+            r.notes
+        );
         assert_eq!(
             one("a=segment_upstream,Strategy=FIXED,CHUNK=9").policy,
             SegmentPolicy::fixed(9, Duration::ZERO)
@@ -1567,7 +1665,11 @@ mod tests {
         // As in SegmentedProxy, upstream= needs action=upstream; alone it is noted, not used.
         let r = one("a=direct,upstream=proxy.local:8080");
         assert_eq!(r.action, Action::Direct);
-        assert!(r.notes.iter().any(|n| n.contains("upstream= ignored")), "{:?}", r.notes);
+        assert!(
+            r.notes.iter().any(|n| n.contains("upstream= ignored")),
+            "{:?}",
+            r.notes
+        );
         // reason may contain '=' and '#'.
         assert_eq!(
             one("a=direct,action=block,reason=policy #4: a=b").action,
@@ -1587,22 +1689,41 @@ mod tests {
     fn lines_segmentedproxy_accepts_are_accepted_and_their_dead_keys_noted() {
         let note = |line: &str, needle: &str| {
             let r = one(line);
-            assert!(r.notes.iter().any(|n| n.contains(needle)), "{line}: {:?}", r.notes);
+            assert!(
+                r.notes.iter().any(|n| n.contains(needle)),
+                "{line}: {:?}",
+                r.notes
+            );
             r
         };
-        let r = note("x=direct,strategy=fixed,chunk=10", "mode direct does not segment");
+        let r = note(
+            "x=direct,strategy=fixed,chunk=10",
+            "mode direct does not segment",
+        );
         assert_eq!(r.policy, SegmentPolicy::none());
         let r = note("x=direct,reason=foo", "reason= ignored");
         assert_eq!(r.action, Action::Direct);
         let r = note("x=direct,action=direct,upstream=h:1", "upstream= ignored");
         assert_eq!(r.action, Action::Direct);
-        let r = note("x=direct,action=upstream,upstream=h:1,reason=r", "reason= ignored");
+        let r = note(
+            "x=direct,action=upstream,upstream=h:1,reason=r",
+            "reason= ignored",
+        );
         assert!(matches!(r.action, Action::Upstream(_)));
-        let r = note("x=segment_upstream,strategy=random,min=1,max=5,chunk=10", "chunk ignored");
+        let r = note(
+            "x=segment_upstream,strategy=random,min=1,max=5,chunk=10",
+            "chunk ignored",
+        );
         assert_eq!(r.policy, SegmentPolicy::random(1, 5, Duration::ZERO));
-        let r = note("x=segment_upstream,strategy=fixed,chunk=7,min=1", "min/max ignored");
+        let r = note(
+            "x=segment_upstream,strategy=fixed,chunk=7,min=1",
+            "min/max ignored",
+        );
         assert_eq!(r.policy, SegmentPolicy::fixed(7, Duration::ZERO));
-        let r = note("x=segment_upstream,strategy=none,chunk=1", "ignored with strategy=none");
+        let r = note(
+            "x=segment_upstream,strategy=none,chunk=1",
+            "ignored with strategy=none",
+        );
         assert_eq!(r.policy, SegmentPolicy::none());
         // A chunk size with min/max and no strategy: the chunk size decides (fixed).
         let r = note("x=segment_upstream,chunk=5,min=1,max=2", "min/max ignored");
@@ -1611,15 +1732,23 @@ mod tests {
         let r = note("x=direct,action=block,action=direct", "action given twice");
         assert_eq!(r.action, Action::Direct);
         assert_eq!(r.text, "x=direct,action=direct");
-        let r = note("x=segment_upstream,min=1,chunk_min=2,max=3", "min given twice");
+        let r = note(
+            "x=segment_upstream,min=1,chunk_min=2,max=3",
+            "min given twice",
+        );
         assert_eq!(r.policy, SegmentPolicy::random(2, 3, Duration::ZERO));
         // path_prefix without its slash gets one, as in SegmentedProxy.
         let r = one("x=direct,path_prefix=api");
         assert_eq!(r.path_prefix.as_deref(), Some("/api"));
         assert!(r.notes.is_empty());
         // Plain rules carry no note; a size without strategy= is noted (our reading).
-        assert!(one("x=segment_upstream,strategy=fixed,chunk=5,delay=1").notes.is_empty());
-        let r = note("x=segment_upstream,chunk=5,delay=1", "segmented as strategy=fixed (SegmentedProxy does not");
+        assert!(one("x=segment_upstream,strategy=fixed,chunk=5,delay=1")
+            .notes
+            .is_empty());
+        let r = note(
+            "x=segment_upstream,chunk=5,delay=1",
+            "segmented as strategy=fixed (SegmentedProxy does not",
+        );
         assert_eq!(r.policy, SegmentPolicy::fixed(5, ms(1)));
     }
 
@@ -1632,7 +1761,11 @@ mod tests {
         assert_eq!(e.to_string(), "rules.txt:4: invalid int for 'chunk': 'abc'");
 
         // Every bad line is named, in order.
-        let e = RuleSet::parse("a=direct,strategy=zigzag\nok=direct\nb=direct,colour=red\n", "r.txt").unwrap_err();
+        let e = RuleSet::parse(
+            "a=direct,strategy=zigzag\nok=direct\nb=direct,colour=red\n",
+            "r.txt",
+        )
+        .unwrap_err();
         assert_eq!(
             e.to_string(),
             "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
@@ -1648,22 +1781,55 @@ mod tests {
             ("nomode", "segment rule must contain '='"),
             ("a=", "segment rule missing mode"),
             ("a=direct,colour=red", "unknown rule key 'colour'"),
-            ("a=direct,action", "invalid rule token 'action', expected key=value"),
+            (
+                "a=direct,action",
+                "invalid rule token 'action', expected key=value",
+            ),
             ("a=direct,action=", "unknown action ''"),
             ("a=direct,chunk=", "invalid int for 'chunk': ''"),
             ("a=direct,chunk_min=x", "invalid int for 'chunk_min': 'x'"),
-            ("a=segment_upstream,strategy=fixed,chunk=0", "fixed strategy requires chunk > 0"),
-            ("a=segment_upstream,strategy=random,min=5", "random strategy requires both min and max"),
-            ("a=segment_upstream,strategy=random", "random strategy requires both min and max"),
-            ("a=segment_upstream,strategy=random,min=9,max=5", "requires min <= max"),
-            ("a=segment_upstream,strategy=random,min=0,max=5", "requires min/max > 0"),
-            ("a=segment_upstream,strategy=zigzag", "unknown strategy 'zigzag'"),
-            ("a=segment_upstream,delay=1.5", "invalid int for 'delay': '1.5'"),
+            (
+                "a=segment_upstream,strategy=fixed,chunk=0",
+                "fixed strategy requires chunk > 0",
+            ),
+            (
+                "a=segment_upstream,strategy=random,min=5",
+                "random strategy requires both min and max",
+            ),
+            (
+                "a=segment_upstream,strategy=random",
+                "random strategy requires both min and max",
+            ),
+            (
+                "a=segment_upstream,strategy=random,min=9,max=5",
+                "requires min <= max",
+            ),
+            (
+                "a=segment_upstream,strategy=random,min=0,max=5",
+                "requires min/max > 0",
+            ),
+            (
+                "a=segment_upstream,strategy=zigzag",
+                "unknown strategy 'zigzag'",
+            ),
+            (
+                "a=segment_upstream,delay=1.5",
+                "invalid int for 'delay': '1.5'",
+            ),
             ("a=segment_upstream,delay=-1", "delay must be >= 0"),
-            ("a=direct,action=upstream", "upstream action requires upstream=HOST:PORT"),
-            ("a=direct,action=block,upstream=h:1", "block action cannot include upstream"),
+            (
+                "a=direct,action=upstream",
+                "upstream action requires upstream=HOST:PORT",
+            ),
+            (
+                "a=direct,action=block,upstream=h:1",
+                "block action cannot include upstream",
+            ),
             // Validated whatever the mode, as SegmentedProxy does.
-            ("a=direct,strategy=random,min=5", "requires both min and max"),
+            (
+                "a=direct,strategy=random,min=5",
+                "requires both min and max",
+            ),
             ("a=direct,strategy=fixed,chunk=0", "chunk > 0"),
             ("a=direct,action=teleport", "unknown action 'teleport'"),
             ("a=direct,upstream=nohost", "upstream must be host:port"),
@@ -1688,32 +1854,69 @@ mod tests {
             ("a=SEGMENT_UPSTREAM,chunk=5", "modes are case-sensitive"),
             ("=direct", "empty host glob"),
             ("a b=direct", "contains a space"),
-            ("a=direct,action=upstream,upstream=h:70000", "upstream port 70000 is out of range"),
-            ("a=direct,action=upstream,upstream=h:0", "upstream port 0 is out of range"),
-            ("a=direct,action=upstream,upstream=h:-3", "upstream port -3 is out of range"),
-            ("a=direct,action=upstream,upstream=bad host:1", "is not a host name"),
+            (
+                "a=direct,action=upstream,upstream=h:70000",
+                "upstream port 70000 is out of range",
+            ),
+            (
+                "a=direct,action=upstream,upstream=h:0",
+                "upstream port 0 is out of range",
+            ),
+            (
+                "a=direct,action=upstream,upstream=h:-3",
+                "upstream port -3 is out of range",
+            ),
+            (
+                "a=direct,action=upstream,upstream=bad host:1",
+                "is not a host name",
+            ),
             ("a=direct,method=GE T", "not an HTTP method"),
-            ("a=segment_upstream,chunk=-1", "chunk=-1 is not a chunk size"),
+            (
+                "a=segment_upstream,chunk=-1",
+                "chunk=-1 is not a chunk size",
+            ),
             ("a=segment_upstream,chunk=0", "chunk=0 is not a chunk size"),
             ("a=segment_upstream,min=9,max=5", "not a valid pair"),
             ("a=segment_upstream,min=5", "not a valid pair"),
         ] {
             let set = RuleSet::parse(line, "w.txt").unwrap_or_else(|e| panic!("{line}: {e}"));
             let warnings = set.warnings();
-            assert!(warnings.iter().any(|w| w.starts_with("w.txt:1: ") && w.contains(needle)), "{line}: {warnings:?}");
+            assert!(
+                warnings
+                    .iter()
+                    .any(|w| w.starts_with("w.txt:1: ") && w.contains(needle)),
+                "{line}: {warnings:?}"
+            );
             assert_eq!(set.rules()[0].policy, SegmentPolicy::none(), "{line}");
         }
         // Their meaning: an out-of-range upstream port is kept as 0 (a 502 when used), an
         // unknown mode does not segment, an empty glob matches nothing.
-        let set = RuleSet::parse("a=direct,action=upstream,upstream=h:70000\n=direct,action=block", "t").unwrap();
-        let Action::Upstream(up) = &set.rules()[0].action else { panic!("not upstream") };
+        let set = RuleSet::parse(
+            "a=direct,action=upstream,upstream=h:70000\n=direct,action=block",
+            "t",
+        )
+        .unwrap();
+        let Action::Upstream(up) = &set.rules()[0].action else {
+            panic!("not upstream")
+        };
         assert_eq!((up.host.as_str(), up.port), ("h", 0));
         assert_eq!(set.decide("GET", Scheme::Http, "b", 80, "/").rule, None);
         // Python's int(): sign, underscores.
-        assert_eq!(one("a=segment_upstream,chunk=+1_000").policy, SegmentPolicy::fixed(1000, Duration::ZERO));
+        assert_eq!(
+            one("a=segment_upstream,chunk=+1_000").policy,
+            SegmentPolicy::fixed(1000, Duration::ZERO)
+        );
         // Credentials never reach a note.
-        let set = RuleSet::parse("a=direct,action=upstream,upstream=carol:hunter2@bad host:1", "t").unwrap();
-        assert!(!set.warnings().concat().contains("hunter2"), "{:?}", set.warnings());
+        let set = RuleSet::parse(
+            "a=direct,action=upstream,upstream=carol:hunter2@bad host:1",
+            "t",
+        )
+        .unwrap();
+        assert!(
+            !set.warnings().concat().contains("hunter2"),
+            "{:?}",
+            set.warnings()
+        );
 
         let mut set = RuleSet::default();
         let e = set.add_rule_line("", "<cli>", 2).unwrap_err();
@@ -1860,7 +2063,10 @@ a*.example.com=segment_upstream,chunk=5
         let set = RuleSet::parse(ORDER, "order.rules").unwrap();
         let scores: Vec<u32> = set.rules().iter().map(|r| r.score).collect();
         assert_eq!(scores, vec![0, 1200, 1200, 1200, 1500, 1000]);
-        assert_eq!(one("x.test=direct,scheme=http,method=GET,path_prefix=/abc").score, 1704);
+        assert_eq!(
+            one("x.test=direct,scheme=http,method=GET,path_prefix=/abc").score,
+            1704
+        );
         assert_eq!(one("x.test=direct,port=8080").score, 1600); // ours: port= counts as scheme=
         assert_eq!(one("=direct").score, 500); // SegmentedProxy's arithmetic, empty glob
         assert_eq!(one("h[0-9].test=direct").score, 1500); // no * or ?: as exact
@@ -1873,7 +2079,7 @@ a*.example.com=segment_upstream,chunk=5
         let pick = |h: &str| chunk_of(&set.decide("GET", Scheme::Https, h, 443, "/"));
         assert_eq!(pick("api.example.com"), 4); // 1500
         assert_eq!(pick("API.Example.com."), 4); // normalised
-        // *.com, *.example.com and *.api.example.com all score 1200: the earliest wins.
+                                                 // *.com, *.example.com and *.api.example.com all score 1200: the earliest wins.
         assert_eq!(pick("v1.api.example.com"), 1);
         assert_eq!(pick("www.example.com"), 1);
         assert_eq!(pick("abc.example.com"), 1); // 1200 beats a*.example.com's 1000
@@ -1883,26 +2089,51 @@ a*.example.com=segment_upstream,chunk=5
         assert!(matches!(d.action, Action::Upstream(_)));
 
         // The issue's two examples, as SegmentedProxy decides them.
-        let set = RuleSet::parse("*=direct,method=POST,action=block,reason=A\n*=direct,path_prefix=/x,reason=B", "t").unwrap();
+        let set = RuleSet::parse(
+            "*=direct,method=POST,action=block,reason=A\n*=direct,path_prefix=/x,reason=B",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("POST", Scheme::Http, "h.test", 80, "/xyz");
         assert_eq!(d.rule, Some(0));
         assert_eq!(d.action, Action::Block { reason: "A".into() });
-        let set = RuleSet::parse("*.b.example.com=direct\n*.example.com=direct,action=block", "t").unwrap();
+        let set = RuleSet::parse(
+            "*.b.example.com=direct\n*.example.com=direct,action=block",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("GET", Scheme::Https, "x.b.example.com", 443, "/");
         assert_eq!(d.rule, Some(1));
         assert!(d.action.is_block());
 
         // A long path prefix outweighs a host class.
         let long = "/".to_string() + &"p".repeat(1600);
-        let set = RuleSet::parse(&format!("exact.test=direct\n*=direct,action=block,path_prefix={long}"), "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "exact.test", 80, &format!("{long}/x")).rule, Some(1));
-        assert_eq!(set.decide("GET", Scheme::Http, "exact.test", 80, "/").rule, Some(0));
+        let set = RuleSet::parse(
+            &format!("exact.test=direct\n*=direct,action=block,path_prefix={long}"),
+            "t",
+        )
+        .unwrap();
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "exact.test", 80, &format!("{long}/x"))
+                .rule,
+            Some(1)
+        );
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "exact.test", 80, "/").rule,
+            Some(0)
+        );
 
         // Globs with equal scores: the earlier.
         let set = RuleSet::parse("*=direct\nex*.org=direct,action=block", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(1));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
+            Some(1)
+        );
         let set = RuleSet::parse("e*.org=direct\n*ple.org=direct\nex*.org=direct", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "example.org", 80, "/").rule, Some(0));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "example.org", 80, "/").rule,
+            Some(0)
+        );
     }
 
     #[test]
@@ -1935,9 +2166,17 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
         .unwrap();
         let d = set.decide("GET", Scheme::Http, "t.test", 80, "/");
         assert_eq!(d.rule, Some(1));
-        assert_eq!(d.action, Action::Block { reason: "blocked by rule".into() });
+        assert_eq!(
+            d.action,
+            Action::Block {
+                reason: "blocked by rule".into()
+            }
+        );
         let set = RuleSet::parse("t.test=direct\nt.test=segment_upstream", "t").unwrap();
-        assert_eq!(set.decide("GET", Scheme::Http, "t.test", 80, "/").rule, Some(0));
+        assert_eq!(
+            set.decide("GET", Scheme::Http, "t.test", 80, "/").rule,
+            Some(0)
+        );
     }
 
     #[test]
@@ -1994,7 +2233,11 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
             "matched host_glob=api.example.com; ctx host=api.example.com scheme=https method=GET path=/; \
              score=1500; action=direct; rule 5 at order.rules:5 `api.example.com=segment_upstream,chunk=4`"
         );
-        let set = RuleSet::parse("x.test=direct,method=get,port=80,scheme=http,path_prefix=/p,action=block", "t").unwrap();
+        let set = RuleSet::parse(
+            "x.test=direct,method=get,port=80,scheme=http,path_prefix=/p,action=block",
+            "t",
+        )
+        .unwrap();
         let d = set.decide("get", Scheme::Http, "X.test", 80, "/p/q");
         assert_eq!(
             d.explanation,
@@ -2028,7 +2271,9 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
             "Default policy: mode=direct strategy=none chunk=1024 delay=0 direction=up\nRules: (none)\n"
         );
         let set = RuleSet::new(SegmentPolicy::fixed(300, ms(5)), Direction::Up);
-        assert!(set.describe().starts_with("Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up\n"));
+        assert!(set.describe().starts_with(
+            "Default policy: mode=segment_upstream strategy=fixed chunk=300 delay=5 direction=up\n"
+        ));
         assert_eq!(set.warnings(), Vec::<String>::new());
     }
 

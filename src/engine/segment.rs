@@ -237,13 +237,20 @@ impl<S> Segmented<S> {
     /// chunk is half written.
     pub fn take_carry(&mut self) -> Carry {
         debug_assert_eq!(self.in_flight, 0, "a chunk is half written");
-        Carry { pending: std::mem::take(&mut self.pending), next_at: self.next_at.take(), planned: self.planned.take() }
+        Carry {
+            pending: std::mem::take(&mut self.pending),
+            next_at: self.next_at.take(),
+            planned: self.planned.take(),
+        }
     }
 
     /// Goes on from where the previous wrapper on the same stream stopped.
     pub fn with_carry(mut self, carry: Carry) -> Self {
         if self.fast {
-            debug_assert!(carry.pending.is_empty(), "held bytes given to a passthrough writer");
+            debug_assert!(
+                carry.pending.is_empty(),
+                "held bytes given to a passthrough writer"
+            );
             self.pending = carry.pending;
             self.fast = self.pending.is_empty();
             return self;
@@ -263,7 +270,9 @@ impl<S> Segmented<S> {
             Strategy::Fixed { chunk } => chunk.max(1),
             Strategy::Random { min, max } => {
                 let rng = &mut self.rng;
-                *self.planned.get_or_insert_with(|| rng.usize(min.max(1)..=max.max(min).max(1)))
+                *self
+                    .planned
+                    .get_or_insert_with(|| rng.usize(min.max(1)..=max.max(min).max(1)))
             }
         }
     }
@@ -312,7 +321,9 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
         loop {
             while self.in_flight > 0 {
                 let at = self.clock();
-                let n = ready!(Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight]))?;
+                let n = ready!(
+                    Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight])
+                )?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -368,13 +379,21 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Segmented<S> {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
     }
 }
 
 impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.fast {
             return Pin::new(&mut this.inner).poll_write(cx, buf);
@@ -442,13 +461,20 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
 
-    fn poll_write_vectored(self: Pin<&mut Self>, cx: &mut Context<'_>, bufs: &[io::IoSlice<'_>]) -> Poll<io::Result<usize>> {
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         if this.fast {
             return Pin::new(&mut this.inner).poll_write_vectored(cx, bufs);
         }
         // Segmenting: one buffer at a time, like the default implementation.
-        let buf = bufs.iter().find(|b| !b.is_empty()).map_or(&[][..], |b| &**b);
+        let buf = bufs
+            .iter()
+            .find(|b| !b.is_empty())
+            .map_or(&[][..], |b| &**b);
         Pin::new(this).poll_write(cx, buf)
     }
 
@@ -586,7 +612,9 @@ mod tests {
             match policy.strategy {
                 Strategy::None => {}
                 Strategy::Fixed { chunk } => assert_eq!(c, chunk),
-                Strategy::Random { min, max } => assert!((min..=max).contains(&c), "{c} not in {min}..={max}"),
+                Strategy::Random { min, max } => {
+                    assert!((min..=max).contains(&c), "{c} not in {min}..={max}")
+                }
             }
         }
     }
@@ -650,7 +678,15 @@ mod tests {
         use ShortChunk::*;
         assert_eq!(
             *seen.lock().unwrap(),
-            vec![(4, None), (4, None), (4, None), (1, Some(Flush)), (4, None), (1, Some(Idle)), (2, Some(End))]
+            vec![
+                (4, None),
+                (4, None),
+                (4, None),
+                (1, Some(Flush)),
+                (4, None),
+                (1, Some(Idle)),
+                (2, Some(End))
+            ]
         );
     }
 
@@ -658,7 +694,10 @@ mod tests {
     async fn exact_sizes_across_tiny_writes() {
         let data: Vec<u8> = (0..20_000u32).map(|i| (i % 253) as u8).collect();
         let mut rng = fastrand::Rng::with_seed(7);
-        for policy in [SegmentPolicy::fixed(100, Duration::ZERO), SegmentPolicy::random(50, 150, Duration::ZERO)] {
+        for policy in [
+            SegmentPolicy::fixed(100, Duration::ZERO),
+            SegmentPolicy::random(50, 150, Duration::ZERO),
+        ] {
             let (a, mut b) = tokio::io::duplex(1 << 20);
             let (obs, seen) = recorder();
             let mut w = Segmented::new(a, policy.clone(), Some(obs));
@@ -676,8 +715,12 @@ mod tests {
             let chunks = seen.lock().unwrap().clone();
             let (_, whole) = chunks.split_last().unwrap();
             match policy.strategy {
-                Strategy::Fixed { chunk } => assert!(whole.iter().all(|&c| c == chunk), "{whole:?}"),
-                Strategy::Random { min, max } => assert!(whole.iter().all(|c| (min..=max).contains(c)), "{whole:?}"),
+                Strategy::Fixed { chunk } => {
+                    assert!(whole.iter().all(|&c| c == chunk), "{whole:?}")
+                }
+                Strategy::Random { min, max } => {
+                    assert!(whole.iter().all(|c| (min..=max).contains(c)), "{whole:?}")
+                }
                 Strategy::None => unreachable!(),
             }
         }
@@ -802,7 +845,11 @@ mod tests {
     async fn delay_spaces_chunk_starts_by_deadline_across_writes() {
         let (a, mut b) = tokio::io::duplex(1 << 16);
         let (obs, seen) = recorder();
-        let mut w = Segmented::new(a, SegmentPolicy::fixed(10, Duration::from_millis(20)), Some(obs));
+        let mut w = Segmented::new(
+            a,
+            SegmentPolicy::fixed(10, Duration::from_millis(20)),
+            Some(obs),
+        );
         let start = Instant::now();
         w.write_all(&[0u8; 30]).await.unwrap(); // chunks start at 0, 20, 40 ms
         assert!(start.elapsed() >= Duration::from_millis(40));
@@ -829,7 +876,11 @@ mod tests {
             b.read_to_end(&mut got).await.unwrap();
             got.len()
         });
-        let mut w = Segmented::new(a, SegmentPolicy::fixed(3, Duration::from_millis(2)), Some(obs));
+        let mut w = Segmented::new(
+            a,
+            SegmentPolicy::fixed(3, Duration::from_millis(2)),
+            Some(obs),
+        );
         w.write_all(&[9u8; 150]).await.unwrap();
         w.shutdown().await.unwrap();
         drop(w);
@@ -837,7 +888,11 @@ mod tests {
         let starts = starts.lock().unwrap();
         assert_eq!(starts.len(), 50);
         for pair in starts.windows(2) {
-            assert!(pair[1] - pair[0] >= Duration::from_millis(2), "gap {:?}", pair[1] - pair[0]);
+            assert!(
+                pair[1] - pair[0] >= Duration::from_millis(2),
+                "gap {:?}",
+                pair[1] - pair[0]
+            );
         }
     }
 

@@ -112,12 +112,18 @@ impl ProxyServer {
         let origin_tls = origin_client_config(&parts.origin_trust)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
         let filter = parts.filter.unwrap_or_default();
-        let mut connector = parts.connector.unwrap_or_else(|| Connector::new(config.connect_timeout));
+        let mut connector = parts
+            .connector
+            .unwrap_or_else(|| Connector::new(config.connect_timeout));
         if filter.deny_private {
             let f = filter.clone();
             connector.addr_check = Some(Box::new(move |ip| f.check_addr(ip)));
         }
-        let hooks = parts.handler.as_ref().map(|h| h.hooks()).unwrap_or_default();
+        let hooks = parts
+            .handler
+            .as_ref()
+            .map(|h| h.hooks())
+            .unwrap_or_default();
         let listener = TcpListener::bind(config.listen).await?;
         let local_addr = listener.local_addr()?;
         let (drain_tx, draining) = watch::channel(false);
@@ -154,7 +160,8 @@ impl ProxyServer {
             stopped_flag: Arc::new(Default::default()),
             accepting: std::sync::Mutex::new(None),
         };
-        *server.accepting.lock().unwrap_or_else(|e| e.into_inner()) = Some(tokio::spawn(accept_loop(listener, engine.clone())));
+        *server.accepting.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(tokio::spawn(accept_loop(listener, engine.clone())));
         tokio::spawn(super::memory::return_after_bursts(engine.clone()));
         tokio::spawn(sweep_pool(engine));
         Ok(server)
@@ -171,7 +178,11 @@ impl ProxyServer {
     /// Stops accepting, lets in-flight exchanges finish for up to `grace`, then closes the rest.
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.drain_tx.send(true);
-        let accepting = self.accepting.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let accepting = self
+            .accepting
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
         if let Some(task) = accepting {
             let _ = task.await;
         }
@@ -190,7 +201,8 @@ impl ProxyServer {
         // Give cut-off connections a moment to unwind so their sockets are closed on return.
         let cut = tokio::time::Instant::now() + Duration::from_secs(2);
         while engine.active_connections() > 0 && tokio::time::Instant::now() < cut {
-            let _ = tokio::time::timeout(Duration::from_millis(50), engine.all_done.notified()).await;
+            let _ =
+                tokio::time::timeout(Duration::from_millis(50), engine.all_done.notified()).await;
         }
         engine.pool.clear();
         self.stopped_flag.store(true, Ordering::Release);
@@ -264,7 +276,8 @@ struct AcceptFailures {
 
 impl AcceptFailures {
     fn once_a_second(&self) -> bool {
-        self.last_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
+        self.last_log
+            .is_none_or(|t| t.elapsed() >= Duration::from_secs(1))
     }
 
     fn note(&mut self, e: &io::Error) {
@@ -275,7 +288,10 @@ impl AcceptFailures {
                 Some(libc::EMFILE) | Some(libc::ENFILE) => " (out of file descriptors: raise the open-file limit or lower --max-connections)",
                 _ => "",
             };
-            log::warn!("accept failed {} time(s) in the last second: {e}{why}; backing off", self.since_log);
+            log::warn!(
+                "accept failed {} time(s) in the last second: {e}{why}; backing off",
+                self.since_log
+            );
             self.last_log = Some(std::time::Instant::now());
             self.since_log = 0;
         }
@@ -297,7 +313,10 @@ fn finish_connection(engine: &Engine) {
 }
 
 async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<Engine>) {
-    let body = format!("segproxy: too many connections (limit {})\n", engine.config.max_connections);
+    let body = format!(
+        "segproxy: too many connections (limit {})\n",
+        engine.config.max_connections
+    );
     engine.access.record(AccessRecord {
         id: format!("{id}.1"),
         client: Some(peer),
@@ -316,7 +335,11 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         body.len(),
         body
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(response.as_bytes())).await;
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        stream.write_all(response.as_bytes()),
+    )
+    .await;
     let _ = stream.shutdown().await;
     finish_connection(&engine);
 }
@@ -324,7 +347,8 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
 async fn sweep_pool(engine: Arc<Engine>) {
     let mut closing = engine.closing.clone();
     // Often enough that an idle connection outlives its timeout by at most half of it.
-    let every = (engine.config.pool_idle_timeout / 2).clamp(Duration::from_millis(50), Duration::from_secs(5));
+    let every = (engine.config.pool_idle_timeout / 2)
+        .clamp(Duration::from_millis(50), Duration::from_secs(5));
     loop {
         tokio::select! {
             _ = tokio::time::sleep(every) => engine.pool.sweep(),

@@ -23,7 +23,11 @@ use std::time::{Duration, Instant};
 
 /// A future that completes at `deadline` (at once when it has passed).
 pub fn sleep_until(deadline: Instant) -> PreciseSleep {
-    PreciseSleep { deadline, waker: None, wake_at: None }
+    PreciseSleep {
+        deadline,
+        waker: None,
+        wake_at: None,
+    }
 }
 
 /// The longest busy wait before a deadline.
@@ -97,7 +101,8 @@ impl Future for PreciseSleep {
             }
             return Poll::Ready(());
         }
-        let registered = self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && self.wake_at.is_some();
+        let registered =
+            self.waker.as_ref().is_some_and(|w| w.will_wake(cx.waker())) && self.wake_at.is_some();
         if !registered {
             let at = self.deadline - margin().min(left);
             self.waker = Some(cx.waker().clone());
@@ -128,7 +133,10 @@ impl PartialOrd for Entry {
 impl Ord for Entry {
     // Reversed: BinaryHeap is a max-heap and the earliest deadline must come out first.
     fn cmp(&self, other: &Self) -> Ordering {
-        other.deadline.cmp(&self.deadline).then(other.seq.cmp(&self.seq))
+        other
+            .deadline
+            .cmp(&self.deadline)
+            .then(other.seq.cmp(&self.seq))
     }
 }
 
@@ -146,7 +154,10 @@ struct Timer {
 fn timer() -> &'static Timer {
     static TIMER: OnceLock<&'static Timer> = OnceLock::new();
     TIMER.get_or_init(|| {
-        let timer: &'static Timer = Box::leak(Box::new(Timer { queue: Mutex::default(), changed: Condvar::new() }));
+        let timer: &'static Timer = Box::leak(Box::new(Timer {
+            queue: Mutex::default(),
+            changed: Condvar::new(),
+        }));
         std::thread::Builder::new()
             .name("segproxy-timer".into())
             .spawn(move || timer.run())
@@ -161,7 +172,11 @@ impl Timer {
         queue.seq += 1;
         let seq = queue.seq;
         let earliest = queue.entries.peek().is_none_or(|e| deadline < e.deadline);
-        queue.entries.push(Entry { deadline, seq, waker });
+        queue.entries.push(Entry {
+            deadline,
+            seq,
+            waker,
+        });
         drop(queue);
         if earliest {
             self.changed.notify_one();
@@ -187,8 +202,13 @@ impl Timer {
             queue = match queue.entries.peek().map(|e| e.deadline) {
                 None => self.changed.wait(queue).unwrap_or_else(|e| e.into_inner()),
                 Some(at) => {
-                    let wait = at.saturating_duration_since(now).max(Duration::from_nanos(1));
-                    self.changed.wait_timeout(queue, wait).unwrap_or_else(|e| e.into_inner()).0
+                    let wait = at
+                        .saturating_duration_since(now)
+                        .max(Duration::from_nanos(1));
+                    self.changed
+                        .wait_timeout(queue, wait)
+                        .unwrap_or_else(|e| e.into_inner())
+                        .0
                 }
             };
         }
@@ -233,7 +253,9 @@ mod tests {
     #[tokio::test]
     async fn a_past_deadline_is_ready_at_once() {
         let past = Instant::now() - Duration::from_millis(5);
-        tokio::time::timeout(Duration::from_secs(5), sleep_until(past)).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(5), sleep_until(past))
+            .await
+            .unwrap();
     }
 
     #[tokio::test]
@@ -261,7 +283,11 @@ mod lateness {
     #[test]
     #[ignore]
     fn timer_lateness() {
-        let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
         for gap_us in [1000u64, 5000, 20000] {
             let late: Vec<f64> = rt.block_on(async move {
                 tokio::spawn(async move {
@@ -279,7 +305,10 @@ mod lateness {
             });
             let mut sorted = late.clone();
             sorted.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            println!("gap {gap_us} us: median {:.0} us p99 {:.0} us max {:.0} us", sorted[100], sorted[197], sorted[199]);
+            println!(
+                "gap {gap_us} us: median {:.0} us p99 {:.0} us max {:.0} us",
+                sorted[100], sorted[197], sorted[199]
+            );
         }
     }
 }

@@ -45,7 +45,13 @@ where
     let up = one_way(a_read, b_write, buffer, &clock, &stop_tx, stop_rx.clone());
     let down = one_way(b_read, a_write, buffer, &clock, &stop_tx, stop_rx);
     let ((up_bytes, up_err), (down_bytes, down_err)) = tokio::join!(up, down);
-    (PumpTotals { a_to_b: up_bytes, b_to_a: down_bytes }, up_err.or(down_err))
+    (
+        PumpTotals {
+            a_to_b: up_bytes,
+            b_to_a: down_bytes,
+        },
+        up_err.or(down_err),
+    )
 }
 
 /// When either direction last moved bytes: a tunnel is idle only when both are quiet.
@@ -57,17 +63,25 @@ struct IdleClock {
 
 impl IdleClock {
     fn new(idle: Duration) -> Self {
-        IdleClock { start: Instant::now(), idle, last_activity_ms: AtomicU64::new(0) }
+        IdleClock {
+            start: Instant::now(),
+            idle,
+            last_activity_ms: AtomicU64::new(0),
+        }
     }
     fn touch(&self) {
-        self.last_activity_ms.store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
+        self.last_activity_ms
+            .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
     fn expired(&self) -> bool {
         let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last) >= self.idle
     }
     fn error(&self) -> io::Error {
-        io::Error::new(io::ErrorKind::TimedOut, format!("tunnel idle for {:?}", self.idle))
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("tunnel idle for {:?}", self.idle),
+        )
     }
 }
 
@@ -137,13 +151,23 @@ where
 /// taken from a shared pool only while bytes move, so an idle tunnel holds no pipe: just
 /// its two sockets.
 #[cfg(target_os = "linux")]
-pub async fn splice_pump(a: &tokio::net::TcpStream, b: &tokio::net::TcpStream, idle: Duration) -> (PumpTotals, Option<io::Error>) {
+pub async fn splice_pump(
+    a: &tokio::net::TcpStream,
+    b: &tokio::net::TcpStream,
+    idle: Duration,
+) -> (PumpTotals, Option<io::Error>) {
     let clock = IdleClock::new(idle);
     let (stop_tx, stop_rx) = watch::channel(false);
     let up = splice_one_way(a, b, &clock, &stop_tx, stop_rx.clone());
     let down = splice_one_way(b, a, &clock, &stop_tx, stop_rx);
     let ((up_bytes, up_err), (down_bytes, down_err)) = tokio::join!(up, down);
-    (PumpTotals { a_to_b: up_bytes, b_to_a: down_bytes }, up_err.or(down_err))
+    (
+        PumpTotals {
+            a_to_b: up_bytes,
+            b_to_a: down_bytes,
+        },
+        up_err.or(down_err),
+    )
 }
 
 #[cfg(target_os = "linux")]
@@ -172,7 +196,12 @@ mod pipes {
                 return Err(io::Error::last_os_error());
             }
             // SAFETY: both descriptors were just created and are owned by nobody else.
-            let pipe = unsafe { Pipe { read: OwnedFd::from_raw_fd(fds[0]), write: OwnedFd::from_raw_fd(fds[1]) } };
+            let pipe = unsafe {
+                Pipe {
+                    read: OwnedFd::from_raw_fd(fds[0]),
+                    write: OwnedFd::from_raw_fd(fds[1]),
+                }
+            };
             // A larger pipe moves more per call; failure only costs speed.
             // SAFETY: fcntl on a descriptor we own.
             unsafe { libc::fcntl(fds[1], libc::F_SETPIPE_SZ, SPLICE_CHUNK as libc::c_int) };
@@ -206,7 +235,14 @@ mod pipes {
     pub fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
         // SAFETY: plain syscall on descriptors that outlive the call; null offsets (streams).
         let n = unsafe {
-            libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK)
+            libc::splice(
+                from,
+                std::ptr::null_mut(),
+                to,
+                std::ptr::null_mut(),
+                len,
+                libc::SPLICE_F_MOVE | libc::SPLICE_F_NONBLOCK,
+            )
         };
         if n < 0 {
             Err(io::Error::last_os_error())
@@ -249,7 +285,9 @@ async fn splice_one_way(
             Err(e) => break stop(e),
         };
         // Socket -> pipe.
-        let moved = match src.try_io(Interest::READABLE, || splice(src_fd, pipe.write_fd(), SPLICE_CHUNK)) {
+        let moved = match src.try_io(Interest::READABLE, || {
+            splice(src_fd, pipe.write_fd(), SPLICE_CHUNK)
+        }) {
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
                 pipe.give_back();
@@ -299,13 +337,18 @@ mod tests {
     async fn spliced_tunnels_move_bytes_through_pooled_pipes() {
         let (mut client, proxy_client) = pair().await;
         let (proxy_origin, mut origin) = pair().await;
-        let relay = tokio::spawn(async move { splice_pump(&proxy_client, &proxy_origin, Duration::from_secs(30)).await });
+        let relay = tokio::spawn(async move {
+            splice_pump(&proxy_client, &proxy_origin, Duration::from_secs(30)).await
+        });
         client.write_all(b"hello").await.unwrap();
         let mut got = [0u8; 5];
         origin.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"hello");
         let mut back = vec![0u8; 300_000];
-        let (sent, read) = tokio::join!(origin.write_all(&[7u8; 300_000]), client.read_exact(&mut back));
+        let (sent, read) = tokio::join!(
+            origin.write_all(&[7u8; 300_000]),
+            client.read_exact(&mut back)
+        );
         sent.unwrap();
         read.unwrap();
         assert!(back.iter().all(|&b| b == 7));

@@ -63,7 +63,10 @@ impl Doorbell {
         if self.closed.load(Ordering::Acquire) {
             return;
         }
-        self.queue.lock().unwrap_or_else(|e| e.into_inner()).push(item);
+        self.queue
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(item);
         if !self.scheduled.swap(true, Ordering::AcqRel) {
             self.ring();
         }
@@ -146,7 +149,11 @@ fn hook_set(names: &[String]) -> PyResult<HookSet> {
             "connect" => &mut set.connect,
             "tunnel" => &mut set.tunnel,
             "authenticate" => &mut set.authenticate,
-            other => return Err(pyo3::exceptions::PyValueError::new_err(format!("unknown hook {other:?}"))),
+            other => {
+                return Err(pyo3::exceptions::PyValueError::new_err(format!(
+                    "unknown hook {other:?}"
+                )))
+            }
         };
         *flag = true;
     }
@@ -160,9 +167,20 @@ impl HookBridge {
     /// class implements (the engine never calls the others).
     #[new]
     fn new(connection_factory: Py<PyAny>, hooks: Vec<String>) -> PyResult<Self> {
-        let bell = Arc::new(Doorbell::new().map_err(|e| PyOSError::new_err(format!("hook bridge socketpair: {e}")))?);
-        let handler = Arc::new(PyHandler::new(bell.clone(), hook_set(&hooks)?, connection_factory));
-        Ok(HookBridge { bell, handler, ringer: Mutex::new(None) })
+        let bell = Arc::new(
+            Doorbell::new()
+                .map_err(|e| PyOSError::new_err(format!("hook bridge socketpair: {e}")))?,
+        );
+        let handler = Arc::new(PyHandler::new(
+            bell.clone(),
+            hook_set(&hooks)?,
+            connection_factory,
+        ));
+        Ok(HookBridge {
+            bell,
+            handler,
+            ringer: Mutex::new(None),
+        })
     }
 
     /// The socket to watch with `loop.add_reader(fileno, drain)`.
@@ -179,8 +197,13 @@ impl HookBridge {
     /// `loop.call_soon_threadsafe(self._drain_woken)` once per wake-up.
     fn start_ringer(slf: Bound<'_, Self>, event_loop: Py<PyAny>) -> PyResult<()> {
         let this = slf.get();
-        let ear = this.bell.ear.try_clone().map_err(|e| PyOSError::new_err(format!("hook bridge: {e}")))?;
-        ear.set_nonblocking(false).map_err(|e| PyOSError::new_err(format!("hook bridge: {e}")))?;
+        let ear = this
+            .bell
+            .ear
+            .try_clone()
+            .map_err(|e| PyOSError::new_err(format!("hook bridge: {e}")))?;
+        ear.set_nonblocking(false)
+            .map_err(|e| PyOSError::new_err(format!("hook bridge: {e}")))?;
         let drain_cb: Py<PyAny> = slf.getattr("_drain_woken")?.unbind();
         let handle = std::thread::Builder::new()
             .name("segproxy-ringer".into())
@@ -193,13 +216,19 @@ impl HookBridge {
                         Err(e) if e.kind() == ErrorKind::Interrupted => continue,
                         Err(_) => break,
                     }
-                    let ok = Python::attach(|py| event_loop.call_method1(py, "call_soon_threadsafe", (drain_cb.clone_ref(py),)).is_ok());
+                    let ok = Python::attach(|py| {
+                        event_loop
+                            .call_method1(py, "call_soon_threadsafe", (drain_cb.clone_ref(py),))
+                            .is_ok()
+                    });
                     if !ok {
                         break; // the loop is closed
                     }
                 }
             })
-            .map_err(|e| PyOSError::new_err(format!("hook bridge: cannot start ringer thread: {e}")))?;
+            .map_err(|e| {
+                PyOSError::new_err(format!("hook bridge: cannot start ringer thread: {e}"))
+            })?;
         *this.ringer.lock().unwrap_or_else(|e| e.into_inner()) = Some(handle);
         Ok(())
     }
@@ -226,7 +255,10 @@ impl HookBridge {
 
     /// (wake-ups, items run) since start: items per wake-up shows the batching.
     fn stats(&self) -> (u64, u64) {
-        (self.bell.wakeups.load(Ordering::Relaxed), self.bell.items.load(Ordering::Relaxed))
+        (
+            self.bell.wakeups.load(Ordering::Relaxed),
+            self.bell.items.load(Ordering::Relaxed),
+        )
     }
 
     /// The hooks the engine will call, as given at creation.

@@ -17,8 +17,8 @@ use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::hooks::{
-    ConnectDecision, ConnectionHandler, ConnectionMeta, ForwardOrder, Handler, HandlerCommand, HookSet, HookWaits, Reply,
-    RequestParts, ResponseParts,
+    ConnectDecision, ConnectionHandler, ConnectionMeta, ForwardOrder, Handler, HandlerCommand,
+    HookSet, HookWaits, Reply, RequestParts, ResponseParts,
 };
 use crate::engine::http1::{Header, Headers};
 use crate::engine::segment::SegmentPolicy;
@@ -34,7 +34,11 @@ pub struct PyHandler {
 
 impl PyHandler {
     pub fn new(bell: Arc<Doorbell>, hooks: HookSet, factory: Py<PyAny>) -> Self {
-        PyHandler { bell, hooks, factory: Arc::new(factory) }
+        PyHandler {
+            bell,
+            hooks,
+            factory: Arc::new(factory),
+        }
     }
 }
 
@@ -86,7 +90,10 @@ impl Shared {
             }
         }
         let client = self.meta.client;
-        let made = self.factory.bind(py).call1((self.meta.id, client.ip().to_string(), client.port()));
+        let made =
+            self.factory
+                .bind(py)
+                .call1((self.meta.id, client.ip().to_string(), client.port()));
         let mut d = self.driver.lock().unwrap_or_else(|e| e.into_inner());
         match made {
             Ok(obj) => {
@@ -104,7 +111,11 @@ impl Shared {
 
 /// "TypeName: message" of a Python exception, formatted on the loop thread.
 pub fn describe(py: Python<'_>, e: &PyErr) -> String {
-    let name = e.get_type(py).name().map(|n| n.to_string()).unwrap_or_else(|_| "Exception".into());
+    let name = e
+        .get_type(py)
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_else(|_| "Exception".into());
     let value = e.value(py).str().map(|s| s.to_string()).unwrap_or_default();
     if value.is_empty() {
         name
@@ -133,7 +144,10 @@ impl PyConnection {
         let item: Item = Box::new(move |py| {
             let outcome = shared.driver(py).and_then(|driver| {
                 let args = args(py).map_err(|e| describe(py, &e))?;
-                driver.call_method1(method, args).map(drop).map_err(|e| describe(py, &e))
+                driver
+                    .call_method1(method, args)
+                    .map(drop)
+                    .map_err(|e| describe(py, &e))
             });
             if let Err(msg) = outcome {
                 on_fail(msg);
@@ -156,12 +170,20 @@ impl PyConnection {
         self.touched.store(true, Ordering::Relaxed);
         let shared = self.shared.clone();
         self.shared.bell.push(Box::new(move |py| {
-            let completer = Py::new(py, Completer { pending: Mutex::new(Some(pending)) })?;
+            let completer = Py::new(
+                py,
+                Completer {
+                    pending: Mutex::new(Some(pending)),
+                },
+            )?;
             let outcome = shared.driver(py).and_then(|driver| {
                 let mut args = vec![completer.bind(py).clone().into_any()];
                 args.extend(extra(py).map_err(|e| describe(py, &e))?);
                 let args = PyTuple::new(py, args).map_err(|e| describe(py, &e))?;
-                driver.call_method1(method, args).map(drop).map_err(|e| describe(py, &e))
+                driver
+                    .call_method1(method, args)
+                    .map(drop)
+                    .map_err(|e| describe(py, &e))
             });
             if let Err(msg) = outcome {
                 completer.get().fail_with(msg);
@@ -178,7 +200,10 @@ impl PyConnection {
         }
         let shared = self.shared.clone();
         self.shared.bell.push(Box::new(move |py| {
-            let prev = std::mem::replace(&mut *shared.driver.lock().unwrap_or_else(|e| e.into_inner()), Driver::Closed);
+            let prev = std::mem::replace(
+                &mut *shared.driver.lock().unwrap_or_else(|e| e.into_inner()),
+                Driver::Closed,
+            );
             if let Driver::Open(driver) = prev {
                 driver.bind(py).call_method0("closed")?;
             }
@@ -190,10 +215,21 @@ impl PyConnection {
 impl ConnectionHandler for PyConnection {
     fn request(&self, request: RequestParts) -> mpsc::UnboundedReceiver<HandlerCommand> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let flow = FlowHandle { tx: tx.clone(), bell: self.shared.bell.clone() };
+        let flow = FlowHandle {
+            tx: tx.clone(),
+            bell: self.shared.bell.clone(),
+        };
         self.call(
             "request",
-            move |py| PyTuple::new(py, [Bound::new(py, flow)?.into_any(), request_to_py(py, &request)?.into_any()]),
+            move |py| {
+                PyTuple::new(
+                    py,
+                    [
+                        Bound::new(py, flow)?.into_any(),
+                        request_to_py(py, &request)?.into_any(),
+                    ],
+                )
+            },
             move |msg| {
                 let _ = tx.send(HandlerCommand::Fail(msg));
             },
@@ -202,11 +238,15 @@ impl ConnectionHandler for PyConnection {
     }
 
     fn response(&self, response: ResponseParts) -> Reply<ResponseParts> {
-        self.reply("response", Pending::Response, move |py| Ok(vec![response_to_py(py, &response)?.into_any()]))
+        self.reply("response", Pending::Response, move |py| {
+            Ok(vec![response_to_py(py, &response)?.into_any()])
+        })
     }
 
     fn response_chunk(&self, chunk: Bytes) -> Reply<Option<Bytes>> {
-        self.reply("response_chunk", Pending::Chunk, move |py| Ok(vec![PyBytes::new(py, &chunk).into_any()]))
+        self.reply("response_chunk", Pending::Chunk, move |py| {
+            Ok(vec![PyBytes::new(py, &chunk).into_any()])
+        })
     }
 
     fn response_complete(&self) -> Reply<()> {
@@ -219,16 +259,27 @@ impl ConnectionHandler for PyConnection {
 
     fn connect(&self, host: String, port: u16) -> Reply<ConnectDecision> {
         self.reply("connect", Pending::Connect, move |py| {
-            Ok(vec![PyString::new(py, &host).into_any(), port.into_pyobject(py)?.into_any()])
+            Ok(vec![
+                PyString::new(py, &host).into_any(),
+                port.into_pyobject(py)?.into_any(),
+            ])
         })
     }
 
     fn tunnel_opened(&self, host: String, port: u16) {
-        self.call("tunnel_opened", move |py| (host, port).into_pyobject(py), |_| {});
+        self.call(
+            "tunnel_opened",
+            move |py| (host, port).into_pyobject(py),
+            |_| {},
+        );
     }
 
     fn tunnel_closed(&self, host: String, port: u16, bytes_up: u64, bytes_down: u64) {
-        self.call("tunnel_closed", move |py| (host, port, bytes_up, bytes_down).into_pyobject(py), |_| {});
+        self.call(
+            "tunnel_closed",
+            move |py| (host, port, bytes_up, bytes_down).into_pyobject(py),
+            |_| {},
+        );
     }
 
     fn closed(&self) {
@@ -237,7 +288,10 @@ impl ConnectionHandler for PyConnection {
 
     fn authenticate(&self, scheme: String, credentials: String) -> Reply<bool> {
         self.reply("authenticate", Pending::Auth, move |py| {
-            Ok(vec![PyString::new(py, &scheme).into_any(), PyString::new(py, &credentials).into_any()])
+            Ok(vec![
+                PyString::new(py, &scheme).into_any(),
+                PyString::new(py, &credentials).into_any(),
+            ])
         })
     }
 }
@@ -269,7 +323,10 @@ fn header_bytes(s: &str) -> Bytes {
 fn headers_to_py<'py>(py: Python<'py>, headers: &Headers) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for h in &headers.0 {
-        list.append((PyString::new(py, &h.name), PyString::new(py, &latin1(&h.value))))?;
+        list.append((
+            PyString::new(py, &h.name),
+            PyString::new(py, &latin1(&h.value)),
+        ))?;
     }
     Ok(list)
 }
@@ -279,10 +336,14 @@ fn headers_from_py(value: &Bound<'_, PyAny>) -> PyResult<Headers> {
     for pair in value.try_iter()? {
         let (name, value): (String, String) = pair?.extract()?;
         if name.is_empty() || name.bytes().any(|b| b <= b' ' || b == b':' || b >= 0x7f) {
-            return Err(PyValueError::new_err(format!("invalid header name {name:?}")));
+            return Err(PyValueError::new_err(format!(
+                "invalid header name {name:?}"
+            )));
         }
         if value.contains(['\r', '\n']) {
-            return Err(PyValueError::new_err(format!("header {name} has a line break in its value")));
+            return Err(PyValueError::new_err(format!(
+                "header {name} has a line break in its value"
+            )));
         }
         out.push(Header::new(name, header_bytes(&value)));
     }
@@ -290,11 +351,26 @@ fn headers_from_py(value: &Bound<'_, PyAny>) -> PyResult<Headers> {
 }
 
 fn request_to_py<'py>(py: Python<'py>, r: &RequestParts) -> PyResult<Bound<'py, PyTuple>> {
-    (&r.method, &r.scheme, &r.host, r.port, &r.path, &r.version, headers_to_py(py, &r.headers)?).into_pyobject(py)
+    (
+        &r.method,
+        &r.scheme,
+        &r.host,
+        r.port,
+        &r.path,
+        &r.version,
+        headers_to_py(py, &r.headers)?,
+    )
+        .into_pyobject(py)
 }
 
 fn response_to_py<'py>(py: Python<'py>, r: &ResponseParts) -> PyResult<Bound<'py, PyTuple>> {
-    (&r.version, r.status, &r.reason, headers_to_py(py, &r.headers)?).into_pyobject(py)
+    (
+        &r.version,
+        r.status,
+        &r.reason,
+        headers_to_py(py, &r.headers)?,
+    )
+        .into_pyobject(py)
 }
 
 fn bytes_from_py(value: &Bound<'_, PyAny>) -> PyResult<Bytes> {
@@ -302,27 +378,48 @@ fn bytes_from_py(value: &Bound<'_, PyAny>) -> PyResult<Bytes> {
         return Ok(Bytes::copy_from_slice(b.as_bytes()));
     }
     if value.is_instance_of::<PyString>() {
-        return Err(PyTypeError::new_err("expected bytes, got str (encode it first)"));
+        return Err(PyTypeError::new_err(
+            "expected bytes, got str (encode it first)",
+        ));
     }
     let v: Vec<u8> = value
         .call_method0("__bytes__")
         .or_else(|_| value.py().get_type::<PyBytes>().call1((value,)))
-        .map_err(|_| PyTypeError::new_err(format!("expected bytes, got {}", value.get_type().name().map(|n| n.to_string()).unwrap_or_default())))?
+        .map_err(|_| {
+            PyTypeError::new_err(format!(
+                "expected bytes, got {}",
+                value
+                    .get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))
+        })?
         .extract()?;
     Ok(Bytes::from(v))
 }
 
 fn policy_from_py(value: &Bound<'_, PyAny>) -> PyResult<SegmentPolicy> {
-    let (strategy, chunk, min, max, delay_ms): (String, usize, usize, usize, f64) = value.extract()?;
+    let (strategy, chunk, min, max, delay_ms): (String, usize, usize, usize, f64) =
+        value.extract()?;
     if !delay_ms.is_finite() || delay_ms < 0.0 {
-        return Err(PyValueError::new_err(format!("delay_ms must be >= 0, got {delay_ms}")));
+        return Err(PyValueError::new_err(format!(
+            "delay_ms must be >= 0, got {delay_ms}"
+        )));
     }
     let delay = Duration::from_secs_f64(delay_ms / 1000.0);
     let policy = match strategy.as_str() {
-        "none" => SegmentPolicy { delay, ..SegmentPolicy::none() },
+        "none" => SegmentPolicy {
+            delay,
+            ..SegmentPolicy::none()
+        },
         "fixed" => SegmentPolicy::fixed(chunk, delay),
         "random" => SegmentPolicy::random(min, max, delay),
-        other => return Err(PyValueError::new_err(format!("unknown segmentation strategy {other:?} (none, fixed, random)"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown segmentation strategy {other:?} (none, fixed, random)"
+            )))
+        }
     };
     policy.validate().map_err(PyValueError::new_err)?;
     Ok(policy)
@@ -345,17 +442,43 @@ impl FlowHandle {
     /// (method, scheme, host, port, path, version, headers); `body` replaces the client's body
     /// (None streams it); `policy` is (strategy, chunk, min, max, delay_ms) or None.
     #[pyo3(signature = (request, body = None, policy = None))]
-    fn forward(&self, request: &Bound<'_, PyAny>, body: Option<&Bound<'_, PyAny>>, policy: Option<&Bound<'_, PyAny>>) -> PyResult<bool> {
-        let (method, scheme, host, port, path, version, headers): (String, String, String, u16, String, String, Bound<'_, PyAny>) =
-            request.extract()?;
-        if method.is_empty() || method.bytes().any(|b| !b.is_ascii_alphanumeric() && !b"!#$%&'*+-.^_`|~".contains(&b)) {
+    fn forward(
+        &self,
+        request: &Bound<'_, PyAny>,
+        body: Option<&Bound<'_, PyAny>>,
+        policy: Option<&Bound<'_, PyAny>>,
+    ) -> PyResult<bool> {
+        let (method, scheme, host, port, path, version, headers): (
+            String,
+            String,
+            String,
+            u16,
+            String,
+            String,
+            Bound<'_, PyAny>,
+        ) = request.extract()?;
+        if method.is_empty()
+            || method
+                .bytes()
+                .any(|b| !b.is_ascii_alphanumeric() && !b"!#$%&'*+-.^_`|~".contains(&b))
+        {
             return Err(PyValueError::new_err(format!("invalid method {method:?}")));
         }
         if path.is_empty() || path.contains([' ', '\r', '\n']) {
-            return Err(PyValueError::new_err(format!("invalid path {path:?} (no spaces or line breaks; start with /)")));
+            return Err(PyValueError::new_err(format!(
+                "invalid path {path:?} (no spaces or line breaks; start with /)"
+            )));
         }
         let order = ForwardOrder {
-            request: RequestParts { method, scheme, host, port, path, version, headers: headers_from_py(&headers)? },
+            request: RequestParts {
+                method,
+                scheme,
+                host,
+                port,
+                path,
+                version,
+                headers: headers_from_py(&headers)?,
+            },
             body: body.map(bytes_from_py).transpose()?,
             policy: policy.map(policy_from_py).transpose()?,
         };
@@ -364,7 +487,10 @@ impl FlowHandle {
 
     /// Raw bytes for the client (a whole response, status line included, possibly in pieces).
     fn write(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self.tx.send(HandlerCommand::Write(bytes_from_py(data)?)).is_ok())
+        Ok(self
+            .tx
+            .send(HandlerCommand::Write(bytes_from_py(data)?))
+            .is_ok())
     }
 
     /// Asks for the next piece of the client's request body; `future` (an asyncio future of the
@@ -372,11 +498,15 @@ impl FlowHandle {
     fn read_body(&self, future: Py<PyAny>) -> PyResult<()> {
         let (tx, rx) = oneshot::channel();
         if self.tx.send(HandlerCommand::ReadBody(tx)).is_err() {
-            return Err(PyRuntimeError::new_err("the request is no longer being handled (timed out or client gone)"));
+            return Err(PyRuntimeError::new_err(
+                "the request is no longer being handled (timed out or client gone)",
+            ));
         }
         let bell = self.bell.clone();
         runtime().spawn(async move {
-            let got = rx.await.unwrap_or_else(|_| Err("the request is no longer being handled".into()));
+            let got = rx
+                .await
+                .unwrap_or_else(|_| Err("the request is no longer being handled".into()));
             bell.push(Box::new(move |py| {
                 let fut = future.bind(py);
                 if fut.call_method0("done")?.is_truthy()? {
@@ -385,7 +515,10 @@ impl FlowHandle {
                 match got {
                     Ok(Some(b)) => fut.call_method1("set_result", (PyBytes::new(py, &b),))?,
                     Ok(None) => fut.call_method1("set_result", (py.None(),))?,
-                    Err(msg) => fut.call_method1("set_exception", (pyo3::exceptions::PyConnectionError::new_err(msg).into_value(py),))?,
+                    Err(msg) => fut.call_method1(
+                        "set_exception",
+                        (pyo3::exceptions::PyConnectionError::new_err(msg).into_value(py),),
+                    )?,
                 };
                 Ok(())
             }));
@@ -429,7 +562,10 @@ pub struct Completer {
 
 impl Completer {
     fn take(&self) -> Option<Pending> {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).take()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
     }
 
     fn fail_with(&self, msg: String) {
@@ -452,23 +588,37 @@ impl Completer {
     /// the completer unanswered.
     fn resolve(&self, value: &Bound<'_, PyAny>) -> PyResult<()> {
         let mut guard = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(pending) = guard.as_ref() else { return Ok(()) };
+        let Some(pending) = guard.as_ref() else {
+            return Ok(());
+        };
         match pending {
             Pending::Response(_) => {
-                let (version, status, reason, headers): (String, u16, String, Bound<'_, PyAny>) = value.extract()?;
+                let (version, status, reason, headers): (String, u16, String, Bound<'_, PyAny>) =
+                    value.extract()?;
                 if !(100..=999).contains(&status) {
-                    return Err(PyValueError::new_err(format!("status code must be 100..999, got {status}")));
+                    return Err(PyValueError::new_err(format!(
+                        "status code must be 100..999, got {status}"
+                    )));
                 }
                 if reason.contains(['\r', '\n']) {
                     return Err(PyValueError::new_err("reason phrase has a line break"));
                 }
-                let parts = ResponseParts { version, status, reason, headers: headers_from_py(&headers)? };
+                let parts = ResponseParts {
+                    version,
+                    status,
+                    reason,
+                    headers: headers_from_py(&headers)?,
+                };
                 if let Some(Pending::Response(tx)) = guard.take() {
                     let _ = tx.send(Ok(parts));
                 }
             }
             Pending::Chunk(_) => {
-                let chunk = if value.is_none() { None } else { Some(bytes_from_py(value)?) };
+                let chunk = if value.is_none() {
+                    None
+                } else {
+                    Some(bytes_from_py(value)?)
+                };
                 if let Some(Pending::Chunk(tx)) = guard.take() {
                     let _ = tx.send(Ok(chunk));
                 }
@@ -523,7 +673,10 @@ impl Completer {
     }
 
     fn done(&self) -> bool {
-        self.pending.lock().unwrap_or_else(|e| e.into_inner()).is_none()
+        self.pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_none()
     }
 }
 
@@ -534,7 +687,12 @@ impl Completer {
 /// `calls` sequential `response_chunk` hook calls through `bridge`. Awaitable resolving to the
 /// list of per-call durations in microseconds.
 #[pyfunction]
-pub fn hook_roundtrip<'py>(py: Python<'py>, bridge: &Bound<'py, HookBridge>, flows: usize, calls: usize) -> PyResult<Bound<'py, PyAny>> {
+pub fn hook_roundtrip<'py>(
+    py: Python<'py>,
+    bridge: &Bound<'py, HookBridge>,
+    flows: usize,
+    calls: usize,
+) -> PyResult<Bound<'py, PyAny>> {
     let handler: Arc<dyn Handler> = bridge.get().handler();
     runtime();
     // Waited for as the engine waits for hooks (a lone wait polls briefly first).
@@ -545,13 +703,18 @@ pub fn hook_roundtrip<'py>(py: Python<'py>, bridge: &Bound<'py, HookBridge>, flo
             let handler = handler.clone();
             let waits = waits.clone();
             tasks.push(tokio::spawn(async move {
-                let conn = handler.open(ConnectionMeta { id: i as u64 + 1, client: ([127, 0, 0, 1], 1).into() });
+                let conn = handler.open(ConnectionMeta {
+                    id: i as u64 + 1,
+                    client: ([127, 0, 0, 1], 1).into(),
+                });
                 let mut times = Vec::with_capacity(calls);
                 for _ in 0..calls {
                     let t = Instant::now();
                     let mut reply = conn.response_chunk(Bytes::from_static(b"ping"));
                     let wait = waits.begin();
-                    match tokio::time::timeout(Duration::from_secs(30), wait.reply(&mut reply)).await {
+                    match tokio::time::timeout(Duration::from_secs(30), wait.reply(&mut reply))
+                        .await
+                    {
                         Ok(Some(Ok(_))) => times.push(t.elapsed().as_secs_f64() * 1e6),
                         Ok(Some(Err(msg))) => return Err(format!("hook failed: {msg}")),
                         Ok(None) => return Err("hook reply dropped".to_string()),

@@ -15,7 +15,12 @@ impl log::Log for StderrLogger {
     }
     fn log(&self, record: &log::Record<'_>) {
         if self.enabled(record.metadata()) {
-            let _ = writeln!(std::io::stderr().lock(), "segproxy {:<5} {}", record.level(), record.args());
+            let _ = writeln!(
+                std::io::stderr().lock(),
+                "segproxy {:<5} {}",
+                record.level(),
+                record.args()
+            );
         }
     }
     fn flush(&self) {}
@@ -33,7 +38,11 @@ pub fn set_log_level(level: &str) -> PyResult<()> {
         "info" => log::LevelFilter::Info,
         "debug" => log::LevelFilter::Debug,
         "trace" => log::LevelFilter::Trace,
-        other => return Err(PyValueError::new_err(format!("unknown log level {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown log level {other:?}"
+            )))
+        }
     };
     INSTALL.call_once(|| {
         let _ = log::set_logger(&StderrLogger);

@@ -19,9 +19,9 @@ mod _engine {
     #[pymodule_export]
     use super::logger::set_log_level;
     #[pymodule_export]
-    use super::runtime::limit_malloc_arenas;
-    #[pymodule_export]
     use super::rules::PyRuleSet;
+    #[pymodule_export]
+    use super::runtime::limit_malloc_arenas;
     #[pymodule_export]
     use super::server::{start_server, EngineServer};
     #[pymodule_export]

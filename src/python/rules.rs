@@ -16,17 +16,32 @@ fn rule_error(e: RuleError) -> PyErr {
 }
 
 /// A segmentation policy from its parts, validated as SegmentedProxy does.
-pub fn policy_from(strategy: &str, chunk: usize, min: usize, max: usize, delay_ms: f64) -> PyResult<SegmentPolicy> {
+pub fn policy_from(
+    strategy: &str,
+    chunk: usize,
+    min: usize,
+    max: usize,
+    delay_ms: f64,
+) -> PyResult<SegmentPolicy> {
     if !(delay_ms.is_finite() && delay_ms >= 0.0) {
-        return Err(PyValueError::new_err(format!("delay must be >= 0 ms, got {delay_ms}")));
+        return Err(PyValueError::new_err(format!(
+            "delay must be >= 0 ms, got {delay_ms}"
+        )));
     }
     let strategy = match strategy {
         "none" | "direct" => Strategy::None,
         "fixed" => Strategy::Fixed { chunk },
         "random" => Strategy::Random { min, max },
-        other => return Err(PyValueError::new_err(format!("unknown strategy {other:?} (none, fixed or random)"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "unknown strategy {other:?} (none, fixed or random)"
+            )))
+        }
     };
-    let policy = SegmentPolicy { strategy, delay: Duration::from_secs_f64(delay_ms / 1000.0) };
+    let policy = SegmentPolicy {
+        strategy,
+        delay: Duration::from_secs_f64(delay_ms / 1000.0),
+    };
     policy.validate().map_err(PyValueError::new_err)?;
     Ok(policy)
 }
@@ -36,7 +51,9 @@ fn direction_from(text: &str) -> PyResult<Direction> {
         "up" => Ok(Direction::Up),
         "down" => Ok(Direction::Down),
         "both" => Ok(Direction::Both),
-        other => Err(PyValueError::new_err(format!("unknown direction {other:?} (up, down or both)"))),
+        other => Err(PyValueError::new_err(format!(
+            "unknown direction {other:?} (up, down or both)"
+        ))),
     }
 }
 
@@ -50,23 +67,41 @@ impl PyRuleSet {
     /// An empty rule set with a default segmentation policy.
     #[new]
     #[pyo3(signature = (strategy = "none", chunk = 1024, min = 1, max = 1024, delay_ms = 0.0, direction = "up", mode = None))]
-    fn new(strategy: &str, chunk: usize, min: usize, max: usize, delay_ms: f64, direction: &str, mode: Option<&str>) -> PyResult<Self> {
+    fn new(
+        strategy: &str,
+        chunk: usize,
+        min: usize,
+        max: usize,
+        delay_ms: f64,
+        direction: &str,
+        mode: Option<&str>,
+    ) -> PyResult<Self> {
         let policy = policy_from(strategy, chunk, min, max, delay_ms)?;
         let mut set = RuleSet::new(policy, direction_from(direction)?);
         if let Some(mode) = mode {
             set.set_default_mode(mode);
         }
-        Ok(PyRuleSet { inner: Mutex::new(set) })
+        Ok(PyRuleSet {
+            inner: Mutex::new(set),
+        })
     }
 
     /// Adds rules from text, one a line; errors name `source` and the line.
     #[pyo3(signature = (text, source = "<text>"))]
     fn add_text(&self, text: &str, source: &str) -> PyResult<()> {
-        self.inner.lock().unwrap().add_text(text, source).map_err(rule_error)
+        self.inner
+            .lock()
+            .unwrap()
+            .add_text(text, source)
+            .map_err(rule_error)
     }
 
     fn add_file(&self, path: PathBuf) -> PyResult<()> {
-        self.inner.lock().unwrap().add_file(&path).map_err(rule_error)
+        self.inner
+            .lock()
+            .unwrap()
+            .add_file(&path)
+            .map_err(rule_error)
     }
 
     fn describe(&self) -> String {
@@ -84,11 +119,23 @@ impl PyRuleSet {
 
     /// The decision for a request, with a one-line explanation.
     #[pyo3(signature = (method, scheme, host, port, path = "/"))]
-    fn decide<'py>(&self, py: Python<'py>, method: &str, scheme: &str, host: &str, port: u16, path: &str) -> PyResult<Bound<'py, PyDict>> {
+    fn decide<'py>(
+        &self,
+        py: Python<'py>,
+        method: &str,
+        scheme: &str,
+        host: &str,
+        port: u16,
+        path: &str,
+    ) -> PyResult<Bound<'py, PyDict>> {
         let scheme = match scheme.to_ascii_lowercase().as_str() {
             "http" => Scheme::Http,
             "https" => Scheme::Https,
-            other => return Err(PyValueError::new_err(format!("scheme must be http or https, got {other:?}"))),
+            other => {
+                return Err(PyValueError::new_err(format!(
+                    "scheme must be http or https, got {other:?}"
+                )))
+            }
         };
         let rules = self.inner.lock().unwrap();
         let d = rules.decide(method, scheme, host, port, path);

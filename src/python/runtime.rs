@@ -8,7 +8,10 @@ static RUNTIME: OnceLock<&'static Runtime> = OnceLock::new();
 
 pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
-        let workers = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2).clamp(1, 8);
+        let workers = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+            .clamp(1, 8);
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("segproxy-engine")

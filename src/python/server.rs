@@ -19,8 +19,8 @@ use crate::engine::safety::DomainFilter;
 use crate::engine::tls::OriginTrust;
 use crate::engine::{EngineConfig, EngineParts, ProxyServer};
 
-use super::rules::PyRuleSet;
 use super::bridge::HookBridge;
+use super::rules::PyRuleSet;
 use super::runtime::runtime;
 use super::tls::PyCertificateAuthority;
 
@@ -59,7 +59,9 @@ impl StopSignal {
 
 fn seconds(name: &str, value: f64) -> PyResult<Duration> {
     if !value.is_finite() || value <= 0.0 {
-        return Err(PyValueError::new_err(format!("{name} must be a positive number of seconds, got {value}")));
+        return Err(PyValueError::new_err(format!(
+            "{name} must be a positive number of seconds, got {value}"
+        )));
     }
     Ok(Duration::from_secs_f64(value))
 }
@@ -126,7 +128,11 @@ pub fn start_server<'py>(
     let json_log = match access_log_format {
         "text" => false,
         "json" => true,
-        other => return Err(PyValueError::new_err(format!("access_log_format must be \"text\" or \"json\", not {other:?}"))),
+        other => {
+            return Err(PyValueError::new_err(format!(
+                "access_log_format must be \"text\" or \"json\", not {other:?}"
+            )))
+        }
     };
     if max_connections == Some(0) {
         return Err(PyValueError::new_err("max_connections must be at least 1"));
@@ -146,44 +152,82 @@ pub fn start_server<'py>(
         proxy_auth: ProxyAuth::new(&proxy_auth).map_err(PyValueError::new_err)?,
         ..EngineConfig::default()
     };
-    let hook_authenticates = handler.as_ref().is_some_and(|bridge| bridge.handler().hooks().authenticate);
-    open_relay_refusal(config.listen, config.proxy_auth.is_enabled() || hook_authenticates, allow_open_proxy)
-        .map_err(PyValueError::new_err)?;
+    let hook_authenticates = handler
+        .as_ref()
+        .is_some_and(|bridge| bridge.handler().hooks().authenticate);
+    open_relay_refusal(
+        config.listen,
+        config.proxy_auth.is_enabled() || hook_authenticates,
+        allow_open_proxy,
+    )
+    .map_err(PyValueError::new_err)?;
     let dns_config = match dns_server {
         None => DnsConfig::System,
         Some(server) => DnsConfig::Custom {
-            server: server.parse().map_err(|_| PyValueError::new_err(format!("dns_server must be an IP address, got {server:?}")))?,
+            server: server.parse().map_err(|_| {
+                PyValueError::new_err(format!("dns_server must be an IP address, got {server:?}"))
+            })?,
             port: dns_port,
             transport: match dns_transport {
                 "udp" => DnsTransport::Udp,
                 "tcp" => DnsTransport::Tcp,
-                other => return Err(PyValueError::new_err(format!("dns_transport must be udp or tcp, got {other:?}"))),
+                other => {
+                    return Err(PyValueError::new_err(format!(
+                        "dns_transport must be udp or tcp, got {other:?}"
+                    )))
+                }
             },
         },
     };
-    let resolver = DnsResolver::new(DnsSettings { config: dns_config, cache_size: dns_cache_size, ..DnsSettings::default() })
-        .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let connector = Connector { connect_timeout: config.connect_timeout, resolver, addr_check: None };
+    let resolver = DnsResolver::new(DnsSettings {
+        config: dns_config,
+        cache_size: dns_cache_size,
+        ..DnsSettings::default()
+    })
+    .map_err(|e| PyValueError::new_err(e.to_string()))?;
+    let connector = Connector {
+        connect_timeout: config.connect_timeout,
+        resolver,
+        addr_check: None,
+    };
     // Flows written to a file only (no record_flows) are not also kept in memory.
     let flows_capacity = if record_flows { flows_capacity } else { 0 };
     let flows = if record_flows || flows_file.is_some() {
-        Some(Arc::new(FlowRecorder::new(flows_capacity, flows_file.as_deref()).map_err(|e| {
-            PyOSError::new_err(format!("cannot write flow records to {}: {e}", flows_file.as_deref().unwrap_or_else(|| "".as_ref()).display()))
-        })?))
+        Some(Arc::new(
+            FlowRecorder::new(flows_capacity, flows_file.as_deref()).map_err(|e| {
+                PyOSError::new_err(format!(
+                    "cannot write flow records to {}: {e}",
+                    flows_file
+                        .as_deref()
+                        .unwrap_or_else(|| "".as_ref())
+                        .display()
+                ))
+            })?,
+        ))
     } else {
         None
     };
-    let access = AccessLog::new(access_log.as_deref(), access_records).map_err(|e| {
-        PyOSError::new_err(format!("cannot open access log {}: {e}", access_log.as_deref().unwrap_or_else(|| "".as_ref()).display()))
-    })?
-    .json(json_log);
+    let access = AccessLog::new(access_log.as_deref(), access_records)
+        .map_err(|e| {
+            PyOSError::new_err(format!(
+                "cannot open access log {}: {e}",
+                access_log
+                    .as_deref()
+                    .unwrap_or_else(|| "".as_ref())
+                    .display()
+            ))
+        })?
+        .json(json_log);
     let parts = EngineParts {
         access: Some(access),
         connector: Some(connector),
         rules: rules.map(|r| r.inner.lock().unwrap().clone()),
         filter: Some(DomainFilter::new(allow_domains, deny_domains, deny_private)),
         ca: ca.map(|c| c.inner.clone()),
-        origin_trust: OriginTrust { extra_ca_files: upstream_ca, insecure: upstream_insecure },
+        origin_trust: OriginTrust {
+            extra_ca_files: upstream_ca,
+            insecure: upstream_insecure,
+        },
         handler: handler.map(|bridge| bridge.handler()),
         flows,
     };
@@ -197,7 +241,8 @@ pub fn start_server<'py>(
                 _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
             })?;
         let inner = Arc::new(server);
-        let stopped = StopSignal::watch(&inner).map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
+        let stopped = StopSignal::watch(&inner)
+            .map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
         Ok(EngineServer { inner, stopped })
     })
 }
@@ -244,10 +289,18 @@ fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyD
     d.set_item("start", f.start)?;
     d.set_item("end", f.end)?;
     d.set_item("dropped_chunks", f.dropped_chunks)?;
-    let chunks: Vec<(&str, usize, f64)> = f.chunks.iter().map(|c| (c.direction, c.size, c.t)).collect();
+    let chunks: Vec<(&str, usize, f64)> = f
+        .chunks
+        .iter()
+        .map(|c| (c.direction, c.size, c.t))
+        .collect();
     d.set_item("chunks", chunks)?;
-    let short: Vec<(usize, &str)> =
-        f.chunks.iter().enumerate().filter_map(|(i, c)| c.short.map(|why| (i, why.as_str()))).collect();
+    let short: Vec<(usize, &str)> = f
+        .chunks
+        .iter()
+        .enumerate()
+        .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
+        .collect();
     d.set_item("short_chunks", short)?;
     Ok(d)
 }
@@ -288,7 +341,11 @@ impl EngineServer {
     #[pyo3(signature = (grace = 5.0))]
     fn begin_shutdown(&self, grace: f64) {
         let server = self.inner.clone();
-        let grace = Duration::from_secs_f64(if grace.is_finite() { grace.max(0.0) } else { 0.0 });
+        let grace = Duration::from_secs_f64(if grace.is_finite() {
+            grace.max(0.0)
+        } else {
+            0.0
+        });
         runtime().spawn(async move { server.shutdown(grace).await });
     }
 
@@ -308,7 +365,11 @@ impl EngineServer {
 
     /// The most recent access records (oldest first) as dicts; `clear` empties the buffer.
     #[pyo3(signature = (clear = false))]
-    fn access_records<'py>(&self, py: Python<'py>, clear: bool) -> PyResult<Vec<Bound<'py, PyDict>>> {
+    fn access_records<'py>(
+        &self,
+        py: Python<'py>,
+        clear: bool,
+    ) -> PyResult<Vec<Bound<'py, PyDict>>> {
         let access = &self.inner.engine().access;
         let records = access.recent();
         if clear {

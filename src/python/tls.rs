@@ -21,7 +21,13 @@ pub struct PyCertificateAuthority {
 impl PyCertificateAuthority {
     #[staticmethod]
     #[pyo3(signature = (country = "US", state = "CA", locality = "San Francisco", organization = "segproxy", common_name = "segproxy CA"))]
-    fn generate(country: &str, state: &str, locality: &str, organization: &str, common_name: &str) -> PyResult<Self> {
+    fn generate(
+        country: &str,
+        state: &str,
+        locality: &str,
+        organization: &str,
+        common_name: &str,
+    ) -> PyResult<Self> {
         let subject = CaSubject {
             country: country.into(),
             state: state.into(),
@@ -29,19 +35,28 @@ impl PyCertificateAuthority {
             organization: organization.into(),
             common_name: common_name.into(),
         };
-        Ok(PyCertificateAuthority { inner: Arc::new(CertificateAuthority::generate(&subject).map_err(ca_error)?) })
+        Ok(PyCertificateAuthority {
+            inner: Arc::new(CertificateAuthority::generate(&subject).map_err(ca_error)?),
+        })
     }
 
     #[staticmethod]
     fn from_pem(key_pem: &str, cert_pem: &str) -> PyResult<Self> {
-        Ok(PyCertificateAuthority { inner: Arc::new(CertificateAuthority::from_pem(key_pem, cert_pem).map_err(ca_error)?) })
+        Ok(PyCertificateAuthority {
+            inner: Arc::new(CertificateAuthority::from_pem(key_pem, cert_pem).map_err(ca_error)?),
+        })
     }
 
     /// Loads a CA; the second value is a warning when the key file is readable by others.
     #[staticmethod]
     fn load(key_path: PathBuf, cert_path: PathBuf) -> PyResult<(Self, Option<String>)> {
         let ca = CertificateAuthority::load(&key_path, &cert_path).map_err(ca_error)?;
-        Ok((PyCertificateAuthority { inner: Arc::new(ca) }, key_file_warning(&key_path)))
+        Ok((
+            PyCertificateAuthority {
+                inner: Arc::new(ca),
+            },
+            key_file_warning(&key_path),
+        ))
     }
 
     fn save(&self, key_path: PathBuf, cert_path: PathBuf) -> PyResult<()> {
@@ -88,15 +103,20 @@ impl PyCertificateAuthority {
     fn time_minting(&self, py: Python<'_>, count: usize) -> PyResult<(f64, f64)> {
         let ca = self.inner.clone();
         py.detach(move || {
-            let tag = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+            let tag = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0);
             let start = std::time::Instant::now();
             for i in 0..count {
-                ca.server_config(&format!("bench{i}-{tag}.test")).map_err(ca_error)?;
+                ca.server_config(&format!("bench{i}-{tag}.test"))
+                    .map_err(ca_error)?;
             }
             let mint = start.elapsed().as_secs_f64() / count as f64;
             let start = std::time::Instant::now();
             for _ in 0..count {
-                ca.server_config(&format!("bench0-{tag}.test")).map_err(ca_error)?;
+                ca.server_config(&format!("bench0-{tag}.test"))
+                    .map_err(ca_error)?;
             }
             Ok((mint, start.elapsed().as_secs_f64() / count as f64))
         })

@@ -29,7 +29,7 @@ __all__ = [
     "free_port",
     "make_origin_certs",
     "make_self_signed",
-    "query_a",
     "port_accepts",
+    "query_a",
     "wait_for",
 ]

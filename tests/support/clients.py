@@ -7,7 +7,7 @@ import asyncio
 import hashlib
 import socket
 import subprocess
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from .procs import LOOPBACK
 
@@ -69,7 +69,7 @@ class Conn:
             if not self.buf and not self._fill():
                 raise EOFError(f"connection closed with {n} body bytes missing")
             take = self.buf[:n]
-            self.buf = self.buf[len(take):]
+            self.buf = self.buf[len(take) :]
             n -= len(take)
             sink(take)
 
@@ -124,7 +124,7 @@ class Conn:
             return not self.buf and self.sock.recv(1) == b""
         except ConnectionResetError:
             return True
-        except socket.timeout:
+        except TimeoutError:
             return False
 
     def close(self) -> None:
@@ -146,7 +146,9 @@ def request(port: int, raw: bytes, method: str = "GET", timeout: float = 10.0) -
 
 def get_via(port: int, url: str, headers: str = "", timeout: float = 10.0) -> RawResponse:
     host = url.split("/")[2]
-    return request(port, f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode(), timeout=timeout)
+    return request(
+        port, f"GET {url} HTTP/1.1\r\nHost: {host}\r\n{headers}\r\n".encode(), timeout=timeout
+    )
 
 
 async def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess:
@@ -156,7 +158,7 @@ async def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
     )
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise

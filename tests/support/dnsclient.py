@@ -11,7 +11,9 @@ RCODES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
 
 def _encode_query(name: str, qid: int) -> bytes:
     header = struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0)  # RD set
-    qname = b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.rstrip(".").split(".")) + b"\0"
+    qname = (
+        b"".join(bytes([len(p)]) + p.encode("ascii") for p in name.rstrip(".").split(".")) + b"\0"
+    )
     return header + qname + struct.pack("!HH", 1, 1)  # A, IN
 
 
@@ -44,8 +46,9 @@ def _decode(msg: bytes, qid: int) -> tuple[str, list[str]]:
     return rcode, addrs
 
 
-def query_a(name: str, port: int, server: str = "127.0.0.1", tcp: bool = False,
-            timeout: float = 3.0) -> tuple[str, list[str]]:
+def query_a(
+    name: str, port: int, server: str = "127.0.0.1", tcp: bool = False, timeout: float = 3.0
+) -> tuple[str, list[str]]:
     """Ask ``server:port`` for the A records of ``name``; returns
     ``(rcode_name, [ipv4, ...])``, e.g. ``("NOERROR", ["127.0.0.1"])``."""
     qid = random.randrange(1 << 16)

@@ -126,7 +126,7 @@ class ThreadedServer:
         except (OSError, ConnectionError) as e:
             if not self.closed:
                 self.errors.append(e)
-        except BaseException as e:  # noqa: BLE001 - kept for the test to see
+        except BaseException as e:
             self.errors.append(e)
         finally:
             try:
@@ -316,7 +316,9 @@ class HttpOrigin:
         self.httpd = ThreadingHTTPServer((LOOPBACK, 0), Handler)
         self.httpd.daemon_threads = True
         self.port = self.httpd.server_address[1]
-        self._thread = threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        self._thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
         self._thread.start()
 
     def url(self, path: str = "/", host: str = LOOPBACK) -> str:
@@ -327,7 +329,7 @@ class HttpOrigin:
         self.httpd.server_close()
         self._thread.join(timeout=5)
 
-    def __enter__(self) -> "HttpOrigin":
+    def __enter__(self) -> HttpOrigin:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -363,7 +365,9 @@ class FakeUpstream(ThreadedServer):
         method, target, _ = line.split(" ", 2)
         if method == "CONNECT":
             if self.connect_status != 200:
-                reason = {403: "Forbidden", 407: "Proxy Authentication Required"}.get(self.connect_status, "No")
+                reason = {403: "Forbidden", 407: "Proxy Authentication Required"}.get(
+                    self.connect_status, "No"
+                )
                 conn.sendall(
                     f"HTTP/1.1 {self.connect_status} {reason}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".encode()
                 )
@@ -378,8 +382,10 @@ class FakeUpstream(ThreadedServer):
         if self.request_reply == "close":
             return
         if self.request_reply == "407":
-            conn.sendall(b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=x\r\n"
-                         b"Content-Length: 0\r\n\r\n")
+            conn.sendall(
+                b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=x\r\n"
+                b"Content-Length: 0\r\n\r\n"
+            )
             return
         body = f"fake upstream saw {target}".encode()
         conn.sendall(
@@ -487,7 +493,9 @@ def read_response(sock: socket.socket, head_only: bool = False) -> Response:
     return Response(status, reason, headers, body)
 
 
-def proxy_connect(proxy: tuple[str, int], target: str, extra_headers: str = "") -> tuple[socket.socket, Response]:
+def proxy_connect(
+    proxy: tuple[str, int], target: str, extra_headers: str = ""
+) -> tuple[socket.socket, Response]:
     """Opens a socket to the proxy and sends ``CONNECT target``; returns the socket and the
     answer (if 200, its body holds any tunnel bytes read with the head)."""
     s = socket.create_connection(proxy, timeout=TIMEOUT)
@@ -504,7 +512,11 @@ def proxy_connect(proxy: tuple[str, int], target: str, extra_headers: str = "") 
 
 
 def proxy_request(
-    proxy: tuple[str, int], method: str, url: str, body: bytes | None = None, headers: dict[str, str] | None = None
+    proxy: tuple[str, int],
+    method: str,
+    url: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
 ) -> Response:
     """One absolute-form request through the proxy on a fresh connection (Connection: close)."""
     parts = urlsplit(url)
@@ -518,7 +530,9 @@ def proxy_request(
         return read_response(s)
 
 
-def framed_exchange(sock: socket.socket, up: bytes, down_len: int, seed: int, rec: Recording | None = None) -> tuple[bytes, bytes]:
+def framed_exchange(
+    sock: socket.socket, up: bytes, down_len: int, seed: int, rec: Recording | None = None
+) -> tuple[bytes, bytes]:
     """Runs FramedOrigin's protocol on ``sock``; returns (origin's sha256 of ``up``, the
     ``down_len`` bytes received). With ``rec``, the downstream bytes are recorded."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -642,7 +656,9 @@ class OneRequestOrigin(ThreadedServer):
         head, _ = read_head(conn)
         line, _ = parse_headers(head)
         body = f"answered {line.split(' ')[1]}".encode()
-        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
         self.answered += 1
         try:
             read_head(conn)

@@ -33,12 +33,12 @@ import hashlib
 import json
 import random
 import socket
-import time
 import ssl
 import threading
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlsplit, parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from .procs import LOOPBACK
 
@@ -137,7 +137,9 @@ class ThreadedOrigin:
         raise NotImplementedError
 
     async def _start_server(self) -> asyncio.AbstractServer:
-        return await asyncio.start_server(self._client, LOOPBACK, 0, ssl=self.ssl_context, limit=256 * 1024)
+        return await asyncio.start_server(
+            self._client, LOOPBACK, 0, ssl=self.ssl_context, limit=256 * 1024
+        )
 
     def _run(self) -> None:
         loop = asyncio.new_event_loop()
@@ -146,7 +148,7 @@ class ThreadedOrigin:
         try:
             self._server = loop.run_until_complete(self._start_server())
             self.port = self._server.sockets[0].getsockname()[1]
-        except BaseException as e:  # noqa: BLE001 - reported to start()
+        except BaseException as e:
             self._error = e
             self._ready.set()
             loop.close()
@@ -281,7 +283,9 @@ class RecordingOrigin(ThreadedOrigin):
             if close:
                 return
 
-    async def respond(self, req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close: bool) -> bool:
+    async def respond(
+        self, req: Received, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, close: bool
+    ) -> bool:
         """Answers one request; returns False when the connection must end."""
         parts = urlsplit(req.target)
         path = parts.path
@@ -289,13 +293,21 @@ class RecordingOrigin(ThreadedOrigin):
         conn_hdr = "Connection: close\r\n" if close else ""
 
         def head(status: str, extra: str = "") -> bytes:
-            return f"HTTP/1.1 {status}\r\nServer: recording-origin\r\n{extra}{conn_hdr}\r\n".encode()
+            return (
+                f"HTTP/1.1 {status}\r\nServer: recording-origin\r\n{extra}{conn_hdr}\r\n".encode()
+            )
 
         if req.method == "HEAD":
-            writer.write(head("200 OK", "Content-Type: application/octet-stream\r\nContent-Length: 12345\r\n"))
+            writer.write(
+                head(
+                    "200 OK", "Content-Type: application/octet-stream\r\nContent-Length: 12345\r\n"
+                )
+            )
         elif path.startswith("/gen/") or path.startswith("/gen-slow/"):
             n = int(path.rsplit("/", 1)[1])
-            writer.write(head("200 OK", f"Content-Type: application/octet-stream\r\nContent-Length: {n}\r\n"))
+            writer.write(
+                head("200 OK", f"Content-Type: application/octet-stream\r\nContent-Length: {n}\r\n")
+            )
             slow = path.startswith("/gen-slow/")
             delay = float(query.get("ms", ["20"])[0]) / 1000
             for piece in pattern_chunks(n, 64 * 1024 if slow else MIB):
@@ -312,7 +324,9 @@ class RecordingOrigin(ThreadedOrigin):
             writer.write(b"0\r\n\r\n")
         elif path.startswith("/gen-close/"):
             n = int(path.rsplit("/", 1)[1])
-            writer.write(b"HTTP/1.1 200 OK\r\nServer: recording-origin\r\nConnection: close\r\n\r\n")
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nServer: recording-origin\r\nConnection: close\r\n\r\n"
+            )
             for piece in pattern_chunks(n):
                 writer.write(piece)
                 await writer.drain()
@@ -321,13 +335,17 @@ class RecordingOrigin(ThreadedOrigin):
         elif path == "/echo":
             ctype = req.header("content-type") or "application/octet-stream"
             if req.chunked:
-                writer.write(head("200 OK", f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n"))
+                writer.write(
+                    head("200 OK", f"Content-Type: {ctype}\r\nTransfer-Encoding: chunked\r\n")
+                )
                 for i in range(0, len(req.body), 7777):
                     piece = req.body[i : i + 7777]
                     writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
                 writer.write(b"0\r\n\r\n")
             else:
-                writer.write(head("200 OK", f"Content-Type: {ctype}\r\nContent-Length: {len(req.body)}\r\n"))
+                writer.write(
+                    head("200 OK", f"Content-Type: {ctype}\r\nContent-Length: {len(req.body)}\r\n")
+                )
                 writer.write(req.body)
         elif path.startswith("/status/"):
             code = int(path.rsplit("/", 1)[1])
@@ -364,7 +382,10 @@ class RecordingOrigin(ThreadedOrigin):
             return False
         else:
             body = json.dumps(req.as_json()).encode()
-            writer.write(head("200 OK", f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n") + body)
+            writer.write(
+                head("200 OK", f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n")
+                + body
+            )
         await writer.drain()
         return True
 

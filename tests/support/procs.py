@@ -15,8 +15,8 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 LOOPBACK = "127.0.0.1"
 

@@ -18,8 +18,8 @@ import pwd
 import re
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from .certs import make_origin_certs
 from .procs import (
@@ -80,7 +80,7 @@ class NginxOrigin(Service):
         for p in [self.www, *self.www.iterdir()]:
             p.chmod(0o755 if p.is_dir() else 0o644)
 
-    def start(self) -> "NginxOrigin":
+    def start(self) -> NginxOrigin:
         self._write_files()
         self.cert_path, self.leaf_path, key_path = make_origin_certs(self.dir)
         d = self.dir
@@ -146,7 +146,7 @@ class Squid(Service):
     def proxy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> "Squid":
+    def start(self) -> Squid:
         d = self.dir
         conf = d / "squid.conf"
         conf.write_text(
@@ -173,9 +173,7 @@ http_access deny all
 {self.extra_config}
 """
         )
-        self.process = ManagedProcess(
-            "squid", [self.binary, "-N", "-f", str(conf)], workdir=d
-        )
+        self.process = ManagedProcess("squid", [self.binary, "-N", "-f", str(conf)], workdir=d)
         self.process.start()
         self.process.wait_ready(lambda: port_accepts(self.port), timeout=30, what="listening")
         return self
@@ -199,7 +197,7 @@ class Tinyproxy(Service):
     def proxy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> "Tinyproxy":
+    def start(self) -> Tinyproxy:
         conf = self.dir / "tinyproxy.conf"
         user = "" if os.getuid() != 0 else "User nobody\nGroup nogroup\n"
         conf.write_text(
@@ -246,7 +244,7 @@ class Dnsmasq(Service):
         self.ttl = ttl
         self.log = self.dir / "dnsmasq.log"
 
-    def start(self) -> "Dnsmasq":
+    def start(self) -> Dnsmasq:
         argv = [
             self.binary,
             f"--port={self.port}",
@@ -308,7 +306,7 @@ class Segproxy(Service):
     def proxy_url(self) -> str:
         return f"http://{LOOPBACK}:{self.port}"
 
-    def start(self) -> "Segproxy":
+    def start(self) -> Segproxy:
         argv = self.command + ["--listen-host", LOOPBACK, "--listen-port", str(self.port)]
         if self.access_log is not None:
             argv += ["--access-log", str(self.access_log)]
