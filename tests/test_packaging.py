@@ -154,7 +154,7 @@ def test_sdist_carries_the_sources_and_builds(tmp_path: Path) -> None:
         "Cargo.lock",
         "pyproject.toml",
         "src/lib.rs",
-        "src/engine/proxy.rs",
+        "src/engine/exchange.rs",
         "python/segproxy/__init__.py",
         "python/segproxy/py.typed",
         "python/segproxy/_engine.pyi",

@@ -14,6 +14,7 @@ import json
 import random
 import socket
 import time
+from pathlib import Path
 
 import pytest
 from segproxy import Rules, start_proxy_server
@@ -42,18 +43,48 @@ pytestmark = pytest.mark.timeout(120)
 
 DELAY_MS = 60
 GAP = DELAY_MS / 1000 / 3  # reads closer than this belong to one chunk
-MIN_SPACING = DELAY_MS / 1000 * 0.6  # chunks start at least this far apart
 
 
 def bursts(rec: Recording) -> list[tuple[float, int]]:
     return group_reads(rec.reads, GAP)
 
 
-def assert_spaced(b: list[tuple[float, int]]) -> None:
-    starts = [t for t, _ in b]
-    gaps = [b2 - b1 for b1, b2 in itertools.pairwise(starts)]
-    assert gaps, b
-    assert min(gaps) >= MIN_SPACING, f"chunks closer than {MIN_SPACING}s: {gaps}"
+def proxy_chunks(flows_file: Path, direction: str, target: str = "") -> list[tuple[float, int]]:
+    """The proxy's own account of the chunks it wrote one way, from its flow records
+    (`--record-flows`): (start time, size) per chunk, across the file's flows in order
+    (only flows whose target contains ``target``)."""
+    chunks: list[tuple[float, int]] = []
+    for line in flows_file.read_text().splitlines():
+        flow = json.loads(line)
+        if target not in flow["target"]:
+            continue
+        for d, size, t in flow["chunks"]:
+            if d == direction:
+                chunks.append((t, size))
+    return chunks
+
+
+def assert_chunked(
+    rec: Recording, sizes: list[int], flows_file: Path, direction: str, target: str = ""
+) -> None:
+    """The receiver saw the bytes cut exactly at the chunks' ends, and the proxy wrote those
+    chunks, each starting at least the delay after the previous one.
+
+    A receiver on a loaded machine may run late and read two chunks in one go (the kernel
+    joins them), so it is checked for never seeing a chunk split; the exact sizes and the
+    spacing are the proxy's flow records, whose times are taken as each chunk is written.
+    """
+    reads = [n for _, n in bursts(rec)]
+    ends = set(itertools.accumulate(sizes))
+    seen = list(itertools.accumulate(reads))
+    assert seen and seen[-1] == sum(sizes), (reads, sizes)
+    assert set(seen) <= ends, f"a chunk was split on the wire: reads {reads}, chunks {sizes}"
+    written = proxy_chunks(flows_file, direction, target)
+    assert [n for _, n in written] == sizes, (written, sizes)
+    starts = [t for t, _ in written]
+    gaps = [b - a for a, b in itertools.pairwise(starts)]
+    # Deadlines, not sleeps: a chunk never starts before the previous start + delay.
+    assert gaps and min(gaps) >= DELAY_MS / 1000 - 1e-4, f"chunks closer than the delay: {gaps}"
 
 
 def tunnel(addr, origin_port: int, rec: Recording | None = None) -> socket.socket:
@@ -136,8 +167,10 @@ N = 700
 TOTAL = 5 * N + 300  # 3800 bytes: five full chunks and a short one
 
 
-def seg_args(direction: str = "up", chunk: int = N, delay: int = DELAY_MS) -> list[str]:
-    return [
+def seg_args(
+    direction: str = "up", chunk: int = N, delay: int = DELAY_MS, flows: Path | None = None
+) -> list[str]:
+    return (["--record-flows", str(flows)] if flows else []) + [
         "--segmentation",
         "segment_upstream",
         "--segment-strategy",
@@ -151,28 +184,26 @@ def seg_args(direction: str = "up", chunk: int = N, delay: int = DELAY_MS) -> li
     ]
 
 
-def test_tunnel_up_fixed_chunks_with_delay():
+def test_tunnel_up_fixed_chunks_with_delay(tmp_path):
     data = blob(7, TOTAL)
-    with SinkOrigin(TOTAL) as sink, Segproxy(seg_args("up")) as proxy:
+    flows = tmp_path / "flows.jsonl"
+    with SinkOrigin(TOTAL) as sink, Segproxy(seg_args("up", flows=flows)) as proxy:
         with tunnel(("127.0.0.1", proxy.port), sink.port) as s:
             s.sendall(data)
             assert recv_exact(s, 32).hex() == sha(data)
     rec = sink.recordings[0]
     assert bytes(rec.data) == data
-    b = bursts(rec)
-    assert [n for _, n in b] == split_sizes(TOTAL, N), rec.reads
-    assert_spaced(b)
+    assert_chunked(rec, split_sizes(TOTAL, N), flows, "up")
 
 
-def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched():
-    with SourceOrigin(TOTAL, seed=9) as source, Segproxy(seg_args("down")) as proxy:
+def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched(tmp_path):
+    flows = tmp_path / "flows.jsonl"
+    with SourceOrigin(TOTAL, seed=9) as source, Segproxy(seg_args("down", flows=flows)) as proxy:
         rec = Recording()
         with tunnel(("127.0.0.1", proxy.port), source.port, rec) as s:
             recording_recv(s, TOTAL, rec)
     assert bytes(rec.data) == blob(9, TOTAL)
-    b = bursts(rec)
-    assert [n for _, n in b] == split_sizes(TOTAL, N), rec.reads
-    assert_spaced(b)
+    assert_chunked(rec, split_sizes(TOTAL, N), flows, "down")
 
     # direction=down leaves client -> destination bytes alone: one burst, no pauses.
     data = blob(8, TOTAL)
@@ -183,9 +214,10 @@ def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched():
     assert [n for _, n in bursts(sink.recordings[0])] == [TOTAL], sink.recordings[0].reads
 
 
-def test_tunnel_both_directions_segmented():
+def test_tunnel_both_directions_segmented(tmp_path):
     data = blob(5, TOTAL)
-    with EchoOrigin() as echo, Segproxy(seg_args("both")) as proxy:
+    flows = tmp_path / "flows.jsonl"
+    with EchoOrigin() as echo, Segproxy(seg_args("both", flows=flows)) as proxy:
         with tunnel(("127.0.0.1", proxy.port), echo.port) as s:
             s.sendall(data)
             rec = Recording()
@@ -193,17 +225,15 @@ def test_tunnel_both_directions_segmented():
     assert bytes(rec.data) == data
     up = echo.recordings[0]
     assert bytes(up.data) == data
-    assert [n for _, n in bursts(up)] == split_sizes(TOTAL, N), up.reads
-    assert_spaced(bursts(up))
+    assert_chunked(up, split_sizes(TOTAL, N), flows, "up")
     # Each echoed chunk comes back as its own chunk, spaced again by the delay.
-    down = bursts(rec)
-    assert [n for _, n in down] == split_sizes(TOTAL, N), rec.reads
-    assert_spaced(down)
+    assert_chunked(rec, split_sizes(TOTAL, N), flows, "down")
 
 
-def test_http_request_body_fixed_chunks_with_delay():
+def test_http_request_body_fixed_chunks_with_delay(tmp_path):
     body = blob(3, TOTAL)
-    with HttpRecordingOrigin() as origin, Segproxy(seg_args("up")) as proxy:
+    flows = tmp_path / "flows.jsonl"
+    with HttpRecordingOrigin() as origin, Segproxy(seg_args("up", flows=flows)) as proxy:
         r = proxy_request(
             ("127.0.0.1", proxy.port), "POST", f"http://127.0.0.1:{origin.port}/up", body=body
         )
@@ -212,15 +242,14 @@ def test_http_request_body_fixed_chunks_with_delay():
     head, got = bytes(rec.data).split(b"\r\n\r\n", 1)
     assert got == body
     head_len = len(head) + 4
-    b = bursts(rec)
     # The head and the body are one stream cut into N-byte chunks: a chunk may hold the
     # head's end and the body's start, and only the message's last chunk is short.
-    assert [n for _, n in b] == split_sizes(head_len + TOTAL, N), rec.reads
-    assert_spaced(b)
+    assert_chunked(rec, split_sizes(head_len + TOTAL, N), flows, "up")
 
 
-def test_http_response_body_down_fixed_chunks_with_delay():
-    with HttpOrigin() as origin, Segproxy(seg_args("down")) as proxy:
+def test_http_response_body_down_fixed_chunks_with_delay(tmp_path):
+    flows = tmp_path / "flows.jsonl"
+    with HttpOrigin() as origin, Segproxy(seg_args("down", flows=flows)) as proxy:
         s = socket.create_connection(("127.0.0.1", proxy.port), timeout=TIMEOUT)
         with s:
             s.sendall(
@@ -235,14 +264,15 @@ def test_http_response_body_down_fixed_chunks_with_delay():
                 rec.data += piece
     head, got = bytes(rec.data).split(b"\r\n\r\n", 1)
     assert got == blob(4, TOTAL)
-    b = bursts(rec)
-    assert [n for _, n in b] == split_sizes(len(head) + 4 + TOTAL, N), rec.reads
-    assert_spaced(b)
+    assert_chunked(rec, split_sizes(len(head) + 4 + TOTAL, N), flows, "down")
 
 
-def test_random_strategy_chunk_bounds():
+def test_random_strategy_chunk_bounds(tmp_path):
     data = blob(11, 6000)
+    flows = tmp_path / "flows.jsonl"
     args = [
+        "--record-flows",
+        str(flows),
         "--segmentation",
         "segment_upstream",
         "--segment-strategy",
@@ -258,25 +288,26 @@ def test_random_strategy_chunk_bounds():
         with tunnel(("127.0.0.1", proxy.port), sink.port) as s:
             s.sendall(data)
             assert recv_exact(s, 32).hex() == sha(data)
-    sizes = [n for _, n in bursts(sink.recordings[0])]
+    sizes = [n for _, n in proxy_chunks(flows, "up")]
     assert sum(sizes) == len(data)
     assert all(300 <= n <= 900 for n in sizes[:-1]), sizes
     assert 1 <= sizes[-1] <= 900
     assert len(set(sizes[:-1])) > 1, f"random sizes all equal: {sizes}"
-    assert_spaced(bursts(sink.recordings[0]))
+    assert_chunked(sink.recordings[0], sizes, flows, "up")
 
 
-def test_rule_policy_applies_only_to_matching_destination():
+def test_rule_policy_applies_only_to_matching_destination(tmp_path):
     data = blob(12, TOTAL)
+    flows = tmp_path / "flows.jsonl"
     with SinkOrigin(TOTAL) as seg_sink, SinkOrigin(TOTAL) as plain_sink:
         rule = f"127.0.0.1=segment_upstream,chunk={N},delay={DELAY_MS},port={seg_sink.port}"
-        with Segproxy(["--segment-rule", rule]) as proxy:
+        with Segproxy(["--segment-rule", rule, "--record-flows", str(flows)]) as proxy:
             for sink in (seg_sink, plain_sink):
                 with tunnel(("127.0.0.1", proxy.port), sink.port) as s:
                     s.sendall(data)
                     assert recv_exact(s, 32).hex() == sha(data)
     # chunk= without strategy= means fixed.
-    assert [n for _, n in bursts(seg_sink.recordings[0])] == split_sizes(TOTAL, N)
+    assert_chunked(seg_sink.recordings[0], split_sizes(TOTAL, N), flows, "up", f":{seg_sink.port}")
     assert [n for _, n in bursts(plain_sink.recordings[0])] == [TOTAL]
 
 

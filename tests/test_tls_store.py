@@ -16,7 +16,7 @@ import segproxy
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.x509.oid import NameOID
-from segproxy import TLSStore, load_or_create_ca
+from segproxy import TLSStore, _engine, load_or_create_ca
 
 
 def mode(p: Path) -> int:
@@ -173,7 +173,7 @@ def test_cli_ca_dir_print_and_export(tmp_path):
 
 
 def test_engine_minting_timer_available():
-    mint, cached = TLSStore().engine_ca.time_minting(10)
+    mint, cached = _engine.time_minting(TLSStore().engine_ca, 10)
     assert 0 < cached < mint < 1.0
 
 

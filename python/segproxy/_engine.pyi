@@ -15,6 +15,7 @@ __all__ = [
     "limit_malloc_arenas",
     "set_log_level",
     "start_server",
+    "time_minting",
 ]
 
 __version__: str
@@ -111,9 +112,8 @@ class CertificateAuthority:
     def leaf_validity_days() -> int: ...
     def mint_count(self) -> int: ...
     def leaf_pem(self, host: str) -> str: ...
-    def time_minting(self, count: int = 200) -> tuple[float, float]: ...
 
-# --- the hook bridge (src/python/bridge.rs, src/python/handler.rs) ---------------------------
+# --- the hook bridge (src/python/bridge.rs, doorbell.rs, handler.rs, replies.rs) ---------------------------
 
 @final
 class HookBridge:
@@ -156,3 +156,7 @@ class Completer:
     def done(self) -> bool: ...
 
 def hook_roundtrip(bridge: HookBridge, flows: int, calls: int) -> Awaitable[list[float]]: ...
+
+# --- measurements for bench/ (src/python/bench.rs) -------------------------------------------
+
+def time_minting(ca: CertificateAuthority, count: int = 200) -> tuple[float, float]: ...

@@ -135,12 +135,12 @@ class ProxyOptions(TypedDict, total=False):
     header_timeout: float
     response_timeout: float
     max_connections: int | None
-    shutdown_timeout: float
-    """Seconds that exchanges in flight get to finish when the server closes (`close()` /
-    `aclose()` without a `grace`, SIGTERM / Ctrl-C in `run` and the CLI); then they are cut."""
     """Most concurrent client connections (more get 503); None derives it from the
     open-file limit, which the server raises to its hard limit: two descriptors a
     connection, plus headroom (`ProxyServer.max_connections` says what is in force)."""
+    shutdown_timeout: float
+    """Seconds that exchanges in flight get to finish when the server closes (`close()` /
+    `aclose()` without a `grace`, SIGTERM / Ctrl-C in `run` and the CLI); then they are cut."""
     max_header_bytes: int
     access_log: StrPath | None
     access_log_format: Literal["text", "json"]

@@ -10,67 +10,23 @@ use std::path::Path;
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use serde::{Serialize, Serializer};
 use tokio::sync::watch;
 
-use super::flows::{json_str, FlowHandle};
+use super::flows::FlowHandle;
+pub use super::outcome::{Kind, Outcome};
 
-/// What happened to a flow, as its access and flow records say.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum Outcome {
-    /// Still running (never seen in a written record).
-    #[default]
-    Unfinished,
-    /// The exchange completed, or the tunnel ended with both sides closing.
-    Ok,
-    /// A rule, the handler or the destination filter refused it (403).
-    Blocked,
-    /// The request could not be accepted as sent (400, 408, 431).
-    Rejected,
-    /// The server was at its connection limit (503).
-    RefusedLimit,
-    /// The proxy answered an error (502, 504...) or a tunnel failed.
-    Error,
-    /// The client went away before the exchange completed.
-    ClientAborted,
-    /// The destination cut the response after it had started.
-    OriginAborted,
-    /// Nothing moved for the idle timeout.
-    IdleTimeout,
-    /// The server shut down and cut it at the shutdown deadline.
-    CutAtShutdown,
-}
+/// A record's text field: most values are fixed words (`direct`, `none`, `default`), held
+/// without an allocation.
+pub type Text = std::borrow::Cow<'static, str>;
 
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Unfinished => "unfinished",
-            Outcome::Ok => "ok",
-            Outcome::Blocked => "blocked",
-            Outcome::Rejected => "rejected",
-            Outcome::RefusedLimit => "refused_limit",
-            Outcome::Error => "error",
-            Outcome::ClientAborted => "client_aborted",
-            Outcome::OriginAborted => "origin_aborted",
-            Outcome::IdleTimeout => "idle_timeout",
-            Outcome::CutAtShutdown => "cut_at_shutdown",
-        }
-    }
-
-    /// The outcome of an error answer with this status.
-    pub fn of_status(status: u16) -> Outcome {
-        match status {
-            403 => Outcome::Blocked,
-            503 => Outcome::RefusedLimit,
-            400..=499 => Outcome::Rejected,
-            _ => Outcome::Error,
-        }
-    }
-}
-
-#[derive(Clone, Debug, Default)]
+/// One access record; serialised (serde) as the JSON object of `--access-log-format json`
+/// and `server.access_records()`.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct AccessRecord {
     /// Connection id, then request number on that connection: "12.3".
     pub id: String,
+    #[serde(serialize_with = "display_or_null")]
     pub client: Option<SocketAddr>,
     pub method: String,
     pub target: String,
@@ -80,13 +36,13 @@ pub struct AccessRecord {
     pub bytes_up: u64,
     /// Body bytes destination -> client (tunnel: all bytes).
     pub bytes_down: u64,
+    #[serde(serialize_with = "seconds")]
     pub duration: Duration,
-    /// "tunnel", "forward", "intercept", "block", "error".
-    pub kind: String,
-    pub rule: String,
-    pub action: String,
-    pub policy: String,
-    pub dns: String,
+    pub kind: Kind,
+    pub rule: Text,
+    pub action: Text,
+    pub policy: Text,
+    pub dns: Text,
     pub error: Option<String>,
     /// Seconds since the Unix epoch when the exchange started.
     pub started: f64,
@@ -95,9 +51,9 @@ pub struct AccessRecord {
     pub host: String,
     pub port: u16,
     /// "http" or "https" ("-" before it was known).
-    pub scheme: String,
+    pub scheme: Text,
     /// The mode word of the rule that decided ("direct", "segment_upstream", ...).
-    pub mode: String,
+    pub mode: Text,
 }
 
 impl AccessRecord {
@@ -148,7 +104,7 @@ impl AccessRecord {
             self.bytes_down,
             self.status,
             or_dash(&self.target),
-            or_dash(&self.kind),
+            self.kind.as_str(),
             or_dash(&self.rule),
         );
         if let Some(hop) = upstream {
@@ -165,48 +121,40 @@ impl AccessRecord {
         line
     }
 
+    /// The record as its consumers see it: its fields and the text line as `line`.
+    pub fn view(&self) -> AccessView<'_> {
+        AccessView {
+            record: self,
+            line: self.to_line(),
+        }
+    }
+
     /// One JSON object with the fields of `server.access_records()` (`--access-log-format json`).
     pub fn to_json(&self) -> String {
-        let client = self
-            .client
-            .map(|c| json_str(&c.to_string()))
-            .unwrap_or_else(|| "null".into());
-        let error = self
-            .error
-            .as_deref()
-            .map(json_str)
-            .unwrap_or_else(|| "null".into());
-        format!(
-            "{{\"id\":{},\"client\":{client},\"method\":{},\"target\":{},\"status\":{},\"bytes_up\":{},\"bytes_down\":{},\"duration\":{},\"kind\":{},\"rule\":{},\"action\":{},\"policy\":{},\"dns\":{},\"error\":{error},\"started\":{},\"host\":{},\"port\":{},\"scheme\":{},\"mode\":{},\"outcome\":{},\"line\":{}}}",
-            json_str(&self.id),
-            json_str(&self.method),
-            json_str(&self.target),
-            self.status,
-            self.bytes_up,
-            self.bytes_down,
-            json_f64(self.duration.as_secs_f64()),
-            json_str(&self.kind),
-            json_str(&self.rule),
-            json_str(&self.action),
-            json_str(&self.policy),
-            json_str(&self.dns),
-            json_f64(self.started),
-            json_str(&self.host),
-            self.port,
-            json_str(&self.scheme),
-            json_str(&self.mode),
-            json_str(self.outcome.as_str()),
-            json_str(&self.to_line()),
-        )
+        serde_json::to_string(&self.view()).unwrap_or_default()
     }
 }
 
-fn json_f64(v: f64) -> String {
-    if v.is_finite() {
-        format!("{v:?}")
-    } else {
-        "null".into()
+/// An access record with its text line: what JSON lines and Python's dicts hold.
+#[derive(Serialize)]
+pub struct AccessView<'a> {
+    #[serde(flatten)]
+    record: &'a AccessRecord,
+    line: String,
+}
+
+fn display_or_null<S: Serializer, T: std::fmt::Display>(
+    value: &Option<T>,
+    s: S,
+) -> Result<S::Ok, S::Error> {
+    match value {
+        Some(v) => s.collect_str(v),
+        None => s.serialize_none(),
     }
+}
+
+fn seconds<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(d.as_secs_f64())
 }
 
 /// Python logging's default `asctime` in local time (`2026-12-02 16:21:42,123`), which
@@ -424,7 +372,7 @@ mod tests {
             bytes_up: 5,
             bytes_down: 1000,
             duration: Duration::from_micros(12_900),
-            kind: "forward".into(),
+            kind: Kind::Forward,
             rule: "r.txt:2".into(),
             action: "upstream:127.0.0.1:3128".into(),
             policy: "fixed chunk=512 delay=0ms dir=up".into(),
@@ -453,7 +401,7 @@ mod tests {
             id: "1.1".into(),
             method: "-".into(),
             status: 400,
-            kind: "error".into(),
+            kind: Kind::Error,
             policy: "none".into(),
             error: Some("bad \"head\"".into()),
             outcome: Outcome::Rejected,
@@ -503,7 +451,14 @@ mod tests {
             j.contains("\"line\":\"ACCESS rid=3.1 ") && j.contains("policy=\\\"fixed"),
             "{j}"
         );
-        assert_eq!(json_str("a\"b\\c\nd\u{1}"), "\"a\\\"b\\\\c\\nd\\u0001\"");
+        let odd = AccessRecord {
+            error: Some("a\"b\\c\nd\u{1}".into()),
+            ..record()
+        };
+        let v: serde_json::Value = serde_json::from_str(&odd.to_json()).unwrap();
+        assert_eq!(v["error"], "a\"b\\c\nd\u{1}");
+        assert_eq!(v["kind"], "forward");
+        assert_eq!(v["outcome"], "ok");
     }
 
     #[test]

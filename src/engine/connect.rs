@@ -1,5 +1,6 @@
 //! CONNECT: decide (rules, handler), then either relay bytes untouched (tunnel) or terminate
-//! TLS with a minted certificate and serve the inner HTTP/1.1 requests (intercept).
+//! TLS with a minted certificate and hand the decrypted stream back to the connection, which
+//! serves its requests (intercept). Nothing here calls back up into the connection.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -8,26 +9,64 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::access::{now_epoch, AccessRecord, Outcome, PendingRecord};
+use super::access::{now_epoch, AccessRecord, Kind, Outcome, PendingRecord};
 use super::connector::Rewind;
+use super::decision::{decide, route_for};
+use super::flow_error::{await_hook, FlowError};
 use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::ConnectDecision;
 use super::http1::{BufStream, RequestHead};
-use super::proxy::{decide, route_for, send_error, serve_http, split_authority, ConnState, Mode};
+use super::respond::send_error;
 use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
-use super::server::Engine;
+use super::session::{ConnState, Mode};
+use super::state::Engine;
+use super::target::split_authority;
 use super::tls;
 #[cfg(target_os = "linux")]
 use super::tunnel::splice_pump;
 use super::tunnel::{pump, SEGMENTING_BUFFER};
 
-pub async fn handle_connect(
-    engine: &Arc<Engine>,
+/// The decrypted side of an intercepted CONNECT, for the connection to serve; its `record`
+/// is finished when those requests are done.
+pub struct Interception<'a> {
+    pub stream: BufStream<InterceptedStream>,
+    pub mode: Mode,
+    pub record: ConnectRecord<'a>,
+}
+
+/// The client's TLS stream inside an intercepted CONNECT (segmented below TLS).
+pub type InterceptedStream = tokio_rustls::server::TlsStream<Rewind<Segmented<TcpStream>>>;
+
+/// The CONNECT's access record and flow, open while its inner requests are served.
+pub struct ConnectRecord<'a> {
+    flow: Option<FlowHandle>,
+    record: PendingRecord<'a>,
+    started: Instant,
+}
+
+impl ConnectRecord<'_> {
+    pub fn finish(mut self) {
+        if let Some(f) = self.flow.take() {
+            f.update(|f| f.status = 200);
+            f.finish();
+        }
+        if self.record.outcome == Outcome::Unfinished {
+            self.record.outcome = Outcome::Ok;
+        }
+        self.record.duration = self.started.elapsed();
+        self.record.commit();
+    }
+}
+
+/// Answers a CONNECT: refused, tunnelled to its end, or intercepted (then the decrypted
+/// stream is returned for the connection to serve).
+pub async fn handle_connect<'e>(
+    engine: &'e Arc<Engine>,
     mut client: BufStream<TcpStream>,
     head: RequestHead,
     conn: &mut ConnState,
-) {
+) -> Option<Interception<'e>> {
     let started = Instant::now();
     let mut record = PendingRecord::new(
         &engine.access,
@@ -37,7 +76,7 @@ pub async fn handle_connect(
             client: Some(conn.info.peer),
             method: "CONNECT".into(),
             target: head.target.clone(),
-            kind: "tunnel".into(),
+            kind: Kind::Tunnel,
             action: "direct".into(),
             policy: "none".into(),
             started: now_epoch(),
@@ -58,11 +97,14 @@ pub async fn handle_connect(
         other => other.map(|plan| Ready { plan, origin: None }),
     };
     let result = match plan {
-        Err(Refusal {
+        Err(FlowError {
             status,
             message,
             handler_knows,
+            ..
         }) => {
+            // A CONNECT is refused before its 200, so there is always a status to answer.
+            let status = status.unwrap_or(502);
             // Recorded first, so whoever reads the answer also finds the record.
             record.status = status;
             record.error = Some(message.clone());
@@ -74,7 +116,7 @@ pub async fn handle_connect(
             if let (false, Some(flows)) = (began, &engine.flows) {
                 flows.begin(FlowRecord {
                     id: record.id.clone(),
-                    kind: record.kind.clone(),
+                    kind: record.kind,
                     method: "CONNECT".into(),
                     target: head.target.clone(),
                     rule: record.rule.clone(),
@@ -88,10 +130,23 @@ pub async fn handle_connect(
             }
             record.commit();
             let _ = send_error(&mut client.io, status, &message, false).await;
-            return;
+            return None;
         }
         Ok(Ready { plan, origin: None }) => {
-            Box::pin(intercept(engine, client, plan, conn, &mut record)).await
+            match Box::pin(intercept(engine, client, plan, &mut record)).await {
+                Ok((stream, mode, flow)) => {
+                    return Some(Interception {
+                        stream,
+                        mode,
+                        record: ConnectRecord {
+                            flow,
+                            record,
+                            started,
+                        },
+                    })
+                }
+                Err(e) => Err(e),
+            }
         }
         Ok(Ready {
             plan,
@@ -109,6 +164,7 @@ pub async fn handle_connect(
     }
     record.duration = started.elapsed();
     record.commit();
+    None
 }
 
 /// A plan with its connection to the destination (None for interception, which connects
@@ -122,7 +178,7 @@ async fn open_tunnel(
     engine: &Engine,
     plan: Plan,
     record: &mut AccessRecord,
-) -> Result<Ready, Refusal> {
+) -> Result<Ready, FlowError> {
     let (origin, dns) = match engine
         .connector
         .open_tunnel(&plan.route, &plan.host, plan.port)
@@ -140,7 +196,7 @@ async fn open_tunnel(
             return Err(refusal.into());
         }
     };
-    record.dns = dns;
+    record.dns = dns.into();
     Ok(Ready {
         plan,
         origin: Some(origin),
@@ -158,31 +214,12 @@ struct Plan {
     flow: Option<FlowHandle>,
 }
 
-/// Why a CONNECT is answered with an error: the status and a one-line reason.
-struct Refusal {
-    status: u16,
-    message: String,
-    /// The handler's own hook raised, and the handler has seen that exception already: the
-    /// refusal is not reported to it a second time.
-    handler_knows: bool,
-}
-
-impl From<(u16, String)> for Refusal {
-    fn from((status, message): (u16, String)) -> Self {
-        Refusal {
-            status,
-            message,
-            handler_knows: false,
-        }
-    }
-}
-
 async fn plan_connect(
     engine: &Arc<Engine>,
     head: &RequestHead,
     conn: &mut ConnState,
     record: &mut AccessRecord,
-) -> Result<Plan, Refusal> {
+) -> Result<Plan, FlowError> {
     let (host, port) = split_authority(&head.target, None)
         .map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
     let decision = decide(engine, "CONNECT", Scheme::Https, &host, port, "", record);
@@ -197,31 +234,12 @@ async fn plan_connect(
     }
     if engine.hooks.connect {
         if let Some(handler) = conn.handler(engine) {
-            let mut reply = handler.connect(host.clone(), port);
-            let wait = engine.hook_waits.begin();
-            match tokio::time::timeout(engine.config.hook_timeout, wait.reply(&mut reply)).await {
-                Err(_) => {
-                    return Err((
-                        504,
-                        format!(
-                            "hook on_connect did not return within {:?}",
-                            engine.config.hook_timeout
-                        ),
-                    )
-                        .into())
-                }
-                Ok(None) => {
-                    return Err((502, "hook on_connect: the handler went away".to_string()).into())
-                }
-                Ok(Some(Err(m))) => {
-                    return Err(Refusal {
-                        status: 502,
-                        message: format!("hook on_connect failed: {m}"),
-                        handler_knows: true,
-                    })
-                }
-                Ok(Some(Ok(ConnectDecision::Default))) => {}
-                Ok(Some(Ok(ConnectDecision::Intercept))) if engine.ca.is_none() => {
+            let reply = handler.connect(host.clone(), port);
+            let hook_timeout = engine.config.hook_timeout;
+            match await_hook(&engine.hook_waits, hook_timeout, reply, "on_connect").await {
+                Err(e) => return Err(e),
+                Ok(ConnectDecision::Default) => {}
+                Ok(ConnectDecision::Intercept) if engine.ca.is_none() => {
                     // Not a silent tunnel: the handler author asked for something this server
                     // cannot do (on_error tells them, the client gets a 502).
                     return Err((
@@ -233,12 +251,12 @@ async fn plan_connect(
                     )
                         .into());
                 }
-                Ok(Some(Ok(c))) => choice = c,
+                Ok(c) => choice = c,
             }
         }
     }
     if let ConnectDecision::Block(reason) = choice {
-        record.kind = "block".into();
+        record.kind = Kind::Block;
         return Err((403, reason).into());
     }
     engine
@@ -269,9 +287,9 @@ async fn plan_connect(
         f.begin(FlowRecord {
             id: record.id.clone(),
             kind: if intercept {
-                "intercept".into()
+                Kind::Intercept
             } else {
-                "tunnel".into()
+                Kind::Tunnel
             },
             method: "CONNECT".into(),
             target: head.target.clone(),
@@ -294,13 +312,13 @@ async fn plan_connect(
     })
 }
 
+/// Answers the CONNECT and terminates the client's TLS with a minted certificate.
 async fn intercept(
     engine: &Arc<Engine>,
     mut client: BufStream<TcpStream>,
     plan: Plan,
-    conn: &mut ConnState,
     record: &mut AccessRecord,
-) -> Result<(), String> {
+) -> Result<(BufStream<InterceptedStream>, Mode, Option<FlowHandle>), String> {
     let Plan {
         host,
         port,
@@ -309,7 +327,7 @@ async fn intercept(
         flow,
         ..
     } = plan;
-    record.kind = "intercept".into();
+    record.kind = Kind::Intercept;
     let ca = engine.ca.clone().expect("interception needs a CA");
     client
         .io
@@ -351,12 +369,7 @@ async fn intercept(
         up_policy,
         down_segmenting,
     };
-    let _ = Box::pin(serve_http(engine, BufStream::new(tls_stream), conn, &mode)).await;
-    if let Some(f) = flow {
-        f.update(|f| f.status = 200);
-        f.finish();
-    }
-    Ok(())
+    Ok((BufStream::new(tls_stream), mode, flow))
 }
 
 async fn tunnel(

@@ -14,7 +14,8 @@ use tokio::sync::mpsc;
 use tokio::time::timeout;
 
 use super::config::EngineConfig;
-use super::server::{EngineParts, ProxyServer};
+use super::server::ProxyServer;
+use super::state::EngineParts;
 
 /// The longest any single step of a test may take.
 const STEP: Duration = Duration::from_secs(10);

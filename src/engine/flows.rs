@@ -8,7 +8,11 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use super::access::Outcome;
+use serde::ser::SerializeTuple;
+use serde::{Serialize, Serializer};
+
+use super::access::Text;
+use super::outcome::{Kind, Outcome};
 use super::segment::{ChunkObserver, ShortChunk};
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
@@ -28,18 +32,21 @@ pub struct ChunkEvent {
     pub short: Option<ShortChunk>,
 }
 
-#[derive(Clone, Debug, Default)]
+/// One flow record; serialised (serde) as a line of the flows file.
+#[derive(Clone, Debug, Default, Serialize)]
 pub struct FlowRecord {
     pub id: String,
-    pub kind: String,
+    pub kind: Kind,
     pub method: String,
     pub target: String,
-    pub rule: String,
-    pub action: String,
-    pub policy: String,
+    pub rule: Text,
+    pub action: Text,
+    pub policy: Text,
     pub direction: String,
     /// Seconds since the recorder started when the flow began and ended.
+    #[serde(serialize_with = "micro_seconds")]
     pub start: f64,
+    #[serde(serialize_with = "micro_seconds_opt")]
     pub end: Option<f64>,
     pub chunks: Vec<ChunkEvent>,
     pub dropped_chunks: u64,
@@ -51,56 +58,59 @@ pub struct FlowRecord {
 }
 
 impl FlowRecord {
-    pub fn to_json(&self) -> String {
-        let chunks: Vec<String> = self
-            .chunks
-            .iter()
-            .map(|c| format!("[\"{}\",{},{:.6}]", c.direction, c.size, c.t))
-            .collect();
-        let short: Vec<String> = self
+    /// The record as its consumers see it: its fields and `short_chunks` as `[index, why]`.
+    pub fn view(&self) -> FlowView<'_> {
+        let short_chunks = self
             .chunks
             .iter()
             .enumerate()
-            .filter_map(|(i, c)| c.short.map(|why| format!("[{i},\"{}\"]", why.as_str())))
+            .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
             .collect();
-        format!(
-            "{{\"id\":{},\"kind\":{},\"method\":{},\"target\":{},\"rule\":{},\"action\":{},\"policy\":{},\"direction\":{},\"status\":{},\"outcome\":\"{}\",\"error\":{},\"start\":{:.6},\"end\":{},\"dropped_chunks\":{},\"chunks\":[{}],\"short_chunks\":[{}]}}",
-            json_str(&self.id),
-            json_str(&self.kind),
-            json_str(&self.method),
-            json_str(&self.target),
-            json_str(&self.rule),
-            json_str(&self.action),
-            json_str(&self.policy),
-            json_str(&self.direction),
-            self.status,
-            self.outcome.as_str(),
-            self.error.as_deref().map(json_str).unwrap_or_else(|| "null".into()),
-            self.start,
-            self.end.map(|e| format!("{e:.6}")).unwrap_or_else(|| "null".into()),
-            self.dropped_chunks,
-            chunks.join(","),
-            short.join(",")
-        )
+        FlowView {
+            record: self,
+            short_chunks,
+        }
+    }
+
+    /// The record as one JSON object (a line of the flows file).
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(&self.view()).unwrap_or_default()
     }
 }
 
-pub fn json_str(s: &str) -> String {
-    let mut out = String::with_capacity(s.len() + 2);
-    out.push('"');
-    for c in s.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            '\n' => out.push_str("\\n"),
-            '\r' => out.push_str("\\r"),
-            '\t' => out.push_str("\\t"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
+/// A flow record with its short chunks listed: what JSON lines and Python's dicts hold.
+#[derive(Serialize)]
+pub struct FlowView<'a> {
+    #[serde(flatten)]
+    record: &'a FlowRecord,
+    short_chunks: Vec<(usize, &'static str)>,
+}
+
+/// A chunk in JSON: `[direction, size, t]`.
+impl Serialize for ChunkEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(3)?;
+        t.serialize_element(self.direction)?;
+        t.serialize_element(&self.size)?;
+        t.serialize_element(&round_micros(self.t))?;
+        t.end()
     }
-    out.push('"');
-    out
+}
+
+/// Times to the microsecond: the clock's resolution in records.
+fn round_micros(t: f64) -> f64 {
+    (t * 1e6).round() / 1e6
+}
+
+fn micro_seconds<S: Serializer>(t: &f64, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_f64(round_micros(*t))
+}
+
+fn micro_seconds_opt<S: Serializer>(t: &Option<f64>, s: S) -> Result<S::Ok, S::Error> {
+    match t {
+        Some(t) => s.serialize_f64(round_micros(*t)),
+        None => s.serialize_none(),
+    }
 }
 
 /// Keeps the last `capacity` finished flows (and at most `MAX_STORED_CHUNKS` chunks among

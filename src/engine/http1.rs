@@ -247,15 +247,22 @@ impl<S: AsyncRead + Unpin> BufStream<S> {
     }
 
     pub async fn read_request_head(&mut self, limit: usize) -> Result<RequestHead, HttpError> {
-        let len = self.head_len(limit).await?;
-        let head = self.buf.split_to(len).freeze();
+        let head = self.take_head(limit).await?;
         parse_request(&head)
     }
 
     pub async fn read_response_head(&mut self, limit: usize) -> Result<ResponseHead, HttpError> {
-        let len = self.head_len(limit).await?;
-        let head = self.buf.split_to(len).freeze();
+        let head = self.take_head(limit).await?;
         parse_response(&head)
+    }
+
+    /// The next head's bytes, copied out: the read buffer then stays the only owner of its
+    /// memory and is reused for the next read, rather than a new buffer per message.
+    async fn take_head(&mut self, limit: usize) -> Result<Bytes, HttpError> {
+        let len = self.head_len(limit).await?;
+        let head = Bytes::copy_from_slice(&self.buf[..len]);
+        self.buf.advance(len);
+        Ok(head)
     }
 
     /// Reads up to `max` bytes, from the buffer first.

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use super::server::Engine;
+use super::state::Engine;
 
 /// How far the open connections must fall before memory is given back.
 pub const BURST: usize = 128;

@@ -1512,48 +1512,6 @@ fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, Str
     }
 }
 
-/// Builds `count` mixed rules (exact, suffix, glob, catch-all) and returns the
-/// mean `decide` time over a spread of hosts. For benches and the ignored
-/// timing test; build with `--release` for meaningful numbers.
-pub fn bench_decide(count: usize, iterations: usize) -> Duration {
-    let mut text = String::new();
-    for i in 0..count {
-        let line = match i % 10 {
-            0..=5 => format!(
-                "host{i}.example.com=segment_upstream,chunk={},delay=1\n",
-                100 + i
-            ),
-            6..=8 => format!("*.zone{i}.example.net=direct,method=GET\n"),
-            _ => format!("api{i}-*.example.org=direct,action=block,reason=r{i}\n"),
-        };
-        text.push_str(&line);
-    }
-    text.push_str("*=direct\n");
-    let set = RuleSet::parse(&text, "<bench>").expect("bench rules parse");
-    let hosts: Vec<String> = (0..count.max(1))
-        .map(|i| match i % 4 {
-            0 => format!("host{i}.example.com"),
-            1 => format!("a.b.zone{}.example.net", i / 10 * 10 + 6),
-            2 => format!("api{}-x.example.org", i / 10 * 10 + 9),
-            _ => format!("nomatch{i}.test"),
-        })
-        .collect();
-    let start = std::time::Instant::now();
-    let mut hits = 0usize;
-    for n in 0..iterations {
-        let host = &hosts[n % hosts.len()];
-        if set
-            .decide("GET", Scheme::Https, host, 443, "/")
-            .rule
-            .is_some()
-        {
-            hits += 1;
-        }
-    }
-    assert!(hits > 0);
-    start.elapsed() / iterations.max(1) as u32
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -2325,6 +2283,48 @@ h.test=segment_upstream,chunk=6,port=8443,scheme=http
                 .max_by_key(|&i| set.keys[i]);
             assert_eq!(got, want, "{method} {scheme} {host}:{port}{path}");
         }
+    }
+
+    /// Builds `count` mixed rules (exact, suffix, glob, catch-all) and returns the
+    /// mean `decide` time over a spread of hosts. For benches and the ignored
+    /// timing test; build with `--release` for meaningful numbers.
+    fn bench_decide(count: usize, iterations: usize) -> Duration {
+        let mut text = String::new();
+        for i in 0..count {
+            let line = match i % 10 {
+                0..=5 => format!(
+                    "host{i}.example.com=segment_upstream,chunk={},delay=1\n",
+                    100 + i
+                ),
+                6..=8 => format!("*.zone{i}.example.net=direct,method=GET\n"),
+                _ => format!("api{i}-*.example.org=direct,action=block,reason=r{i}\n"),
+            };
+            text.push_str(&line);
+        }
+        text.push_str("*=direct\n");
+        let set = RuleSet::parse(&text, "<bench>").expect("bench rules parse");
+        let hosts: Vec<String> = (0..count.max(1))
+            .map(|i| match i % 4 {
+                0 => format!("host{i}.example.com"),
+                1 => format!("a.b.zone{}.example.net", i / 10 * 10 + 6),
+                2 => format!("api{}-x.example.org", i / 10 * 10 + 9),
+                _ => format!("nomatch{i}.test"),
+            })
+            .collect();
+        let start = std::time::Instant::now();
+        let mut hits = 0usize;
+        for n in 0..iterations {
+            let host = &hosts[n % hosts.len()];
+            if set
+                .decide("GET", Scheme::Https, host, 443, "/")
+                .rule
+                .is_some()
+            {
+                hits += 1;
+            }
+        }
+        assert!(hits > 0);
+        start.elapsed() / iterations.max(1) as u32
     }
 
     #[test]

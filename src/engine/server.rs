@@ -2,7 +2,7 @@
 
 use std::io;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,67 +10,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::access::{now_epoch, AccessLog, AccessRecord, Outcome};
-use super::ca::CertificateAuthority;
+use super::access::{now_epoch, AccessRecord, Kind, Outcome};
 use super::config::EngineConfig;
-use super::connector::Connector;
-use super::flows::FlowRecorder;
-use super::hooks::{Handler, HookSet, HookWaits};
-use super::pool::Pool;
-use super::proxy;
-use super::rules::{Intercept, RuleSet};
-use super::safety::DomainFilter;
-use super::tls::{origin_client_config, OriginTrust};
-
-/// Everything a connection needs, shared by all connections of one server.
-pub struct Engine {
-    pub config: EngineConfig,
-    pub connector: Connector,
-    pub pool: Pool,
-    pub access: AccessLog,
-    pub rules: RuleSet,
-    pub filter: DomainFilter,
-    /// With a CA, CONNECTs are intercepted unless a rule or the handler says otherwise.
-    pub ca: Option<Arc<CertificateAuthority>>,
-    /// How origins of intercepted flows are verified.
-    pub origin_tls: Arc<rustls::ClientConfig>,
-    pub handler: Option<Arc<dyn Handler>>,
-    /// The hooks the handler implements, learnt once at start.
-    pub hooks: HookSet,
-    /// Waits for the handler's answers (a lone wait polls briefly before it parks).
-    pub hook_waits: HookWaits,
-    pub flows: Option<Arc<FlowRecorder>>,
-    next_conn_id: AtomicU64,
-    active: AtomicUsize,
-    all_done: Notify,
-    /// Becomes true when the server stops accepting: keep-alive connections then close
-    /// after their current exchange.
-    pub draining: watch::Receiver<bool>,
-    /// Becomes true when in-flight exchanges are cut off.
-    pub closing: watch::Receiver<bool>,
-}
-
-impl Engine {
-    pub fn active_connections(&self) -> usize {
-        self.active.load(Ordering::Acquire)
-    }
-    pub fn is_draining(&self) -> bool {
-        *self.draining.borrow()
-    }
-}
-
-/// Optional parts of an engine that are built outside it (by the binding or tests).
-#[derive(Default)]
-pub struct EngineParts {
-    pub connector: Option<Connector>,
-    pub access: Option<AccessLog>,
-    pub rules: Option<RuleSet>,
-    pub filter: Option<DomainFilter>,
-    pub ca: Option<Arc<CertificateAuthority>>,
-    pub origin_trust: OriginTrust,
-    pub handler: Option<Arc<dyn Handler>>,
-    pub flows: Option<Arc<FlowRecorder>>,
-}
+use super::connection;
+use super::state::{Engine, EngineParts};
 
 pub struct ProxyServer {
     engine: Arc<Engine>,
@@ -100,57 +43,10 @@ impl ProxyServer {
             ),
             None => log::info!("max_connections {}", config.max_connections),
         }
-        let rules = parts.rules.unwrap_or_default();
-        if parts.ca.is_none() {
-            if let Some(rule) = rules.rules().iter().find(|r| r.intercept == Intercept::Yes) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("rule {} says intercept=yes but no CA is configured (--ca-dir or tls_store)", rule.source),
-                ));
-            }
-        }
-        let origin_tls = origin_client_config(&parts.origin_trust)
-            .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let filter = parts.filter.unwrap_or_default();
-        let mut connector = parts
-            .connector
-            .unwrap_or_else(|| Connector::new(config.connect_timeout));
-        if filter.deny_private {
-            let f = filter.clone();
-            connector.addr_check = Some(Box::new(move |ip| f.check_addr(ip)));
-        }
-        let hooks = parts
-            .handler
-            .as_ref()
-            .map(|h| h.hooks())
-            .unwrap_or_default();
-        let listener = TcpListener::bind(config.listen).await?;
+        let (engine, drain_tx, close_tx) = Engine::build(config, parts)?;
+        let engine = Arc::new(engine);
+        let listener = TcpListener::bind(engine.config.listen).await?;
         let local_addr = listener.local_addr()?;
-        let (drain_tx, draining) = watch::channel(false);
-        let (close_tx, closing) = watch::channel(false);
-        let access = match parts.access {
-            Some(a) => a,
-            None => AccessLog::new(None, 10_000)?,
-        };
-        let engine = Arc::new(Engine {
-            pool: Pool::new(config.pool_idle_timeout, config.pool_max_idle_per_host),
-            config,
-            connector,
-            access,
-            rules,
-            filter,
-            ca: parts.ca,
-            origin_tls,
-            handler: parts.handler,
-            hooks,
-            hook_waits: HookWaits::default(),
-            flows: parts.flows,
-            next_conn_id: AtomicU64::new(1),
-            active: AtomicUsize::new(0),
-            all_done: Notify::new(),
-            draining,
-            closing,
-        });
         let server = ProxyServer {
             engine: engine.clone(),
             local_addr,
@@ -255,7 +151,7 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
         tokio::spawn(async move {
             let mut closing = engine.closing.clone();
             tokio::select! {
-                _ = proxy::serve_client(&engine, stream, peer, id) => {}
+                _ = connection::serve_client(&engine, stream, peer, id) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
             finish_connection(&engine);
@@ -323,7 +219,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         method: "-".into(),
         target: "-".into(),
         status: 503,
-        kind: "refused".into(),
+        kind: Kind::Refused,
         policy: "none".into(),
         error: Some(body.trim_end().to_string()),
         started: now_epoch(),

@@ -2,9 +2,13 @@
 
 use pyo3::prelude::*;
 
+mod bench;
 mod bridge;
+mod convert;
+mod doorbell;
 mod handler;
 mod logger;
+mod replies;
 mod rules;
 mod runtime;
 mod server;
@@ -13,11 +17,13 @@ mod tls;
 #[pymodule]
 mod _engine {
     #[pymodule_export]
+    use super::bench::{hook_roundtrip, time_minting};
+    #[pymodule_export]
     use super::bridge::HookBridge;
     #[pymodule_export]
-    use super::handler::{hook_roundtrip, Completer, FlowHandle};
-    #[pymodule_export]
     use super::logger::set_log_level;
+    #[pymodule_export]
+    use super::replies::{Completer, FlowHandle};
     #[pymodule_export]
     use super::rules::PyRuleSet;
     #[pymodule_export]

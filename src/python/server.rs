@@ -10,11 +10,11 @@ use pyo3::exceptions::{PyOSError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::engine::access::{AccessLog, AccessRecord};
+use crate::engine::access::AccessLog;
 use crate::engine::auth::{open_relay_refusal, ProxyAuth};
 use crate::engine::connector::Connector;
 use crate::engine::dns::{DnsConfig, DnsResolver, DnsSettings, DnsTransport};
-use crate::engine::flows::{FlowRecord, FlowRecorder};
+use crate::engine::flows::FlowRecorder;
 use crate::engine::safety::DomainFilter;
 use crate::engine::tls::OriginTrust;
 use crate::engine::{EngineConfig, EngineParts, ProxyServer};
@@ -247,62 +247,9 @@ pub fn start_server<'py>(
     })
 }
 
-fn record_to_dict<'py>(py: Python<'py>, r: &AccessRecord) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("id", &r.id)?;
-    d.set_item("client", r.client.map(|c| c.to_string()))?;
-    d.set_item("method", &r.method)?;
-    d.set_item("target", &r.target)?;
-    d.set_item("status", r.status)?;
-    d.set_item("bytes_up", r.bytes_up)?;
-    d.set_item("bytes_down", r.bytes_down)?;
-    d.set_item("duration", r.duration.as_secs_f64())?;
-    d.set_item("kind", &r.kind)?;
-    d.set_item("rule", &r.rule)?;
-    d.set_item("action", &r.action)?;
-    d.set_item("policy", &r.policy)?;
-    d.set_item("dns", &r.dns)?;
-    d.set_item("error", &r.error)?;
-    d.set_item("started", r.started)?;
-    d.set_item("outcome", r.outcome.as_str())?;
-    d.set_item("host", &r.host)?;
-    d.set_item("port", r.port)?;
-    d.set_item("scheme", &r.scheme)?;
-    d.set_item("mode", &r.mode)?;
-    d.set_item("line", r.to_line())?;
-    Ok(d)
-}
-
-fn flow_to_dict<'py>(py: Python<'py>, f: &FlowRecord) -> PyResult<Bound<'py, PyDict>> {
-    let d = PyDict::new(py);
-    d.set_item("id", &f.id)?;
-    d.set_item("kind", &f.kind)?;
-    d.set_item("method", &f.method)?;
-    d.set_item("target", &f.target)?;
-    d.set_item("rule", &f.rule)?;
-    d.set_item("action", &f.action)?;
-    d.set_item("policy", &f.policy)?;
-    d.set_item("direction", &f.direction)?;
-    d.set_item("status", f.status)?;
-    d.set_item("error", f.error.as_deref())?;
-    d.set_item("outcome", f.outcome.as_str())?;
-    d.set_item("start", f.start)?;
-    d.set_item("end", f.end)?;
-    d.set_item("dropped_chunks", f.dropped_chunks)?;
-    let chunks: Vec<(&str, usize, f64)> = f
-        .chunks
-        .iter()
-        .map(|c| (c.direction, c.size, c.t))
-        .collect();
-    d.set_item("chunks", chunks)?;
-    let short: Vec<(usize, &str)> = f
-        .chunks
-        .iter()
-        .enumerate()
-        .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
-        .collect();
-    d.set_item("short_chunks", short)?;
-    Ok(d)
+/// A record as a Python dict, from its serde form (so a new field needs no code here).
+fn to_dict<'py>(py: Python<'py>, value: &impl serde::Serialize) -> PyResult<Bound<'py, PyDict>> {
+    Ok(pythonize::pythonize(py, value)?.cast_into::<PyDict>()?)
 }
 
 #[pymethods]
@@ -317,7 +264,7 @@ impl EngineServer {
         if clear {
             recorder.clear();
         }
-        flows.iter().map(|f| flow_to_dict(py, f)).collect()
+        flows.iter().map(|f| to_dict(py, &f.view())).collect()
     }
 
     fn recording_flows(&self) -> bool {
@@ -375,6 +322,6 @@ impl EngineServer {
         if clear {
             access.clear();
         }
-        records.iter().map(|r| record_to_dict(py, r)).collect()
+        records.iter().map(|r| to_dict(py, &r.view())).collect()
     }
 }

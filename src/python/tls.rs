@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 
 use crate::engine::ca::{key_file_warning, CaError, CaSubject, CertificateAuthority};
 
-fn ca_error(e: CaError) -> PyErr {
+pub(crate) fn ca_error(e: CaError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
@@ -95,31 +95,6 @@ impl PyCertificateAuthority {
             out.push_str(&pem_encode(der.as_ref()));
         }
         Ok(out)
-    }
-
-    /// Seconds to mint a certificate for `count` new hosts and to fetch a cached one
-    /// `count` times (for benchmarks): (mint_seconds_each, cached_seconds_each).
-    #[pyo3(signature = (count = 200))]
-    fn time_minting(&self, py: Python<'_>, count: usize) -> PyResult<(f64, f64)> {
-        let ca = self.inner.clone();
-        py.detach(move || {
-            let tag = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0);
-            let start = std::time::Instant::now();
-            for i in 0..count {
-                ca.server_config(&format!("bench{i}-{tag}.test"))
-                    .map_err(ca_error)?;
-            }
-            let mint = start.elapsed().as_secs_f64() / count as f64;
-            let start = std::time::Instant::now();
-            for _ in 0..count {
-                ca.server_config(&format!("bench0-{tag}.test"))
-                    .map_err(ca_error)?;
-            }
-            Ok((mint, start.elapsed().as_secs_f64() / count as f64))
-        })
     }
 }
 

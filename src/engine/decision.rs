@@ -1,0 +1,99 @@
+//! The rule decision for one flow (request or CONNECT), its debug lines, and the route it
+//! gives the connector.
+
+use super::access::AccessRecord;
+use super::connector::{Route, UpstreamHop};
+use super::rules::{Action, Decision, Scheme};
+use super::state::Engine;
+
+/// The rule decision for a flow, written into its access record.
+pub fn decide(
+    engine: &Engine,
+    method: &str,
+    scheme: Scheme,
+    host: &str,
+    port: u16,
+    path: &str,
+    record: &mut AccessRecord,
+) -> Decision {
+    let decision = engine.rules.decide(method, scheme, host, port, path);
+    record.host = host.to_string();
+    record.port = port;
+    record.scheme = scheme.as_str().to_string().into();
+    record.mode = decision.mode.clone().into();
+    if log::log_enabled!(log::Level::Debug) {
+        log_decision(engine, method, host, port, path, &decision, &record.id);
+    }
+    record.rule = match decision.rule {
+        Some(i) => engine.rules.rules()[i].source.to_string().into(),
+        None => "default".into(),
+    };
+    record.action = match &decision.action {
+        Action::Direct => "direct".into(),
+        Action::Upstream(u) => format!("upstream:{}", u.authority()).into(),
+        Action::Block { .. } => "block".into(),
+    };
+    record.policy = if decision.policy.is_passthrough() {
+        "none".into()
+    } else {
+        format!(
+            "{} dir={}",
+            decision.policy.describe(),
+            decision.direction.as_str()
+        )
+        .into()
+    };
+    decision
+}
+
+/// SegmentedProxy's two debug lines for a decision (the rule, its score, the policy; then the
+/// explain line), with our request id as `rid`.
+fn log_decision(
+    engine: &Engine,
+    method: &str,
+    host: &str,
+    port: u16,
+    path: &str,
+    d: &Decision,
+    rid: &str,
+) {
+    use crate::engine::segment::Strategy;
+    let rule = d
+        .rule
+        .map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
+    let score = d.score.map_or(-1, i64::from);
+    let strategy = match d.policy.strategy {
+        Strategy::None => "none",
+        Strategy::Fixed { .. } => "fixed",
+        Strategy::Random { .. } => "random",
+    };
+    if method.eq_ignore_ascii_case("CONNECT") {
+        let chunk = match d.policy.strategy {
+            Strategy::Fixed { chunk } => chunk,
+            _ => crate::engine::rules::DEFAULT_CHUNK,
+        };
+        log::debug!(
+            "CONNECT tunnel {host}:{port} (rule={rule} score={score} action={} mode={} strategy={strategy} chunk={chunk} delay_ms={} rid={rid})",
+            d.action.name(), d.mode, d.policy.delay.as_millis()
+        );
+        log::debug!("CONNECT decision: {} rid={rid}", d.explanation);
+    } else {
+        log::debug!(
+            "HTTP forward {host}:{port} {path} (rule={rule} score={score} action={} mode={} strategy={strategy} rid={rid})",
+            d.action.name(), d.mode
+        );
+        log::debug!("HTTP forward decision: {} rid={rid}", d.explanation);
+    }
+}
+
+/// The connector's route for a rule action (credentials become a ready header).
+pub fn route_for(action: &Action) -> Route {
+    match action {
+        Action::Upstream(u) => Route::Upstream(UpstreamHop {
+            host: u.host.clone(),
+            port: u.port,
+            authorization: u.basic_auth_header(),
+        }),
+        _ => Route::Direct,
+    }
+}

@@ -1,0 +1,170 @@
+//! Request targets: absolute-form URLs from proxy clients, origin-form paths inside an
+//! intercepted CONNECT, and `host:port` authorities.
+
+use super::connector::authority;
+use super::http1::RequestHead;
+use super::session::Mode;
+
+/// A parsed request target.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Target {
+    pub scheme: &'static str,
+    pub host: String,
+    pub port: u16,
+    /// Path and query, origin form ("/" when empty).
+    pub path: String,
+}
+
+impl Target {
+    pub fn authority(&self) -> String {
+        authority(&self.host, self.port)
+    }
+    /// Authority as a Host header writes it: the port only when not the scheme's default.
+    pub fn host_header(&self) -> String {
+        let default = if self.scheme == "https" { 443 } else { 80 };
+        if self.port == default {
+            authority(&self.host, self.port)
+                .rsplit_once(':')
+                .map(|(h, _)| h.to_string())
+                .unwrap_or_default()
+        } else {
+            self.authority()
+        }
+    }
+    pub fn url(&self) -> String {
+        format!("{}://{}{}", self.scheme, self.host_header(), self.path)
+    }
+}
+
+/// Splits `host[:port]` (IPv6 in brackets) into a host and a port.
+pub fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String, u16), String> {
+    if auth.is_empty() {
+        return Err("empty host".into());
+    }
+    if auth.contains('@') {
+        return Err("user information in a proxy target is not allowed".into());
+    }
+    let (host, port) = if let Some(rest) = auth.strip_prefix('[') {
+        let (h, after) = rest.split_once(']').ok_or("unclosed '[' in host")?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => Some(p),
+            None if after.is_empty() => None,
+            None => return Err(format!("bad authority {auth:?}")),
+        };
+        (h.to_string(), port)
+    } else {
+        match auth.rsplit_once(':') {
+            Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p)),
+            Some(_) => return Err("IPv6 address must be in brackets".into()),
+            None => (auth.to_string(), None),
+        }
+    };
+    if host.is_empty()
+        || host
+            .bytes()
+            .any(|b| b.is_ascii_whitespace() || b == b'/' || b == b'?' || b == b'#')
+    {
+        return Err(format!("bad host {host:?}"));
+    }
+    let port = match port {
+        Some(p) => p
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("bad port {p:?}"))?,
+        None => default_port.ok_or("a port is required")?,
+    };
+    Ok((host.to_ascii_lowercase(), port))
+}
+
+/// Reads an absolute-form (`http://host/path`) target.
+pub fn parse_absolute(target: &str) -> Result<Target, String> {
+    let (scheme, rest) = target.split_once("://").ok_or("not an absolute URL")?;
+    let scheme = if scheme.eq_ignore_ascii_case("http") {
+        "http"
+    } else if scheme.eq_ignore_ascii_case("https") {
+        "https"
+    } else {
+        return Err(format!("unsupported scheme {scheme:?}"));
+    };
+    let split = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (auth, path) = rest.split_at(split);
+    let (host, port) = split_authority(auth, Some(if scheme == "https" { 443 } else { 80 }))?;
+    let path = if path.is_empty() {
+        "/".to_string()
+    } else if path.starts_with('?') {
+        format!("/{path}")
+    } else {
+        path.to_string()
+    };
+    Ok(Target {
+        scheme,
+        host,
+        port,
+        path,
+    })
+}
+
+/// Resolves the request's target for the connection's mode.
+pub fn request_target(head: &RequestHead, mode: &Mode) -> Result<Target, String> {
+    match mode {
+        Mode::Proxy => {
+            if head.target.starts_with('/') || head.target == "*" {
+                return Err(format!(
+                    "{} {} is not a proxy request: send the absolute URL (http://host/path) or CONNECT",
+                    head.method, head.target
+                ));
+            }
+            parse_absolute(&head.target)
+        }
+        Mode::Intercepted { host, port, .. } => {
+            if head.target.contains("://") {
+                let t = parse_absolute(&head.target)?;
+                return Ok(Target {
+                    scheme: "https",
+                    ..t
+                });
+            }
+            if !head.target.starts_with('/') {
+                return Err(format!("bad request target {:?}", head.target));
+            }
+            Ok(Target {
+                scheme: "https",
+                host: host.clone(),
+                port: *port,
+                path: head.target.clone(),
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn targets_are_parsed() {
+        let t = parse_absolute("http://Example.test:8080/a/b?c=1").unwrap();
+        assert_eq!(
+            (t.host.as_str(), t.port, t.path.as_str()),
+            ("example.test", 8080, "/a/b?c=1")
+        );
+        let t = parse_absolute("http://[::1]/").unwrap();
+        assert_eq!((t.host.as_str(), t.port), ("::1", 80));
+        assert_eq!(t.host_header(), "[::1]");
+        let t = parse_absolute("http://a.test?x").unwrap();
+        assert_eq!(t.path, "/?x");
+        assert!(parse_absolute("ftp://a/").is_err());
+        assert!(parse_absolute("http://u:p@a/").is_err());
+        assert_eq!(
+            split_authority("a.test:443", None).unwrap(),
+            ("a.test".into(), 443)
+        );
+        assert!(split_authority("a.test", None).is_err());
+        assert!(split_authority("a.test:0", None).is_err());
+        assert_eq!(
+            split_authority("[::1]:8443", None).unwrap(),
+            ("::1".into(), 8443)
+        );
+    }
+}
