@@ -20,13 +20,13 @@ from segproxy import Rules, start_proxy_server
 from support import Segproxy, free_port, wait_for
 from support.loopback import (
     TIMEOUT,
-    EchoOrigin,
     FramedOrigin,
     HttpOrigin,
     HttpRecordingOrigin,
     Recording,
     SinkOrigin,
     SourceOrigin,
+    TcpEchoOrigin,
     blob,
     framed_exchange,
     group_reads,
@@ -185,7 +185,7 @@ def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched():
 
 def test_tunnel_both_directions_segmented():
     data = blob(5, TOTAL)
-    with EchoOrigin() as echo, Segproxy(seg_args("both")) as proxy:
+    with TcpEchoOrigin() as echo, Segproxy(seg_args("both")) as proxy:
         with tunnel(("127.0.0.1", proxy.port), echo.port) as s:
             s.sendall(data)
             rec = Recording()

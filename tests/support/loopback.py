@@ -584,7 +584,7 @@ class SourceOrigin(ThreadedServer):
             pass
 
 
-class EchoOrigin(ThreadedServer):
+class TcpEchoOrigin(ThreadedServer):
     """A raw TCP origin that echoes every read back at once, recording the reads
     (``recordings``, one per connection) until the client closes."""
 

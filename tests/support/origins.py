@@ -1,9 +1,11 @@
 """Small origin servers written for the proxy tests, each on its own thread and loop.
 
-They run on a private asyncio loop in a background thread, so a test may use
-blocking clients (curl, raw sockets) or async ones (httpx) without starving
-them. Every origin binds 127.0.0.1 on a free port, is a context manager, and
-stops (closing every connection it holds) on exit::
+They run on a private asyncio loop in a background thread (``ThreadedOrigin``), so
+a test may use blocking clients (curl, raw sockets) or async ones (httpx) without
+starving them; ``HttpsEchoOrigin`` (for the interception tests) is an
+``http.server`` with a thread per connection instead. Every origin binds 127.0.0.1
+on a free port, is a context manager, and stops (closing every connection it holds)
+on exit::
 
     with RecordingOrigin() as origin:
         ...  # origin.url("/gen/1000"), origin.requests, origin.connections
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.server
 import json
 import random
 import socket
@@ -452,6 +455,106 @@ class TlsEchoOrigin(ThreadedOrigin):
                 return
             writer.write(line.upper())
             await writer.drain()
+
+
+class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
+    """GET /chunked?n=N&size=S: N chunks of S bytes (chunked encoding);
+    POST /sha256: the sha256 and length of the request body (chunked or Content-Length);
+    GET /conn: the id of this TCP connection and requests served on it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+        self.conn_id = self.server.connections  # type: ignore[attr-defined]
+        self.served = 0
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.served += 1
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/chunked"):
+            q = parse_qs(urlsplit(self.path).query)
+            n, size = int(q.get("n", ["10"])[0]), int(q.get("size", ["1000"])[0])
+            self.served += 1
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                piece = bytes([i % 256]) * size
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path == "/conn":
+            self._send(200, f"{self.conn_id} {self.served + 1}\n".encode())
+            return
+        self._send(404, b"not found\n")
+
+    def do_POST(self) -> None:
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            while True:
+                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                if size == 0:
+                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                        pass
+                    break
+                left = size
+                while left:
+                    piece = self.rfile.read(min(left, 1 << 20))
+                    if not piece:
+                        raise ConnectionError("client went away")
+                    h.update(piece)
+                    n += len(piece)
+                    left -= len(piece)
+                self.rfile.readline()
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                piece = self.rfile.read(min(left, 1 << 20))
+                if not piece:
+                    raise ConnectionError("client went away")
+                h.update(piece)
+                n += len(piece)
+                left -= len(piece)
+        self._send(200, f"{h.hexdigest()} {n}".encode())
+
+
+class HttpsEchoOrigin:
+    """A threaded HTTPS origin on 127.0.0.1 (``http.server``, a thread per connection)
+    serving ``_HttpsEchoHandler``: chunked responses, the SHA-256 of request bodies, and
+    which connection served a request. Given the certificate of an ``NginxOrigin`` (a leaf
+    signed by its test CA)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), _HttpsEchoHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.connections = 0  # type: ignore[attr-defined]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    def __enter__(self) -> HttpsEchoOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
 
 
 class WebSocketOrigin(ThreadedOrigin):
