@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from .loopback import header, parse_headers
 from .procs import LOOPBACK
 
 MIB = 1024 * 1024
@@ -81,10 +82,7 @@ class Received:
     chunked: bool = False
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+        return header(self.headers, name)
 
     def header_names(self) -> set[str]:
         return {k.lower() for k, _ in self.headers}
@@ -205,21 +203,18 @@ class ThreadedOrigin:
         self.stop()
 
 
-async def read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
-    """Request or status line and header fields; None at a clean end of stream."""
+async def read_head_async(
+    reader: asyncio.StreamReader,
+) -> tuple[str, list[tuple[str, str]]] | None:
+    """Request or status line and header fields from an asyncio stream; None at a clean
+    end of stream. (``loopback.read_head`` is the blocking-socket counterpart.)"""
     try:
         raw = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise
-    lines = raw.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers.append((k.strip(), v.strip()))
-    return lines[0], headers
+    return parse_headers(raw[:-4])
 
 
 async def read_chunked(reader: asyncio.StreamReader):
@@ -257,7 +252,7 @@ class RecordingOrigin(ThreadedOrigin):
 
     async def handle(self, reader, writer, conn) -> None:
         while True:
-            head = await read_head(reader)
+            head = await read_head_async(reader)
             if head is None:
                 return
             line, headers = head
