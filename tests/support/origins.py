@@ -43,7 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .loopback import header, parse_headers
+from .loopback import header, parse_headers, read_chunked_file
 from .procs import LOOPBACK
 
 MIB = 1024 * 1024
@@ -217,8 +217,8 @@ async def read_head_async(
     return parse_headers(raw[:-4])
 
 
-async def read_chunked(reader: asyncio.StreamReader):
-    """Yields the pieces of a chunked body (trailers consumed)."""
+async def read_chunked_async(reader: asyncio.StreamReader):
+    """Yields the pieces of a chunked body read from an asyncio stream (trailers consumed)."""
     while True:
         size_line = await reader.readuntil(b"\r\n")
         size = int(size_line.split(b";")[0].strip(), 16)
@@ -263,7 +263,7 @@ class RecordingOrigin(ThreadedOrigin):
             te = (req.header("transfer-encoding") or "").lower()
             if "chunked" in te:
                 req.chunked = True
-                pieces = read_chunked(reader)
+                pieces = read_chunked_async(reader)
             else:
                 pieces = _read_length(reader, int(req.header("content-length") or 0))
             async for piece in pieces:
@@ -497,21 +497,9 @@ class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
         h = hashlib.sha256()
         n = 0
         if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-            while True:
-                size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                if size == 0:
-                    while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                        pass
-                    break
-                left = size
-                while left:
-                    piece = self.rfile.read(min(left, 1 << 20))
-                    if not piece:
-                        raise ConnectionError("client went away")
-                    h.update(piece)
-                    n += len(piece)
-                    left -= len(piece)
-                self.rfile.readline()
+            for piece in read_chunked_file(self.rfile):
+                h.update(piece)
+                n += len(piece)
         else:
             left = int(self.headers.get("Content-Length", "0"))
             while left:

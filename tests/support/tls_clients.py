@@ -9,6 +9,7 @@ import socket
 import ssl
 from pathlib import Path
 
+from .loopback import read_chunked_file
 from .procs import LOOPBACK
 
 TIMEOUT = 30.0
@@ -52,16 +53,7 @@ def read_response_from_file(f) -> tuple[int, dict[str, str], bytes]:
         name, _, value = line.decode("latin-1").partition(":")
         headers[name.strip().lower()] = value.strip()
     if headers.get("transfer-encoding", "").lower() == "chunked":
-        body = bytearray()
-        while True:
-            size = int(f.readline().split(b";")[0].strip(), 16)
-            if size == 0:
-                while f.readline() not in (b"\r\n", b"\n", b""):
-                    pass
-                break
-            body += f.read(size)
-            f.readline()
-        return status, headers, bytes(body)
+        return status, headers, b"".join(read_chunked_file(f))
     n = int(headers.get("content-length", "0"))
     return status, headers, f.read(n)
 
