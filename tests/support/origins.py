@@ -34,7 +34,6 @@ import asyncio
 import hashlib
 import http.server
 import json
-import random
 import socket
 import ssl
 import threading
@@ -43,15 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
-from .loopback import header, parse_headers, read_chunked_file
+from .loopback import blob, header, parse_headers, read_chunked_file
 from .procs import LOOPBACK
 
 MIB = 1024 * 1024
-_BLOCK = random.Random(20240611).randbytes(MIB)
+# The pattern is loopback's ``blob`` data (one maker of test bytes), 1 MiB of it repeated,
+# so that bodies of any size stream without being built in memory.
+_BLOCK = blob(20240611, MIB)
 
 
 def pattern_chunks(n: int, piece: int = MIB):
-    """The deterministic body of ``/gen/N`` in pieces of at most ``piece`` bytes."""
+    """The deterministic body of ``/gen/N`` in pieces of at most ``piece`` bytes: the first
+    MiB of ``blob(20240611, ...)``, repeated."""
     sent = 0
     while sent < n:
         off = sent % MIB
