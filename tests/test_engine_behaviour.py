@@ -16,7 +16,7 @@ import time
 import pytest
 from support import Segproxy, wait_for
 from support.clients import Conn, get_via
-from support.loopback import EchoOrigin, proxy_connect
+from support.loopback import TcpEchoOrigin, proxy_connect
 from support.origins import pattern_sha256
 
 pytestmark = pytest.mark.timeout(60)
@@ -120,7 +120,7 @@ async def test_http10_client_gets_a_response_and_the_connection_closed(proxy, or
 
 async def test_idle_connect_tunnel_is_closed(make_proxy):
     proxy = await make_proxy(idle_timeout=1)
-    with EchoOrigin() as echo:
+    with TcpEchoOrigin() as echo:
         s, answer = proxy_connect(("127.0.0.1", proxy.port), f"127.0.0.1:{echo.port}")
         with s:
             assert answer.status == 200

@@ -21,15 +21,15 @@ cryptography = pytest.importorskip("cryptography")
 import segproxy  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
-from intercept_support import (  # noqa: E402
-    EchoOrigin,
-    ProxyThread,
+from support import LOOPBACK, Segproxy  # noqa: E402
+from support.inprocess import ProxyThread  # noqa: E402
+from support.origins import HttpsEchoOrigin  # noqa: E402
+from support.tls_clients import (  # noqa: E402
     connect_tunnel,
     get,
-    read_response,
+    read_response_from_file,
     trusting_context,
 )
-from support import LOOPBACK, Segproxy  # noqa: E402
 
 MIB = 1024 * 1024
 ONE_K = bytes(range(256)) * 4
@@ -85,7 +85,7 @@ def proxy(tls_store, nginx_origin):
 
 @pytest.fixture(scope="module")
 def echo_origin(nginx_origin):
-    with EchoOrigin(nginx_origin.leaf_path, nginx_origin.dir / "origin.key") as o:
+    with HttpsEchoOrigin(nginx_origin.leaf_path, nginx_origin.dir / "origin.key") as o:
         yield o
 
 
@@ -510,7 +510,7 @@ def test_segmentation_applies_to_encrypted_bytes_toward_the_origin(
                 f"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(body)}\r\n\r\n".encode()
                 + body
             )
-            status, _, reply = read_response(tls.makefile("rb"))
+            status, _, reply = read_response_from_file(tls.makefile("rb"))
         assert status == 200
         assert reply.decode() == f"{hashlib.sha256(body).hexdigest()} {len(body)}"
         deadline = time.monotonic() + 10
@@ -550,7 +550,7 @@ def test_chunked_bodies_through_interception(proxy, ca_path, echo_origin):
         for piece in pieces:
             tls.sendall(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
         tls.sendall(b"0\r\n\r\n")
-        status, _, reply = read_response(f)
+        status, _, reply = read_response_from_file(f)
         whole = b"".join(pieces)
         assert (
             status == 200 and reply.decode() == f"{hashlib.sha256(whole).hexdigest()} {len(whole)}"

@@ -252,7 +252,7 @@ class TokenAuth(segproxy.HTTPSForwardProxyHandler):
 def test_on_authenticate_judges_other_schemes(origin):
     """Hooks run on the server's loop: the proxy runs on its own loop thread (ProxyThread) so
     this test's blocking clients do not stop them."""
-    from intercept_support import ProxyThread
+    from support.inprocess import ProxyThread
 
     TokenAuth.seen = []
     with ProxyThread(handler_builder=TokenAuth, proxy_auth=["alice:s3cret"], header_timeout=5) as p:
@@ -277,7 +277,7 @@ def test_on_authenticate_judges_other_schemes(origin):
 
 
 def test_on_authenticate_alone_turns_auth_on_and_counts_beyond_loopback(origin):
-    from intercept_support import ProxyThread
+    from support.inprocess import ProxyThread
 
     TokenAuth.seen = []
     with pytest.raises(ValueError):

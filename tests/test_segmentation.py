@@ -21,13 +21,13 @@ from segproxy import Rules, start_proxy_server
 from support import Segproxy, free_port, wait_for
 from support.loopback import (
     TIMEOUT,
-    EchoOrigin,
     FramedOrigin,
     HttpOrigin,
     HttpRecordingOrigin,
     Recording,
     SinkOrigin,
     SourceOrigin,
+    TcpEchoOrigin,
     blob,
     framed_exchange,
     group_reads,
@@ -217,7 +217,7 @@ def test_tunnel_down_fixed_chunks_with_delay_and_up_untouched(tmp_path):
 def test_tunnel_both_directions_segmented(tmp_path):
     data = blob(5, TOTAL)
     flows = tmp_path / "flows.jsonl"
-    with EchoOrigin() as echo, Segproxy(seg_args("both", flows=flows)) as proxy:
+    with TcpEchoOrigin() as echo, Segproxy(seg_args("both", flows=flows)) as proxy:
         with tunnel(("127.0.0.1", proxy.port), echo.port) as s:
             s.sendall(data)
             rec = Recording()

@@ -208,7 +208,8 @@ def test_same_checks_inside_interception(tmp_path, case):
     """The inner HTTP/1.1 loop of an intercepted CONNECT refuses the same heads."""
     pytest.importorskip("cryptography")
     import segproxy
-    from intercept_support import ProxyThread, connect_tunnel, get, trusting_context
+    from support.inprocess import ProxyThread
+    from support.tls_clients import connect_tunnel, get, trusting_context
 
     segproxy.load_or_create_ca(tmp_path / "ca")
     store = segproxy.TLSStore.load_ca_from_disk(

@@ -9,6 +9,7 @@ import socket
 import subprocess
 from dataclasses import dataclass
 
+from .loopback import header, parse_headers
 from .procs import LOOPBACK
 
 
@@ -24,10 +25,7 @@ class RawResponse:
     raw_head: bytes = b""
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+        return header(self.headers, name)
 
     def header_names(self) -> set[str]:
         return {k.lower() for k, _ in self.headers}
@@ -75,13 +73,8 @@ class Conn:
 
     def read_response(self, method: str = "GET", keep_body: int = 16 * 1024 * 1024) -> RawResponse:
         raw = self._read_until(b"\r\n\r\n")
-        lines = raw.decode("latin-1").split("\r\n")
-        version, status, *reason = lines[0].split(" ", 2)
-        headers = []
-        for line in lines[1:]:
-            if line:
-                k, _, v = line.partition(":")
-                headers.append((k.strip(), v.strip()))
+        status_line, headers = parse_headers(raw[:-4])
+        version, status, *reason = status_line.split(" ", 2)
         r = RawResponse(version, int(status), reason[0] if reason else "", headers, raw_head=raw)
         h = hashlib.sha256()
         kept: list[bytes] = []

@@ -62,6 +62,26 @@ def read_head(sock: socket.socket, limit: int = 65536) -> tuple[bytes, bytes]:
     return head, rest
 
 
+def read_chunked_file(f, piece: int = 1 << 20):
+    """Yields the pieces (at most ``piece`` bytes each) of a chunked body read from a
+    buffered binary file, trailers consumed. (``origins.read_chunked_async`` is the
+    asyncio-stream counterpart.)"""
+    while True:
+        size = int(f.readline().split(b";")[0].strip(), 16)
+        if size == 0:
+            while f.readline() not in (b"\r\n", b"\n", b""):
+                pass
+            return
+        left = size
+        while left:
+            data = f.read(min(left, piece))
+            if not data:
+                raise ConnectionError(f"closed with {left} bytes of a chunk missing")
+            left -= len(data)
+            yield data
+        f.readline()
+
+
 def parse_headers(head: bytes) -> tuple[str, list[tuple[str, str]]]:
     lines = head.decode("latin-1").split("\r\n")
     headers = []
@@ -266,15 +286,7 @@ class HttpOrigin:
 
             def _body(self) -> bytes:
                 if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                    out = bytearray()
-                    while True:
-                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
-                        if size == 0:
-                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
-                                pass
-                            return bytes(out)
-                        out += self.rfile.read(size)
-                        self.rfile.readline()
+                    return b"".join(read_chunked_file(self.rfile))
                 n = int(self.headers.get("Content-Length") or 0)
                 return self.rfile.read(n)
 
@@ -584,7 +596,7 @@ class SourceOrigin(ThreadedServer):
             pass
 
 
-class EchoOrigin(ThreadedServer):
+class TcpEchoOrigin(ThreadedServer):
     """A raw TCP origin that echoes every read back at once, recording the reads
     (``recordings``, one per connection) until the client closes."""
 

@@ -1,9 +1,11 @@
 """Small origin servers written for the proxy tests, each on its own thread and loop.
 
-They run on a private asyncio loop in a background thread, so a test may use
-blocking clients (curl, raw sockets) or async ones (httpx) without starving
-them. Every origin binds 127.0.0.1 on a free port, is a context manager, and
-stops (closing every connection it holds) on exit::
+They run on a private asyncio loop in a background thread (``ThreadedOrigin``), so
+a test may use blocking clients (curl, raw sockets) or async ones (httpx) without
+starving them; ``HttpsEchoOrigin`` (for the interception tests) is an
+``http.server`` with a thread per connection instead. Every origin binds 127.0.0.1
+on a free port, is a context manager, and stops (closing every connection it holds)
+on exit::
 
     with RecordingOrigin() as origin:
         ...  # origin.url("/gen/1000"), origin.requests, origin.connections
@@ -30,8 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import http.server
 import json
-import random
 import socket
 import ssl
 import threading
@@ -40,14 +42,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
+from .loopback import blob, header, parse_headers, read_chunked_file
 from .procs import LOOPBACK
 
 MIB = 1024 * 1024
-_BLOCK = random.Random(20240611).randbytes(MIB)
+# The pattern is loopback's ``blob`` data (one maker of test bytes), 1 MiB of it repeated,
+# so that bodies of any size stream without being built in memory.
+_BLOCK = blob(20240611, MIB)
 
 
 def pattern_chunks(n: int, piece: int = MIB):
-    """The deterministic body of ``/gen/N`` in pieces of at most ``piece`` bytes."""
+    """The deterministic body of ``/gen/N`` in pieces of at most ``piece`` bytes: the first
+    MiB of ``blob(20240611, ...)``, repeated."""
     sent = 0
     while sent < n:
         off = sent % MIB
@@ -78,10 +84,7 @@ class Received:
     chunked: bool = False
 
     def header(self, name: str) -> str | None:
-        for k, v in self.headers:
-            if k.lower() == name.lower():
-                return v
-        return None
+        return header(self.headers, name)
 
     def header_names(self) -> set[str]:
         return {k.lower() for k, _ in self.headers}
@@ -202,25 +205,22 @@ class ThreadedOrigin:
         self.stop()
 
 
-async def read_head(reader: asyncio.StreamReader) -> tuple[str, list[tuple[str, str]]] | None:
-    """Request or status line and header fields; None at a clean end of stream."""
+async def read_head_async(
+    reader: asyncio.StreamReader,
+) -> tuple[str, list[tuple[str, str]]] | None:
+    """Request or status line and header fields from an asyncio stream; None at a clean
+    end of stream. (``loopback.read_head`` is the blocking-socket counterpart.)"""
     try:
         raw = await reader.readuntil(b"\r\n\r\n")
     except asyncio.IncompleteReadError as e:
         if not e.partial:
             return None
         raise
-    lines = raw.decode("latin-1").split("\r\n")
-    headers = []
-    for line in lines[1:]:
-        if line:
-            k, _, v = line.partition(":")
-            headers.append((k.strip(), v.strip()))
-    return lines[0], headers
+    return parse_headers(raw[:-4])
 
 
-async def read_chunked(reader: asyncio.StreamReader):
-    """Yields the pieces of a chunked body (trailers consumed)."""
+async def read_chunked_async(reader: asyncio.StreamReader):
+    """Yields the pieces of a chunked body read from an asyncio stream (trailers consumed)."""
     while True:
         size_line = await reader.readuntil(b"\r\n")
         size = int(size_line.split(b";")[0].strip(), 16)
@@ -254,7 +254,7 @@ class RecordingOrigin(ThreadedOrigin):
 
     async def handle(self, reader, writer, conn) -> None:
         while True:
-            head = await read_head(reader)
+            head = await read_head_async(reader)
             if head is None:
                 return
             line, headers = head
@@ -265,7 +265,7 @@ class RecordingOrigin(ThreadedOrigin):
             te = (req.header("transfer-encoding") or "").lower()
             if "chunked" in te:
                 req.chunked = True
-                pieces = read_chunked(reader)
+                pieces = read_chunked_async(reader)
             else:
                 pieces = _read_length(reader, int(req.header("content-length") or 0))
             async for piece in pieces:
@@ -452,6 +452,94 @@ class TlsEchoOrigin(ThreadedOrigin):
                 return
             writer.write(line.upper())
             await writer.drain()
+
+
+class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
+    """GET /chunked?n=N&size=S: N chunks of S bytes (chunked encoding);
+    POST /sha256: the sha256 and length of the request body (chunked or Content-Length);
+    GET /conn: the id of this TCP connection and requests served on it."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args) -> None:  # quiet
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.server.connections += 1  # type: ignore[attr-defined]
+        self.conn_id = self.server.connections  # type: ignore[attr-defined]
+        self.served = 0
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.served += 1
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        if self.path.startswith("/chunked"):
+            q = parse_qs(urlsplit(self.path).query)
+            n, size = int(q.get("n", ["10"])[0]), int(q.get("size", ["1000"])[0])
+            self.served += 1
+            self.send_response(200)
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for i in range(n):
+                piece = bytes([i % 256]) * size
+                self.wfile.write(f"{len(piece):x}\r\n".encode() + piece + b"\r\n")
+            self.wfile.write(b"0\r\n\r\n")
+            return
+        if self.path == "/conn":
+            self._send(200, f"{self.conn_id} {self.served + 1}\n".encode())
+            return
+        self._send(404, b"not found\n")
+
+    def do_POST(self) -> None:
+        h = hashlib.sha256()
+        n = 0
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            for piece in read_chunked_file(self.rfile):
+                h.update(piece)
+                n += len(piece)
+        else:
+            left = int(self.headers.get("Content-Length", "0"))
+            while left:
+                piece = self.rfile.read(min(left, 1 << 20))
+                if not piece:
+                    raise ConnectionError("client went away")
+                h.update(piece)
+                n += len(piece)
+                left -= len(piece)
+        self._send(200, f"{h.hexdigest()} {n}".encode())
+
+
+class HttpsEchoOrigin:
+    """A threaded HTTPS origin on 127.0.0.1 (``http.server``, a thread per connection)
+    serving ``_HttpsEchoHandler``: chunked responses, the SHA-256 of request bodies, and
+    which connection served a request. Given the certificate of an ``NginxOrigin`` (a leaf
+    signed by its test CA)."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.httpd = http.server.ThreadingHTTPServer((LOOPBACK, 0), _HttpsEchoHandler)
+        self.httpd.daemon_threads = True
+        self.httpd.connections = 0  # type: ignore[attr-defined]
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(cert), str(key))
+        self.httpd.socket = ctx.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.1}, daemon=True
+        )
+
+    def __enter__(self) -> HttpsEchoOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(10)
 
 
 class WebSocketOrigin(ThreadedOrigin):
