@@ -1,8 +1,18 @@
-"""asyncio-https-proxy's public API, with its behaviour: HTTPHeader.to_raw, the HTTPRequest /
-HTTPResponse parsers, TLSStore(ca_key, ca_cert), TLSStore.get_ssl_context and
-CERTIFICATE_VALIDITY_DAYS. The cases follow asyncio-https-proxy's own tests (its
-tests/test_http_request.py, test_http_response.py, test_tls_store.py), with its imports
-pointed at segproxy. Real sockets on loopback for the TLS and handler parts.
+"""asyncio-https-proxy's public API, with its behaviour, measured by its own tests: the cases of
+its tests/test_http_request.py, test_http_response.py, test_https_proxy_handler.py,
+test_https_forward_proxy_handler.py, test_server.py and test_tls_store.py, written again for
+segproxy with their imports pointed at segproxy (its module paths included). Where a test
+there mocks asyncio.open_connection or a stream, the case runs here over real sockets on
+loopback and asserts on what the client and the origin saw.
+
+Not ported (they test asyncio-https-proxy's internals, which segproxy does not have):
+`TLSStore._ca` / `._store` / `._generate_cert` (the same checks run here on the certificates
+the public API gives), the forwarding internals `_read_and_forward_response`,
+`_forward_response_body`, `_forward_chunked_response` and `_response_complete`, and the
+cases that patch `asyncio.open_connection` to see what `forward_http_request()` writes (the
+engine connects; the same checks run here against a real origin). test_server's
+`isinstance(server, asyncio.Server)` does not hold: `start_proxy_server` returns a
+`ProxyServer` with asyncio.Server's methods.
 """
 
 from __future__ import annotations
@@ -24,7 +34,7 @@ from segproxy import (
     TLSStore,
     start_proxy_server,
 )
-from segproxy.tls import CERTIFICATE_VALIDITY_DAYS
+from segproxy.tls_store import CERTIFICATE_VALIDITY_DAYS
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -368,3 +378,113 @@ def test_parse_host_without_host_header():
     request.parse_headers(b"Accept: */*\r\n")
     with pytest.raises(ValueError, match="Host"):
         request.parse_host()
+
+
+# --------------------------------------------------------------------------------------
+# module paths and names: `from asyncio_https_proxy.X import Y` -> `from segproxy.X import Y`
+
+
+def test_asyncio_https_proxy_module_paths():
+    import segproxy
+    from segproxy.http_header import HTTPHeader as Header
+    from segproxy.http_request import HTTPRequest as Request
+    from segproxy.http_response import HTTPResponse as Response
+    from segproxy.https_forward_proxy_handler import MAX_CHUNK_SIZE as FORWARD_MAX
+    from segproxy.https_forward_proxy_handler import HTTPSForwardProxyHandler as Forward
+    from segproxy.https_proxy_handler import MAX_CHUNK_SIZE
+    from segproxy.https_proxy_handler import HTTPSProxyHandler as Base
+    from segproxy.server import start_proxy_server as start
+    from segproxy.tls_store import CERTIFICATE_VALIDITY_DAYS as DAYS
+    from segproxy.tls_store import TLSStore as Store
+
+    assert (Header, Request, Response) == (HTTPHeader, HTTPRequest, HTTPResponse)
+    assert (Base, Forward, Store, start) == (
+        HTTPSProxyHandler,
+        HTTPSForwardProxyHandler,
+        TLSStore,
+        start_proxy_server,
+    )
+    assert MAX_CHUNK_SIZE == FORWARD_MAX == 4096
+    assert DAYS == CERTIFICATE_VALIDITY_DAYS
+    # Its package exports, from the package itself.
+    for name in (
+        "start_proxy_server",
+        "HTTPSProxyHandler",
+        "HTTPSForwardProxyHandler",
+        "HTTPHeader",
+        "HTTPRequest",
+        "HTTPResponse",
+        "TLSStore",
+    ):
+        assert name in segproxy.__all__ and hasattr(segproxy, name)
+
+
+# --------------------------------------------------------------------------------------
+# test_http_response.py: the blank response, repr, whole heads
+
+
+def test_response_init_default_values():
+    response = HTTPResponse()
+    assert response.version == ""
+    assert response.status_code == 0
+    assert response.reason_phrase == ""
+    assert response.headers is None
+    # With a status line's parts, headers start empty (segproxy's own use).
+    given = HTTPResponse("HTTP/1.1", 200, "OK")
+    assert isinstance(given.headers, HTTPHeader) and len(given.headers) == 0
+
+
+def test_response_repr():
+    response = HTTPResponse()
+    response.status_code = 200
+    response.reason_phrase = "OK"
+    assert "HTTPResponse" in repr(response) and "200" in repr(response) and "OK" in repr(response)
+    response = HTTPResponse()
+    response.status_code = 404
+    assert "HTTPResponse" in repr(response) and "404" in repr(response)
+
+
+def test_complete_response_parsing():
+    response = HTTPResponse()
+    response.parse_status_line(b"HTTP/1.1 200 OK")
+    response.parse_headers(
+        b"Content-Type: application/json\r\nContent-Length: 42\r\n"
+        b"Cache-Control: no-cache\r\nConnection: close"
+    )
+    assert (response.version, response.status_code, response.reason_phrase) == (
+        "HTTP/1.1",
+        200,
+        "OK",
+    )
+    assert response.headers.first("content-type") == "application/json"
+    assert response.headers.first("CONTENT-LENGTH") == "42"
+    assert response.headers.first("Cache-Control") == "no-cache"
+    assert response.headers.first("Connection") == "close"
+
+
+@pytest.mark.parametrize(
+    "code, phrase",
+    [
+        (100, "Continue"),
+        (201, "Created"),
+        (204, "No Content"),
+        (302, "Found"),
+        (304, "Not Modified"),
+        (400, "Bad Request"),
+        (401, "Unauthorized"),
+        (403, "Forbidden"),
+        (404, "Not Found"),
+        (502, "Bad Gateway"),
+        (503, "Service Unavailable"),
+    ],
+)
+def test_parse_common_status_codes(code, phrase):
+    response = HTTPResponse()
+    response.parse_status_line(f"HTTP/1.1 {code} {phrase}".encode())
+    assert (response.status_code, response.reason_phrase) == (code, phrase)
+
+
+def test_request_repr():
+    request = HTTPRequest()
+    request.parse_request_line(b"GET http://example.com:8080/path HTTP/1.1")
+    assert repr(request) == "HTTPRequest(host=example.com, port=8080)"

@@ -39,9 +39,19 @@ from typing import Any, Literal
 from . import _engine
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 
-__all__ = ["ConnectAction", "HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"]
+__all__ = [
+    "MAX_CHUNK_SIZE",
+    "ConnectAction",
+    "HTTPSForwardProxyHandler",
+    "HTTPSProxyHandler",
+    "ProxyError",
+]
 
 log = logging.getLogger("segproxy.handlers")
+
+#: asyncio-https-proxy's constant (the most bytes it reads from a stream at once), importable
+#: where it has it: segproxy.https_proxy_handler and segproxy.https_forward_proxy_handler.
+MAX_CHUNK_SIZE = 4096
 
 ConnectAction = Literal["tunnel", "intercept", "block"]
 
