@@ -1406,3 +1406,33 @@ async def test_hook_failing_after_reading_cuts_the_response():
                 async with proxy_client(server) as other:
                     assert (await other.get(origin.url("/status/204"))).status_code == 204
     assert errors[0] == "seen enough", errors
+
+
+async def test_forward_http_request_does_not_raise_when_forwarding_fails():
+    """Where asyncio-https-proxy raises ConnectionRefusedError out of forward_http_request,
+    segproxy returns; on_response_complete, then on_error, tell of the failure."""
+    events: list[str] = []
+    done = asyncio.Event()
+
+    class Forwards(HTTPSForwardProxyHandler):
+        async def on_request_received(self) -> None:
+            try:
+                await self.forward_http_request()
+                events.append("returned")
+            except Exception as exc:  # pragma: no cover - what would be a failure here
+                events.append(f"raised {exc!r}")
+
+        async def on_response_complete(self) -> None:
+            events.append("complete")
+
+        async def on_error(self, error: Exception) -> None:
+            events.append(type(error).__name__)
+            done.set()
+
+    async with await start_proxy_server(Forwards, port=0) as server:
+        async with proxy_client(server) as client:
+            r = await client.get(f"http://127.0.0.1:{closed_port()}/refused")
+        assert r.status_code == 502
+        await asyncio.wait_for(done.wait(), 20)
+    assert sorted(events) == sorted(["complete", "ProxyError", "returned"]), events
+    assert events.index("complete") < events.index("ProxyError")

@@ -13,7 +13,8 @@ How hooks run:
 
 - The Rust engine calls a hook only if your class overrides it (it checks once, at start).
   A handler that overrides nothing runs at engine speed; body bytes stay in Rust unless you
-  override `on_response_chunk` or call `read_request_body()`.
+  override `on_response_chunk`, call `read_request_body()`, or read response bodies
+  (`read_response_body()` / `upstream_reader`, see `reads_response_body`).
 - Hooks run on the asyncio loop that awaited `start_proxy_server` (a notebook's loop too),
   each as a task in one `contextvars.Context` per client connection, so a ContextVar set in
   `on_request_received` is visible in `on_response_received` of the same connection.
