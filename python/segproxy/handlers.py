@@ -13,7 +13,8 @@ How hooks run:
 
 - The Rust engine calls a hook only if your class overrides it (it checks once, at start).
   A handler that overrides nothing runs at engine speed; body bytes stay in Rust unless you
-  override `on_response_chunk` or call `read_request_body()`.
+  override `on_response_chunk`, call `read_request_body()`, or read response bodies
+  (`read_response_body()` / `upstream_reader`, see `reads_response_body`).
 - Hooks run on the asyncio loop that awaited `start_proxy_server` (a notebook's loop too),
   each as a task in one `contextvars.Context` per client connection, so a ContextVar set in
   `on_request_received` is visible in `on_response_received` of the same connection.
@@ -33,15 +34,30 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable, Coroutine
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from types import CodeType
+from typing import Any, Literal, Self
 
 from . import _engine
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 
-__all__ = ["ConnectAction", "HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"]
+__all__ = [
+    "MAX_CHUNK_SIZE",
+    "ClientReader",
+    "ClientWriter",
+    "ConnectAction",
+    "HTTPSForwardProxyHandler",
+    "HTTPSProxyHandler",
+    "ProxyError",
+    "UpstreamReader",
+    "UpstreamWriter",
+]
 
 log = logging.getLogger("segproxy.handlers")
+
+#: The most bytes one step of `read_response_body()` yields, and of `read_request_body()` when
+#: it reads a `client_reader` the script set itself (asyncio-https-proxy's constant and value).
+MAX_CHUNK_SIZE = 4096
 
 ConnectAction = Literal["tunnel", "intercept", "block"]
 
@@ -108,11 +124,29 @@ class HTTPSProxyHandler:
         """A tunnel closed; bytes moved client -> destination (`bytes_up`) and back."""
 
     # --- helpers -------------------------------------------------------------------------
+    def _flow(self) -> _FlowState:
+        try:
+            return self._sp
+        except AttributeError:
+            raise RuntimeError(
+                f"this {type(self).__name__} is not serving a request: a proxy server started "
+                "with start_proxy_server() gives handlers their requests"
+            ) from None
+
     async def read_request_body(self) -> AsyncIterator[bytes]:
         """The client's request body, piece by piece (nothing for a body-less request).
 
-        Read bodies are kept: a later `forward_http_request()` sends them on."""
-        sp = self._sp
+        Read bodies are kept: a later `forward_http_request()` sends them on. If the script set
+        `client_reader` itself, the body is read from that instead, as asyncio-https-proxy does:
+        `Content-Length` bytes (nothing without one) in reads of at most `MAX_CHUNK_SIZE`."""
+        own = self.__dict__.get("_own_client_reader")
+        if own is not None:
+            length = self.request.headers.first("Content-Length")
+            if length is not None:
+                async for piece in _read_counted(own, int(length)):
+                    yield piece
+            return
+        sp = self._flow()
         if sp.body_read is None:
             sp.body_read = []
         while True:
@@ -124,11 +158,20 @@ class HTTPSProxyHandler:
 
     def write_response(self, content: bytes) -> None:
         """Sends raw bytes to the client: a whole HTTP response, status line included (it may
-        come in several calls). Not buffered: `flush_response()` is there for compatibility."""
-        self._sp.flow.write(content)
+        come in several calls). Not buffered: `flush_response()` is there for compatibility.
+        (To a `client_writer` the script set itself, if it did.)"""
+        own = self.__dict__.get("_own_client_writer")
+        if own is not None:
+            own.write(content)
+        else:
+            self._flow().flow.write(content)
 
     async def flush_response(self) -> None:
-        """Kept for asyncio-https-proxy compatibility; `write_response` does not buffer."""
+        """Kept for asyncio-https-proxy compatibility; `write_response` does not buffer. (Drains
+        a `client_writer` the script set itself, if it did.)"""
+        own = self.__dict__.get("_own_client_writer")
+        if own is not None:
+            await own.drain()
 
     def set_segmentation(
         self,
@@ -149,23 +192,42 @@ class HTTPSProxyHandler:
             raise ValueError(f"strategy 'random' needs 0 < min <= max (min={min}, max={max})")
         if delay_ms < 0:
             raise ValueError("delay_ms must be >= 0")
-        self._sp.policy = (strategy, chunk, min, max, float(delay_ms))
+        self._flow().policy = (strategy, chunk, min, max, float(delay_ms))
 
     @property
     def client_reader(self) -> ClientReader:
-        """The request body as an asyncio.StreamReader-like object."""
-        sp = self._sp
+        """The request body as an asyncio.StreamReader-like object.
+
+        A script may set it (asyncio-https-proxy's server does, and its unit tests set a mock):
+        `read_request_body()` then reads that object instead of the engine's body."""
+        own = self.__dict__.get("_own_client_reader")
+        if own is not None:
+            return own  # type: ignore[no-any-return]
+        sp = self._flow()
         if sp.reader is None:
             sp.reader = ClientReader(sp)
         return sp.reader
 
+    @client_reader.setter
+    def client_reader(self, reader: Any) -> None:
+        self.__dict__["_own_client_reader"] = reader
+
     @property
     def client_writer(self) -> ClientWriter:
-        """Writes raw response bytes to the client, like an asyncio.StreamWriter."""
-        sp = self._sp
+        """Writes raw response bytes to the client, like an asyncio.StreamWriter.
+
+        A script may set it: `write_response()` and `flush_response()` then use that object."""
+        own = self.__dict__.get("_own_client_writer")
+        if own is not None:
+            return own  # type: ignore[no-any-return]
+        sp = self._flow()
         if sp.writer is None:
             sp.writer = ClientWriter(sp)
         return sp.writer
+
+    @client_writer.setter
+    def client_writer(self, writer: Any) -> None:
+        self.__dict__["_own_client_writer"] = writer
 
 
 class HTTPSForwardProxyHandler(HTTPSProxyHandler):
@@ -177,7 +239,29 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
     `self.response`: status, reason, headers), `on_response_chunk(chunk)` (return new bytes, or
     None to drop the chunk; the engine re-frames the body when its length changes),
     `on_response_complete`.
+
+    `read_response_body()` (and `upstream_reader`) give the response body inside
+    `on_response_received`, as in asyncio-https-proxy; see there for what segproxy needs.
     """
+
+    upstream_reader: Any = None
+    """asyncio-https-proxy's stream from the origin. Here the engine holds the connection to
+    the origin and has read the response head; while `on_response_received` runs, this is an
+    `UpstreamReader` over the response body (de-chunked), for handler classes that read the
+    body (see `read_response_body`); None otherwise. A script that forwards by itself may set
+    its own stream here: `read_response_body()` then reads that, as asyncio-https-proxy does."""
+
+    upstream_writer: Any = None
+    """asyncio-https-proxy's stream to the origin. Here the engine has sent the request and owns
+    the connection, so this is an `UpstreamWriter` stand-in, set when a response head arrives
+    (for classes with a response hook; None before): it closes with the response and its
+    `write()` raises. A script that forwards by itself may set its own stream here."""
+
+    reads_response_body: bool | None = None
+    """Whether the engine hands response bodies to Python for `read_response_body()` /
+    `upstream_reader`; None (the default) decides from the class's code: True if a method of
+    the class names `read_response_body` or `upstream_reader`. Set True when the call is made
+    elsewhere (a helper function), False to keep bodies in the engine."""
 
     # None until a response head arrived for the request in hand, as in asyncio-https-proxy;
     # typed as set because the response hooks, where it is read, always see it set.
@@ -199,11 +283,47 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
         """The response was sent in full, or forwarding failed (then `on_error` follows), as
         in asyncio-https-proxy."""
 
+    async def read_response_body(self) -> AsyncIterator[bytes]:
+        """The response body, as asyncio-https-proxy's async generator: `Content-Length` bytes
+        (to the end without one) in pieces of at most `MAX_CHUNK_SIZE`, read from
+        `upstream_reader`.
+
+        With the engine forwarding, it works in `on_response_received` (and tasks it awaits):
+        the first read sends the response head on as `self.response` is at that moment (later
+        changes to it are not seen by the client), then each piece read is also sent on to the
+        client, through `on_response_chunk`; the rest of the body follows when the hook returns.
+        The body arrives de-chunked, and the client gets it re-framed as chunked. Reading it
+        twice gives nothing the second time. The engine passes bodies to Python only for
+        classes that read them (see `reads_response_body`).
+
+        Elsewhere (in `on_response_chunk`, `on_response_complete`, after
+        `forward_http_request()` returned, or before a response arrived) it raises
+        RuntimeError: the engine has sent the body on, or has none yet. On a handler no server
+        serves, with no `upstream_reader` set, it yields nothing, as there."""
+        reader = self.upstream_reader
+        if isinstance(reader, UpstreamReader):
+            if not reader._body.attached:
+                raise RuntimeError(_BODY_GONE)
+        elif reader is None:
+            conn: _Connection | None = getattr(self, "_conn", None)
+            if conn is None:
+                return
+            if conn.in_head_hook:
+                raise RuntimeError(_BODY_NOT_PASSED.format(cls=type(self).__name__))
+            raise RuntimeError(_BODY_GONE)
+        response = self.response
+        if response is None:
+            return
+        length = response.headers.first("Content-Length") if response.headers else None
+        pieces = _read_counted(reader, int(length)) if length is not None else _read_all(reader)
+        async for piece in pieces:
+            yield piece
+
     async def forward_http_request(self) -> None:
         """Forwards `self.request` as it is now. If this class overrides a response hook, returns
         once the response has gone through them (after `on_response_complete`, or an error);
         otherwise returns at once while the engine streams the response."""
-        sp = self._sp
+        sp = self._flow()
         r = self.request
         body = r.body
         if body is None and sp.body_read is not None:
@@ -226,24 +346,58 @@ class HTTPSForwardProxyHandler(HTTPSProxyHandler):
             await waiter
 
 
+_BODY_GONE = (
+    "read_response_body() reads the body of the response in hand from on_response_received: "
+    "the engine forwards it once that hook has read it or returned. Here the body is not "
+    "there (not arrived yet, or already sent on to the client); on_response_chunk sees every "
+    "piece as it goes to the client"
+)
+_BODY_NOT_PASSED = (
+    "read_response_body() in on_response_received needs the engine to pass the response body "
+    "to Python, which segproxy turns on, at start, for handler classes whose methods name "
+    "read_response_body or upstream_reader: set `reads_response_body = True` on {cls}"
+)
+
+
+async def _read_counted(reader: Any, length: int) -> AsyncIterator[bytes]:
+    """`length` bytes from a StreamReader-like `reader`, in reads of at most MAX_CHUNK_SIZE
+    (one read of 0 for an empty body, as asyncio-https-proxy); stops early at EOF."""
+    while True:
+        chunk = await reader.read(min(length, MAX_CHUNK_SIZE))
+        if not chunk:
+            return
+        yield chunk
+        length -= len(chunk)
+        if length <= 0:
+            return
+
+
+async def _read_all(reader: Any) -> AsyncIterator[bytes]:
+    """Everything up to EOF from a StreamReader-like `reader`, MAX_CHUNK_SIZE at a time."""
+    while chunk := await reader.read(MAX_CHUNK_SIZE):
+        yield chunk
+
+
 async def _next_body_chunk(sp: _FlowState) -> bytes | None:
     fut: asyncio.Future[bytes | None] = asyncio.get_running_loop().create_future()
     sp.flow.read_body(fut)
     return await fut
 
 
-class ClientReader:
-    """The client's request body with asyncio.StreamReader's reading methods."""
+class _PieceReader:
+    """asyncio.StreamReader's reading methods over a body that arrives in pieces."""
 
-    def __init__(self, sp: _FlowState) -> None:
-        self._sp = sp
+    def __init__(self) -> None:
         self._buf = bytearray()
         self._eof = False
+
+    async def _next_piece(self) -> bytes | None:
+        raise NotImplementedError
 
     async def _fill(self) -> bool:
         if self._eof:
             return False
-        chunk = await _next_body_chunk(self._sp)
+        chunk = await self._next_piece()
         if chunk is None:
             self._eof = True
             return False
@@ -291,7 +445,7 @@ class ClientReader:
     def at_eof(self) -> bool:
         return self._eof and not self._buf
 
-    def __aiter__(self) -> ClientReader:
+    def __aiter__(self) -> Self:
         return self
 
     async def __anext__(self) -> bytes:
@@ -299,6 +453,73 @@ class ClientReader:
         if not line:
             raise StopAsyncIteration
         return line
+
+
+class ClientReader(_PieceReader):
+    """The client's request body with asyncio.StreamReader's reading methods."""
+
+    def __init__(self, sp: _FlowState) -> None:
+        super().__init__()
+        self._sp = sp
+
+    async def _next_piece(self) -> bytes | None:
+        return await _next_body_chunk(self._sp)
+
+
+class UpstreamReader(_PieceReader):
+    """The response body with asyncio.StreamReader's reading methods, in place of
+    asyncio-https-proxy's stream from the origin (whose head the engine has read).
+
+    Readable while `on_response_received` runs: reading sends the head on, then each piece
+    read goes on to the client (through `on_response_chunk`) when the next one is asked for.
+    At EOF once the body is over or the hook has returned. The body comes de-chunked."""
+
+    def __init__(self, body: _ResponseBody) -> None:
+        super().__init__()
+        self._body = body
+
+    async def _next_piece(self) -> bytes | None:
+        return await self._body.next_piece()
+
+
+class UpstreamWriter:
+    """Stands for asyncio-https-proxy's stream to the origin: the engine has sent the request
+    and owns that connection, so nothing can be written to it from Python.
+
+    `write()` / `writelines()` raise RuntimeError (change `self.request` before
+    `forward_http_request()` instead); `close()`, `drain()` and `wait_closed()` do nothing;
+    `is_closing()` is True once the response is over; `get_extra_info()` gives its default
+    (the engine does not tell Python which address it connected to)."""
+
+    def __init__(self) -> None:
+        self._over = False
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError(
+            "upstream_writer: the engine sent the request and owns the connection to the "
+            "origin; change self.request before forward_http_request() to change what is sent"
+        )
+
+    def writelines(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    async def drain(self) -> None:
+        pass
+
+    def can_write_eof(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def is_closing(self) -> bool:
+        return self._over
+
+    async def wait_closed(self) -> None:
+        pass
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
 
 
 class ClientWriter:
@@ -344,6 +565,51 @@ def _overrides(cls: type, name: str, base: type) -> bool:
     return mine is not None and mine is not getattr(base, name, None)
 
 
+_BODY_NAMES = frozenset({"read_response_body", "upstream_reader"})
+
+
+def _code_names(code: CodeType) -> set[str]:
+    """Attribute and global names a function's code uses, nested functions included."""
+    names = set(code.co_names)
+    for const in code.co_consts:
+        if isinstance(const, CodeType):
+            names |= _code_names(const)
+    return names
+
+
+def _functions(value: Any) -> Iterator[Any]:
+    """The functions behind a class attribute: a method, a static or class method, a
+    property's accessors, and what decorators wrapped (`__wrapped__`, a few levels)."""
+    if isinstance(value, (staticmethod, classmethod)):
+        value = value.__func__
+    if isinstance(value, property):
+        yield from (f for f in (value.fget, value.fset, value.fdel) if f is not None)
+        return
+    for _ in range(8):
+        if not callable(value):
+            return
+        yield value
+        value = getattr(value, "__wrapped__", None)
+
+
+def reads_response_body(cls: type) -> bool:
+    """Whether the engine must hand response bodies of `cls` to Python: its
+    `reads_response_body` if set, else whether a method the class defines (not segproxy's
+    base classes) names `read_response_body` or `upstream_reader`."""
+    flag = getattr(cls, "reads_response_body", None)
+    if flag is not None:
+        return bool(flag)
+    for klass in cls.__mro__:
+        if klass.__module__ == __name__ or klass is object:
+            continue
+        for value in vars(klass).values():
+            for fn in _functions(value):
+                code = getattr(fn, "__code__", None)
+                if isinstance(code, CodeType) and not _BODY_NAMES.isdisjoint(_code_names(code)):
+                    return True
+    return False
+
+
 def overridden_hooks(cls: type) -> list[str]:
     """The engine hook names `cls` needs. Anything not listed never crosses into Python."""
     forward = issubclass(cls, HTTPSForwardProxyHandler)
@@ -352,16 +618,21 @@ def overridden_hooks(cls: type) -> list[str]:
     if connected:
         hooks.append("client_connected")
     # on_response_complete also runs when forwarding fails (see _Connection._error), which
-    # Python sees only for requests it forwarded itself.
+    # Python sees only for requests it forwarded itself. The inherited on_request_received
+    # calls forward_http_request, so overriding that one alone needs the request hook too.
     if (
         not forward
         or connected
         or _overrides(cls, "on_request_received", HTTPSForwardProxyHandler)
+        or _overrides(cls, "forward_http_request", HTTPSForwardProxyHandler)
         or _overrides(cls, "on_response_complete", HTTPSForwardProxyHandler)
     ):
         hooks.append("request")
     if forward:
-        chunk = _overrides(cls, "on_response_chunk", HTTPSForwardProxyHandler)
+        # Reading the body in on_response_received takes the pieces the chunk hook brings.
+        chunk = _overrides(cls, "on_response_chunk", HTTPSForwardProxyHandler) or (
+            reads_response_body(cls)
+        )
         any_response = (
             chunk
             or _overrides(cls, "on_response_received", HTTPSForwardProxyHandler)
@@ -400,11 +671,14 @@ class _Connection:
     Every method returns at once, starting the hook as a task in the connection's context."""
 
     __slots__ = (
+        "body",
         "client",
         "connected",
         "ctx",
         "handler",
+        "in_head_hook",
         "loop",
+        "reads_body",
         "response_done",
         "tasks",
         "waits_response",
@@ -417,24 +691,29 @@ class _Connection:
         ctx: contextvars.Context,
         client: tuple[str, int],
         waits_response: bool,
+        reads_body: bool = False,
     ) -> None:
         self.handler = handler
         self.loop = loop
         self.ctx = ctx
         self.client = client
         self.waits_response = waits_response
+        self.reads_body = reads_body
         self.connected = False
+        # The body of the response in hand, for classes that read it in on_response_received.
+        self.body: _ResponseBody | None = None
+        self.in_head_hook = False
         # Hooks in progress (strong references), each with whether the engine waits for it:
         # those are cancelled when the engine stops waiting (connection gone, timeout).
         self.tasks: dict[asyncio.Task[None], bool] = {}
         self.response_done: asyncio.Future[None] | None = None
         handler._conn = self
 
-    def _spawn(self, coro: Coroutine[Any, Any, None], flow: bool = True) -> None:
+    def _spawn(self, coro: Coroutine[Any, Any, object], flow: bool = True) -> None:
         task = self.loop.create_task(self._tracked(coro), context=self.ctx)
         self.tasks[task] = flow
 
-    async def _tracked(self, coro: Coroutine[Any, Any, None]) -> None:
+    async def _tracked(self, coro: Coroutine[Any, Any, object]) -> None:
         # Forgets its own task when done: cheaper than a done callback, which costs the loop
         # one more scheduled call per hook.
         try:
@@ -469,8 +748,11 @@ class _Connection:
             method, scheme, host, port, path, version, HTTPHeader._wrap(headers)
         )
         h._sp = _FlowState(flow, self.client)
-        if isinstance(h, HTTPSForwardProxyHandler) and "response" in h.__dict__:
-            del h.response  # the previous request's response must not leak into this one
+        if isinstance(h, HTTPSForwardProxyHandler):
+            # The previous request's response must not leak into this one.
+            for name in ("response", "upstream_reader", "upstream_writer"):
+                if name in h.__dict__:
+                    delattr(h, name)
         try:
             if not self.connected:
                 self.connected = True
@@ -489,43 +771,77 @@ class _Connection:
         h = self.handler
         version, status, reason, headers = parts
         h.response = HTTPResponse(version, status, reason, HTTPHeader._wrap(headers))
+        h.upstream_writer = UpstreamWriter()
+        body = self.body = _ResponseBody(self, completer) if self.reads_body else None
+        if body is not None:
+            h.upstream_reader = UpstreamReader(body)
+        failure: str | None = "the hook was cancelled"
+        self.in_head_hook = True
         try:
             await h.on_response_received()
-            r = h.response
-            completer.resolve((r.version, r.status_code, r.reason_phrase, r.headers._fields))
+            if body is None or body.take_head() is not None:  # not sent by a read
+                completer.resolve(_head_parts(h.response))
+            failure = None
         except Exception as exc:
+            failure = _describe(exc)
             await self._report(exc)
-            completer.fail(_describe(exc))
-            self._settle_response()
+            completer.fail(failure)
+            if body is None or body.head is not None:
+                self._settle_response()
+            # else a read sent the head on: the engine reports how the response ends.
+        finally:
+            self.in_head_hook = False
+            if body is not None:
+                await body.detach(failure)
 
     def response_chunk(self, completer: _engine.Completer, chunk: bytes) -> None:
-        self._spawn(self._response_chunk(completer, chunk))
+        body = self.body
+        if body is not None and body.takes_pieces():
+            body.deliver(completer, chunk)
+        else:
+            self._spawn(self._pass_piece(completer, chunk))
 
-    async def _response_chunk(self, completer: _engine.Completer, chunk: bytes) -> None:
+    async def _pass_piece(self, completer: _engine.Completer, chunk: bytes) -> bool:
+        """Sends a piece of the response body on, through `on_response_chunk`."""
         try:
             completer.resolve(await self.handler.on_response_chunk(chunk))
+            return True
         except Exception as exc:
             await self._report(exc)
             completer.fail(_describe(exc))
             self._settle_response()
+            return False
 
     def response_complete(self, completer: _engine.Completer) -> None:
         self._spawn(self._response_complete(completer))
 
     async def _response_complete(self, completer: _engine.Completer) -> None:
         try:
+            body, self.body = self.body, None
+            if body is not None:  # on_response_received finishes reading the body first
+                body.end()
+                await body.hook_done
             await self.handler.on_response_complete()
             completer.resolve(None)
         except Exception as exc:
             await self._report(exc)
             completer.fail(_describe(exc))
         finally:
+            self._response_over()
             self._settle_response()
+
+    def _response_over(self) -> None:
+        writer = getattr(self.handler, "upstream_writer", None)
+        if isinstance(writer, UpstreamWriter):
+            writer._over = True
 
     def error(self, message: str) -> None:
         self._spawn(self._error(message), flow=False)
 
     async def _error(self, message: str) -> None:
+        if self.body is not None:
+            self.body.end()
+        self._response_over()
         try:
             # A forwarded request that failed before its response completed still gets
             # on_response_complete, then on_error, as in asyncio-https-proxy.
@@ -581,6 +897,8 @@ class _Connection:
         request waiting for its response stops waiting, and hooks still running are cancelled.
         The cancellation is scheduled after the wake-ups the settled futures caused, so a
         request hook that was only waiting for its response returns normally."""
+        if self.body is not None:
+            self.body.end()
         self._settle_response()
         if any(self.tasks.values()):
             self.loop.call_soon(self._cancel_flow_hooks)
@@ -589,6 +907,124 @@ class _Connection:
         for task, flow in list(self.tasks.items()):
             if flow:
                 task.cancel()
+
+
+def _head_parts(r: HTTPResponse) -> tuple[str, int, str, list[tuple[str, str]]]:
+    return (r.version, r.status_code, r.reason_phrase, r.headers._fields)
+
+
+class _ResponseBody:
+    """The body of the response in hand while `on_response_received` may read it.
+
+    The engine passes each piece (the chunk hook) and waits for its answer before reading the
+    next. A piece given to a reader is held until the reader asks for the next one (or the hook
+    returns), then sent on through `on_response_chunk`; pieces no reader took are sent on when
+    the hook returns, and later ones go the usual way."""
+
+    __slots__ = (
+        "attached",
+        "conn",
+        "ended",
+        "failed",
+        "head",
+        "held",
+        "hook_done",
+        "queue",
+        "sending",
+        "waiting",
+    )
+
+    def __init__(self, conn: _Connection, head: _engine.Completer) -> None:
+        self.conn = conn
+        self.head: _engine.Completer | None = head  # until the head is sent
+        self.attached = True  # on_response_received is running
+        self.ended = False  # no more pieces: the body is over, or the exchange ended
+        self.failed: str | None = None  # the head went out, then the hook failed
+        self.held: tuple[_engine.Completer, bytes] | None = None
+        self.queue: list[tuple[_engine.Completer, bytes]] = []
+        self.waiting: asyncio.Future[None] | None = None
+        self.sending = False
+        self.hook_done: asyncio.Future[None] = conn.loop.create_future()
+
+    def take_head(self) -> _engine.Completer | None:
+        head, self.head = self.head, None
+        return head
+
+    # --- the engine's side (the bridge, on the loop thread) -----------------------------------
+    def takes_pieces(self) -> bool:
+        return self.attached or self.failed is not None
+
+    def deliver(self, completer: _engine.Completer, piece: bytes) -> None:
+        if self.failed is not None:
+            completer.fail(self.failed)
+            return
+        self.queue.append((completer, piece))
+        self._wake()
+
+    def end(self) -> None:
+        self.ended = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self.waiting is not None and not self.waiting.done():
+            self.waiting.set_result(None)
+
+    # --- the reader's side ---------------------------------------------------------------------
+    async def next_piece(self) -> bytes | None:
+        if self.sending:
+            raise RuntimeError(_BODY_GONE)  # from on_response_chunk, while a piece goes on
+        if self.waiting is not None:
+            raise RuntimeError("another task is already reading the response body")
+        if not self.attached:
+            return None
+        if not await self._send_held():
+            return None
+        head = self.take_head()
+        if head is not None:
+            head.resolve(_head_parts(self.conn.handler.response))
+        while not self.queue:
+            if self.ended or not self.attached:
+                return None
+            self.waiting = self.conn.loop.create_future()
+            try:
+                await self.waiting
+            finally:
+                self.waiting = None
+        self.held = self.queue.pop(0)
+        return self.held[1]
+
+    async def _send_held(self) -> bool:
+        held, self.held = self.held, None
+        if held is None:
+            return True
+        self.sending = True
+        try:
+            sent = await self.conn._pass_piece(*held)
+        finally:
+            self.sending = False
+        if not sent:  # on_response_chunk raised: the engine cuts the response
+            self.failed = "on_response_chunk failed"
+            self.ended = True
+        return sent
+
+    async def detach(self, failure: str | None) -> None:
+        """on_response_received returned (`failure` None) or failed: what it held or left
+        goes on, or fails if the head went out and the hook failed."""
+        self.attached = False
+        self._wake()
+        try:
+            if failure is not None and self.head is None:
+                self.failed = failure
+            pending = ([self.held] if self.held else []) + self.queue
+            self.held, self.queue = None, []
+            for completer, piece in pending:
+                if self.failed is not None:
+                    completer.fail(self.failed)
+                elif not await self.conn._pass_piece(completer, piece):
+                    self.failed = "on_response_chunk failed"
+        finally:
+            if not self.hook_done.done():
+                self.hook_done.set_result(None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -615,13 +1051,19 @@ class HookRunner:
         self.handler_class = cls
         self.hooks = overridden_hooks(cls)
         waits_response = "response_complete" in self.hooks and "request" in self.hooks
+        reads_body = "response_chunk" in self.hooks and reads_response_body(cls)
         base_ctx = contextvars.copy_context()
         spare: list[Any] = [first]
 
         def open_connection(conn_id: int, client_host: str, client_port: int) -> _Connection:
             handler = spare.pop() if spare else _checked(handler_builder(), handler_builder)
             return _Connection(
-                handler, loop, base_ctx.copy(), (client_host, client_port), waits_response
+                handler,
+                loop,
+                base_ctx.copy(),
+                (client_host, client_port),
+                waits_response,
+                reads_body,
             )
 
         self.bridge = _engine.HookBridge(open_connection, self.hooks)

@@ -245,21 +245,36 @@ class HTTPRequest:
 
 
 class HTTPResponse:
-    """A response head. Change it in `on_response_received` to change what the client gets."""
+    """A response head. Change it in `on_response_received` to change what the client gets.
+
+    ``HTTPResponse()`` is asyncio-https-proxy's blank response, to be filled by
+    `parse_status_line` and `parse_headers`: version ``""``, status 0, reason ``""`` and
+    headers None. Given a version, status or reason, headers default to an empty
+    `HTTPHeader`; every response the proxy hands to a hook has its headers.
+    """
 
     __slots__ = ("headers", "reason_phrase", "status_code", "version")
 
+    # Typed as set: responses the proxy gives hooks always have headers; only a blank
+    # `HTTPResponse()` starts with None, as in asyncio-https-proxy.
+    headers: HTTPHeader
+
     def __init__(
         self,
-        version: str = "HTTP/1.1",
-        status_code: int = 200,
+        version: str = "",
+        status_code: int = 0,
         reason_phrase: str = "",
         headers: HTTPHeader | Iterable[tuple[str, str]] | None = None,
     ) -> None:
         self.version = version
         self.status_code = status_code
         self.reason_phrase = reason_phrase
-        self.headers = headers if isinstance(headers, HTTPHeader) else HTTPHeader(headers)
+        if isinstance(headers, HTTPHeader):
+            self.headers = headers
+        elif headers is not None or version or status_code or reason_phrase:
+            self.headers = HTTPHeader(headers)
+        else:
+            self.headers = None  # type: ignore[assignment]
 
     def parse_status_line(self, status_line: bytes) -> None:
         """Set version, status_code and reason_phrase from a status line such as
