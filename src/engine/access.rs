@@ -13,6 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use tokio::sync::watch;
 
 use super::flows::{json_str, FlowHandle};
+use super::stats::Stats;
 
 /// What happened to a flow, as its access and flow records say.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -261,6 +262,9 @@ pub struct AccessLog {
     json: bool,
     recent: Mutex<VecDeque<AccessRecord>>,
     capacity: usize,
+    /// The server's counters: every record written is counted here (requests, bytes,
+    /// outcomes), so they agree with the log.
+    pub stats: Stats,
 }
 
 impl AccessLog {
@@ -283,6 +287,7 @@ impl AccessLog {
             json: false,
             recent: Mutex::new(VecDeque::new()),
             capacity,
+            stats: Stats::default(),
         })
     }
 
@@ -293,6 +298,7 @@ impl AccessLog {
     }
 
     pub fn record(&self, record: AccessRecord) {
+        self.stats.record_finished(&record);
         if let Some(sink) = &self.file {
             let line = if self.json {
                 record.to_json()

@@ -317,6 +317,7 @@ async fn intercept(
         .await
         .map_err(|e| e.to_string())?;
     record.status = 200;
+    let _open = engine.stats().intercept_opened();
     let BufStream {
         io: client_io,
         buf: client_buf,
@@ -381,6 +382,7 @@ async fn tunnel(
         .await
         .map_err(|e| e.to_string())?;
     record.status = 200;
+    let _open = engine.stats().tunnel_opened();
     if engine.hooks.tunnel {
         if let Some(h) = conn.handler(engine) {
             h.tunnel_opened(host.clone(), port);
