@@ -20,9 +20,11 @@ from .tls import TLSStore
 __all__ = [
     "AccessRecord",
     "BoundSocket",
+    "ErrorCounts",
     "FlowRecord",
     "ProxyOptions",
     "ProxyServer",
+    "ProxyStats",
     "run",
     "servers",
     "start_proxy_server",
@@ -108,6 +110,49 @@ class FlowRecord(TypedDict):
     message ended), "idle" (the source was quiet for 1 ms) or "end" (the stream ended)."""
 
 
+class ErrorCounts(TypedDict):
+    """Finished requests by outcome, for every outcome but "ok" (as in
+    `AccessRecord.outcome`)."""
+
+    blocked: int
+    """Refused by a rule, the handler or the destination filter (403)."""
+    rejected: int
+    """Not acceptable as sent (400, 408, 431: malformed, slow or too large heads)."""
+    refused_limit: int
+    """Connections refused at the connection limit (503)."""
+    error: int
+    """The proxy answered an error (502, 504...) or a tunnel failed."""
+    client_aborted: int
+    origin_aborted: int
+    idle_timeout: int
+    cut_at_shutdown: int
+
+
+class ProxyStats(TypedDict):
+    """`ProxyServer.stats()`: what the server has done since it started (the numbers
+    ``/metrics`` serves with ``stats_port``)."""
+
+    connections_open: int
+    """Client connections open now."""
+    connections_total: int
+    """Client connections accepted, including those refused at the connection limit."""
+    requests_total: int
+    """Requests finished, one per access record: forwarded or answered requests (also
+    inside intercepted connections), CONNECTs, rejected requests and refused connections."""
+    tunnels_open: int
+    tunnels_total: int
+    """CONNECT tunnels established (bytes relayed untouched)."""
+    intercepts_open: int
+    intercepts_total: int
+    """CONNECTs intercepted (TLS terminated by the proxy)."""
+    bytes_up: int
+    """Bytes client -> destination as access records count them (request bodies; all
+    bytes of a tunnel), added when each request or tunnel finishes."""
+    bytes_down: int
+    """Bytes destination -> client, likewise (response bodies; all bytes of a tunnel)."""
+    errors: ErrorCounts
+
+
 class BoundSocket:
     """What `ProxyServer.sockets` lists: enough of a socket to ask where it listens."""
 
@@ -162,6 +207,9 @@ class ProxyOptions(TypedDict, total=False):
     flows_capacity: int
     proxy_auth: Iterable[str | tuple[str, str]]
     allow_open_proxy: bool
+    stats_port: int | None
+    """Serve `stats()` at ``GET /metrics`` in Prometheus text format on this port of the
+    proxy's host (0 picks a free one; `ProxyServer.metrics_url` says where)."""
 
 
 #: Engine options `start_proxy_server` accepts as keywords, with their defaults.
@@ -193,6 +241,7 @@ ENGINE_OPTIONS: dict[str, Any] = {
     "flows_capacity": 1000,
     "proxy_auth": (),
     "allow_open_proxy": False,
+    "stats_port": None,
 }
 
 
@@ -245,6 +294,21 @@ class ProxyServer:
         """The proxy URL clients are given, e.g. ``http://127.0.0.1:8080``."""
         host, port = self.address
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    @property
+    def stats_address(self) -> tuple[str, int] | None:
+        """Where ``/metrics`` is served as (host, port); None without ``stats_port`` or
+        once the server has stopped."""
+        return self._engine.stats_addr()
+
+    @property
+    def metrics_url(self) -> str | None:
+        """The URL of the Prometheus endpoint, e.g. ``http://127.0.0.1:9090/metrics``."""
+        address = self.stats_address
+        if address is None:
+            return None
+        host, port = address
+        return f"http://[{host}]:{port}/metrics" if ":" in host else f"http://{host}:{port}/metrics"
 
     @property
     def sockets(self) -> tuple[BoundSocket, ...]:
@@ -348,6 +412,12 @@ class ProxyServer:
     def active_connections(self) -> int:
         return self._engine.active_connections()
 
+    def stats(self) -> ProxyStats:
+        """Counters since the server started: open connections, tunnels and interceptions,
+        requests, bytes each way, and ``errors`` by outcome. Requests, bytes and errors are
+        counted as each access record is written (a tunnel's bytes when it closes)."""
+        return self._engine.stats()  # type: ignore[return-value]
+
     def __repr__(self) -> str:
         state = "serving" if self.is_serving() else "closed"
         return f"<segproxy.ProxyServer {self.url} {state}>"
@@ -375,6 +445,13 @@ async def start_proxy_server(
     for path_option in ("access_log", "flows_file"):
         if kwargs[path_option] is not None:
             kwargs[path_option] = os.fspath(kwargs[path_option])
+    stats_port = kwargs["stats_port"]
+    if stats_port is not None and (
+        isinstance(stats_port, bool)
+        or not isinstance(stats_port, int)
+        or not 0 <= stats_port <= 65535
+    ):
+        raise ValueError(f"stats_port must be a port number 0..65535 or None, not {stats_port!r}")
     rules = kwargs.pop("rules")
     shutdown_timeout = float(kwargs.pop("shutdown_timeout"))
     if not shutdown_timeout >= 0:

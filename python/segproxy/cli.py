@@ -321,6 +321,15 @@ def build_parser() -> argparse.ArgumentParser:
         default="text",
         help="text: SegmentedProxy's ACCESS line, our fields after its fields (default); json: one JSON object a line with the fields of server.access_records()",
     )
+    stats = parser.add_argument_group("statistics")
+    stats.add_argument(
+        "--stats-port",
+        type=port_number,
+        default=None,
+        metavar="PORT",
+        help="serve counters (connections, tunnels, requests, bytes, errors by outcome) at "
+        "http://LISTEN-HOST:PORT/metrics in Prometheus text format; 0 for any free port",
+    )
     return parser
 
 
@@ -563,6 +572,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
             flush=True,
         )
+        if server.metrics_url is not None:
+            print(f"segproxy: metrics at {server.metrics_url}", file=sys.stderr, flush=True)
 
     code = _serve(args, rules, tls_store, ready)
     # Leave without finalizing the interpreter: an engine thread may still be handing its
@@ -609,6 +620,7 @@ def _serve(
             flows_file=args.record_flows,
             proxy_auth=args.credentials,
             allow_open_proxy=args.allow_open_proxy,
+            stats_port=args.stats_port,
         )
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))

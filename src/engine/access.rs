@@ -14,11 +14,8 @@ use serde::{Serialize, Serializer};
 use tokio::sync::watch;
 
 use super::flows::FlowHandle;
-pub use super::outcome::{Kind, Outcome};
-
-/// A record's text field: most values are fixed words (`direct`, `none`, `default`), held
-/// without an allocation.
-pub type Text = std::borrow::Cow<'static, str>;
+pub use super::outcome::{Kind, Outcome, Text};
+use super::stats::Stats;
 
 /// One access record; serialised (serde) as the JSON object of `--access-log-format json`
 /// and `server.access_records()`.
@@ -209,6 +206,9 @@ pub struct AccessLog {
     json: bool,
     recent: Mutex<VecDeque<AccessRecord>>,
     capacity: usize,
+    /// The server's counters: every record written is counted here (requests, bytes,
+    /// outcomes), so they agree with the log.
+    pub stats: Stats,
 }
 
 impl AccessLog {
@@ -231,6 +231,7 @@ impl AccessLog {
             json: false,
             recent: Mutex::new(VecDeque::new()),
             capacity,
+            stats: Stats::default(),
         })
     }
 
@@ -241,6 +242,8 @@ impl AccessLog {
     }
 
     pub fn record(&self, record: AccessRecord) {
+        self.stats
+            .record_finished(record.outcome, record.bytes_up, record.bytes_down);
         if let Some(sink) = &self.file {
             let line = if self.json {
                 record.to_json()

@@ -29,6 +29,9 @@ pub struct EngineConfig {
     pub hook_timeout: Duration,
     /// Client credentials required on Proxy-Authorization (none: no authentication).
     pub proxy_auth: super::auth::ProxyAuth,
+    /// Serve the server's counters at `GET /metrics` (Prometheus text format) on this port
+    /// of the proxy's listen address (0 picks a free port); None serves none.
+    pub stats_port: Option<u16>,
 }
 
 impl Default for EngineConfig {
@@ -46,6 +49,7 @@ impl Default for EngineConfig {
             tunnel_buffer_bytes: 256 * 1024,
             hook_timeout: Duration::from_secs(30),
             proxy_auth: Default::default(),
+            stats_port: None,
         }
     }
 }

@@ -21,6 +21,7 @@ use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
 use super::state::Engine;
+use super::stats::Open;
 use super::target::split_authority;
 use super::tls;
 #[cfg(target_os = "linux")]
@@ -40,6 +41,8 @@ pub type InterceptedStream = tokio_rustls::server::TlsStream<Rewind<Segmented<Tc
 
 /// The CONNECT's access record and flow, open while its inner requests are served.
 pub struct ConnectRecord<'a> {
+    /// Counts the interception as open until it is finished.
+    _open: Open<'a>,
     flow: Option<FlowHandle>,
     record: PendingRecord<'a>,
     started: Instant,
@@ -139,6 +142,7 @@ pub async fn handle_connect<'e>(
                         stream,
                         mode,
                         record: ConnectRecord {
+                            _open: engine.stats().intercept_opened(),
                             flow,
                             record,
                             started,
@@ -394,6 +398,7 @@ async fn tunnel(
         .await
         .map_err(|e| e.to_string())?;
     record.status = 200;
+    let _open = engine.stats().tunnel_opened();
     if engine.hooks.tunnel {
         if let Some(h) = conn.handler(engine) {
             h.tunnel_opened(host.clone(), port);

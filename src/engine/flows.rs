@@ -11,8 +11,7 @@ use std::time::Instant;
 use serde::ser::SerializeTuple;
 use serde::{Serialize, Serializer};
 
-use super::access::Text;
-use super::outcome::{Kind, Outcome};
+use super::outcome::{Kind, Outcome, Text};
 use super::segment::{ChunkObserver, ShortChunk};
 
 /// Most chunks kept per flow; later chunks are counted but not stored.

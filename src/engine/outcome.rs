@@ -3,6 +3,10 @@
 
 use serde::Serialize;
 
+/// A record's text field: most values are fixed words (`direct`, `none`, `default`), held
+/// without an allocation.
+pub type Text = std::borrow::Cow<'static, str>;
+
 /// What kind of flow a record describes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

@@ -47,6 +47,7 @@ impl ProxyServer {
         let engine = Arc::new(engine);
         let listener = TcpListener::bind(engine.config.listen).await?;
         let local_addr = listener.local_addr()?;
+        super::metrics_http::start(&engine).await?;
         let server = ProxyServer {
             engine: engine.clone(),
             local_addr,
@@ -101,6 +102,7 @@ impl ProxyServer {
                 tokio::time::timeout(Duration::from_millis(50), engine.all_done.notified()).await;
         }
         engine.pool.clear();
+        super::metrics_http::stop(engine).await;
         self.stopped_flag.store(true, Ordering::Release);
         self.stopped.notify_waiters();
     }
@@ -143,6 +145,7 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
         failures.recovered();
         let _ = stream.set_nodelay(true);
         let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
+        engine.stats().connection_accepted();
         if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
             tokio::spawn(refuse(stream, peer, id, engine.clone()));
             continue;

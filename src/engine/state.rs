@@ -16,6 +16,7 @@ use super::hooks::{Handler, HookSet, HookWaits};
 use super::pool::Pool;
 use super::rules::{Intercept, RuleSet};
 use super::safety::DomainFilter;
+use super::stats::{Stats, StatsSnapshot};
 use super::tls::{origin_client_config, OriginTrust};
 
 /// Everything a connection needs, shared by all connections of one server.
@@ -124,4 +125,16 @@ pub struct EngineParts {
     pub origin_trust: OriginTrust,
     pub handler: Option<Arc<dyn Handler>>,
     pub flows: Option<Arc<FlowRecorder>>,
+}
+
+impl Engine {
+    /// This server's counters.
+    pub fn stats(&self) -> &Stats {
+        &self.access.stats
+    }
+
+    /// This server's counters now.
+    pub fn stats_snapshot(&self) -> StatsSnapshot {
+        self.stats().snapshot(self.active_connections())
+    }
 }

@@ -90,6 +90,7 @@ fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
     ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
     flows_file = None, flows_capacity = 1000, handler = None, pool_idle_timeout = 30.0,
     access_log_format = "text", proxy_auth = Vec::new(), allow_open_proxy = false,
+    stats_port = None,
 ))]
 #[allow(clippy::too_many_arguments)]
 pub fn start_server<'py>(
@@ -124,6 +125,7 @@ pub fn start_server<'py>(
     access_log_format: &str,
     proxy_auth: Vec<String>,
     allow_open_proxy: bool,
+    stats_port: Option<u16>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let json_log = match access_log_format {
         "text" => false,
@@ -150,6 +152,7 @@ pub fn start_server<'py>(
         hook_timeout: seconds("hook_timeout", hook_timeout)?,
         pool_idle_timeout: seconds("pool_idle_timeout", pool_idle_timeout)?,
         proxy_auth: ProxyAuth::new(&proxy_auth).map_err(PyValueError::new_err)?,
+        stats_port,
         ..EngineConfig::default()
     };
     let hook_authenticates = handler
@@ -238,6 +241,8 @@ pub fn start_server<'py>(
             .await
             .map_err(|e| match e.kind() {
                 std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+                // The engine's own message (the stats port) names its address already.
+                _ if e.get_ref().is_some() => PyOSError::new_err(e.to_string()),
                 _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
             })?;
         let inner = Arc::new(server);
@@ -308,6 +313,34 @@ impl EngineServer {
 
     fn active_connections(&self) -> usize {
         self.inner.engine().active_connections()
+    }
+
+    /// The server's counters now: open connections, tunnels and interceptions, requests,
+    /// bytes each way, and errors by outcome.
+    fn stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let s = self.inner.engine().stats_snapshot();
+        let d = PyDict::new(py);
+        d.set_item("connections_open", s.connections_open)?;
+        d.set_item("connections_total", s.connections_total)?;
+        d.set_item("requests_total", s.requests_total)?;
+        d.set_item("tunnels_open", s.tunnels_open)?;
+        d.set_item("tunnels_total", s.tunnels_total)?;
+        d.set_item("intercepts_open", s.intercepts_open)?;
+        d.set_item("intercepts_total", s.intercepts_total)?;
+        d.set_item("bytes_up", s.bytes_up)?;
+        d.set_item("bytes_down", s.bytes_down)?;
+        let errors = PyDict::new(py);
+        for (outcome, n) in s.errors {
+            errors.set_item(outcome.as_str(), n)?;
+        }
+        d.set_item("errors", errors)?;
+        Ok(d)
+    }
+
+    /// Where `/metrics` is served as (host, port), or None (no stats port, or stopped).
+    fn stats_addr(&self) -> Option<(String, u16)> {
+        let a = self.inner.engine().stats().metrics_addr()?;
+        Some((a.ip().to_string(), a.port()))
     }
 
     /// The most recent access records (oldest first) as dicts; `clear` empties the buffer.
