@@ -191,15 +191,16 @@ async def test_intercepted_connects_are_counted(make_proxy, tmp_path):
     pytest.importorskip("cryptography")
     import ssl
 
-    from intercept_support import EchoOrigin, get, read_response, trusting_context
     from support import make_origin_certs
+    from support.origins import HttpsEchoOrigin
+    from support.tls_clients import get, read_response_from_file, trusting_context
 
     origin_dir = tmp_path / "origin"
     origin_dir.mkdir()
     origin_ca, leaf, key = make_origin_certs(origin_dir)
     store = segproxy.load_or_create_ca(tmp_path / "ca")
     server = await make_proxy(tls_store=store, upstream_ca=[origin_ca])
-    with EchoOrigin(leaf, key) as echo:
+    with HttpsEchoOrigin(leaf, key) as echo:
         s = open_tunnel(server.port, f"localhost:{echo.port}")
         ctx = trusting_context(tmp_path / "ca" / "ca-cert.pem")
         with ctx.wrap_socket(s, server_hostname="localhost") as tls:
@@ -209,7 +210,7 @@ async def test_intercepted_connects_are_counted(make_proxy, tmp_path):
             assert status == 200 and len(body) == 2000
             tls.sendall(b"POST /sha256 HTTP/1.1\r\nHost: localhost\r\nContent-Length: 700\r\n\r\n")
             tls.sendall(b"p" * 700)
-            status, _, answer = read_response(f)
+            status, _, answer = read_response_from_file(f)
             assert status == 200 and answer.endswith(b" 700")
             await until(lambda: server.stats()["requests_total"] == 2, "the inner records")
             during = server.stats()

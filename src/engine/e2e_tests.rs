@@ -688,6 +688,14 @@ async fn e2e_pooled_idle_upstream_connection_is_dropped_after_pool_idle_timeout(
 
     // Within the idle timeout a second client connection reuses the pooled one.
     one_get(&proxy, &origin, "/first").await;
+    // The client can have the whole response a moment before the proxy pools the origin
+    // connection: wait for the pool to hold it.
+    within("the origin connection pooled", async {
+        while proxy.engine().pool.idle_count() == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    })
+    .await;
     one_get(&proxy, &origin, "/reused").await;
     assert_eq!(origin.accepted(), 1, "reused within the pool idle timeout");
 

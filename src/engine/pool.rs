@@ -75,6 +75,11 @@ impl Pool {
         });
     }
 
+    /// Idle connections held now, across destinations.
+    pub fn idle_count(&self) -> usize {
+        self.idle.lock().unwrap().values().map(Vec::len).sum()
+    }
+
     pub fn clear(&self) {
         self.idle.lock().unwrap().clear();
     }
