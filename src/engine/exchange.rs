@@ -716,10 +716,20 @@ async fn exchange<C: Io>(
                 ..
             }
         );
-    to_client
-        .write_all(&back.encode())
-        .await
-        .map_err(|e| FlowError::client_gone(format!("writing response to client failed: {e}")))?;
+    // A body already read with the head goes out with it, in one write (and one segment):
+    // only when nothing segments, rewrites or re-frames it, so no wait delays the head.
+    let mut head_out = Some(back.encode());
+    let with_body = !segmenting
+        && to_client.is_passthrough()
+        && !rewrites_body
+        && matches!(client_kind, BodyKind::Length(n) if n > 0)
+        && !origin.buf.is_empty();
+    if !with_body {
+        let head = head_out.take().unwrap_or_default();
+        to_client.write_all(&head).await.map_err(|e| {
+            FlowError::client_gone(format!("writing response to client failed: {e}"))
+        })?;
+    }
 
     let mut reader = BodyReader::new(origin_kind);
     let mut writer = BodyWriter::new(client_kind);
@@ -750,8 +760,20 @@ async fn exchange<C: Io>(
             piece
         };
         record.bytes_down += piece.len() as u64;
-        writer.write(&mut to_client, &piece).await.map_err(|e| {
+        let written = match head_out.take() {
+            Some(mut head) => {
+                head.extend_from_slice(&piece);
+                to_client.write_all(&head).await
+            }
+            None => writer.write(&mut to_client, &piece).await,
+        };
+        written.map_err(|e| {
             FlowError::client_gone(format!("writing response body to client failed: {e}"))
+        })?;
+    }
+    if let Some(head) = head_out.take() {
+        to_client.write_all(&head).await.map_err(|e| {
+            FlowError::client_gone(format!("writing response to client failed: {e}"))
         })?;
     }
     writer
