@@ -371,6 +371,7 @@ def proxy_main(args: argparse.Namespace) -> None:
         """Marks /hook/ requests and responses; raises on /hook-raise/ (a hook bug)."""
 
         async def on_request_received(self) -> None:
+            counts["requests"] += 1
             path = self.request.path
             if path.startswith("/hook-raise"):
                 counts["raised"] += 1
@@ -409,13 +410,40 @@ def proxy_main(args: argparse.Namespace) -> None:
             loop.add_signal_handler(sig, server.close)
         print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
 
+        def stores() -> dict:
+            """What the record stores hold, and what reading them costs (on this loop)."""
+            t = time.perf_counter()
+            records = server.access_records()
+            t_access = time.perf_counter() - t
+            t = time.perf_counter()
+            flows = server.flows()
+            t_flows = time.perf_counter() - t
+            return {
+                "access_records": len(records),
+                "access_records_s": round(t_access, 4),
+                "flows": len(flows),
+                "flow_chunks": sum(len(f["chunks"]) for f in flows),
+                "flows_s": round(t_flows, 4),
+            }
+
         async def stats() -> None:
             tick = 0
             objects = None
+            measure = Path(args.stats + ".measure")
             while server.is_serving():
                 if tick % 5 == 0:
                     objects = len(gc.get_objects())
                 tick += 1
+                if measure.exists():  # asked by the harness once the proxy is idle
+                    Path(args.stats + ".stores").write_text(json.dumps(stores()))
+                    measure.unlink()
+                if args.poll_records and tick % args.poll_records == 0:
+                    counts["polls"] += 1
+                    polled = stores()
+                    counts["poll_s"] = (
+                        counts.get("poll_s", 0) + polled["access_records_s"] + polled["flows_s"]
+                    )
+                    counts["last_poll"] = polled
                 data = {
                     "t": time.time(),
                     "active": server.active_connections(),
@@ -1154,6 +1182,47 @@ def tcp_states() -> dict[str, int]:
     return dict(counts)
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat: steal is time
+    the hypervisor gave another guest while this one wanted to run."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    tick = os.sysconf("SC_CLK_TCK")
+    busy = sum(fields) - fields[3] - fields[4] - fields[7]
+    return busy / tick, fields[7] / tick
+
+
+NET_COUNTERS = (
+    "Tcp.ActiveOpens",
+    "Tcp.AttemptFails",
+    "Tcp.EstabResets",
+    "Tcp.RetransSegs",
+    "TcpExt.ListenOverflows",
+    "TcpExt.ListenDrops",
+    "TcpExt.TCPTimeWaitOverflow",
+    "TcpExt.TW",
+    "TcpExt.TWRecycled",
+)
+
+
+def net_counters() -> dict[str, int]:
+    """The machine's TCP counters that show port, backlog or retransmission trouble."""
+    out: dict[str, int] = {}
+    for path in ("/proc/net/snmp", "/proc/net/netstat"):
+        try:
+            lines = Path(path).read_text().splitlines()
+        except OSError:
+            continue
+        for names, values in itertools.pairwise(lines):
+            n, v = names.split(), values.split()
+            if n[0] != v[0] or not v[1].lstrip("-").isdigit():
+                continue
+            prefix = n[0].rstrip(":")
+            for k, x in zip(n[1:], v[1:], strict=False):
+                if f"{prefix}.{k}" in NET_COUNTERS:
+                    out[f"{prefix}.{k}"] = int(x)
+    return out
+
+
 def group_cpu(groups: dict[str, int]) -> dict[str, float]:
     """CPU seconds of every process of each process group (nginx's workers with its master)."""
     names = {pgid: name for name, pgid in groups.items()}
@@ -1180,6 +1249,7 @@ class Harness:
         self.procs: list[ManagedProcess] = []
         self.samples: list[dict] = []
         self.notes: list[str] = []
+        self.stores_after: dict = {}
 
     def log(self, msg: str) -> None:
         print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -1194,6 +1264,19 @@ class Harness:
     def proxy_stats(self) -> dict:
         try:
             return json.loads((self.work / "proxy-stats.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def proxy_stores(self) -> dict:
+        """The proxy's record stores after the run, and how long reading them took."""
+        stats = Path(self.work / "proxy-stats.json")
+        answer = Path(str(stats) + ".stores")
+        Path(str(stats) + ".measure").write_text("")
+        deadline = time.monotonic() + 60
+        while not answer.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        try:
+            return json.loads(answer.read_text())
         except (OSError, ValueError):
             return {}
 
@@ -1272,6 +1355,8 @@ class Harness:
         ]
         if a.no_record_flows:
             proxy_args.append("--no-record-flows")
+        if a.poll_records:
+            proxy_args += ["--poll-records", str(a.poll_records)]
         self.proxy = Segproxy(
             proxy_args, command=[sys.executable, str(Path(__file__).resolve()), "--role", "proxy"]
         )
@@ -1352,7 +1437,8 @@ class Harness:
         pids = {"proxy": self.proxy.pid, "nginx": nginx.pid, "origins": origins.pid}
         pids.update({f"load{i}": p.pid for i, (p, _) in enumerate(loads)})
         windows: list[dict] = []
-        cpu_last = group_cpu(pids)
+        cpu_last, machine_last, net_last = group_cpu(pids), machine_cpu(), net_counters()
+        ops_last, t_last = 0, time.time()
         next_window = t0 + WINDOW
         self.log(f"load: {a.duration:g}s, {a.clients} x {a.concurrency} workers + slow faults")
         while any(p.proc is not None and p.proc.poll() is None for p, _ in loads):
@@ -1362,23 +1448,34 @@ class Harness:
                 self.notes.append("the proxy process is gone")
                 break
             if now >= next_window and now < t0 + a.duration + WINDOW:
-                cpu = group_cpu(pids)
+                cpu, machine, net = group_cpu(pids), machine_cpu(), net_counters()
+                span = now - t_last
+                cpu_pct = {k: round(100 * (cpu[k] - cpu_last.get(k, 0)) / span, 1) for k in cpu}
+                busy = 100 * (machine[0] - machine_last[0]) / span
+                stats = self.proxy_stats()
+                ops = stats.get("requests", 0)
                 w = {
                     "window": len(windows),
                     "rss_kib": st.get("rss_kib"),
                     "fds": st.get("fds"),
                     "active": st.get("active"),
-                    "python_objects": self.proxy_stats().get("python_objects"),
-                    "cpu_pct": {
-                        k: round(100 * (cpu[k] - cpu_last.get(k, cpu[k])) / WINDOW, 1) for k in cpu
-                    },
+                    "python_objects": stats.get("python_objects"),
+                    "proxy_hook_requests_per_s": round((ops - ops_last) / span, 1),
+                    "cpu_pct": cpu_pct,
+                    # CPU the machine spent outside the soak's processes (other jobs)
+                    "cpu_pct_others": round(busy - sum(cpu_pct.values()), 1),
+                    "steal_pct": round(100 * (machine[1] - machine_last[1]) / span, 1),
+                    "machine_cpus": os.cpu_count(),
                     "tcp": tcp_states(),
+                    "net": {k: net[k] - net_last.get(k, 0) for k in net},
                 }
-                cpu_last = cpu
+                cpu_last, machine_last, net_last, ops_last, t_last = cpu, machine, net, ops, now
                 windows.append(w)
                 self.log(
                     f"window {w['window']}: RSS {w['rss_kib'] / 1024:.1f} MiB, fds {w['fds']}, "
-                    f"active {w['active']}, cpu% {w['cpu_pct']}, TIME_WAIT {w['tcp'].get('TIME_WAIT', 0)}"
+                    f"active {w['active']}, cpu% {w['cpu_pct']} others {w['cpu_pct_others']} "
+                    f"steal {w['steal_pct']}, "
+                    f"TIME_WAIT {w['tcp'].get('TIME_WAIT', 0)}, net {w['net']}"
                 )
                 next_window += WINDOW
             time.sleep(1.0)
@@ -1405,6 +1502,7 @@ class Harness:
             f"idle after: RSS {idle_after.get('rss_kib', 0) / 1024:.1f} MiB, "
             f"{idle_after.get('fds')} fds (settled: {settled}, {waited:.1f}s)"
         )
+        self.stores_after = self.proxy_stores()
         try:
             served_after, _ = probe_once(cfg["proxy_port"], cfg["probe_url"], cfg["probe_size"])
         except OSError:
@@ -1568,6 +1666,7 @@ class Harness:
                 "settle_s": round(settle_s, 1),
                 "tolerance": {"fds": tol_fds, "rss_mib": a.rss_tolerance_mib},
                 "stats": self.proxy_stats(),
+                "stores_after": self.stores_after,
             },
             "checks": checks,
             "passed": all(checks.values()),
@@ -1606,7 +1705,7 @@ def text_summary(s: dict) -> str:
         lines.append(f"{kind:<22} {sum(c.values()):>8}  {outs}")
     lines += [
         "",
-        "window   ops/s   MiB/s   proxy RSS   fds  TIME_WAIT  cpu% (proxy/origins/nginx/loads)",
+        "window   ops/s   MiB/s   proxy RSS   fds  TIME_WAIT  cpu% proxy/origins/nginx/loads/others",
     ]
     for w in s["windows"]:
         cpu = w.get("cpu_pct", {})
@@ -1615,6 +1714,7 @@ def text_summary(s: dict) -> str:
             f"{w['start_s']:>5.0f}s {w['ops_per_s']:>7.1f} {w['mib_per_s']:>7.2f} "
             f"{mib(w.get('rss_kib')):>11} {w.get('fds') or 0:>5} {w.get('tcp', {}).get('TIME_WAIT', 0):>10}"
             f"  {cpu.get('proxy', 0):.0f}/{cpu.get('origins', 0):.0f}/{cpu.get('nginx', 0):.0f}/{loads:.0f}"
+            f"/{w.get('cpu_pct_others', 0):.0f}"
         )
     pr = s["probe"]
     lines += [
@@ -1661,6 +1761,14 @@ def main() -> int:
     ap.add_argument("--ca-out", help=argparse.SUPPRESS)
     ap.add_argument("--upstream-ca", action="append", default=[], help=argparse.SUPPRESS)
     ap.add_argument("--stats", help=argparse.SUPPRESS)
+    ap.add_argument(
+        "--poll-records",
+        type=int,
+        default=0,
+        metavar="SECONDS",
+        help="the proxy reads server.access_records() and server.flows() every SECONDS "
+        "(as a monitoring script would); off by default",
+    )
     args = ap.parse_args()
 
     if args.role == "proxy":
