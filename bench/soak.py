@@ -634,6 +634,8 @@ class Load:
         self.counts: dict[str, Counter] = defaultdict(Counter)
         self.windows: dict[int, Counter] = defaultdict(Counter)
         self.window_bytes: Counter = Counter()
+        self.connects: Counter = Counter()
+        self.connect_s: Counter = Counter()
         self.latency_max: Counter = Counter()
         self.latency_sum: Counter = Counter()
         self.bodies_checked = 0
@@ -723,9 +725,14 @@ class Load:
 
     # --- connections -----------------------------------------------------------------------
     async def connect(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-        return await asyncio.wait_for(
+        t = time.time()
+        conn = await asyncio.wait_for(
             asyncio.open_connection(*self.proxy, limit=256 * KIB), timeout=15
         )
+        w = int((t - self.t0) // WINDOW)
+        self.connects[w] += 1
+        self.connect_s[w] += time.time() - t
+        return conn
 
     async def tunnel(
         self, host: str, port: int, ctx: ssl.SSLContext, sni: str
@@ -1072,6 +1079,7 @@ class Load:
             "counts": {k: dict(v) for k, v in self.counts.items()},
             "windows": {str(w): dict(c) for w, c in self.windows.items()},
             "window_bytes": {str(w): b for w, b in self.window_bytes.items()},
+            "connects": {str(w): [n, self.connect_s[w]] for w, n in self.connects.items()},
             "latency_max": dict(self.latency_max),
             "latency_sum": dict(self.latency_sum),
             "bodies_checked": self.bodies_checked,
@@ -1238,6 +1246,7 @@ def group_cpu(groups: dict[str, int]) -> dict[str, float]:
         name = names.get(int(stat[2]))
         if name is not None:
             out[name] += (int(stat[11]) + int(stat[12])) / tick
+            out[name + ".sys"] = out.get(name + ".sys", 0.0) + int(stat[12]) / tick
     return out
 
 
@@ -1450,7 +1459,8 @@ class Harness:
             if now >= next_window and now < t0 + a.duration + WINDOW:
                 cpu, machine, net = group_cpu(pids), machine_cpu(), net_counters()
                 span = now - t_last
-                cpu_pct = {k: round(100 * (cpu[k] - cpu_last.get(k, 0)) / span, 1) for k in cpu}
+                every = {k: round(100 * (cpu[k] - cpu_last.get(k, 0)) / span, 1) for k in cpu}
+                cpu_pct = {k: v for k, v in every.items() if not k.endswith(".sys")}
                 busy = 100 * (machine[0] - machine_last[0]) / span
                 stats = self.proxy_stats()
                 ops = stats.get("requests", 0)
@@ -1462,6 +1472,7 @@ class Harness:
                     "python_objects": stats.get("python_objects"),
                     "proxy_hook_requests_per_s": round((ops - ops_last) / span, 1),
                     "cpu_pct": cpu_pct,
+                    "sys_cpu_pct": {k[:-4]: v for k, v in every.items() if k.endswith(".sys")},
                     # CPU the machine spent outside the soak's processes (other jobs)
                     "cpu_pct_others": round(busy - sum(cpu_pct.values()), 1),
                     "steal_pct": round(100 * (machine[1] - machine_last[1]) / span, 1),
@@ -1551,6 +1562,8 @@ class Harness:
         counts: dict[str, Counter] = defaultdict(Counter)
         per_window: dict[int, Counter] = defaultdict(Counter)
         window_bytes: Counter = Counter()
+        connects: Counter = Counter()
+        connect_s: Counter = Counter()
         lat_max: Counter = Counter()
         lat_sum: Counter = Counter()
         mismatches, failures = [], []
@@ -1562,6 +1575,9 @@ class Harness:
                 per_window[int(w)].update(c)
             for w, b in r["window_bytes"].items():
                 window_bytes[int(w)] += b
+            for w, (n, secs) in r["connects"].items():
+                connects[int(w)] += n
+                connect_s[int(w)] += secs
             for k, v in r["latency_max"].items():
                 lat_max[k] = max(lat_max[k], v)
             lat_sum.update(r["latency_sum"])
@@ -1584,6 +1600,8 @@ class Harness:
                     "ops": total,
                     "ops_per_s": round(total / length, 1),
                     "mib_per_s": round(window_bytes[w] / length / MIB, 2),
+                    "new_connections_per_s": round(connects[w] / length, 1),
+                    "connect_ms_mean": round(1000 * connect_s[w] / max(1, connects[w]), 3),
                     "by_kind": dict(per_window[w]),
                     **(windows[w] if w < len(windows) else {}),
                 }
