@@ -1249,6 +1249,22 @@ def net_counters() -> dict[str, int]:
     return out
 
 
+_REF_DATA = random.Random(7).randbytes(4 * MIB)
+
+
+def reference_ms() -> float:
+    """CPU milliseconds this process needs for a fixed piece of work (SHA-256 of 4 MiB and a
+    Python loop): it rises when the machine itself gets slower per instruction (contended
+    caches, a busy sibling hyperthread, the host), whatever the soak does."""
+    t = time.process_time()
+    for _ in range(4):
+        hashlib.sha256(_REF_DATA).digest()
+    x = 0
+    for i in range(200_000):
+        x += i & 7
+    return 1000 * (time.process_time() - t)
+
+
 def group_cpu(groups: dict[str, int]) -> dict[str, float]:
     """CPU seconds of every process of each process group (nginx's workers with its master)."""
     names = {pgid: name for name, pgid in groups.items()}
@@ -1277,6 +1293,7 @@ class Harness:
         self.samples: list[dict] = []
         self.notes: list[str] = []
         self.stores_after: dict = {}
+        self.reference_idle_ms = 0.0
 
     def log(self, msg: str) -> None:
         print(f"[soak {time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -1419,6 +1436,8 @@ class Harness:
             f"(settled in {waited:.1f}s)"
         )
 
+        self.reference_idle_ms = round(min(reference_ms() for _ in range(3)), 1)
+
         # The load.
         t0 = time.time() + 1.0
         cfg.update(
@@ -1494,6 +1513,7 @@ class Harness:
                     # CPU the machine spent outside the soak's processes (other jobs)
                     "cpu_pct_others": round(busy - sum(cpu_pct.values()), 1),
                     "steal_pct": round(100 * (machine[1] - machine_last[1]) / span, 1),
+                    "reference_ms": round(reference_ms(), 1),
                     "machine_cpus": os.cpu_count(),
                     "tcp": tcp_states(),
                     "net": {k: net[k] - net_last.get(k, 0) for k in net},
@@ -1503,7 +1523,7 @@ class Harness:
                 self.log(
                     f"window {w['window']}: RSS {w['rss_kib'] / 1024:.1f} MiB, fds {w['fds']}, "
                     f"active {w['active']}, cpu% {w['cpu_pct']} others {w['cpu_pct_others']} "
-                    f"steal {w['steal_pct']}, "
+                    f"steal {w['steal_pct']}, ref {w['reference_ms']} ms, "
                     f"TIME_WAIT {w['tcp'].get('TIME_WAIT', 0)}, net {w['net']}"
                 )
                 next_window += WINDOW
@@ -1661,6 +1681,7 @@ class Harness:
             "slow_workers": a.slow_workers,
             "record_flows": not a.no_record_flows,
             "started": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t0)),
+            "reference_idle_ms": self.reference_idle_ms,
             "ops_total": total_ops,
             "ops_after_deadline": drained,
             "ops_by_kind": {k: dict(sorted(c.items())) for k, c in sorted(counts.items())},
@@ -1741,7 +1762,9 @@ def text_summary(s: dict) -> str:
         lines.append(f"{kind:<22} {sum(c.values()):>8}  {outs}")
     lines += [
         "",
-        "window   ops/s   MiB/s   proxy RSS   fds  TIME_WAIT  cpu% proxy/origins/nginx/loads/others",
+        f"reference work (CPU ms, lower is a faster machine): {s.get('reference_idle_ms')} before the load",
+        "window   ops/s   MiB/s   proxy RSS   fds  TIME_WAIT  proxy µs/op  ref ms"
+        "  cpu% proxy/origins/nginx/loads/others",
     ]
     for w in s["windows"]:
         cpu = w.get("cpu_pct", {})
@@ -1749,6 +1772,7 @@ def text_summary(s: dict) -> str:
         lines.append(
             f"{w['start_s']:>5.0f}s {w['ops_per_s']:>7.1f} {w['mib_per_s']:>7.2f} "
             f"{mib(w.get('rss_kib')):>11} {w.get('fds') or 0:>5} {w.get('tcp', {}).get('TIME_WAIT', 0):>10}"
+            f" {10_000 * cpu.get('proxy', 0) / max(w['ops_per_s'], 1):>12.0f} {w.get('reference_ms', 0):>7.1f}"
             f"  {cpu.get('proxy', 0):.0f}/{cpu.get('origins', 0):.0f}/{cpu.get('nginx', 0):.0f}/{loads:.0f}"
             f"/{w.get('cpu_pct_others', 0):.0f}"
         )
