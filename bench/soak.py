@@ -429,18 +429,31 @@ def proxy_main(args: argparse.Namespace) -> None:
             gc.collect()
             return out
 
-        def trimmed() -> dict:
-            """RSS before and after malloc_trim(0): how much of it is memory the allocator
-            holds free (not a leak) rather than memory in use."""
+        def memory() -> dict:
+            """RSS as it is; after malloc_trim(0) (what is left is in use: the rest the
+            allocator held free); and after the record stores are emptied too (what is left
+            is the proxy's own state: a leak shows there)."""
             import ctypes
 
             def rss() -> int:
                 status = Path("/proc/self/status").read_text()
                 return int(status.split("VmRSS:")[1].split()[0])
 
+            trim = ctypes.CDLL("libc.so.6").malloc_trim
             before = rss()
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-            return {"rss_kib": before, "rss_after_malloc_trim_kib": rss()}
+            trim(0)
+            trimmed = rss()
+            out = stores()
+            server.access_records(clear=True)
+            server.flows(clear=True)
+            gc.collect()
+            trim(0)
+            return {
+                "rss_kib": before,
+                "rss_after_malloc_trim_kib": trimmed,
+                "rss_without_stores_kib": rss(),
+                **out,
+            }
 
         async def stats() -> None:
             tick = 0
@@ -451,9 +464,7 @@ def proxy_main(args: argparse.Namespace) -> None:
                     objects = len(gc.get_objects())
                 tick += 1
                 if measure.exists():  # asked by the harness once the proxy is idle
-                    trim = trimmed()
-                    out = {**trim, **stores()}
-                    Path(args.stats + ".stores").write_text(json.dumps(out))
+                    Path(args.stats + ".stores").write_text(json.dumps(memory()))
                     measure.unlink()
                 if args.poll_records and tick % args.poll_records == 0:
                     counts["polls"] += 1
@@ -1292,7 +1303,8 @@ class Harness:
         self.procs: list[ManagedProcess] = []
         self.samples: list[dict] = []
         self.notes: list[str] = []
-        self.stores_after: dict = {}
+        self.memory_before: dict = {}
+        self.memory_after: dict = {}
         self.reference_idle_ms = 0.0
 
     def log(self, msg: str) -> None:
@@ -1311,10 +1323,12 @@ class Harness:
         except (OSError, ValueError):
             return {}
 
-    def proxy_stores(self) -> dict:
-        """The proxy's record stores after the run, and how long reading them took."""
+    def proxy_memory(self) -> dict:
+        """The proxy's RSS as it is, after malloc_trim and without its record stores; the
+        stores' size and read cost. Changes the proxy (empties the stores): once idle only."""
         stats = Path(self.work / "proxy-stats.json")
         answer = Path(str(stats) + ".stores")
+        answer.unlink(missing_ok=True)
         Path(str(stats) + ".measure").write_text("")
         deadline = time.monotonic() + 60
         while not answer.exists() and time.monotonic() < deadline:
@@ -1436,6 +1450,7 @@ class Harness:
             f"(settled in {waited:.1f}s)"
         )
 
+        self.memory_before = self.proxy_memory()
         self.reference_idle_ms = round(min(reference_ms() for _ in range(3)), 1)
 
         # The load.
@@ -1551,7 +1566,7 @@ class Harness:
             f"idle after: RSS {idle_after.get('rss_kib', 0) / 1024:.1f} MiB, "
             f"{idle_after.get('fds')} fds (settled: {settled}, {waited:.1f}s)"
         )
-        self.stores_after = self.proxy_stores()
+        self.memory_after = self.proxy_memory()
         try:
             served_after, _ = probe_once(cfg["proxy_port"], cfg["probe_url"], cfg["probe_size"])
         except OSError:
@@ -1673,6 +1688,10 @@ class Harness:
             <= idle_before["rss_kib"] + tol_rss_kib,
         }
         total_ops = sum(sum(c.values()) for c in counts.values())
+        # A leak grows with time; bounded stores and caches stop growing early.
+        rss_w = [w.get("rss_kib") for w in windows if w.get("rss_kib")]
+        half = len(rss_w) // 2
+        rss_growth_mib = round((rss_w[-1] - rss_w[half]) / 1024, 1) if half else None
         return {
             "command": " ".join([Path(sys.executable).name, *sys.argv]),
             "duration_s": a.duration,
@@ -1719,11 +1738,13 @@ class Harness:
                     "hwm_kib": peak.get("hwm_kib"),
                 },
                 "idle_after": {k: idle_after.get(k) for k in ("rss_kib", "fds", "threads")},
+                "rss_growth_second_half_mib": rss_growth_mib,
                 "settled": settled,
                 "settle_s": round(settle_s, 1),
                 "tolerance": {"fds": tol_fds, "rss_mib": a.rss_tolerance_mib},
                 "stats": self.proxy_stats(),
-                "stores_after": self.stores_after,
+                "memory_before": self.memory_before,
+                "memory_after": self.memory_after,
             },
             "checks": checks,
             "passed": all(checks.values()),
@@ -1783,6 +1804,11 @@ def text_summary(s: dict) -> str:
         f"good-operation failures: {sum(s['good_failures'].values())}; faults outside their expected class: {sum(s['fault_failures'].values())}",
         f"probe: {pr['count']} requests, {pr['failures']} failed, latency median {pr['median_latency_s']} s, max {pr['max_latency_s']} s, longest gap {pr['max_gap_s']} s; served after settle: {pr['served_after_settle']}",
         f"proxy RSS: idle before {mib(p['idle_before']['rss_kib'])}, peak {mib(p['peak']['rss_kib'])}, idle after {mib(p['idle_after']['rss_kib'])} (tolerance +{p['tolerance']['rss_mib']} MiB)",
+        f"proxy RSS growth over the second half of the load: {p['rss_growth_second_half_mib']} MiB",
+        f"proxy RSS in use (after malloc_trim): before {mib(p['memory_before'].get('rss_after_malloc_trim_kib'))}, after {mib(p['memory_after'].get('rss_after_malloc_trim_kib'))}; "
+        f"without the record stores: before {mib(p['memory_before'].get('rss_without_stores_kib'))}, after {mib(p['memory_after'].get('rss_without_stores_kib'))}",
+        f"record stores after: {p['memory_after'].get('access_records')} access records (read in {p['memory_after'].get('access_records_s')} s), "
+        f"{p['memory_after'].get('flows')} flows with {p['memory_after'].get('flow_chunks')} chunks (read in {p['memory_after'].get('flows_s')} s)",
         f"proxy fds: idle before {p['idle_before']['fds']}, peak {p['peak']['fds']}, idle after {p['idle_after']['fds']} (tolerance +{p['tolerance']['fds']}; settled in {p['settle_s']} s: {p['settled']})",
         "checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in s["checks"].items()),
     ]
