@@ -350,7 +350,10 @@ async def origins_main(cfg: dict) -> None:
     Path(cfg["origins_ready"]).write_text("ready")
     stop = asyncio.Event()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    await stop.wait()
+    parent = os.getppid()
+    while not stop.is_set() and os.getppid() == parent:  # the harness gone: stop too
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
     for s in (plain, tls, tcp):
         s.close()
     udp.close()
@@ -459,7 +462,11 @@ def proxy_main(args: argparse.Namespace) -> None:
             tick = 0
             objects = None
             measure = Path(args.stats + ".measure")
+            parent = os.getppid()
             while server.is_serving():
+                if os.getppid() != parent:  # the harness is gone: do not outlive it
+                    server.close()
+                    break
                 if tick % 5 == 0:
                     objects = len(gc.get_objects())
                 tick += 1
@@ -673,6 +680,7 @@ class Load:
         self.failures: list[dict] = []
         self.failure_count = 0
         self.drained = 0
+        self.parent = os.getppid()  # the harness: a worker stops when it is gone
         self.nginx = cfg["nginx_files"]  # path -> [size, sha]
         self.tunnel_ctx = ssl.create_default_context(cafile=cfg["nginx_ca"])
         self.origin_ctx = ssl.create_default_context(cafile=cfg["origin_ca"])
@@ -1088,7 +1096,7 @@ class Load:
     async def worker(self, wid: int) -> None:
         rng = random.Random(self.cfg["seed"] * 1000 + wid)
         sessions, weights = zip(*self.sessions, strict=True)
-        while time.time() < self.deadline:
+        while time.time() < self.deadline and os.getppid() == self.parent:
             (session,) = rng.choices(sessions, weights)
             await self.run_session(session, rng)
 
@@ -1096,7 +1104,7 @@ class Load:
         rng = random.Random(self.cfg["seed"] * 1000 + 500 + wid)
         faults = [self.f_stall_head, self.f_stall_body, self.f_dns_timeout]
         i = wid
-        while time.time() < self.deadline:
+        while time.time() < self.deadline and os.getppid() == self.parent:
             await self.run_session(faults[i % len(faults)], rng)
             i += 1
 
@@ -1159,7 +1167,8 @@ def probe_once(proxy_port: int, url: str, size: int, timeout: float = 10.0) -> t
 def probe_main(cfg: dict, out: str, stop_file: str) -> None:
     url, size = cfg["probe_url"], cfg["probe_size"]
     with open(out, "a") as f:
-        while not os.path.exists(stop_file):
+        parent = os.getppid()
+        while not os.path.exists(stop_file) and os.getppid() == parent:
             t = time.time()
             try:
                 ok, err = probe_once(cfg["proxy_port"], url, size)
@@ -1872,6 +1881,8 @@ def main() -> int:
 
     if args.short:
         args.duration = 45.0
+    # SIGTERM ends the harness through its cleanup, which stops every process it started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     harness = Harness(args)
     try:
         summary = harness.run()

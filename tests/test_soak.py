@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from support import MissingBinary, find_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -40,24 +39,27 @@ def test_short_soak(tmp_path):
     env["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(ROOT / "python"), env.get("PYTHONPATH", "")) if p
     )
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "bench" / "soak.py"),
-            "--short",
-            "--rss-tolerance-mib",
-            str(RSS_TOLERANCE_MIB),
-            "--json",
-            str(out),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=850,
-        env=env,
+    argv = [
+        sys.executable,
+        str(ROOT / "bench" / "soak.py"),
+        "--short",
+        "--rss-tolerance-mib",
+        str(RSS_TOLERANCE_MIB),
+        "--json",
+        str(out),
+    ]
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
-    assert out.exists(), f"no summary (exit {proc.returncode}):\n{proc.stderr[-4000:]}"
+    try:
+        stdout, stderr = proc.communicate(timeout=850)
+    except subprocess.TimeoutExpired:
+        proc.terminate()  # SIGTERM: the soak stops every process it started
+        stdout, stderr = proc.communicate(timeout=120)
+        pytest.fail(f"the short soak did not finish in 850 s:\n{stderr[-4000:]}")
+    assert out.exists(), f"no summary (exit {proc.returncode}):\n{stderr[-4000:]}"
     s = json.loads(out.read_text())
-    report = proc.stdout[-6000:]
+    report = stdout[-6000:]
 
     assert s["ops_total"] > 0, report
     assert s["bodies_checked"] > 0, report
