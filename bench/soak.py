@@ -1203,6 +1203,44 @@ def proc_status(pid: int) -> dict | None:
     }
 
 
+def fd_kinds(pid: int, ports: dict[int, str]) -> dict[str, int]:
+    """The open descriptors of ``pid`` by kind; sockets by protocol, state and peer (peer
+    ports named through ``ports``)."""
+    sockets: dict[str, str] = {}
+    for proto in ("tcp", "udp"):
+        try:
+            with open(f"/proc/net/{proto}") as f:
+                next(f)
+                for line in f:
+                    parts = line.split()
+                    remote = int(parts[2].split(":")[1], 16)
+                    local = int(parts[1].split(":")[1], 16)
+                    state = TCP_STATES.get(parts[3], parts[3]) if proto == "tcp" else ""
+                    peer = ports.get(remote) or ports.get(local) or ("client" if remote else "-")
+                    sockets[parts[9]] = f"{proto} {state} {peer}".replace("  ", " ")
+        except OSError:
+            pass
+    kinds: Counter = Counter()
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return {}
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith("socket:["):
+            kinds[sockets.get(target[8:-1], "unix socket")] += 1
+        elif target.startswith("anon_inode:"):
+            kinds[target] += 1
+        elif target.startswith("pipe:"):
+            kinds["pipe"] += 1
+        else:
+            kinds["file"] += 1
+    return dict(sorted(kinds.items()))
+
+
 TCP_STATES = {
     "01": "ESTABLISHED",
     "06": "TIME_WAIT",
@@ -1313,6 +1351,8 @@ class Harness:
         self.samples: list[dict] = []
         self.notes: list[str] = []
         self.memory_before: dict = {}
+        self.fds_before: dict = {}
+        self.fds_after: dict = {}
         self.memory_after: dict = {}
         self.reference_idle_ms = 0.0
 
@@ -1354,14 +1394,21 @@ class Harness:
         return s
 
     def settle(self, level_fds: int, timeout: float) -> tuple[bool, float, dict]:
-        """Waits until the proxy has no client connection and its descriptors are back to
-        ``level_fds`` (+2) for 2 s in a row (pooled origin connections close after
-        POOL_IDLE_TIMEOUT); bounded by ``timeout``."""
+        """Waits until the proxy has no client connection, holds no connection to an origin
+        (pooled ones close after POOL_IDLE_TIMEOUT) and its descriptors are back to
+        ``level_fds`` (+2: the DNS resolver may keep its TCP connection) for 2 s in a row;
+        bounded by ``timeout``."""
         start = time.monotonic()
         since = None
         while True:
             st = self.sample("settle")
-            quiet = st.get("active") == 0 and st.get("fds", 1 << 30) <= level_fds + 2
+            kinds = fd_kinds(self.proxy.pid, self.port_names)
+            to_origins = sum(n for k, n in kinds.items() if "nginx" in k or "origin" in k)
+            quiet = (
+                st.get("active") == 0
+                and to_origins == 0
+                and st.get("fds", 1 << 30) <= level_fds + 2
+            )
             now = time.monotonic()
             if quiet:
                 since = since or now
@@ -1430,6 +1477,14 @@ class Harness:
         self.services.append(self.proxy)
         self.proxy.__enter__()
         cfg["proxy_port"] = self.proxy.port
+        self.port_names = {
+            cfg["proxy_port"]: "proxy",
+            cfg["nginx_http"]: "nginx-http",
+            cfg["nginx_https"]: "nginx-https",
+            cfg["origin_http"]: "origin-http",
+            cfg["origin_tls"]: "origin-tls",
+            cfg["dns_port"]: "dns",
+        }
         self.log(f"proxy pid {self.proxy.pid} on {self.proxy.proxy_url}")
 
         time.sleep(1.0)
@@ -1459,6 +1514,7 @@ class Harness:
             f"(settled in {waited:.1f}s)"
         )
 
+        self.fds_before = fd_kinds(self.proxy.pid, self.port_names)
         self.memory_before = self.proxy_memory()
         self.reference_idle_ms = round(min(reference_ms() for _ in range(3)), 1)
 
@@ -1575,6 +1631,7 @@ class Harness:
             f"idle after: RSS {idle_after.get('rss_kib', 0) / 1024:.1f} MiB, "
             f"{idle_after.get('fds')} fds (settled: {settled}, {waited:.1f}s)"
         )
+        self.fds_after = fd_kinds(self.proxy.pid, self.port_names)
         self.memory_after = self.proxy_memory()
         try:
             served_after, _ = probe_once(cfg["proxy_port"], cfg["probe_url"], cfg["probe_size"])
@@ -1752,6 +1809,8 @@ class Harness:
                 "settle_s": round(settle_s, 1),
                 "tolerance": {"fds": tol_fds, "rss_mib": a.rss_tolerance_mib},
                 "stats": self.proxy_stats(),
+                "fds_before": self.fds_before,
+                "fds_after": self.fds_after,
                 "memory_before": self.memory_before,
                 "memory_after": self.memory_after,
             },
@@ -1819,6 +1878,8 @@ def text_summary(s: dict) -> str:
         f"record stores after: {p['memory_after'].get('access_records')} access records (read in {p['memory_after'].get('access_records_s')} s), "
         f"{p['memory_after'].get('flows')} flows with {p['memory_after'].get('flow_chunks')} chunks (read in {p['memory_after'].get('flows_s')} s)",
         f"proxy fds: idle before {p['idle_before']['fds']}, peak {p['peak']['fds']}, idle after {p['idle_after']['fds']} (tolerance +{p['tolerance']['fds']}; settled in {p['settle_s']} s: {p['settled']})",
+        f"proxy descriptors before: {p.get('fds_before')}",
+        f"proxy descriptors after:  {p.get('fds_after')}",
         "checks: " + ", ".join(f"{k} {'ok' if v else 'FAILED'}" for k, v in s["checks"].items()),
     ]
     for f in s["failure_details"][:10]:
