@@ -32,7 +32,7 @@ segment_http        GET/POST through a rule segmenting both ways (random 512-819
 segment_tunnel      a tunnel segmented both ways (fixed 4 KiB chunks)
 hook                GETs whose request and response heads a Python hook changes
 fault_reset         the origin resets the connection mid-body (plain or intercepted)
-fault_malformed_*   the origin answers a malformed head (502) or chunked body (cut)
+fault_malformed_*   the origin answers a malformed head (502) or chunked body (cut; 502 too)
 fault_hook_raise    the request hook raises (502)
 fault_dns_nx        the name does not exist (502)
 fault_refused       nothing listens at the destination (502)
@@ -651,7 +651,7 @@ class Load:
         "fault_reset": {"truncated", "502"},
         "fault_reset_tls": {"truncated", "502"},
         "fault_malformed_head": {"502"},
-        "fault_malformed_body": {"truncated"},
+        "fault_malformed_body": {"truncated", "502"},
         "fault_hook_raise": {"502"},
         "fault_dns_nx": {"502"},
         "fault_refused": {"502"},
@@ -1351,6 +1351,7 @@ class Harness:
         self.samples: list[dict] = []
         self.notes: list[str] = []
         self.memory_before: dict = {}
+        self.warm_up_ok = False
         self.fds_before: dict = {}
         self.fds_after: dict = {}
         self.memory_after: dict = {}
@@ -1503,8 +1504,9 @@ class Harness:
                 await warm.run_session(session, rng)
 
         asyncio.run(warm_up())
-        if warm.failure_count or warm.mismatches:
-            self.notes.append(f"warm-up failures: {warm.failures}")
+        self.warm_up_ok = not (warm.failure_count or warm.mismatches)
+        if not self.warm_up_ok:
+            self.notes.append(f"warm-up failures: {warm.failures} {warm.mismatches}")
         # The warm-up leaves pooled origin connections; their idle timeout closes them.
         ok, waited, idle_before = self.settle(fresh["fds"], 60)
         if not ok:
@@ -1748,6 +1750,7 @@ class Harness:
             "faults_as_expected": sum(fault_fail.values()) == 0,
             "probe_served_throughout": bool(in_load) and not probe_fail and max_gap < 15.0,
             "served_after": bool(served_after),
+            "warm_up_ok": self.warm_up_ok,
             "fds_back_to_idle": settled
             and idle_after.get("fds", 1 << 30) <= idle_before["fds"] + tol_fds,
             "rss_back_to_idle": idle_after.get("rss_kib", 1 << 40)
