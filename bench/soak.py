@@ -32,13 +32,13 @@ segment_http        GET/POST through a rule segmenting both ways (random 512-819
 segment_tunnel      a tunnel segmented both ways (fixed 4 KiB chunks)
 hook                GETs whose request and response heads a Python hook changes
 fault_reset         the origin resets the connection mid-body (plain or intercepted)
-fault_malformed_*   the origin answers a malformed head (502) or chunked body (cut; 502 too)
+fault_malformed_*   the origin answers a malformed head (502) or chunked body (cut)
 fault_hook_raise    the request hook raises (502)
 fault_dns_nx        the name does not exist (502)
 fault_refused       nothing listens at the destination (502)
 client_abort*       the client closes mid-download / mid-upload (RST)
-fault_stall_head    the origin never answers (504 after --response-timeout)
-fault_stall_body    the origin stops mid-body (cut after --idle-timeout)
+fault_stall_head    the origin never answers (504 after the proxy's 5 s response timeout)
+fault_stall_body    the origin stops mid-body (cut after the proxy's 6 s idle timeout)
 fault_dns_timeout   the DNS server never answers (502 after the 5 s DNS timeout)
 ==================  =================================================================
 
