@@ -4,6 +4,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, final
 
 __all__ = [
+    "SEGMENT_STRATEGIES",
     "CertificateAuthority",
     "Completer",
     "EngineServer",
@@ -13,6 +14,8 @@ __all__ = [
     "__version__",
     "hook_roundtrip",
     "limit_malloc_arenas",
+    "option_table",
+    "segment_policy",
     "set_log_level",
     "start_server",
     "time_minting",
@@ -26,41 +29,28 @@ def start_server(
     host: str = "127.0.0.1",
     port: int = 8080,
     *,
-    connect_timeout: float = 10.0,
-    idle_timeout: float = 60.0,
-    header_timeout: float = 30.0,
-    response_timeout: float = 60.0,
-    max_connections: int | None = None,
-    max_header_bytes: int = 65536,
-    access_log: str | None = None,
-    access_records: int = 10000,
-    hook_timeout: float = 30.0,
-    rules: RuleSet | None = None,
-    dns_server: str | None = None,
-    dns_port: int = 53,
-    dns_transport: str = "udp",
-    dns_cache_size: int = 1024,
-    allow_domains: list[str] = ...,
-    deny_domains: list[str] = ...,
-    deny_private: bool = False,
-    ca: CertificateAuthority | None = None,
-    upstream_ca: list[str] = ...,
-    upstream_insecure: bool = False,
-    record_flows: bool = False,
-    flows_file: str | None = None,
-    flows_capacity: int = 1000,
     handler: HookBridge | None = None,
-    pool_idle_timeout: float = 30.0,
-    access_log_format: str = "text",
-    proxy_auth: list[str] = ...,
-    allow_open_proxy: bool = False,
-    stats_port: int | None = None,
+    rules: RuleSet | None = None,
+    ca: CertificateAuthority | None = None,
+    **options: Any,
 ) -> Awaitable[EngineServer]: ...
+def option_table() -> list[dict[str, Any]]: ...
+def segment_policy(
+    strategy: str,
+    chunk: int | None = None,
+    min: int | None = None,
+    max: int | None = None,
+    delay_ms: float = 0.0,
+) -> str: ...
+
+SEGMENT_STRATEGIES: tuple[str, ...]
 
 @final
 class EngineServer:
     @property
     def max_connections(self) -> int: ...
+    @property
+    def shutdown_timeout(self) -> float: ...
     def local_addr(self) -> tuple[str, int]: ...
     def begin_shutdown(self, grace: float = 5.0) -> None: ...
     def stopped_fd(self) -> int: ...
@@ -77,9 +67,9 @@ class RuleSet:
     def __new__(
         cls,
         strategy: str = "none",
-        chunk: int = 1024,
-        min: int = 1,
-        max: int = 1024,
+        chunk: int | None = None,
+        min: int | None = None,
+        max: int | None = None,
         delay_ms: float = 0.0,
         direction: str = "up",
         mode: str | None = None,

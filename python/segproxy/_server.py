@@ -173,7 +173,9 @@ StrPath = str | os.PathLike[str]
 
 
 class ProxyOptions(TypedDict, total=False):
-    """The keyword options of `start_proxy_server` (defaults in `ENGINE_OPTIONS`)."""
+    """The keyword options of `start_proxy_server`: the engine's table of options
+    (`segproxy.options.OPTIONS`, defaults in `ENGINE_OPTIONS`), typed; a test keeps the two
+    the same."""
 
     connect_timeout: float
     idle_timeout: float
@@ -210,39 +212,6 @@ class ProxyOptions(TypedDict, total=False):
     stats_port: int | None
     """Serve `stats()` at ``GET /metrics`` in Prometheus text format on this port of the
     proxy's host (0 picks a free one; `ProxyServer.metrics_url` says where)."""
-
-
-#: Engine options `start_proxy_server` accepts as keywords, with their defaults.
-ENGINE_OPTIONS: dict[str, Any] = {
-    "connect_timeout": 10.0,
-    "idle_timeout": 60.0,
-    "header_timeout": 30.0,
-    "response_timeout": 60.0,
-    "max_connections": None,
-    "shutdown_timeout": 5.0,
-    "max_header_bytes": 65536,
-    "access_log": None,
-    "access_log_format": "text",
-    "access_records": 10000,
-    "hook_timeout": 30.0,
-    "pool_idle_timeout": 30.0,
-    "rules": None,
-    "dns_server": None,
-    "dns_port": 53,
-    "dns_transport": "udp",
-    "dns_cache_size": 1024,
-    "allow_domains": (),
-    "deny_domains": (),
-    "deny_private": False,
-    "upstream_ca": (),
-    "upstream_insecure": False,
-    "record_flows": False,
-    "flows_file": None,
-    "flows_capacity": 1000,
-    "proxy_auth": (),
-    "allow_open_proxy": False,
-    "stats_port": None,
-}
 
 
 class ProxyServer:
@@ -436,38 +405,15 @@ async def start_proxy_server(
     loop). `handler_builder` is called once per client connection; options are the engine's
     (timeouts in seconds, `max_connections`, `access_log` path, ...).
     """
-    unknown = sorted(set(options) - set(ENGINE_OPTIONS))
-    if unknown:
-        raise TypeError(
-            f"unknown option(s) {', '.join(unknown)}; known: {', '.join(sorted(ENGINE_OPTIONS))}"
-        )
-    kwargs = {**ENGINE_OPTIONS, **options}
-    for path_option in ("access_log", "flows_file"):
-        if kwargs[path_option] is not None:
-            kwargs[path_option] = os.fspath(kwargs[path_option])
-    stats_port = kwargs["stats_port"]
-    if stats_port is not None and (
-        isinstance(stats_port, bool)
-        or not isinstance(stats_port, int)
-        or not 0 <= stats_port <= 65535
-    ):
-        raise ValueError(f"stats_port must be a port number 0..65535 or None, not {stats_port!r}")
-    rules = kwargs.pop("rules")
-    shutdown_timeout = float(kwargs.pop("shutdown_timeout"))
-    if not shutdown_timeout >= 0:
-        raise ValueError(
-            f"shutdown_timeout must be a number of seconds >= 0, not {shutdown_timeout!r}"
-        )
+    # The engine reads (and checks) every option; a Rules object or rule text is ours.
+    engine_options: dict[str, Any] = dict(options)
+    rules = engine_options.pop("rules", None)
     if isinstance(rules, str):
         rules = Rules.parse(rules)
     if rules is not None and not isinstance(rules, Rules):
         raise TypeError(f"rules must be a segproxy.Rules or rule text, not {type(rules).__name__}")
     if tls_store is not None and not isinstance(tls_store, TLSStore):
         raise TypeError(f"tls_store must be a segproxy.TLSStore, not {type(tls_store).__name__}")
-    for list_option in ("allow_domains", "deny_domains"):
-        kwargs[list_option] = [str(d) for d in _one_or_many(kwargs[list_option])]
-    kwargs["upstream_ca"] = [os.fspath(p) for p in _one_or_many(kwargs["upstream_ca"])]
-    kwargs["proxy_auth"] = _credentials(kwargs["proxy_auth"])
     hooks = (
         None if handler_builder is None else HookRunner(handler_builder, asyncio.get_running_loop())
     )
@@ -478,7 +424,7 @@ async def start_proxy_server(
             rules=None if rules is None else rules.engine_rules,
             ca=None if tls_store is None else tls_store.engine_ca,
             handler=None if hooks is None else hooks.bridge,
-            **kwargs,
+            **engine_options,
         )
     except OSError as exc:
         if hooks is not None:
@@ -499,33 +445,7 @@ async def start_proxy_server(
         if hooks is not None:
             hooks.close()
         raise
-    return ProxyServer(engine, handler_builder, hooks, shutdown_timeout)
-
-
-def _credentials(value: Any) -> list[str]:
-    """`proxy_auth` as ``"user:pass"`` strings: given as (user, password) pairs, as such
-    strings, or as one string."""
-    out = []
-    for item in _one_or_many(value):
-        if isinstance(item, str):
-            out.append(item)
-        elif isinstance(item, tuple) and len(item) == 2 and all(isinstance(x, str) for x in item):
-            user, password = item
-            if ":" in user:
-                raise ValueError(f"proxy_auth: a user name may not contain ':' ({user!r})")
-            out.append(f"{user}:{password}")
-        else:
-            raise TypeError(
-                f"proxy_auth entries must be 'user:pass' strings or (user, password) tuples, not {type(item).__name__}"
-            )
-    return out
-
-
-def _one_or_many(value: Any) -> list[Any]:
-    """A list option given as one value (a str or path) or as several."""
-    if isinstance(value, (str, bytes, os.PathLike)):
-        return [value]
-    return list(value)
+    return ProxyServer(engine, handler_builder, hooks, engine.shutdown_timeout)
 
 
 def run(

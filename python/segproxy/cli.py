@@ -1,19 +1,23 @@
-"""The `segproxy` command line. Every flag maps to a `start_proxy_server` option."""
+"""The `segproxy` command line. Its option flags are made from the engine's table of options
+(`segproxy.options`); the others (listening, rules and the default policy, the CA, logging)
+are its own."""
 
 from __future__ import annotations
 
 import argparse
 import ipaddress
 import os
+import re
 import socket
 import sys
 import warnings
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 from . import _engine
 from ._server import ProxyServer, run
-from .rules import Rules
+from .options import LIST_KINDS, OPTIONS, OptionInfo
+from .rules import STRATEGIES, Rules
 from .tls import TLSStore, load_or_create_ca
 
 T = TypeVar("T", int, float)
@@ -75,13 +79,92 @@ class Parser(argparse.ArgumentParser):
         )
 
 
+#: argparse value types by kind of option (the engine's table says each option's kind).
+VALUE_TYPES: dict[str, Callable[[str], Any]] = {
+    "seconds": positive_float,
+    "seconds_or_zero": non_negative_float,
+    "count": non_negative_int,
+    "positive_count": positive_int,
+    "port": port_number,
+    "path": str,
+    "ip_address": str,
+    "strings": str,
+    "paths": str,
+    "credentials": str,
+}
+
+#: Argument groups, in --help's order, by the topic of the options in them.
+GROUPS = {
+    "listening": "listening",
+    "client authentication": "client authentication",
+    "timeouts and limits": "timeouts and limits",
+    "rules and segmentation": "rules and segmentation (SegmentedProxy compatible)",
+    "DNS and destinations": "DNS and destinations",
+    "HTTPS interception": "HTTPS interception",
+    "logging": "logging",
+    "statistics": "statistics",
+}
+
+
+def option_help(option: OptionInfo) -> str:
+    """An option's help on the command line: the table's, then how often and its default."""
+    text = option["help"]
+    if option["kind"] in LIST_KINDS:
+        text += "; repeatable"
+    default = option["default"]
+    if default is not None and default is not False and default != ():
+        shown = f"{default:g}" if isinstance(default, float) else str(default)
+        text += f" (default: {shown})"
+    return text
+
+
+def add_option_flag(group: argparse._ArgumentGroup, option: OptionInfo) -> None:
+    """The flag of an option, from its row of the engine's table. Its value is None when
+    the flag is not given: the engine's default applies (`engine_options`)."""
+    flag = option["cli"]
+    assert flag is not None
+    kind = option["kind"]
+    if kind == "bool":
+        group.add_argument(
+            flag, dest=option["name"], action="store_true", default=None, help=option_help(option)
+        )
+    elif kind == "choice":
+        group.add_argument(
+            flag, dest=option["name"], choices=option["choices"], help=option_help(option)
+        )
+    else:
+        group.add_argument(
+            flag,
+            dest=option["name"],
+            type=VALUE_TYPES[kind],
+            action="append" if kind in LIST_KINDS else "store",
+            metavar=option["metavar"],
+            help=option_help(option),
+        )
+
+
+def option_flags() -> list[OptionInfo]:
+    """The options whose flags are made from the table (not by hand)."""
+    return [o for o in OPTIONS if o["cli"] is not None and not o["cli_by_hand"]]
+
+
+def engine_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The options the command line gave (a flag not given leaves the engine's default)."""
+    return {
+        o["name"]: getattr(args, o["name"])
+        for o in option_flags()
+        if getattr(args, o["name"]) is not None
+    }
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="segproxy",
         description="A programmable HTTP/HTTPS forward proxy for traffic experiments.",
     )
     parser.add_argument("--version", action="version", version=f"segproxy {_engine.__version__}")
-    listen = parser.add_argument_group("listening")
+    groups = {topic: parser.add_argument_group(title) for topic, title in GROUPS.items()}
+    listen = groups["listening"]
     listen.add_argument(
         "--listen-host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1)"
     )
@@ -91,71 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=8080,
         help="port to listen on, 0 for any free port (default: 8080)",
     )
-    auth = parser.add_argument_group("client authentication")
-    auth.add_argument(
-        "--proxy-auth",
-        action="append",
-        default=[],
-        metavar="USER:PASS",
-        help="require these Basic credentials on Proxy-Authorization (407 otherwise); repeatable",
-    )
-    auth.add_argument(
-        "--proxy-auth-file",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="a file of USER:PASS lines (# comments, blank lines ignored) accepted as --proxy-auth; repeatable",
-    )
-    auth.add_argument(
-        "--allow-open-proxy",
-        action="store_true",
-        help="listen on an address other than loopback without --proxy-auth (anyone who reaches it can relay through it)",
-    )
-    limits = parser.add_argument_group("timeouts and limits")
-    limits.add_argument(
-        "--connect-timeout",
-        type=positive_float,
-        default=10.0,
-        metavar="SECONDS",
-        help="TCP connect timeout to destinations and upstreams (default: 10)",
-    )
-    limits.add_argument(
-        "--idle-timeout",
-        type=positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="close client connections and tunnels idle this long (default: 60)",
-    )
-    limits.add_argument(
-        "--header-timeout",
-        type=positive_float,
-        default=30.0,
-        metavar="SECONDS",
-        help="drop clients that take longer to send a request head (default: 30)",
-    )
-    limits.add_argument(
-        "--response-timeout",
-        type=positive_float,
-        default=60.0,
-        metavar="SECONDS",
-        help="answer 504 when the destination sends no response head in time (default: 60)",
-    )
-    limits.add_argument(
-        "--shutdown-timeout",
-        type=non_negative_float,
-        default=5.0,
-        metavar="SECONDS",
-        help="on SIGTERM / Ctrl-C, seconds that exchanges in flight get to finish before they are cut (default: 5)",
-    )
-    limits.add_argument(
-        "--max-connections",
-        type=positive_int,
-        default=None,
-        metavar="N",
-        help="most concurrent client connections; more get 503 (default: from the open-file limit, "
-        "raised to its hard limit: two descriptors a connection plus headroom)",
-    )
-    seg = parser.add_argument_group("rules and segmentation (SegmentedProxy compatible)")
+    # Flags that are not options, and options the command line shapes by hand (the table
+    # says which, and how).
+    seg = groups["rules and segmentation"]
     seg.add_argument(
         "--segment-rule",
         action="append",
@@ -178,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     seg.add_argument(
         "--segment-strategy",
-        choices=["none", "fixed", "random"],
+        choices=STRATEGIES,
         default=None,
         help="default strategy (default: fixed when a chunk size or delay is given, random with a min or max size, else none)",
     )
@@ -221,55 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="print the default policy and the numbered rules, then exit (non-zero on any error)",
     )
-    seg.add_argument(
-        "--record-flows",
-        metavar="FILE",
-        default=None,
-        help="write one JSON line per flow with its decision and per-chunk sizes and times",
-    )
-    net = parser.add_argument_group("DNS and destinations")
-    net.add_argument(
-        "--dns-server",
-        metavar="IP",
-        default=None,
-        help="resolve with this DNS server instead of the system resolver",
-    )
-    net.add_argument(
-        "--dns-port", type=port_number, default=None, help="port of --dns-server (default: 53)"
-    )
-    net.add_argument(
-        "--dns-transport",
-        choices=["udp", "tcp"],
-        default=None,
-        help="with --dns-server: udp (falls back to tcp) or tcp (default: udp)",
-    )
-    net.add_argument(
-        "--dns-cache-size",
-        type=non_negative_int,
-        default=1024,
-        metavar="N",
-        help="TTL-respecting cache entries, 0 turns it off (default: 1024)",
-    )
-    net.add_argument(
-        "--allow-domain",
-        action="append",
-        default=[],
-        metavar="DOMAIN",
-        help="only these destinations (.example.com includes subdomains); repeatable",
-    )
-    net.add_argument(
-        "--deny-domain",
-        action="append",
-        default=[],
-        metavar="DOMAIN",
-        help="refuse these destinations with 403; repeatable",
-    )
-    net.add_argument(
-        "--deny-private",
-        action="store_true",
-        help="refuse destinations resolving to private, loopback, link-local or reserved addresses",
-    )
-    tls = parser.add_argument_group("HTTPS interception")
+    tls = groups["HTTPS interception"]
     tls.add_argument(
         "--ca-dir",
         metavar="DIR",
@@ -287,19 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="with --ca-dir: print the CA certificate (PEM) and exit",
     )
-    tls.add_argument(
-        "--upstream-ca",
-        action="append",
-        default=[],
-        metavar="FILE",
-        help="also trust the CAs in FILE when verifying origins; repeatable",
-    )
-    tls.add_argument(
-        "--upstream-insecure",
-        action="store_true",
-        help="do not verify origin certificates of intercepted flows",
-    )
-    output = parser.add_argument_group("logging")
+    output = groups["logging"]
     output.add_argument(
         "--log-level",
         type=str.lower,
@@ -307,28 +268,26 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LOG_LEVELS,
         help="engine log level on stderr, any case (default: warning)",
     )
+    access_log = next(o for o in OPTIONS if o["name"] == "access_log")
     output.add_argument(
         "--access-log",
         metavar="FILE",
         nargs="?",
         const=STDERR,
         default=None,
-        help="one line per request or tunnel (SegmentedProxy's ACCESS rid=... line), appended to FILE; with no FILE to stderr (as SegmentedProxy's flag), - for stdout",
+        help=f"{access_log['help']}; {access_log['cli_note']}",
     )
-    output.add_argument(
-        "--access-log-format",
-        choices=["text", "json"],
-        default="text",
-        help="text: SegmentedProxy's ACCESS line, our fields after its fields (default); json: one JSON object a line with the fields of server.access_records()",
-    )
-    stats = parser.add_argument_group("statistics")
-    stats.add_argument(
-        "--stats-port",
-        type=port_number,
-        default=None,
-        metavar="PORT",
-        help="serve counters (connections, tunnels, requests, bytes, errors by outcome) at "
-        "http://LISTEN-HOST:PORT/metrics in Prometheus text format; 0 for any free port",
+    for option in option_flags():
+        topic = option["topic"]
+        if topic not in groups:
+            groups[topic] = parser.add_argument_group(topic)
+        add_option_flag(groups[topic], option)
+    groups["client authentication"].add_argument(
+        "--proxy-auth-file",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a file of USER:PASS lines (# comments, blank lines ignored) accepted as --proxy-auth; repeatable",
     )
     return parser
 
@@ -375,6 +334,15 @@ def default_policy_warning(args: argparse.Namespace) -> str | None:
     )
 
 
+#: The flags of the default policy's parts, by the word the engine's messages name them with.
+POLICY_PART_FLAGS = (
+    ("chunk", "--segment-chunk-size"),
+    ("min", "--segment-min-size"),
+    ("max", "--segment-max-size"),
+    ("delay", "--segment-delay-ms"),
+)
+
+
 def build_rules(args: argparse.Namespace) -> Rules:
     """The default policy from the flags, then --rules-file and --segment-rule rules."""
     strategy = args.segment_strategy
@@ -389,23 +357,25 @@ def build_rules(args: argparse.Namespace) -> Rules:
             strategy = "random"
         else:
             strategy = "none"
-    if strategy == "random" and (args.segment_min_size is None or args.segment_max_size is None):
-        # SegmentedProxy's reason, naming our flags.
-        raise ValueError(
-            "random strategy requires both min and max (--segment-min-size and --segment-max-size)"
-        )
     if args.segmentation == "direct":  # the default policy flags do nothing (see the warning)
         rules = Rules(direction=args.segment_direction, mode="direct")
     else:
-        rules = Rules(
-            strategy=strategy,
-            chunk=args.segment_chunk_size or 1024,
-            min=args.segment_min_size,
-            max=args.segment_max_size,
-            delay_ms=args.segment_delay_ms or 0.0,
-            direction=args.segment_direction,
-            mode=args.segmentation,
-        )
+        try:
+            rules = Rules(
+                strategy=strategy,
+                chunk=args.segment_chunk_size or 1024,
+                min=args.segment_min_size,
+                max=args.segment_max_size,
+                delay_ms=args.segment_delay_ms or 0.0,
+                direction=args.segment_direction,
+                mode=args.segmentation,
+            )
+        except ValueError as exc:  # the engine's reason, naming the flags it is about
+            flags = [f for word, f in POLICY_PART_FLAGS if re.search(rf"\b{word}\b", str(exc))]
+            if not flags:
+                raise
+            named = " and ".join([", ".join(flags[:-1]), flags[-1]] if len(flags) > 1 else flags)
+            raise ValueError(f"{exc} ({named})") from None
     # Every file and rule is read, so that one run names every bad line.
     errors: list[str] = []
     for path in args.rules_file:
@@ -491,7 +461,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 parser.error(
                     f"{flag} needs --dns-server (the system resolver has no port or transport to set)"
                 )
-    credentials = list(args.proxy_auth)
+    credentials = list(args.proxy_auth or [])
     for path in args.proxy_auth_file:
         try:
             credentials += read_credentials(path)
@@ -598,29 +568,13 @@ def _serve(
             port=args.listen_port,
             tls_store=tls_store,
             on_ready=ready,
-            connect_timeout=args.connect_timeout,
-            idle_timeout=args.idle_timeout,
-            header_timeout=args.header_timeout,
-            response_timeout=args.response_timeout,
-            max_connections=args.max_connections,
-            shutdown_timeout=args.shutdown_timeout,
-            access_log=access_log_path(args.access_log),
-            access_log_format=args.access_log_format,
-            access_records=0,  # nobody reads them in a CLI process: keep memory for traffic
-            rules=rules,
-            dns_server=args.dns_server,
-            dns_port=args.dns_port or 53,
-            dns_transport=args.dns_transport or "udp",
-            dns_cache_size=args.dns_cache_size,
-            allow_domains=args.allow_domain,
-            deny_domains=args.deny_domain,
-            deny_private=args.deny_private,
-            upstream_ca=args.upstream_ca,
-            upstream_insecure=args.upstream_insecure,
-            flows_file=args.record_flows,
-            proxy_auth=args.credentials,
-            allow_open_proxy=args.allow_open_proxy,
-            stats_port=args.stats_port,
+            **{
+                **engine_options(args),
+                "access_log": access_log_path(args.access_log),
+                "access_records": 0,  # nobody reads them in a CLI process: keep memory for traffic
+                "rules": rules,
+                "proxy_auth": args.credentials,
+            },
         )
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))

@@ -40,6 +40,7 @@ from typing import Any, Literal, Self
 
 from . import _engine
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
+from .rules import Strategy
 
 __all__ = [
     "MAX_CHUNK_SIZE",
@@ -175,7 +176,7 @@ class HTTPSProxyHandler:
 
     def set_segmentation(
         self,
-        strategy: Literal["none", "fixed", "random"] = "fixed",
+        strategy: Strategy = "fixed",
         chunk: int = 0,
         min: int = 0,
         max: int = 0,
@@ -183,15 +184,9 @@ class HTTPSProxyHandler:
     ) -> None:
         """Segmentation for the request in hand (overrides the rules): `fixed` cuts the bytes
         sent into `chunk`-byte writes, `random` into sizes in [min, max], with `delay_ms`
-        between them. Call it before `forward_http_request()`."""
-        if strategy not in ("none", "fixed", "random"):
-            raise ValueError(f"unknown strategy {strategy!r}: none, fixed or random")
-        if strategy == "fixed" and chunk <= 0:
-            raise ValueError("strategy 'fixed' needs chunk > 0")
-        if strategy == "random" and not 0 < min <= max:
-            raise ValueError(f"strategy 'random' needs 0 < min <= max (min={min}, max={max})")
-        if delay_ms < 0:
-            raise ValueError("delay_ms must be >= 0")
+        between them. Call it before `forward_http_request()`. A bad policy raises the
+        engine's ValueError (the same as from a rule)."""
+        _engine.segment_policy(strategy, chunk, min, max, delay_ms)
         self._flow().policy = (strategy, chunk, min, max, float(delay_ms))
 
     @property

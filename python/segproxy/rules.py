@@ -27,7 +27,11 @@ from . import _engine
 
 __all__ = ["Decision", "Rule", "Rules"]
 
+#: A segmentation strategy's name: the engine's (`STRATEGIES`), as a type; a test keeps the
+#: two equal.
 Strategy = Literal["none", "fixed", "random"]
+#: The names of the strategies the engine's one parser of policies knows.
+STRATEGIES: tuple[str, ...] = _engine.SEGMENT_STRATEGIES
 DirectionName = Literal["up", "down", "both"]
 
 
@@ -126,18 +130,8 @@ class Rules:
     ) -> None:
         """The default policy, used when no rule matches; `mode` is the mode word listings
         and access lines show for it (default: ``segment_upstream`` if it segments, else
-        ``direct``)."""
-        if strategy == "random" and (min is None or max is None):
-            raise ValueError("random strategy requires both min and max")
-        self._set = _engine.RuleSet(
-            strategy,
-            chunk,
-            1 if min is None else min,
-            1024 if max is None else max,
-            delay_ms,
-            direction,
-            mode,
-        )
+        ``direct``). The engine checks the policy as it checks a rule's (ValueError)."""
+        self._set = _engine.RuleSet(strategy, chunk, min, max, delay_ms, direction, mode)
 
     @classmethod
     def parse(cls, text: str, source: str = "<text>", **default_policy: object) -> Rules:

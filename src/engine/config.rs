@@ -1,4 +1,5 @@
-//! Engine settings with the defaults a user gets when they name nothing.
+//! Engine settings with the defaults a user gets when they name nothing (the options that set
+//! them, with the same defaults, are the table of [`super::options`]).
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -32,6 +33,9 @@ pub struct EngineConfig {
     /// Serve the server's counters at `GET /metrics` (Prometheus text format) on this port
     /// of the proxy's listen address (0 picks a free port); None serves none.
     pub stats_port: Option<u16>,
+    /// How long exchanges in flight get to finish when the server is closed without a grace
+    /// of its own (the binding's `close()`, SIGTERM in the command line); then they are cut.
+    pub shutdown_timeout: Duration,
 }
 
 impl Default for EngineConfig {
@@ -50,6 +54,7 @@ impl Default for EngineConfig {
             hook_timeout: Duration::from_secs(30),
             proxy_auth: Default::default(),
             stats_port: None,
+            shutdown_timeout: Duration::from_secs(5),
         }
     }
 }

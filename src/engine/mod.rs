@@ -19,6 +19,7 @@ pub mod http1;
 pub mod limits;
 pub mod memory;
 pub mod metrics_http;
+pub mod options;
 pub mod outcome;
 pub mod pool;
 pub mod respond;

@@ -63,14 +63,11 @@ use std::cmp::Reverse;
 use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
-use std::time::Duration;
 
 use base64::Engine as _;
 
+pub use super::segment::DEFAULT_CHUNK;
 use super::segment::{SegmentPolicy, Strategy};
-
-/// SegmentedProxy's default chunk size for fixed segmentation without `chunk=`.
-pub const DEFAULT_CHUNK: usize = 1024;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
@@ -1401,64 +1398,33 @@ fn build_policy(
         None if k.delay.is_some() => "fixed".to_string(),
         None => "none".to_string(),
     };
-    let strategy = match strategy_name.as_str() {
-        "none" => {
-            if k.strategy.is_some() && (k.chunk.is_some() || random_keys) {
-                notes.push("chunk/min/max ignored with strategy=none".into());
-            }
-            Strategy::None
+    // The one policy parser validates (and says why not); the notes are this syntax's own.
+    let policy = SegmentPolicy::parse(
+        &strategy_name,
+        k.chunk,
+        k.min,
+        k.max,
+        k.delay.unwrap_or(0) as f64,
+    )?;
+    let strategy = policy.strategy;
+    match strategy {
+        Strategy::None if k.strategy.is_some() && (k.chunk.is_some() || random_keys) => {
+            notes.push("chunk/min/max ignored with strategy=none".into());
         }
-        "fixed" => {
-            let chunk = k.chunk.unwrap_or(DEFAULT_CHUNK as i64);
-            if chunk <= 0 {
-                return Err("fixed strategy requires chunk > 0".into());
-            }
-            if random_keys {
-                notes.push("min/max ignored by strategy=fixed (it uses chunk)".into());
-            }
-            Strategy::Fixed {
-                chunk: chunk as usize,
-            }
+        Strategy::Fixed { .. } if random_keys => {
+            notes.push("min/max ignored by strategy=fixed (it uses chunk)".into());
         }
-        "random" => {
-            let (Some(min), Some(max)) = (k.min, k.max) else {
-                return Err("random strategy requires both min and max".into());
-            };
-            if min <= 0 || max <= 0 {
-                return Err("random strategy requires min/max > 0".into());
-            }
-            if min > max {
-                return Err(format!(
-                    "random strategy requires min <= max (min={min} max={max})"
-                ));
-            }
-            if k.chunk.is_some() {
-                notes.push("chunk ignored by strategy=random (it uses min and max)".into());
-            }
-            Strategy::Random {
-                min: min as usize,
-                max: max as usize,
-            }
+        Strategy::Random { .. } if k.chunk.is_some() => {
+            notes.push("chunk ignored by strategy=random (it uses min and max)".into());
         }
-        other => {
-            return Err(format!(
-                "unknown strategy '{other}' (expected none, fixed or random)"
-            ))
-        }
-    };
-    let delay = match k.delay {
-        Some(d) if d < 0 => return Err("delay must be >= 0".into()),
-        Some(d) => d as u64,
-        None => 0,
-    };
-    if strategy == Strategy::None && delay > 0 {
+        _ => {}
+    }
+    let policy = if strategy == Strategy::None && !policy.delay.is_zero() {
         // SegmentedProxy relays strategy=none unsegmented, delay or not.
         notes.push("delay ignored with strategy=none (nothing is segmented)".into());
-    }
-    let delay = if strategy == Strategy::None { 0 } else { delay };
-    let policy = SegmentPolicy {
-        strategy,
-        delay: Duration::from_millis(delay),
+        SegmentPolicy::none()
+    } else {
+        policy
     };
     if segmenting && k.strategy.is_none() && strategy != Strategy::None {
         // Our reading, said out loud so that no SegmentedProxy user meets it by surprise.
@@ -1515,6 +1481,7 @@ fn build_action(k: &mut Keys<'_>, notes: &mut Vec<String>) -> Result<Action, Str
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)

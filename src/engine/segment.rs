@@ -28,6 +28,23 @@ pub enum Strategy {
     Random { min: usize, max: usize },
 }
 
+impl Strategy {
+    /// Every strategy's name, as rules, `Rules(...)`, `set_segmentation` and the command line
+    /// spell it ([`SegmentPolicy::parse`] reads them).
+    pub const NAMES: [&'static str; 3] = ["none", "fixed", "random"];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Strategy::None => "none",
+            Strategy::Fixed { .. } => "fixed",
+            Strategy::Random { .. } => "random",
+        }
+    }
+}
+
+/// SegmentedProxy's chunk size for the fixed strategy when none is given.
+pub const DEFAULT_CHUNK: usize = 1024;
+
 /// A segmentation strategy plus the pause between chunks.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct SegmentPolicy {
@@ -71,18 +88,62 @@ impl SegmentPolicy {
         self.strategy == Strategy::None && self.delay.is_zero()
     }
 
-    /// Checks the sizes: fixed needs `chunk > 0`; random needs `0 < min <= max`.
-    pub fn validate(&self) -> Result<(), String> {
-        match self.strategy {
-            Strategy::None => Ok(()),
-            Strategy::Fixed { chunk: 0 } => Err("fixed strategy needs chunk > 0".into()),
-            Strategy::Fixed { .. } => Ok(()),
-            Strategy::Random { min: 0, .. } => Err("random strategy needs min > 0".into()),
-            Strategy::Random { min, max } if min > max => Err(format!(
-                "random strategy needs min <= max (min={min} max={max})"
-            )),
-            Strategy::Random { .. } => Ok(()),
+    /// The one parser of a segmentation policy, whoever gives it (a rule line, `Rules(...)`, a
+    /// hook's `set_segmentation`, the command line's default policy): a strategy by name, the
+    /// sizes it uses (`chunk` for fixed, default [`DEFAULT_CHUNK`]; `min` and `max` for random)
+    /// and the pause between chunks in milliseconds. Sizes a strategy does not use are ignored.
+    /// Errors are SegmentedProxy's messages.
+    pub fn parse(
+        strategy: &str,
+        chunk: Option<i64>,
+        min: Option<i64>,
+        max: Option<i64>,
+        delay_ms: f64,
+    ) -> Result<SegmentPolicy, String> {
+        let size = |n: i64| usize::try_from(n).map_err(|_| format!("size {n} is out of range"));
+        let strategy = match strategy {
+            "none" => Strategy::None,
+            "fixed" => {
+                let chunk = chunk.unwrap_or(DEFAULT_CHUNK as i64);
+                if chunk <= 0 {
+                    return Err("fixed strategy requires chunk > 0".into());
+                }
+                Strategy::Fixed {
+                    chunk: size(chunk)?,
+                }
+            }
+            "random" => {
+                let (Some(min), Some(max)) = (min, max) else {
+                    return Err("random strategy requires both min and max".into());
+                };
+                if min <= 0 || max <= 0 {
+                    return Err("random strategy requires min/max > 0".into());
+                }
+                if min > max {
+                    return Err(format!(
+                        "random strategy requires min <= max (min={min} max={max})"
+                    ));
+                }
+                Strategy::Random {
+                    min: size(min)?,
+                    max: size(max)?,
+                }
+            }
+            other => {
+                let (last, first) = Strategy::NAMES.split_last().expect("strategies");
+                return Err(format!(
+                    "unknown strategy '{other}' (expected {} or {last})",
+                    first.join(", ")
+                ));
+            }
+        };
+        if !(delay_ms.is_finite() && delay_ms >= 0.0) {
+            return Err("delay must be >= 0".into());
         }
+        // Whole milliseconds exactly (a rule's delay), a fraction to the nanosecond.
+        let delay = Duration::from_millis(delay_ms.trunc() as u64)
+            .saturating_add(Duration::from_nanos((delay_ms.fract() * 1e6).round() as u64));
+        Ok(SegmentPolicy { strategy, delay })
     }
 
     /// One-line summary, e.g. `none`, `fixed chunk=1024 delay=5ms`,
@@ -530,7 +591,7 @@ mod tests {
     }
 
     #[test]
-    fn policy_validate_and_describe() {
+    fn policy_parse_and_describe() {
         assert!(SegmentPolicy::none().is_passthrough());
         assert!(!SegmentPolicy {
             strategy: Strategy::None,
@@ -539,18 +600,108 @@ mod tests {
         .is_passthrough());
         assert!(!SegmentPolicy::fixed(10, Duration::ZERO).is_passthrough());
 
-        assert!(SegmentPolicy::none().validate().is_ok());
-        assert!(SegmentPolicy::fixed(1, Duration::ZERO).validate().is_ok());
-        assert!(SegmentPolicy::fixed(0, Duration::ZERO).validate().is_err());
-        assert!(SegmentPolicy::random(1, 1, Duration::ZERO)
-            .validate()
-            .is_ok());
-        assert!(SegmentPolicy::random(0, 5, Duration::ZERO)
-            .validate()
-            .is_err());
-        assert!(SegmentPolicy::random(6, 5, Duration::ZERO)
-            .validate()
-            .is_err());
+        let parse = |strategy, chunk, min, max, delay| {
+            SegmentPolicy::parse(strategy, chunk, min, max, delay)
+        };
+        assert_eq!(
+            parse("none", None, None, None, 0.0),
+            Ok(SegmentPolicy::none())
+        );
+        assert_eq!(
+            parse("fixed", None, Some(9), None, 5.0),
+            Ok(SegmentPolicy::fixed(
+                DEFAULT_CHUNK,
+                Duration::from_millis(5)
+            ))
+        );
+        assert_eq!(
+            parse("random", Some(0), Some(1), Some(1), 0.25),
+            Ok(SegmentPolicy::random(1, 1, Duration::from_micros(250)))
+        );
+        // A delay with strategy none is kept: every write is a chunk, spaced by it.
+        assert_eq!(
+            parse("none", None, None, None, 20.0).unwrap().describe(),
+            "none delay=20ms"
+        );
+        for (strategy, chunk, min, max, delay, error) in [
+            (
+                "fixed",
+                Some(0),
+                None,
+                None,
+                0.0,
+                "fixed strategy requires chunk > 0",
+            ),
+            (
+                "fixed",
+                Some(-3),
+                None,
+                None,
+                0.0,
+                "fixed strategy requires chunk > 0",
+            ),
+            (
+                "random",
+                None,
+                Some(5),
+                None,
+                0.0,
+                "random strategy requires both min and max",
+            ),
+            (
+                "random",
+                None,
+                Some(0),
+                Some(5),
+                0.0,
+                "random strategy requires min/max > 0",
+            ),
+            (
+                "random",
+                None,
+                Some(6),
+                Some(5),
+                0.0,
+                "random strategy requires min <= max (min=6 max=5)",
+            ),
+            (
+                "zigzag",
+                None,
+                None,
+                None,
+                0.0,
+                "unknown strategy 'zigzag' (expected none, fixed or random)",
+            ),
+            // Names are exact: a rule line lowercases its own before it asks.
+            (
+                "Fixed",
+                None,
+                None,
+                None,
+                0.0,
+                "unknown strategy 'Fixed' (expected none, fixed or random)",
+            ),
+            ("fixed", Some(1), None, None, -1.0, "delay must be >= 0"),
+            ("none", None, None, None, f64::NAN, "delay must be >= 0"),
+            (
+                "none",
+                None,
+                None,
+                None,
+                f64::INFINITY,
+                "delay must be >= 0",
+            ),
+        ] {
+            assert_eq!(
+                parse(strategy, chunk, min, max, delay),
+                Err(error.to_string()),
+                "{strategy} {chunk:?} {min:?} {max:?} {delay}"
+            );
+        }
+        for name in Strategy::NAMES {
+            let policy = parse(name, None, Some(1), Some(2), 0.0).unwrap();
+            assert_eq!(policy.strategy.name(), name);
+        }
 
         assert_eq!(SegmentPolicy::none().describe(), "none");
         assert_eq!(

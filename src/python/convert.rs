@@ -1,15 +1,14 @@
 //! Conversions between the engine's values and Python's, done on the loop thread: headers as
-//! Latin-1 str, request and response tuples, body bytes, segmentation policies.
-
-use std::time::Duration;
+//! Latin-1 str, request and response tuples, body bytes, segmentation policies, option values.
 
 use bytes::Bytes;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyBytes, PyList, PyString, PyTuple};
+use pyo3::types::{PyBool, PyBytes, PyDict, PyFloat, PyInt, PyList, PyString, PyTuple};
 
 use crate::engine::hooks::{RequestParts, ResponseParts};
 use crate::engine::http1::{Header, Headers};
+use crate::engine::options::Value;
 use crate::engine::segment::SegmentPolicy;
 
 /// Header bytes as str, losslessly (Latin-1), as HTTP/1.1 defines field values.
@@ -114,28 +113,84 @@ pub(crate) fn bytes_from_py(value: &Bound<'_, PyAny>) -> PyResult<Bytes> {
     Ok(Bytes::from(v))
 }
 
+/// A policy tuple `(strategy, chunk, min, max, delay_ms)`, read by the engine's one parser.
 pub(crate) fn policy_from_py(value: &Bound<'_, PyAny>) -> PyResult<SegmentPolicy> {
-    let (strategy, chunk, min, max, delay_ms): (String, usize, usize, usize, f64) =
-        value.extract()?;
-    if !delay_ms.is_finite() || delay_ms < 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "delay_ms must be >= 0, got {delay_ms}"
-        )));
+    let (strategy, chunk, min, max, delay_ms): (String, i64, i64, i64, f64) = value.extract()?;
+    SegmentPolicy::parse(&strategy, Some(chunk), Some(min), Some(max), delay_ms)
+        .map_err(PyValueError::new_err)
+}
+
+/// An option's value for the engine's parser: None, bool, int, float, str, a path
+/// (`os.PathLike`, as its str) or an iterable of these (a list, a tuple...).
+pub(crate) fn value_from_py(name: &str, value: &Bound<'_, PyAny>) -> PyResult<Value> {
+    if value.is_none() {
+        return Ok(Value::None);
     }
-    let delay = Duration::from_secs_f64(delay_ms / 1000.0);
-    let policy = match strategy.as_str() {
-        "none" => SegmentPolicy {
-            delay,
-            ..SegmentPolicy::none()
-        },
-        "fixed" => SegmentPolicy::fixed(chunk, delay),
-        "random" => SegmentPolicy::random(min, max, delay),
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown segmentation strategy {other:?} (none, fixed, random)"
-            )))
+    if let Ok(b) = value.cast::<PyBool>() {
+        return Ok(Value::Bool(b.is_true()));
+    }
+    if value.is_instance_of::<PyInt>() {
+        return Ok(Value::Int(value.extract()?));
+    }
+    if let Ok(x) = value.cast::<PyFloat>() {
+        return Ok(Value::Float(x.value()));
+    }
+    if let Ok(s) = value.cast::<PyString>() {
+        return Ok(Value::Str(s.to_str()?.to_owned()));
+    }
+    if value.hasattr("__fspath__")? {
+        let path = value.py().import("os")?.call_method1("fspath", (value,))?;
+        return match path.cast::<PyString>() {
+            Ok(s) => Ok(Value::Str(s.to_str()?.to_owned())),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "{name}: a path must be str, not {}",
+                type_name(&path)
+            ))),
+        };
+    }
+    if value.hasattr("__index__")? {
+        return Ok(Value::Int(value.call_method0("__index__")?.extract()?));
+    }
+    if value.hasattr("__float__")? {
+        return Ok(Value::Float(value.call_method0("__float__")?.extract()?));
+    }
+    if !value.is_instance_of::<PyBytes>() && !value.is_instance_of::<PyDict>() {
+        if let Ok(items) = value.try_iter() {
+            return items
+                .map(|item| value_from_py(name, &item?))
+                .collect::<PyResult<_>>()
+                .map(Value::List);
         }
-    };
-    policy.validate().map_err(PyValueError::new_err)?;
-    Ok(policy)
+    }
+    Err(PyTypeError::new_err(format!(
+        "{name}: an option value is None, a bool, a number, a str, a path or a list of them, not {}",
+        type_name(value)
+    )))
+}
+
+fn type_name(value: &Bound<'_, PyAny>) -> String {
+    value
+        .get_type()
+        .name()
+        .map(|n| n.to_string())
+        .unwrap_or_default()
+}
+
+/// An option's value (a default) as Python's: an empty or other list as a tuple.
+pub(crate) fn value_to_py<'py>(py: Python<'py>, value: &Value) -> PyResult<Bound<'py, PyAny>> {
+    Ok(match value {
+        Value::None => py.None().into_bound(py),
+        Value::Bool(b) => PyBool::new(py, *b).to_owned().into_any(),
+        Value::Int(n) => n.into_pyobject(py)?.into_any(),
+        Value::Float(x) => x.into_pyobject(py)?.into_any(),
+        Value::Str(s) => PyString::new(py, s).into_any(),
+        Value::List(items) => PyTuple::new(
+            py,
+            items
+                .iter()
+                .map(|item| value_to_py(py, item))
+                .collect::<PyResult<Vec<_>>>()?,
+        )?
+        .into_any(),
+    })
 }

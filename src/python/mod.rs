@@ -25,11 +25,11 @@ mod _engine {
     #[pymodule_export]
     use super::replies::{Completer, FlowHandle};
     #[pymodule_export]
-    use super::rules::PyRuleSet;
+    use super::rules::{segment_policy, PyRuleSet};
     #[pymodule_export]
     use super::runtime::limit_malloc_arenas;
     #[pymodule_export]
-    use super::server::{start_server, EngineServer};
+    use super::server::{option_table, start_server, EngineServer};
     #[pymodule_export]
     use super::tls::PyCertificateAuthority;
 
@@ -37,6 +37,11 @@ mod _engine {
     fn init(m: &pyo3::Bound<'_, pyo3::types::PyModule>) -> pyo3::PyResult<()> {
         use pyo3::types::PyModuleMethods;
         m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+        // The strategy names the engine's policy parser knows, as a tuple.
+        m.add(
+            "SEGMENT_STRATEGIES",
+            pyo3::types::PyTuple::new(m.py(), crate::engine::segment::Strategy::NAMES)?,
+        )?;
         Ok(())
     }
 }

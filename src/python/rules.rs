@@ -2,48 +2,41 @@
 
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
 
 use pyo3::exceptions::PyValueError;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::engine::rules::{Action, Direction, RuleError, RuleSet, Scheme};
-use crate::engine::segment::{SegmentPolicy, Strategy};
+use crate::engine::segment::SegmentPolicy;
 
 fn rule_error(e: RuleError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }
 
-/// A segmentation policy from its parts, validated as SegmentedProxy does.
-pub fn policy_from(
+/// A segmentation policy from its parts, read by the engine's one parser of policies: the
+/// policy's description (`fixed chunk=512 delay=5ms`), or ValueError with the engine's
+/// reason. `set_segmentation` checks its arguments with it.
+#[pyfunction]
+#[pyo3(signature = (strategy, chunk = None, min = None, max = None, delay_ms = 0.0))]
+pub fn segment_policy(
     strategy: &str,
-    chunk: usize,
-    min: usize,
-    max: usize,
+    chunk: Option<i64>,
+    min: Option<i64>,
+    max: Option<i64>,
+    delay_ms: f64,
+) -> PyResult<String> {
+    Ok(policy_from(strategy, chunk, min, max, delay_ms)?.describe())
+}
+
+fn policy_from(
+    strategy: &str,
+    chunk: Option<i64>,
+    min: Option<i64>,
+    max: Option<i64>,
     delay_ms: f64,
 ) -> PyResult<SegmentPolicy> {
-    if !(delay_ms.is_finite() && delay_ms >= 0.0) {
-        return Err(PyValueError::new_err(format!(
-            "delay must be >= 0 ms, got {delay_ms}"
-        )));
-    }
-    let strategy = match strategy {
-        "none" | "direct" => Strategy::None,
-        "fixed" => Strategy::Fixed { chunk },
-        "random" => Strategy::Random { min, max },
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "unknown strategy {other:?} (none, fixed or random)"
-            )))
-        }
-    };
-    let policy = SegmentPolicy {
-        strategy,
-        delay: Duration::from_secs_f64(delay_ms / 1000.0),
-    };
-    policy.validate().map_err(PyValueError::new_err)?;
-    Ok(policy)
+    SegmentPolicy::parse(strategy, chunk, min, max, delay_ms).map_err(PyValueError::new_err)
 }
 
 fn direction_from(text: &str) -> PyResult<Direction> {
@@ -66,12 +59,12 @@ pub struct PyRuleSet {
 impl PyRuleSet {
     /// An empty rule set with a default segmentation policy.
     #[new]
-    #[pyo3(signature = (strategy = "none", chunk = 1024, min = 1, max = 1024, delay_ms = 0.0, direction = "up", mode = None))]
+    #[pyo3(signature = (strategy = "none", chunk = None, min = None, max = None, delay_ms = 0.0, direction = "up", mode = None))]
     fn new(
         strategy: &str,
-        chunk: usize,
-        min: usize,
-        max: usize,
+        chunk: Option<i64>,
+        min: Option<i64>,
+        max: Option<i64>,
         delay_ms: f64,
         direction: &str,
         mode: Option<&str>,

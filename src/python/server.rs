@@ -1,25 +1,18 @@
 //! `EngineServer`: a running engine as Python sees it. Starting and stopping return awaitables
 //! that run on the engine's runtime, so the caller's asyncio loop never blocks.
 
-use std::net::{IpAddr, SocketAddr, ToSocketAddrs};
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use pyo3::exceptions::{PyOSError, PyValueError};
+use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
-use crate::engine::access::AccessLog;
-use crate::engine::auth::{open_relay_refusal, ProxyAuth};
-use crate::engine::connector::Connector;
-use crate::engine::dns::{DnsConfig, DnsResolver, DnsSettings, DnsTransport};
-use crate::engine::flows::FlowRecorder;
-use crate::engine::safety::DomainFilter;
-use crate::engine::tls::OriginTrust;
-use crate::engine::{EngineConfig, EngineParts, ProxyServer};
+use crate::engine::options::{self, Built, Cli, ErrorKind, Objects, OptionError};
+use crate::engine::ProxyServer;
 
 use super::bridge::HookBridge;
+use super::convert::{value_from_py, value_to_py};
 use super::rules::PyRuleSet;
 use super::runtime::runtime;
 use super::tls::PyCertificateAuthority;
@@ -57,183 +50,43 @@ impl StopSignal {
     }
 }
 
-fn seconds(name: &str, value: f64) -> PyResult<Duration> {
-    if !value.is_finite() || value <= 0.0 {
-        return Err(PyValueError::new_err(format!(
-            "{name} must be a positive number of seconds, got {value}"
-        )));
+/// An engine error about options as Python's exception: TypeError for an unknown option or a
+/// value of the wrong type, ValueError for a value out of range, OSError for a file.
+fn option_error(e: OptionError) -> PyErr {
+    match e.kind {
+        ErrorKind::Unknown | ErrorKind::Type => PyTypeError::new_err(e.message),
+        ErrorKind::Value => PyValueError::new_err(e.message),
+        ErrorKind::Io => PyOSError::new_err(e.message),
     }
-    Ok(Duration::from_secs_f64(value))
-}
-
-fn listen_addr(host: &str, port: u16) -> PyResult<SocketAddr> {
-    let bare = host.trim_start_matches('[').trim_end_matches(']');
-    if let Ok(ip) = bare.parse::<IpAddr>() {
-        return Ok(SocketAddr::new(ip, port));
-    }
-    (bare, port)
-        .to_socket_addrs()
-        .map_err(|e| PyOSError::new_err(format!("cannot resolve listen host {host:?}: {e}")))?
-        .next()
-        .ok_or_else(|| PyOSError::new_err(format!("listen host {host:?} has no address")))
 }
 
 /// Starts an engine listening on `host:port` (port 0 picks a free port). Returns an
-/// awaitable resolving to an `EngineServer`.
+/// awaitable resolving to an `EngineServer`. `options` are the engine's table of options
+/// (`option_table()`), read by the engine's one parser; this only converts the values.
 #[pyfunction]
-#[pyo3(signature = (
-    host = "127.0.0.1", port = 8080, *,
-    connect_timeout = 10.0, idle_timeout = 60.0, header_timeout = 30.0, response_timeout = 60.0,
-    max_connections = None, max_header_bytes = 65536, access_log = None, access_records = 10000,
-    hook_timeout = 30.0, rules = None, dns_server = None, dns_port = 53, dns_transport = "udp",
-    dns_cache_size = 1024, allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false,
-    ca = None, upstream_ca = Vec::new(), upstream_insecure = false, record_flows = false,
-    flows_file = None, flows_capacity = 1000, handler = None, pool_idle_timeout = 30.0,
-    access_log_format = "text", proxy_auth = Vec::new(), allow_open_proxy = false,
-    stats_port = None,
-))]
-#[allow(clippy::too_many_arguments)]
+#[pyo3(signature = (host = "127.0.0.1", port = 8080, *, handler = None, rules = None, ca = None, **options))]
 pub fn start_server<'py>(
     py: Python<'py>,
     host: &str,
     port: u16,
-    connect_timeout: f64,
-    idle_timeout: f64,
-    header_timeout: f64,
-    response_timeout: f64,
-    max_connections: Option<usize>,
-    max_header_bytes: usize,
-    access_log: Option<PathBuf>,
-    access_records: usize,
-    hook_timeout: f64,
-    rules: Option<PyRef<'py, PyRuleSet>>,
-    dns_server: Option<String>,
-    dns_port: u16,
-    dns_transport: &str,
-    dns_cache_size: usize,
-    allow_domains: Vec<String>,
-    deny_domains: Vec<String>,
-    deny_private: bool,
-    ca: Option<PyRef<'py, PyCertificateAuthority>>,
-    upstream_ca: Vec<PathBuf>,
-    upstream_insecure: bool,
-    record_flows: bool,
-    flows_file: Option<PathBuf>,
-    flows_capacity: usize,
     handler: Option<PyRef<'py, HookBridge>>,
-    pool_idle_timeout: f64,
-    access_log_format: &str,
-    proxy_auth: Vec<String>,
-    allow_open_proxy: bool,
-    stats_port: Option<u16>,
+    rules: Option<PyRef<'py, PyRuleSet>>,
+    ca: Option<PyRef<'py, PyCertificateAuthority>>,
+    options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let json_log = match access_log_format {
-        "text" => false,
-        "json" => true,
-        other => {
-            return Err(PyValueError::new_err(format!(
-                "access_log_format must be \"text\" or \"json\", not {other:?}"
-            )))
-        }
-    };
-    if max_connections == Some(0) {
-        return Err(PyValueError::new_err("max_connections must be at least 1"));
+    let mut values = Vec::new();
+    for (name, value) in options.into_iter().flat_map(|d| d.iter()) {
+        let name: String = name.extract()?;
+        let value = value_from_py(&name, &value)?;
+        values.push((name, value));
     }
-    // None: the engine derives it from the open-file limit (raised to the hard limit).
-    let max_connections = max_connections.unwrap_or(0);
-    let config = EngineConfig {
-        listen: listen_addr(host, port)?,
-        connect_timeout: seconds("connect_timeout", connect_timeout)?,
-        idle_timeout: seconds("idle_timeout", idle_timeout)?,
-        header_timeout: seconds("header_timeout", header_timeout)?,
-        response_timeout: seconds("response_timeout", response_timeout)?,
-        max_connections,
-        max_header_bytes: max_header_bytes.max(1024),
-        hook_timeout: seconds("hook_timeout", hook_timeout)?,
-        pool_idle_timeout: seconds("pool_idle_timeout", pool_idle_timeout)?,
-        proxy_auth: ProxyAuth::new(&proxy_auth).map_err(PyValueError::new_err)?,
-        stats_port,
-        ..EngineConfig::default()
-    };
-    let hook_authenticates = handler
-        .as_ref()
-        .is_some_and(|bridge| bridge.handler().hooks().authenticate);
-    open_relay_refusal(
-        config.listen,
-        config.proxy_auth.is_enabled() || hook_authenticates,
-        allow_open_proxy,
-    )
-    .map_err(PyValueError::new_err)?;
-    let dns_config = match dns_server {
-        None => DnsConfig::System,
-        Some(server) => DnsConfig::Custom {
-            server: server.parse().map_err(|_| {
-                PyValueError::new_err(format!("dns_server must be an IP address, got {server:?}"))
-            })?,
-            port: dns_port,
-            transport: match dns_transport {
-                "udp" => DnsTransport::Udp,
-                "tcp" => DnsTransport::Tcp,
-                other => {
-                    return Err(PyValueError::new_err(format!(
-                        "dns_transport must be udp or tcp, got {other:?}"
-                    )))
-                }
-            },
-        },
-    };
-    let resolver = DnsResolver::new(DnsSettings {
-        config: dns_config,
-        cache_size: dns_cache_size,
-        ..DnsSettings::default()
-    })
-    .map_err(|e| PyValueError::new_err(e.to_string()))?;
-    let connector = Connector {
-        connect_timeout: config.connect_timeout,
-        resolver,
-        addr_check: None,
-    };
-    // Flows written to a file only (no record_flows) are not also kept in memory.
-    let flows_capacity = if record_flows { flows_capacity } else { 0 };
-    let flows = if record_flows || flows_file.is_some() {
-        Some(Arc::new(
-            FlowRecorder::new(flows_capacity, flows_file.as_deref()).map_err(|e| {
-                PyOSError::new_err(format!(
-                    "cannot write flow records to {}: {e}",
-                    flows_file
-                        .as_deref()
-                        .unwrap_or_else(|| "".as_ref())
-                        .display()
-                ))
-            })?,
-        ))
-    } else {
-        None
-    };
-    let access = AccessLog::new(access_log.as_deref(), access_records)
-        .map_err(|e| {
-            PyOSError::new_err(format!(
-                "cannot open access log {}: {e}",
-                access_log
-                    .as_deref()
-                    .unwrap_or_else(|| "".as_ref())
-                    .display()
-            ))
-        })?
-        .json(json_log);
-    let parts = EngineParts {
-        access: Some(access),
-        connector: Some(connector),
+    let objects = Objects {
         rules: rules.map(|r| r.inner.lock().unwrap().clone()),
-        filter: Some(DomainFilter::new(allow_domains, deny_domains, deny_private)),
         ca: ca.map(|c| c.inner.clone()),
-        origin_trust: OriginTrust {
-            extra_ca_files: upstream_ca,
-            insecure: upstream_insecure,
-        },
         handler: handler.map(|bridge| bridge.handler()),
-        flows,
     };
+    let Built { config, parts } =
+        options::build(host, port, values, objects).map_err(option_error)?;
     runtime();
     pyo3_async_runtimes::tokio::future_into_py(py, async move {
         let listen = config.listen;
@@ -250,6 +103,39 @@ pub fn start_server<'py>(
             .map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
         Ok(EngineServer { inner, stopped })
     })
+}
+
+/// The engine's options, one dict each, in the table's order: `name`, `kind` (`"seconds"`,
+/// `"count"`, `"choice"`...), `choices`, `default`, `optional` (None is a value), `topic`,
+/// `help`, `metavar`, `cli` (the command-line flag, or None), `cli_by_hand` (the command line
+/// shapes that flag itself) and `cli_note` (how, or why there is no flag).
+#[pyfunction]
+pub fn option_table(py: Python<'_>) -> PyResult<Vec<Bound<'_, PyDict>>> {
+    options::OPTIONS
+        .iter()
+        .map(|o| {
+            let d = PyDict::new(py);
+            d.set_item("name", o.name)?;
+            d.set_item("kind", o.kind.name())?;
+            let choices = o.kind.choices();
+            d.set_item("choices", (!choices.is_empty()).then(|| choices.to_vec()))?;
+            d.set_item("default", value_to_py(py, &o.default.value())?)?;
+            d.set_item("optional", o.optional())?;
+            d.set_item("topic", o.topic)?;
+            d.set_item("help", o.help)?;
+            d.set_item("metavar", o.metavar)?;
+            d.set_item("cli", o.cli_flag())?;
+            d.set_item("cli_by_hand", matches!(o.cli, Cli::ByHand(..)))?;
+            d.set_item(
+                "cli_note",
+                match o.cli {
+                    Cli::ByHand(_, note) | Cli::Absent(note) => Some(note),
+                    Cli::Flag | Cli::Renamed(_) => None,
+                },
+            )?;
+            Ok(d)
+        })
+        .collect()
 }
 
 /// A record as a Python dict, from its serde form (so a new field needs no code here).
@@ -280,6 +166,12 @@ impl EngineServer {
     #[getter]
     fn max_connections(&self) -> usize {
         self.inner.engine().config.max_connections
+    }
+
+    /// Seconds that exchanges in flight get when the server closes without a grace of its own.
+    #[getter]
+    fn shutdown_timeout(&self) -> f64 {
+        self.inner.engine().config.shutdown_timeout.as_secs_f64()
     }
 
     /// The bound address as (host, port).
