@@ -62,11 +62,7 @@ fn log_decision(
         .rule
         .map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
     let score = d.score.map_or(-1, i64::from);
-    let strategy = match d.policy.strategy {
-        Strategy::None => "none",
-        Strategy::Fixed { .. } => "fixed",
-        Strategy::Random { .. } => "random",
-    };
+    let strategy = d.policy.strategy.name();
     if method.eq_ignore_ascii_case("CONNECT") {
         let chunk = match d.policy.strategy {
             Strategy::Fixed { chunk } => chunk,

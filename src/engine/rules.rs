@@ -470,12 +470,10 @@ impl Rule {
             out += &format!(" reason={}", shorten(reason));
         }
         let w = &self.written;
-        let strategy = match (&w.strategy, &self.policy.strategy) {
-            (Some(s), _) => s.clone(),
-            (None, Strategy::Fixed { .. }) => "fixed".into(),
-            (None, Strategy::Random { .. }) => "random".into(),
-            (None, Strategy::None) => "none".into(),
-        };
+        let strategy = w
+            .strategy
+            .clone()
+            .unwrap_or_else(|| self.policy.strategy.name().into());
         out += &format!(
             " mode={} strategy={strategy} chunk={} delay={}",
             self.mode,
