@@ -605,6 +605,11 @@ impl BodyReader {
         self.done
     }
 
+    /// The body's framing, as the head gave it.
+    pub fn kind(&self) -> BodyKind {
+        self.kind
+    }
+
     /// The next piece of content, or None at the end of the body.
     pub async fn next<S: AsyncRead + Unpin>(
         &mut self,
