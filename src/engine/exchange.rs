@@ -10,11 +10,10 @@ use bytes::Bytes;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::access::{now_epoch, AccessRecord, Kind, Outcome, PendingRecord};
 use super::connector::{ConnectError, Io, Rewind, Route};
 use super::decision::{decide, route_for};
+use super::flow::{Flow, FlowAction, FlowGuard, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
-use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::{ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
 use super::http1::{
     chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind,
@@ -46,10 +45,10 @@ pub async fn forward<C: Io>(
     mode: &Mode,
 ) -> Next {
     let started = Instant::now();
-    let mut record = PendingRecord::new(
-        &engine.access,
+    let mut record = FlowGuard::begin(
+        &engine.sinks,
         &engine.closing,
-        AccessRecord {
+        Flow {
             id: conn.info.next_id(),
             client: Some(conn.info.peer),
             method: head.method.clone(),
@@ -59,24 +58,12 @@ pub async fn forward<C: Io>(
             } else {
                 Kind::Intercept
             },
-            action: "direct".into(),
+            action: FlowAction::Direct,
             policy: "none".into(),
-            started: now_epoch(),
             ..Default::default()
         },
     );
-    let flow = engine.flows.as_ref().map(|f| {
-        f.begin(FlowRecord {
-            id: record.id.clone(),
-            kind: record.kind,
-            method: head.method.clone(),
-            ..Default::default()
-        })
-    });
-    if let Some(f) = &flow {
-        record.attach_flow(f.clone());
-    }
-    let outcome = exchange(engine, client, head, mode, conn, &mut record, flow.as_ref()).await;
+    let outcome = exchange(engine, client, head, mode, conn, &mut record).await;
     record.duration = started.elapsed();
     // The record is written before an error answer goes out, so whoever reads the answer
     // also finds its record.
@@ -107,8 +94,6 @@ pub async fn forward<C: Io>(
             }
         }
     };
-    // The flow record takes the access record's facts as it is written.
-    drop(flow);
     record.commit();
     if let Some((status, message, keep)) = answer {
         if send_error(&mut client.io, status, &message, keep)
@@ -184,10 +169,9 @@ async fn exchange<C: Io>(
     head: RequestHead,
     mode: &Mode,
     conn: &mut ConnState,
-    record: &mut AccessRecord,
-    flow: Option<&FlowHandle>,
+    record: &mut Flow,
 ) -> Result<Next, FlowError> {
-    let mut x = Exchange::begin(engine, client, head, mode, conn, record, flow)?;
+    let mut x = Exchange::begin(engine, client, head, mode, conn, record)?;
     let order = match x.request_hooks().await? {
         Handled::Forward(order) => order,
         Handled::Answered(next) => return Ok(next),
@@ -209,8 +193,8 @@ struct Exchange<'a, C> {
     client: &'a mut BufStream<C>,
     conn: &'a mut ConnState,
     mode: &'a Mode,
-    record: &'a mut AccessRecord,
-    flow: Option<&'a FlowHandle>,
+    /// The flow's record, filled in as the exchange goes.
+    record: &'a mut Flow,
     /// The request head as the client sent it.
     head: RequestHead,
     /// Where it goes (changed by a request hook, if one forwards elsewhere).
@@ -281,8 +265,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         head: RequestHead,
         mode: &'a Mode,
         conn: &'a mut ConnState,
-        record: &'a mut AccessRecord,
-        flow: Option<&'a FlowHandle>,
+        record: &'a mut Flow,
     ) -> Result<Self, FlowError> {
         let body_kind = request_body_kind(&head).map_err(|m| FlowError::answer(400, m, false))?;
         let body_empty = body_kind == BodyKind::Empty;
@@ -302,7 +285,6 @@ impl<'a, C: Io> Exchange<'a, C> {
             conn,
             mode,
             record,
-            flow,
             client_keep_alive: head.wants_keep_alive(),
             head,
             target,
@@ -482,10 +464,6 @@ impl<'a, C: Io> Exchange<'a, C> {
         } else {
             SegmentPolicy::none()
         };
-        if let Some(f) = self.flow {
-            f.update(|r| r.direction = decision.direction.as_str().to_string());
-        }
-
         let is_upgrade =
             out.headers.contains("upgrade") && out.headers.has_token("connection", "upgrade");
         out.version = 1;
@@ -557,7 +535,11 @@ impl<'a, C: Io> Exchange<'a, C> {
             pool_key,
             up_policy,
             down_policy,
-            up_observer: self.flow.filter(|_| plain).map(|f| f.observer("up")),
+            up_observer: if plain {
+                self.record.observer("up")
+            } else {
+                None
+            },
             via_upstream,
         })
     }
@@ -697,10 +679,11 @@ impl<'a, C: Io> Exchange<'a, C> {
     /// connection's tap reports to this exchange's flow while it is in use.
     fn watch_wire(&self, origin: &OriginConn) {
         if let Some(tap) = &origin.wire_up {
-            let observer = self
-                .flow
-                .filter(|_| !self.plain())
-                .map(|f| f.observer("up"));
+            let observer = if self.plain() {
+                None
+            } else {
+                self.record.observer("up")
+            };
             tap.point_to(observer);
         }
     }
@@ -935,7 +918,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             target: &self.target,
         };
         let mut origin = sent.origin;
-        let down_observer = self.flow.map(|f| f.observer("down"));
+        let down_observer = self.record.observer("down");
         let mut to_client = Segmented::new(&mut self.client.io, plan.down_policy, down_observer);
         let segmenting = !to_client.is_passthrough()
             || matches!(
@@ -1048,7 +1031,11 @@ impl<'a, C: Io> Exchange<'a, C> {
         mut response: ResponseHead,
     ) -> Result<Next, FlowError> {
         let plain = self.plain();
-        let down_observer = self.flow.filter(|_| plain).map(|f| f.observer("down"));
+        let down_observer = if plain {
+            self.record.observer("down")
+        } else {
+            None
+        };
         let client = self.client;
         let origin = sent.origin;
         response.version = 1;
@@ -1096,7 +1083,7 @@ async fn connect_origin(
     route: &Route,
     target: &Target,
     mode: &Mode,
-    record: &mut AccessRecord,
+    record: &mut Flow,
 ) -> Result<OriginConn, ConnectError> {
     if target.scheme != "https" {
         let stream: Box<dyn Io> = match route {
@@ -1124,7 +1111,7 @@ async fn connect_origin(
     };
     // A pooled connection serves later requests too: its chunks are reported to whichever
     // request's flow is using it (`Exchange::watch_wire` points the tap).
-    let tap = engine.flows.as_ref().map(|_| WireTap::default());
+    let tap = engine.sinks.records_chunks().then(WireTap::default);
     let io = Segmented::new(tcp.io, up_policy, tap.as_ref().map(WireTap::observer));
     let tls = tokio::time::timeout(
         engine.config.connect_timeout,

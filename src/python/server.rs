@@ -14,6 +14,7 @@ use crate::engine::access::AccessLog;
 use crate::engine::auth::{open_relay_refusal, ProxyAuth};
 use crate::engine::connector::Connector;
 use crate::engine::dns::{DnsConfig, DnsResolver, DnsSettings, DnsTransport};
+use crate::engine::flow::FlowView;
 use crate::engine::flows::FlowRecorder;
 use crate::engine::safety::DomainFilter;
 use crate::engine::tls::OriginTrust;
@@ -262,18 +263,21 @@ impl EngineServer {
     /// Finished flow records (oldest first): decision and per-chunk (direction, size, time).
     #[pyo3(signature = (clear = false))]
     fn flows<'py>(&self, py: Python<'py>, clear: bool) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let Some(recorder) = &self.inner.engine().flows else {
+        let Some(recorder) = &self.inner.engine().sinks.flows else {
             return Ok(Vec::new());
         };
         let flows = recorder.flows();
         if clear {
             recorder.clear();
         }
-        flows.iter().map(|f| to_dict(py, &f.view())).collect()
+        flows
+            .iter()
+            .map(|(flow, chunks)| to_dict(py, &FlowView::new(flow, chunks)))
+            .collect()
     }
 
     fn recording_flows(&self) -> bool {
-        self.inner.engine().flows.is_some()
+        self.inner.engine().sinks.flows.is_some()
     }
 
     /// The connection limit in force (derived from the open-file limit unless one was given).
@@ -350,11 +354,14 @@ impl EngineServer {
         py: Python<'py>,
         clear: bool,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let access = &self.inner.engine().access;
+        let access = &self.inner.engine().sinks.access;
         let records = access.recent();
         if clear {
             access.clear();
         }
-        records.iter().map(|r| to_dict(py, &r.view())).collect()
+        records
+            .iter()
+            .map(|r| to_dict(py, &r.access_view()))
+            .collect()
     }
 }
