@@ -8,8 +8,7 @@ use std::io::{LineWriter, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::flow::{now_epoch, Chunks, Flow};
-use super::sink::FlowSink;
+use super::flow::{now_epoch, Chunks, Flow, FlowSink};
 
 /// Python logging's default `asctime` in local time (`2026-12-02 16:21:42,123`), which
 /// starts SegmentedProxy's log lines.

@@ -11,7 +11,7 @@ use tokio::net::TcpStream;
 
 use super::connector::Rewind;
 use super::decision::{decide, route_for};
-use super::flow::{Flow, FlowAction, FlowGuard, Kind, Outcome};
+use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
 use super::hooks::ConnectDecision;
 use super::http1::{BufStream, RequestHead};
@@ -19,6 +19,7 @@ use super::respond::send_error;
 use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
+use super::sink::FlowGuard;
 use super::state::Engine;
 use super::stats::Open;
 use super::target::split_authority;

@@ -12,11 +12,12 @@ use super::auth::{self, Verdict};
 use super::connect;
 use super::connector::Io;
 use super::exchange::{forward, Next};
-use super::flow::{Flow, FlowGuard, Kind, Outcome};
+use super::flow::{Flow, Kind, Outcome};
 use super::flow_error::await_hook;
 use super::http1::{request_body_kind, BodyKind, BufStream, HttpError, RequestHead};
 use super::respond::{send_error, send_error_with};
 use super::session::{ConnInfo, ConnState, Mode};
+use super::sink::FlowGuard;
 use super::state::Engine;
 
 /// Serves one accepted client connection until it closes.

@@ -12,7 +12,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 use super::connector::{ConnectError, Io, Rewind, Route};
 use super::decision::{decide, route_for};
-use super::flow::{Flow, FlowAction, FlowGuard, Kind, Outcome};
+use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
 use super::hooks::{ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
 use super::http1::{
@@ -24,6 +24,7 @@ use super::respond::{reason_phrase, send_error};
 use super::rules::{Action, Scheme};
 use super::segment::{read_flushing, Carry, ChunkObserver, SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
+use super::sink::FlowGuard;
 use super::state::Engine;
 use super::target::{request_target, Target};
 use super::tls;

@@ -5,17 +5,14 @@
 
 use std::fmt;
 use std::net::SocketAddr;
-use std::ops::{Deref, DerefMut};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::ser::SerializeTuple;
 use serde::{Serialize, Serializer};
-use tokio::sync::watch;
 
 pub use super::outcome::{Kind, Outcome, Text};
 use super::segment::{ChunkObserver, ShortChunk};
-use super::sink::Sinks;
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
 pub const MAX_CHUNKS_PER_FLOW: usize = 100_000;
@@ -365,6 +362,13 @@ impl fmt::Debug for ChunkLog {
 }
 
 impl ChunkLog {
+    pub fn new(epoch: Instant) -> Self {
+        ChunkLog {
+            epoch,
+            chunks: Arc::default(),
+        }
+    }
+
     fn observer(&self, direction: &'static str) -> ChunkObserver {
         let log = self.clone();
         Arc::new(move |size, short, at: Instant| {
@@ -383,83 +387,24 @@ impl ChunkLog {
         })
     }
 
-    fn take(&self) -> Chunks {
+    /// The chunks recorded so far, leaving none.
+    pub fn take(&self) -> Chunks {
         std::mem::take(&mut *self.chunks.lock().unwrap_or_else(|e| e.into_inner()))
     }
 }
 
-/// A flow being filled as it goes; handed to the sinks once, when committed or dropped.
-///
-/// A flow dropped before its outcome was set was cut off (its future dropped), which
-/// happens at the shutdown deadline ([`Outcome::CutAtShutdown`]) or when the client's
-/// connection task ended under it ([`Outcome::ClientAborted`]).
-pub struct FlowGuard<'a> {
-    sinks: &'a Sinks,
-    closing: &'a watch::Receiver<bool>,
-    flow: Flow,
-    written: bool,
-}
-
-impl<'a> FlowGuard<'a> {
-    /// Starts a flow now (its `started` and `start` are set here).
-    pub fn begin(sinks: &'a Sinks, closing: &'a watch::Receiver<bool>, mut flow: Flow) -> Self {
-        flow.started = now_epoch();
-        flow.start = sinks.now();
-        if sinks.records_chunks() {
-            flow.chunk_log = Some(ChunkLog {
-                epoch: sinks.epoch(),
-                chunks: Arc::default(),
-            });
-        }
-        FlowGuard {
-            sinks,
-            closing,
-            flow,
-            written: false,
-        }
+/// A consumer of finished flows: the access log, the flow records, the counters, Python's
+/// stores; a new export (HAR, a database) is one more implementation, added to
+/// [`super::sink::Sinks::new`].
+pub trait FlowSink: Send + Sync {
+    /// Whether this sink wants every chunk of every flow (recording them costs memory and a
+    /// lock per chunk, so flows record chunks only when some sink wants them).
+    fn wants_chunks(&self) -> bool {
+        false
     }
 
-    /// Hands the flow to the sinks now.
-    pub fn commit(mut self) {
-        self.write();
-    }
-
-    fn write(&mut self) {
-        if std::mem::replace(&mut self.written, true) {
-            return;
-        }
-        let mut flow = std::mem::take(&mut self.flow);
-        if flow.outcome == Outcome::Unfinished {
-            flow.outcome = if *self.closing.borrow() {
-                Outcome::CutAtShutdown
-            } else {
-                Outcome::ClientAborted
-            };
-        }
-        // Chunks observed after this (by a writer that outlives its flow) are not recorded.
-        let chunks = flow.chunk_log.take().map(|log| log.take());
-        flow.end = Some(self.sinks.now());
-        self.sinks.finish(flow, chunks);
-    }
-}
-
-impl Deref for FlowGuard<'_> {
-    type Target = Flow;
-    fn deref(&self) -> &Flow {
-        &self.flow
-    }
-}
-
-impl DerefMut for FlowGuard<'_> {
-    fn deref_mut(&mut self) -> &mut Flow {
-        &mut self.flow
-    }
-}
-
-impl Drop for FlowGuard<'_> {
-    fn drop(&mut self) {
-        self.write();
-    }
+    /// A flow finished; `chunks` are its chunks when some sink wants them.
+    fn finished(&self, flow: &Arc<Flow>, chunks: Option<&Arc<Chunks>>);
 }
 
 #[cfg(test)]

@@ -7,8 +7,7 @@ use std::io::{LineWriter, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use super::flow::{Chunks, Flow, FlowView};
-use super::sink::FlowSink;
+use super::flow::{Chunks, Flow, FlowSink, FlowView};
 
 pub use super::flow::MAX_CHUNKS_PER_FLOW;
 

@@ -12,7 +12,8 @@ use tokio::sync::{watch, Notify};
 
 use super::config::EngineConfig;
 use super::connection;
-use super::flow::{Flow, FlowGuard, Kind, Outcome};
+use super::flow::{Flow, Kind, Outcome};
+use super::sink::FlowGuard;
 use super::state::{Engine, EngineParts};
 
 pub struct ProxyServer {

@@ -1,26 +1,16 @@
-//! Where finished flows go. Every consumer of flow records (the access log, the flows file,
-//! the in-memory stores Python reads, the counters) is a `FlowSink`; a new export (HAR, a
-//! database) is one more implementation, added to `Sinks::new`.
+//! Where finished flows go: a server's `Sinks` (every consumer of flow records is a
+//! [`FlowSink`]), and `FlowGuard`, a flow being filled in as it goes and handed to them once.
 
+use std::ops::{Deref, DerefMut};
 use std::sync::Arc;
 use std::time::Instant;
 
+use tokio::sync::watch;
+
 use super::access::{AccessLog, AccessRing};
-use super::flow::{Chunks, Flow};
+use super::flow::{now_epoch, ChunkLog, Chunks, Flow, FlowSink, Outcome};
 use super::flows::{FlowRecorder, FlowStore};
 use super::stats::Stats;
-
-/// A consumer of finished flows.
-pub trait FlowSink: Send + Sync {
-    /// Whether this sink wants every chunk of every flow (recording them costs memory and a
-    /// lock per chunk, so flows record chunks only when some sink wants them).
-    fn wants_chunks(&self) -> bool {
-        false
-    }
-
-    /// A flow finished; `chunks` are its chunks when some sink wants them.
-    fn finished(&self, flow: &Arc<Flow>, chunks: Option<&Arc<Chunks>>);
-}
 
 /// The sinks of one server, and the stores among them that the binding reads.
 pub struct Sinks {
@@ -84,5 +74,76 @@ impl Sinks {
         for sink in &self.all {
             sink.finished(&flow, chunks.as_ref());
         }
+    }
+}
+
+/// A flow being filled as it goes; handed to the sinks once, when committed or dropped.
+///
+/// A flow dropped before its outcome was set was cut off (its future dropped), which
+/// happens at the shutdown deadline ([`Outcome::CutAtShutdown`]) or when the client's
+/// connection task ended under it ([`Outcome::ClientAborted`]).
+pub struct FlowGuard<'a> {
+    sinks: &'a Sinks,
+    closing: &'a watch::Receiver<bool>,
+    flow: Flow,
+    written: bool,
+}
+
+impl<'a> FlowGuard<'a> {
+    /// Starts a flow now (its `started` and `start` are set here).
+    pub fn begin(sinks: &'a Sinks, closing: &'a watch::Receiver<bool>, mut flow: Flow) -> Self {
+        flow.started = now_epoch();
+        flow.start = sinks.now();
+        if sinks.records_chunks() {
+            flow.chunk_log = Some(ChunkLog::new(sinks.epoch()));
+        }
+        FlowGuard {
+            sinks,
+            closing,
+            flow,
+            written: false,
+        }
+    }
+
+    /// Hands the flow to the sinks now.
+    pub fn commit(mut self) {
+        self.write();
+    }
+
+    fn write(&mut self) {
+        if std::mem::replace(&mut self.written, true) {
+            return;
+        }
+        let mut flow = std::mem::take(&mut self.flow);
+        if flow.outcome == Outcome::Unfinished {
+            flow.outcome = if *self.closing.borrow() {
+                Outcome::CutAtShutdown
+            } else {
+                Outcome::ClientAborted
+            };
+        }
+        // Chunks observed after this (by a writer that outlives its flow) are not recorded.
+        let chunks = flow.chunk_log.take().map(|log| log.take());
+        flow.end = Some(self.sinks.now());
+        self.sinks.finish(flow, chunks);
+    }
+}
+
+impl Deref for FlowGuard<'_> {
+    type Target = Flow;
+    fn deref(&self) -> &Flow {
+        &self.flow
+    }
+}
+
+impl DerefMut for FlowGuard<'_> {
+    fn deref_mut(&mut self) -> &mut Flow {
+        &mut self.flow
+    }
+}
+
+impl Drop for FlowGuard<'_> {
+    fn drop(&mut self) {
+        self.write();
     }
 }

@@ -267,7 +267,7 @@ impl Collector for StatsSnapshot {
     }
 }
 
-impl super::sink::FlowSink for Stats {
+impl super::flow::FlowSink for Stats {
     fn finished(
         &self,
         flow: &std::sync::Arc<super::flow::Flow>,
