@@ -17,7 +17,7 @@ use super::flow_error::{await_hook, FlowError};
 use super::hooks::{ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
 use super::http1::{
     chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind,
-    BodyReader, BodyWriter, BufStream, HttpError, RawResponse, RequestHead, ResponseHead,
+    BodyReader, BodyWriter, BufStream, Header, HttpError, RawResponse, RequestHead, ResponseHead,
 };
 use super::pool::{OriginConn, WireTap};
 use super::respond::{reason_phrase, send_error};
@@ -173,7 +173,14 @@ async fn exchange<C: Io>(
     record: &mut Flow,
 ) -> Result<Next, FlowError> {
     let mut x = Exchange::begin(engine, client, head, mode, conn, record)?;
-    let order = match x.request_hooks().await? {
+    // Stages that only some exchanges reach are boxed, so the common path's future (allocated
+    // per request) does not carry their state: hooks, new origin connections, upgrades.
+    let order = if engine.hooks.request || engine.hooks.any_response() {
+        Box::pin(x.request_hooks()).await?
+    } else {
+        Handled::Forward(None)
+    };
+    let order = match order {
         Handled::Forward(order) => order,
         Handled::Answered(next) => return Ok(next),
     };
@@ -181,7 +188,7 @@ async fn exchange<C: Io>(
     let mut sent = x.send(&plan).await?;
     let response = x.response_head(&plan, &mut sent).await?;
     if response.status == 101 && plan.is_upgrade {
-        return x.upgrade(plan, sent, response).await;
+        return Box::pin(x.upgrade(plan, sent, response)).await;
     }
     let send_failed = sent.failure.is_some();
     let reply = x.response_hooks(&plan, send_failed, response).await?;
@@ -196,8 +203,10 @@ struct Exchange<'a, C> {
     mode: &'a Mode,
     /// The flow's record, filled in as the exchange goes.
     record: &'a mut Flow,
-    /// The request head as the client sent it.
+    /// The request head as the client sent it (until `route` makes it the outgoing one).
     head: RequestHead,
+    /// The client's HTTP/1.x minor version.
+    client_version: u8,
     /// Where it goes (changed by a request hook, if one forwards elsewhere).
     target: Target,
     /// The client's request body, read as it is forwarded (or by a hook).
@@ -287,6 +296,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             mode,
             record,
             client_keep_alive: head.wants_keep_alive(),
+            client_version: head.version,
             head,
             target,
             request_body: BodyReader::new(body_kind),
@@ -393,7 +403,10 @@ impl<'a, C: Io> Exchange<'a, C> {
     fn route(&mut self, order: Option<Box<ForwardOrder>>) -> Result<Plan, FlowError> {
         let engine = self.engine;
         let body_empty = self.body_empty;
-        let mut out = self.head.clone();
+        // The head as the client sent it is needed no more: it becomes the one sent on.
+        let client_te = (self.request_body.kind() == BodyKind::Chunked)
+            .then(|| chunked_transfer_encoding(&self.head.headers));
+        let mut out = std::mem::take(&mut self.head);
         let mut replacement_body = None;
         let mut policy_override = None;
         if let Some(order) = order {
@@ -491,10 +504,8 @@ impl<'a, C: Io> Exchange<'a, C> {
                 BodyKind::Length(b.len() as u64)
             }
             (None, BodyKind::Chunked) => {
-                out.headers.push(
-                    "Transfer-Encoding",
-                    chunked_transfer_encoding(&self.head.headers),
-                );
+                out.headers
+                    .push("Transfer-Encoding", client_te.unwrap_or_default());
                 BodyKind::Chunked
             }
             (None, k) => k,
@@ -580,12 +591,15 @@ impl<'a, C: Io> Exchange<'a, C> {
         let mut origin = match origin_conn {
             Some(c) => c,
             None => {
-                let mut new =
-                    connect_origin(engine, &plan.route, &self.target, self.mode, self.record)
-                        .await
-                        .map_err(|e| {
-                            FlowError::answer(e.status(), e.to_string(), self.body_empty)
-                        })?;
+                let mut new = Box::pin(connect_origin(
+                    engine,
+                    &plan.route,
+                    &self.target,
+                    self.mode,
+                    self.record,
+                ))
+                .await
+                .map_err(|e| FlowError::answer(e.status(), e.to_string(), self.body_empty))?;
                 let mut w = Segmented::new(
                     &mut new.io,
                     plan.up_policy.clone(),
@@ -724,12 +738,15 @@ impl<'a, C: Io> Exchange<'a, C> {
             let r = match r {
                 Err(HttpError::Closed) | Err(HttpError::Io(_)) if sent.retry_fresh => {
                     sent.retry_fresh = false;
-                    let mut new =
-                        connect_origin(engine, &plan.route, &self.target, self.mode, self.record)
-                            .await
-                            .map_err(|e| {
-                                FlowError::answer(e.status(), e.to_string(), client_reusable)
-                            })?;
+                    let mut new = Box::pin(connect_origin(
+                        engine,
+                        &plan.route,
+                        &self.target,
+                        self.mode,
+                        self.record,
+                    ))
+                    .await
+                    .map_err(|e| FlowError::answer(e.status(), e.to_string(), client_reusable))?;
                     let mut w = Segmented::new(
                         &mut new.io,
                         plan.up_policy.clone(),
@@ -840,32 +857,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         };
         strip_hop_by_hop(&mut back.headers, false);
         if hooks.response {
-            let handler = self.conn.handler(engine).expect("handler");
-            let mut hook_headers = back.headers.clone();
-            hook_headers.0.extend(origin_te);
-            let parts = ResponseParts {
-                version: format!("HTTP/1.{}", back.version),
-                status: back.status,
-                reason: back.reason.clone(),
-                headers: hook_headers,
-            };
-            let changed = hook_reply(
-                engine,
-                handler.response(parts),
-                "on_response_received",
-                false,
-            )
-            .await?;
-            back.status = changed.status;
-            // A hook that leaves the reason empty gets the standard phrase on the status line.
-            back.reason = if changed.reason.is_empty() {
-                reason_phrase(changed.status).to_string()
-            } else {
-                changed.reason
-            };
-            back.headers = changed.headers;
-            strip_hop_by_hop(&mut back.headers, false);
-            self.record.status = back.status;
+            Box::pin(self.response_hook(&mut back, origin_te)).await?;
         }
         let mut keep_client = self.client_keep_alive && client_reusable && !engine.is_draining();
         let rewrites_body = hooks.response_chunk && origin_kind != BodyKind::Empty;
@@ -875,7 +867,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 BodyKind::Length(n)
             }
             BodyKind::Empty => BodyKind::Empty,
-            _ if self.head.version == 1 => {
+            _ if self.client_version == 1 => {
                 back.headers.remove("content-length");
                 back.headers.push(
                     "Transfer-Encoding",
@@ -889,7 +881,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 BodyKind::CloseDelimited
             }
         };
-        if self.head.version == 0 && keep_client {
+        if self.client_version == 0 && keep_client {
             back.headers.push("Connection", "keep-alive");
         } else if !keep_client {
             back.headers.push("Connection", "close");
@@ -902,6 +894,42 @@ impl<'a, C: Io> Exchange<'a, C> {
             keep_client,
             origin_keep_alive,
         })
+    }
+
+    /// The user's response hook: it may change the status, reason and headers.
+    async fn response_hook(
+        &mut self,
+        back: &mut ResponseHead,
+        origin_te: Vec<Header>,
+    ) -> Result<(), FlowError> {
+        let engine = self.engine;
+        let handler = self.conn.handler(engine).expect("handler");
+        let mut hook_headers = back.headers.clone();
+        hook_headers.0.extend(origin_te);
+        let parts = ResponseParts {
+            version: format!("HTTP/1.{}", back.version),
+            status: back.status,
+            reason: back.reason.clone(),
+            headers: hook_headers,
+        };
+        let changed = hook_reply(
+            engine,
+            handler.response(parts),
+            "on_response_received",
+            false,
+        )
+        .await?;
+        back.status = changed.status;
+        // A hook that leaves the reason empty gets the standard phrase on the status line.
+        back.reason = if changed.reason.is_empty() {
+            reason_phrase(changed.status).to_string()
+        } else {
+            changed.reason
+        };
+        back.headers = changed.headers;
+        strip_hop_by_hop(&mut back.headers, false);
+        self.record.status = back.status;
+        Ok(())
     }
 
     /// Phase 6: the response head and body to the client (segmented where the policy says,
@@ -961,12 +989,12 @@ impl<'a, C: Io> Exchange<'a, C> {
             let Some(piece) = piece else { break };
             let piece = if reply.rewrites_body {
                 let handler = self.conn.handler(engine).expect("handler");
-                match hook_reply(
+                match Box::pin(hook_reply(
                     engine,
                     handler.response_chunk(piece),
                     "on_response_chunk",
                     true,
-                )
+                ))
                 .await?
                 {
                     Some(p) => p,
@@ -1008,12 +1036,12 @@ impl<'a, C: Io> Exchange<'a, C> {
         }
         if engine.hooks.any_response() {
             let handler = self.conn.handler(engine).expect("handler");
-            hook_reply(
+            Box::pin(hook_reply(
                 engine,
                 handler.response_complete(),
                 "on_response_complete",
                 true,
-            )
+            ))
             .await?;
         }
         Ok(if reply.keep_client {
