@@ -8,7 +8,9 @@
    in-process by a child Python (one asyncio loop) with
      - no handler,
      - a handler overriding nothing (must run at engine speed: ratio >= 0.95),
-     - a handler overriding on_request_received that reads a header and forwards.
+     - a handler overriding on_request_received that reads a header and forwards,
+   and squid (Debian's, no cache) as the baseline in the same run: the target is the
+   handler's rate >= 2 x squid's plain forwarding.
 
     python bench/hooks.py                 # 3 rounds of 5 s wrk runs
     python bench/hooks.py --quick         # 1 round, 2 s
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import statistics
@@ -29,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -97,6 +101,20 @@ class ProxyProcess:
             self.proc.wait()
 
 
+@contextlib.contextmanager
+def proxy_process(mode: str) -> Iterator[tuple[int, int]]:
+    """(port, pid) of a fresh proxy for ``mode``: segproxy in a child Python, or squid."""
+    if mode == "squid":
+        squid = runbench.Squid().__enter__()
+        try:
+            yield squid.port, squid.pid
+        finally:
+            squid.stop()
+        return
+    with ProxyProcess(mode) as p:
+        yield p.port, p.proc.pid
+
+
 # ------------------------------------------------------------------------------------------
 # measurements
 
@@ -137,7 +155,7 @@ def keepalive(
 ) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """req/s and proxy CPU µs per request (utime+stime of the proxy process: load-independent)."""
     bench = SimpleNamespace(args=SimpleNamespace(wrk_threads=2, wrk_connections=64))
-    rates: dict[str, list[float]] = {"none": [], "nothing": [], "header": []}
+    rates: dict[str, list[float]] = {"none": [], "nothing": [], "header": [], "squid": []}
     cpu: dict[str, list[float]] = {k: [] for k in rates}
     tmp = Path(tempfile.mkdtemp(prefix="segproxy-bench-hooks-"))
     with runbench.NginxOrigin(worker_processes=1) as origin:
@@ -147,12 +165,12 @@ def keepalive(
             modes = list(rates)
             modes = modes[r % len(modes) :] + modes[: r % len(modes)]
             for mode in modes:
-                with ProxyProcess(mode) as p:
-                    url = f"http://127.0.0.1:{p.port}/"
+                with proxy_process(mode) as (port, pid):
+                    url = f"http://127.0.0.1:{port}/"
                     runbench.run_wrk(bench, url, target, hostport, 1, tmp)  # warm-up
-                    c0 = runbench.cpu_seconds(p.proc.pid)
+                    c0 = runbench.cpu_seconds(pid)
                     res = runbench.run_wrk(bench, url, target, hostport, duration, tmp)
-                    used = runbench.cpu_seconds(p.proc.pid) - c0
+                    used = runbench.cpu_seconds(pid) - c0
                 errors = (
                     res["connect"] + res["read"] + res["write"] + res["status"] + res["timeout"]
                 )
@@ -201,10 +219,14 @@ def main() -> int:
             ("none", "no handler"),
             ("nothing", "handler overriding nothing"),
             ("header", "on_request_received reads a header, forwards"),
+            ("squid", "squid, plain forwarding (baseline)"),
         ]:
             print(
                 f"| {label} | {med[mode]:.0f} | {med[mode] / med['none']:.3f} | {mcpu[mode]:.1f} |"
             )
+        print(
+            f"\nhandler reading a header / squid: {med['header'] / med['squid']:.2f}x (target >= 2)"
+        )
         out["keepalive"] = {"rounds": rates, "median": med, "cpu_us_per_request": cpu}
     if a.json:
         a.json.write_text(json.dumps(out, indent=2) + "\n")

@@ -163,7 +163,9 @@ def test_idle_tunnels_hold_two_descriptors_each():
 
 
 async def test_refusal_at_the_connection_limit_is_recorded():
-    server = await start_proxy_server(host="127.0.0.1", port=0, max_connections=1)
+    server = await start_proxy_server(
+        host="127.0.0.1", port=0, max_connections=1, record_flows=True
+    )
     try:
 
         def run() -> bytes:
@@ -186,6 +188,29 @@ async def test_refusal_at_the_connection_limit_is_recorded():
         assert len(records) == 1, server.access_records()
         assert records[0]["status"] == 503
         assert "too many connections" in records[0]["line"]
+        # One flow record too, the same flow: every connection touched leaves one of each.
+        (flow,) = [f for f in server.flows() if f["outcome"] == "refused_limit"]
+        assert (flow["id"], flow["status"], flow["kind"]) == (records[0]["id"], 503, "refused")
+    finally:
+        await server.aclose()
+
+
+async def test_a_rejected_head_leaves_one_access_and_one_flow_record():
+    server = await start_proxy_server(host="127.0.0.1", port=0, record_flows=True)
+    try:
+
+        def run() -> bytes:
+            with socket.create_connection(("127.0.0.1", server.port), timeout=TIMEOUT) as s:
+                s.sendall(b"GET /relative HTTP/1.1\r\nHost: x\r\n\r\n")
+                return s.recv(100)
+
+        assert (await asyncio.to_thread(run)).startswith(b"HTTP/1.1 400 ")
+        await until(server.flows, "the flow record")
+        (record,) = server.access_records()
+        (flow,) = server.flows()
+        assert record["id"] == flow["id"]
+        assert (flow["status"], flow["outcome"], flow["kind"]) == (400, "rejected", "forward")
+        assert flow["error"] == record["error"] and flow["end"] >= flow["start"]
     finally:
         await server.aclose()
 

@@ -9,17 +9,17 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::access::{now_epoch, AccessRecord, Kind, Outcome, PendingRecord};
 use super::connector::Rewind;
 use super::decision::{decide, route_for};
+use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
-use super::flows::{FlowHandle, FlowRecord};
 use super::hooks::ConnectDecision;
 use super::http1::{BufStream, RequestHead};
 use super::respond::send_error;
 use super::rules::{Action, Intercept, Scheme};
 use super::segment::{SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
+use super::sink::FlowGuard;
 use super::state::Engine;
 use super::stats::Open;
 use super::target::split_authority;
@@ -43,17 +43,12 @@ pub type InterceptedStream = tokio_rustls::server::TlsStream<Rewind<Segmented<Tc
 pub struct ConnectRecord<'a> {
     /// Counts the interception as open until it is finished.
     _open: Open<'a>,
-    flow: Option<FlowHandle>,
-    record: PendingRecord<'a>,
+    record: FlowGuard<'a>,
     started: Instant,
 }
 
 impl ConnectRecord<'_> {
     pub fn finish(mut self) {
-        if let Some(f) = self.flow.take() {
-            f.update(|f| f.status = 200);
-            f.finish();
-        }
         if self.record.outcome == Outcome::Unfinished {
             self.record.outcome = Outcome::Ok;
         }
@@ -71,30 +66,23 @@ pub async fn handle_connect<'e>(
     conn: &mut ConnState,
 ) -> Option<Interception<'e>> {
     let started = Instant::now();
-    let mut record = PendingRecord::new(
-        &engine.access,
+    let mut record = FlowGuard::begin(
+        &engine.sinks,
         &engine.closing,
-        AccessRecord {
+        Flow {
             id: conn.info.next_id(),
             client: Some(conn.info.peer),
             method: "CONNECT".into(),
             target: head.target.clone(),
             kind: Kind::Tunnel,
-            action: "direct".into(),
+            action: FlowAction::Direct,
             policy: "none".into(),
-            started: now_epoch(),
             ..Default::default()
         },
     );
     // Each stage is boxed: the connection's future then weighs what the current stage needs
     // (an idle tunnel holds only the tunnel's state), not the largest stage's.
     let plan = Box::pin(plan_connect(engine, &head, conn, &mut record)).await;
-    // A CONNECT refused before its flow began (bad target, block, hook, denied) is still a
-    // flow to record; one refused later (the tunnel could not open) finishes its own.
-    let began = plan.is_ok();
-    if let Some(f) = plan.as_ref().ok().and_then(|p| p.flow.as_ref()) {
-        record.attach_flow(f.clone());
-    }
     let plan = match plan {
         Ok(plan) if !plan.intercept => open_tunnel(engine, plan, &mut record).await,
         other => other.map(|plan| Ready { plan, origin: None }),
@@ -116,34 +104,18 @@ pub async fn handle_connect<'e>(
             if !handler_knows {
                 conn.report_error(engine, &message);
             }
-            if let (false, Some(flows)) = (began, &engine.flows) {
-                flows.begin(FlowRecord {
-                    id: record.id.clone(),
-                    kind: record.kind,
-                    method: "CONNECT".into(),
-                    target: head.target.clone(),
-                    rule: record.rule.clone(),
-                    action: record.action.clone(),
-                    policy: record.policy.clone(),
-                    status,
-                    error: Some(message.clone()),
-                    outcome: Outcome::of_status(status),
-                    ..Default::default()
-                });
-            }
             record.commit();
             let _ = send_error(&mut client.io, status, &message, false).await;
             return None;
         }
         Ok(Ready { plan, origin: None }) => {
             match Box::pin(intercept(engine, client, plan, &mut record)).await {
-                Ok((stream, mode, flow)) => {
+                Ok((stream, mode)) => {
                     return Some(Interception {
                         stream,
                         mode,
                         record: ConnectRecord {
                             _open: engine.stats().intercept_opened(),
-                            flow,
                             record,
                             started,
                         },
@@ -178,27 +150,14 @@ struct Ready {
     origin: Option<BufStream<TcpStream>>,
 }
 
-async fn open_tunnel(
-    engine: &Engine,
-    plan: Plan,
-    record: &mut AccessRecord,
-) -> Result<Ready, FlowError> {
+async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut Flow) -> Result<Ready, FlowError> {
     let (origin, dns) = match engine
         .connector
         .open_tunnel(&plan.route, &plan.host, plan.port)
         .await
     {
         Ok(opened) => opened,
-        Err(e) => {
-            let refusal = (e.status(), e.to_string());
-            if let Some(f) = &plan.flow {
-                f.update(|f| {
-                    f.status = refusal.0;
-                    f.error = Some(refusal.1.clone());
-                });
-            }
-            return Err(refusal.into());
-        }
+        Err(e) => return Err((e.status(), e.to_string()).into()),
     };
     record.dns = dns.into();
     Ok(Ready {
@@ -215,14 +174,13 @@ struct Plan {
     route: super::connector::Route,
     up_policy: SegmentPolicy,
     down_policy: SegmentPolicy,
-    flow: Option<FlowHandle>,
 }
 
 async fn plan_connect(
     engine: &Arc<Engine>,
     head: &RequestHead,
     conn: &mut ConnState,
-    record: &mut AccessRecord,
+    record: &mut Flow,
 ) -> Result<Plan, FlowError> {
     let (host, port) = split_authority(&head.target, None)
         .map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
@@ -287,24 +245,6 @@ async fn plan_connect(
     } else {
         SegmentPolicy::none()
     };
-    let flow = engine.flows.as_ref().map(|f| {
-        f.begin(FlowRecord {
-            id: record.id.clone(),
-            kind: if intercept {
-                Kind::Intercept
-            } else {
-                Kind::Tunnel
-            },
-            method: "CONNECT".into(),
-            target: head.target.clone(),
-            rule: record.rule.clone(),
-            action: record.action.clone(),
-            policy: record.policy.clone(),
-            direction: decision.direction.as_str().into(),
-            ..Default::default()
-        })
-    });
-
     Ok(Plan {
         host,
         port,
@@ -312,7 +252,6 @@ async fn plan_connect(
         route: route_for(&decision.action),
         up_policy,
         down_policy,
-        flow,
     })
 }
 
@@ -321,14 +260,13 @@ async fn intercept(
     engine: &Arc<Engine>,
     mut client: BufStream<TcpStream>,
     plan: Plan,
-    record: &mut AccessRecord,
-) -> Result<(BufStream<InterceptedStream>, Mode, Option<FlowHandle>), String> {
+    record: &mut Flow,
+) -> Result<(BufStream<InterceptedStream>, Mode), String> {
     let Plan {
         host,
         port,
         up_policy,
         down_policy,
-        flow,
         ..
     } = plan;
     record.kind = Kind::Intercept;
@@ -345,11 +283,7 @@ async fn intercept(
     } = client;
     let prefix = leftover(client_buf);
     let down_segmenting = !down_policy.is_passthrough();
-    let down = Segmented::new(
-        client_io,
-        down_policy,
-        flow.as_ref().map(|f| f.observer("down")),
-    );
+    let down = Segmented::new(client_io, down_policy, record.observer("down"));
     let accepted = tokio::time::timeout(
         engine.config.header_timeout,
         tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host),
@@ -373,7 +307,7 @@ async fn intercept(
         up_policy,
         down_segmenting,
     };
-    Ok((BufStream::new(tls_stream), mode, flow))
+    Ok((BufStream::new(tls_stream), mode))
 }
 
 async fn tunnel(
@@ -382,14 +316,13 @@ async fn tunnel(
     origin: BufStream<TcpStream>,
     plan: Plan,
     conn: &mut ConnState,
-    record: &mut AccessRecord,
+    record: &mut Flow,
 ) -> Result<(), String> {
     let Plan {
         host,
         port,
         up_policy,
         down_policy,
-        flow,
         ..
     } = plan;
     client
@@ -417,7 +350,7 @@ async fn tunnel(
     let client_prefix = leftover(client_buf);
     let origin_prefix = leftover(origin_buf);
     #[cfg(target_os = "linux")]
-    if up_policy.is_passthrough() && down_policy.is_passthrough() && flow.is_none() {
+    if up_policy.is_passthrough() && down_policy.is_passthrough() && !record.records_chunks() {
         // Nothing to segment or record: relay in the kernel.
         let (mut client_io, mut origin_io) = (client_io, origin_io);
         let prefixes = async {
@@ -434,8 +367,8 @@ async fn tunnel(
     }
     let (cr, cw) = client_io.into_split();
     let (or, ow) = origin_io.into_split();
-    let to_origin = Segmented::new(ow, up_policy, flow.as_ref().map(|f| f.observer("up")));
-    let to_client = Segmented::new(cw, down_policy, flow.as_ref().map(|f| f.observer("down")));
+    let to_origin = Segmented::new(ow, up_policy, record.observer("up"));
+    let to_client = Segmented::new(cw, down_policy, record.observer("down"));
     let buffer = if to_origin.is_passthrough() && to_client.is_passthrough() {
         engine.config.tunnel_buffer_bytes
     } else {
@@ -451,13 +384,6 @@ async fn tunnel(
     .await;
     record.bytes_up = totals.a_to_b;
     record.bytes_down = totals.b_to_a;
-    if let Some(f) = flow {
-        f.update(|f| {
-            f.status = 200;
-            f.error = err.as_ref().map(|e| e.to_string());
-        });
-        f.finish();
-    }
     finish_tunnel(engine, conn, host, port, record, err)
 }
 
@@ -466,7 +392,7 @@ fn finish_tunnel(
     conn: &mut ConnState,
     host: String,
     port: u16,
-    record: &mut AccessRecord,
+    record: &mut Flow,
     err: Option<std::io::Error>,
 ) -> Result<(), String> {
     record.outcome = match &err {

@@ -8,15 +8,16 @@ use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::access::{now_epoch, AccessRecord, Kind, Outcome};
 use super::auth::{self, Verdict};
 use super::connect;
 use super::connector::Io;
 use super::exchange::{forward, Next};
+use super::flow::{Flow, Kind, Outcome};
 use super::flow_error::await_hook;
 use super::http1::{request_body_kind, BodyKind, BufStream, HttpError, RequestHead};
 use super::respond::{send_error, send_error_with};
 use super::session::{ConnInfo, ConnState, Mode};
+use super::sink::FlowGuard;
 use super::state::Engine;
 
 /// Serves one accepted client connection until it closes.
@@ -261,7 +262,7 @@ async fn answer_foreign<C: Io>(
 }
 
 pub(crate) fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why: &str) {
-    engine.access.record(AccessRecord {
+    let flow = Flow {
         // Status 0: closed without an answer the client could read.
         outcome: if status == 0 {
             Outcome::Rejected
@@ -275,10 +276,10 @@ pub(crate) fn log_refusal(engine: &Engine, info: &mut ConnInfo, status: u16, why
         status,
         kind: Kind::Error,
         error: Some(why.to_string()),
-        started: now_epoch(),
         policy: "none".into(),
         ..Default::default()
-    });
+    };
+    FlowGuard::begin(&engine.sinks, &engine.closing, flow).commit();
 }
 
 #[cfg(test)]

@@ -1,8 +1,8 @@
 //! The rule decision for one flow (request or CONNECT), its debug lines, and the route it
 //! gives the connector.
 
-use super::access::AccessRecord;
 use super::connector::{Route, UpstreamHop};
+use super::flow::{Flow, FlowAction};
 use super::rules::{Action, Decision, Scheme};
 use super::state::Engine;
 
@@ -14,13 +14,14 @@ pub fn decide(
     host: &str,
     port: u16,
     path: &str,
-    record: &mut AccessRecord,
+    record: &mut Flow,
 ) -> Decision {
     let decision = engine.rules.decide(method, scheme, host, port, path);
     record.host = host.to_string();
     record.port = port;
     record.scheme = scheme.as_str().to_string().into();
     record.mode = decision.mode.clone().into();
+    record.direction = decision.direction.as_str().into();
     if log::log_enabled!(log::Level::Debug) {
         log_decision(engine, method, host, port, path, &decision, &record.id);
     }
@@ -29,9 +30,9 @@ pub fn decide(
         None => "default".into(),
     };
     record.action = match &decision.action {
-        Action::Direct => "direct".into(),
-        Action::Upstream(u) => format!("upstream:{}", u.authority()).into(),
-        Action::Block { .. } => "block".into(),
+        Action::Direct => FlowAction::Direct,
+        Action::Upstream(u) => FlowAction::Upstream(u.authority()),
+        Action::Block { .. } => FlowAction::Block,
     };
     record.policy = if decision.policy.is_passthrough() {
         "none".into()

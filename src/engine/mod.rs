@@ -12,6 +12,7 @@ pub mod dns;
 #[cfg(test)]
 mod e2e_tests;
 pub mod exchange;
+pub mod flow;
 pub mod flow_error;
 pub mod flows;
 pub mod hooks;
@@ -28,6 +29,7 @@ pub mod safety;
 pub mod segment;
 pub mod server;
 pub mod session;
+pub mod sink;
 pub mod state;
 pub mod stats;
 pub mod target;

@@ -1,8 +1,9 @@
 //! Idle upstream connections kept for reuse, per destination, with an idle timeout.
 
 use std::collections::HashMap;
+use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
@@ -10,9 +11,65 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::connector::Io;
 use super::http1::BufStream;
+use super::segment::ChunkObserver;
 
 /// A connection to an origin or upstream proxy, with its read buffer.
-pub type OriginConn = BufStream<Box<dyn Io>>;
+pub struct OriginConn {
+    stream: BufStream<Box<dyn Io>>,
+    /// For a TLS connection of an intercepted flow (recording flows): where the encrypted
+    /// chunks written below TLS are reported. A pooled connection serves many requests, so
+    /// each points it at its own flow while it uses the connection.
+    pub wire_up: Option<WireTap>,
+}
+
+impl OriginConn {
+    pub fn new(io: Box<dyn Io>) -> Self {
+        OriginConn {
+            stream: BufStream::new(io),
+            wire_up: None,
+        }
+    }
+
+    /// The connection itself, for relaying raw bytes (after an upgrade).
+    pub fn into_io(self) -> Box<dyn Io> {
+        self.stream.io
+    }
+}
+
+impl Deref for OriginConn {
+    type Target = BufStream<Box<dyn Io>>;
+    fn deref(&self) -> &Self::Target {
+        &self.stream
+    }
+}
+
+impl DerefMut for OriginConn {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.stream
+    }
+}
+
+/// A re-pointable chunk observer: the segmenting writer below an origin connection's TLS
+/// holds the tap's observer, and the exchange using the connection sets where it reports.
+#[derive(Clone, Default)]
+pub struct WireTap(Arc<Mutex<Option<ChunkObserver>>>);
+
+impl WireTap {
+    pub fn point_to(&self, observer: Option<ChunkObserver>) {
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) = observer;
+    }
+
+    /// The observer to give the segmenting writer: reports to wherever the tap points.
+    pub fn observer(&self) -> ChunkObserver {
+        let tap = self.clone();
+        Arc::new(move |size, short, at| {
+            let current = tap.0.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            if let Some(observe) = current {
+                observe(size, short, at);
+            }
+        })
+    }
+}
 
 pub struct Pool {
     idle: Mutex<HashMap<String, Vec<(Instant, OriginConn)>>>,

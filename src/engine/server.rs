@@ -10,9 +10,10 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
-use super::access::{now_epoch, AccessRecord, Kind, Outcome};
 use super::config::EngineConfig;
 use super::connection;
+use super::flow::{Flow, Kind, Outcome};
+use super::sink::FlowGuard;
 use super::state::{Engine, EngineParts};
 
 pub struct ProxyServer {
@@ -216,7 +217,7 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         "segproxy: too many connections (limit {})\n",
         engine.config.max_connections
     );
-    engine.access.record(AccessRecord {
+    let flow = Flow {
         id: format!("{id}.1"),
         client: Some(peer),
         method: "-".into(),
@@ -225,10 +226,10 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         kind: Kind::Refused,
         policy: "none".into(),
         error: Some(body.trim_end().to_string()),
-        started: now_epoch(),
         outcome: Outcome::RefusedLimit,
         ..Default::default()
-    });
+    };
+    FlowGuard::begin(&engine.sinks, &engine.closing, flow).commit();
     let response = format!(
         "HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
         body.len(),

@@ -16,6 +16,7 @@ use super::hooks::{Handler, HookSet, HookWaits};
 use super::pool::Pool;
 use super::rules::{Intercept, RuleSet};
 use super::safety::DomainFilter;
+use super::sink::Sinks;
 use super::stats::{Stats, StatsSnapshot};
 use super::tls::{origin_client_config, OriginTrust};
 
@@ -24,7 +25,8 @@ pub struct Engine {
     pub config: EngineConfig,
     pub connector: Connector,
     pub pool: Pool,
-    pub access: AccessLog,
+    /// Where finished flows go (access log, flow records, counters, Python's stores).
+    pub sinks: Sinks,
     pub rules: RuleSet,
     pub filter: DomainFilter,
     /// With a CA, CONNECTs are intercepted unless a rule or the handler says otherwise.
@@ -36,7 +38,6 @@ pub struct Engine {
     pub hooks: HookSet,
     /// Waits for the handler's answers (a lone wait polls briefly before it parks).
     pub hook_waits: HookWaits,
-    pub flows: Option<Arc<FlowRecorder>>,
     pub(crate) next_conn_id: AtomicU64,
     pub(crate) active: AtomicUsize,
     pub(crate) all_done: Notify,
@@ -88,7 +89,7 @@ impl Engine {
             pool: Pool::new(config.pool_idle_timeout, config.pool_max_idle_per_host),
             config,
             connector,
-            access,
+            sinks: Sinks::new(access, parts.flows),
             rules,
             filter,
             ca: parts.ca,
@@ -96,7 +97,6 @@ impl Engine {
             handler: parts.handler,
             hooks,
             hook_waits: HookWaits::default(),
-            flows: parts.flows,
             next_conn_id: AtomicU64::new(1),
             active: AtomicUsize::new(0),
             all_done: Notify::new(),
@@ -130,7 +130,7 @@ pub struct EngineParts {
 impl Engine {
     /// This server's counters.
     pub fn stats(&self) -> &Stats {
-        &self.access.stats
+        &self.sinks.stats
     }
 
     /// This server's counters now.

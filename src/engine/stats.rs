@@ -4,7 +4,7 @@
 //! [`super::metrics_http`]) encodes one in Prometheus text format with `prometheus-client`.
 //!
 //! Requests, bytes and outcomes are all counted in one place, when an access record is
-//! written ([`Stats::record_finished`], called by [`super::access::AccessLog::record`]): every
+//! written ([`Stats::record_finished`], called as the counters' flow sink): every
 //! exchange leaves exactly one record, whatever path it ends on, so the counts agree with the
 //! access log. Gauges of what is open now are RAII guards held while it is open
 //! ([`Stats::tunnel_opened`], [`Stats::intercept_opened`]); open client connections are the
@@ -264,6 +264,16 @@ impl Collector for StatsSnapshot {
             "outcome",
             &errors,
         )
+    }
+}
+
+impl super::flow::FlowSink for Stats {
+    fn finished(
+        &self,
+        flow: &std::sync::Arc<super::flow::Flow>,
+        _chunks: Option<&std::sync::Arc<super::flow::Chunks>>,
+    ) {
+        self.record_finished(flow.outcome, flow.bytes_up, flow.bytes_down);
     }
 }
 

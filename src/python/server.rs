@@ -8,6 +8,7 @@ use pyo3::exceptions::{PyOSError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
+use crate::engine::flow::FlowView;
 use crate::engine::options::{self, Built, Cli, ErrorKind, Objects, OptionError};
 use crate::engine::ProxyServer;
 
@@ -148,18 +149,21 @@ impl EngineServer {
     /// Finished flow records (oldest first): decision and per-chunk (direction, size, time).
     #[pyo3(signature = (clear = false))]
     fn flows<'py>(&self, py: Python<'py>, clear: bool) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let Some(recorder) = &self.inner.engine().flows else {
+        let Some(recorder) = &self.inner.engine().sinks.flows else {
             return Ok(Vec::new());
         };
         let flows = recorder.flows();
         if clear {
             recorder.clear();
         }
-        flows.iter().map(|f| to_dict(py, &f.view())).collect()
+        flows
+            .iter()
+            .map(|(flow, chunks)| to_dict(py, &FlowView::new(flow, chunks)))
+            .collect()
     }
 
     fn recording_flows(&self) -> bool {
-        self.inner.engine().flows.is_some()
+        self.inner.engine().sinks.flows.is_some()
     }
 
     /// The connection limit in force (derived from the open-file limit unless one was given).
@@ -242,11 +246,14 @@ impl EngineServer {
         py: Python<'py>,
         clear: bool,
     ) -> PyResult<Vec<Bound<'py, PyDict>>> {
-        let access = &self.inner.engine().access;
+        let access = &self.inner.engine().sinks.access;
         let records = access.recent();
         if clear {
             access.clear();
         }
-        records.iter().map(|r| to_dict(py, &r.view())).collect()
+        records
+            .iter()
+            .map(|r| to_dict(py, &r.access_view()))
+            .collect()
     }
 }
