@@ -7,23 +7,64 @@ hooks into flows. Start one on a running asyncio loop::
     print(server.url)
 """
 
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
 from ._engine import __version__
-from ._server import (
-    AccessRecord,
-    BoundSocket,
-    ErrorCounts,
-    FlowRecord,
-    ProxyOptions,
-    ProxyServer,
-    ProxyStats,
-    run,
-    servers,
-    start_proxy_server,
-)
-from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
-from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Decision, Rule, Rules
 from .tls import CERTIFICATE_VALIDITY_DAYS, TLSStore, load_or_create_ca
+
+if TYPE_CHECKING:
+    from ._server import (
+        AccessRecord,
+        BoundSocket,
+        ErrorCounts,
+        FlowRecord,
+        ProxyOptions,
+        ProxyServer,
+        ProxyStats,
+        run,
+        servers,
+        start_proxy_server,
+    )
+    from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
+    from .http import HTTPHeader, HTTPRequest, HTTPResponse
+
+#: Names imported on first use: the asyncio side (server, handlers) costs the command line,
+#: which needs no event loop, about 8 MiB.
+_LAZY = {
+    **dict.fromkeys(
+        (
+            "AccessRecord",
+            "BoundSocket",
+            "ErrorCounts",
+            "FlowRecord",
+            "ProxyOptions",
+            "ProxyServer",
+            "ProxyStats",
+            "run",
+            "servers",
+            "start_proxy_server",
+        ),
+        "._server",
+    ),
+    **dict.fromkeys(("HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"), ".handlers"),
+    **dict.fromkeys(("HTTPHeader", "HTTPRequest", "HTTPResponse"), ".http"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
 
 __all__ = [
     "CERTIFICATE_VALIDITY_DAYS",

@@ -18,6 +18,7 @@ __all__ = [
     "segment_policy",
     "set_log_level",
     "start_server",
+    "start_server_blocking",
     "time_minting",
 ]
 
@@ -34,6 +35,14 @@ def start_server(
     ca: CertificateAuthority | None = None,
     **options: Any,
 ) -> Awaitable[EngineServer]: ...
+def start_server_blocking(
+    host: str = "127.0.0.1",
+    port: int = 8080,
+    *,
+    rules: RuleSet | None = None,
+    ca: CertificateAuthority | None = None,
+    **options: Any,
+) -> EngineServer: ...
 def option_table() -> list[dict[str, Any]]: ...
 def segment_policy(
     strategy: str,

@@ -8,6 +8,8 @@ import argparse
 import ipaddress
 import os
 import re
+import select
+import signal
 import socket
 import sys
 import warnings
@@ -15,7 +17,6 @@ from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
 from . import _engine
-from ._server import ProxyServer, run
 from .options import LIST_KINDS, OPTIONS, OptionInfo
 from .rules import STRATEGIES, Rules
 from .tls import TLSStore, load_or_create_ca
@@ -535,15 +536,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write(tls_store.get_ca_pem().decode())
         return 0
 
-    def ready(server: ProxyServer) -> None:
-        print(f"segproxy listening on {server.host}:{server.port}", file=sys.stderr, flush=True)
+    def ready(engine: _engine.EngineServer) -> None:
+        host, port = engine.local_addr()
+        print(f"segproxy listening on {host}:{port}", file=sys.stderr, flush=True)
         print(
-            f"segproxy: up to {server.max_connections} connections{open_file_note()}",
+            f"segproxy: up to {engine.max_connections} connections{open_file_note()}",
             file=sys.stderr,
             flush=True,
         )
-        if server.metrics_url is not None:
-            print(f"segproxy: metrics at {server.metrics_url}", file=sys.stderr, flush=True)
+        stats = engine.stats_addr()
+        if stats is not None:
+            shost, sport = stats
+            url = f"http://[{shost}]:{sport}" if ":" in shost else f"http://{shost}:{sport}"
+            print(f"segproxy: metrics at {url}/metrics", file=sys.stderr, flush=True)
 
     code = _serve(args, rules, tls_store, ready)
     # Leave without finalizing the interpreter: an engine thread may still be handing its
@@ -560,23 +565,36 @@ def _serve(
     args: argparse.Namespace,
     rules: Rules,
     tls_store: TLSStore | None,
-    ready: Callable[[ProxyServer], None],
+    ready: Callable[[_engine.EngineServer], None],
 ) -> int:
+    """Runs the engine until SIGINT/SIGTERM, then lets exchanges in flight finish for
+    `--shutdown-timeout`. The command line runs no Python hooks, so no event loop: the main
+    thread waits on the engine's stop signal and handles signals in between."""
     try:
-        run(
-            host=args.listen_host,
-            port=args.listen_port,
-            tls_store=tls_store,
-            on_ready=ready,
+        engine = _engine.start_server_blocking(
+            args.listen_host,
+            args.listen_port,
+            rules=rules.engine_rules,
+            ca=None if tls_store is None else tls_store.engine_ca,
             **{
                 **engine_options(args),
                 "access_log": access_log_path(args.access_log),
                 "access_records": 0,  # nobody reads them in a CLI process: keep memory for traffic
-                "rules": rules,
                 "proxy_auth": args.credentials,
             },
         )
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))
         return 1
+
+    def stop(_signum: int, _frame: object) -> None:
+        engine.begin_shutdown(engine.shutdown_timeout)
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, stop)
+    ready(engine)
+    stopped = engine.stopped_fd()
+    while not engine.is_stopped():
+        # A signal runs its handler, then select goes on waiting (PEP 475).
+        select.select([stopped], [], [])
     return 0

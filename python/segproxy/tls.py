@@ -7,13 +7,15 @@ certificate per host (cached) when a CONNECT is intercepted.
 from __future__ import annotations
 
 import os
-import ssl
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _engine
+
+if TYPE_CHECKING:  # ssl costs the command line 4 MiB: imported where a context is made
+    import ssl
 
 __all__ = ["CERTIFICATE_VALIDITY_DAYS", "TLSStore", "load_or_create_ca"]
 
@@ -127,6 +129,8 @@ class TLSStore:
     def get_ssl_context(self, domain: str) -> ssl.SSLContext:
         """A server-side `ssl.SSLContext` serving the certificate minted for `domain` (cached),
         for handlers that terminate TLS themselves, as in asyncio-https-proxy."""
+        import ssl
+
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         # ssl loads a certificate and key from files only; these are private to this user
         # (mode 0600) and gone when the block ends.

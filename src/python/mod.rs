@@ -29,7 +29,7 @@ mod _engine {
     #[pymodule_export]
     use super::runtime::limit_malloc_arenas;
     #[pymodule_export]
-    use super::server::{option_table, start_server, EngineServer};
+    use super::server::{option_table, start_server, start_server_blocking, EngineServer};
     #[pymodule_export]
     use super::tls::PyCertificateAuthority;
 

@@ -61,6 +61,48 @@ fn option_error(e: OptionError) -> PyErr {
     }
 }
 
+/// The engine's configuration from `start_server`'s arguments: only conversions here; the
+/// engine's one parser reads (and checks) every option.
+fn build<'py>(
+    host: &str,
+    port: u16,
+    handler: Option<PyRef<'py, HookBridge>>,
+    rules: Option<PyRef<'py, PyRuleSet>>,
+    ca: Option<PyRef<'py, PyCertificateAuthority>>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<Built> {
+    let mut values = Vec::new();
+    for (name, value) in options.into_iter().flat_map(|d| d.iter()) {
+        let name: String = name.extract()?;
+        let value = value_from_py(&name, &value)?;
+        values.push((name, value));
+    }
+    let objects = Objects {
+        rules: rules.map(|r| r.inner.lock().unwrap().clone()),
+        ca: ca.map(|c| c.inner.clone()),
+        handler: handler.map(|bridge| bridge.handler()),
+    };
+    options::build(host, port, values, objects).map_err(option_error)
+}
+
+/// Binds the listener and starts serving.
+async fn bind(built: Built) -> PyResult<EngineServer> {
+    let Built { config, parts } = built;
+    let listen = config.listen;
+    let server = ProxyServer::bind(config, parts)
+        .await
+        .map_err(|e| match e.kind() {
+            std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
+            // The engine's own message (the stats port) names its address already.
+            _ if e.get_ref().is_some() => PyOSError::new_err(e.to_string()),
+            _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
+        })?;
+    let inner = Arc::new(server);
+    let stopped = StopSignal::watch(&inner)
+        .map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
+    Ok(EngineServer { inner, stopped })
+}
+
 /// Starts an engine listening on `host:port` (port 0 picks a free port). Returns an
 /// awaitable resolving to an `EngineServer`. `options` are the engine's table of options
 /// (`option_table()`), read by the engine's one parser; this only converts the values.
@@ -75,35 +117,26 @@ pub fn start_server<'py>(
     ca: Option<PyRef<'py, PyCertificateAuthority>>,
     options: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let mut values = Vec::new();
-    for (name, value) in options.into_iter().flat_map(|d| d.iter()) {
-        let name: String = name.extract()?;
-        let value = value_from_py(&name, &value)?;
-        values.push((name, value));
-    }
-    let objects = Objects {
-        rules: rules.map(|r| r.inner.lock().unwrap().clone()),
-        ca: ca.map(|c| c.inner.clone()),
-        handler: handler.map(|bridge| bridge.handler()),
-    };
-    let Built { config, parts } =
-        options::build(host, port, values, objects).map_err(option_error)?;
+    let built = build(host, port, handler, rules, ca, options)?;
     runtime();
-    pyo3_async_runtimes::tokio::future_into_py(py, async move {
-        let listen = config.listen;
-        let server = ProxyServer::bind(config, parts)
-            .await
-            .map_err(|e| match e.kind() {
-                std::io::ErrorKind::InvalidInput => PyValueError::new_err(e.to_string()),
-                // The engine's own message (the stats port) names its address already.
-                _ if e.get_ref().is_some() => PyOSError::new_err(e.to_string()),
-                _ => PyOSError::new_err(format!("cannot listen on {listen}: {e}")),
-            })?;
-        let inner = Arc::new(server);
-        let stopped = StopSignal::watch(&inner)
-            .map_err(|e| PyOSError::new_err(format!("cannot create stop signal: {e}")))?;
-        Ok(EngineServer { inner, stopped })
-    })
+    pyo3_async_runtimes::tokio::future_into_py(py, bind(built))
+}
+
+/// `start_server` without asyncio: returns the running `EngineServer` once it listens. For
+/// processes that run no Python hooks (the command line), which then need no event loop.
+#[pyfunction]
+#[pyo3(signature = (host = "127.0.0.1", port = 8080, *, rules = None, ca = None, **options))]
+pub fn start_server_blocking<'py>(
+    py: Python<'py>,
+    host: &str,
+    port: u16,
+    rules: Option<PyRef<'py, PyRuleSet>>,
+    ca: Option<PyRef<'py, PyCertificateAuthority>>,
+    options: Option<&Bound<'py, PyDict>>,
+) -> PyResult<EngineServer> {
+    let built = build(host, port, None, rules, ca, options)?;
+    let rt = runtime();
+    py.detach(move || rt.block_on(bind(built)))
 }
 
 /// The engine's options, one dict each, in the table's order: `name`, `kind` (`"seconds"`,
