@@ -225,6 +225,7 @@ class ProxyServer:
         shutdown_timeout: float = 5.0,
     ) -> None:
         self._engine = engine
+        self._rules = Rules()
         self._handler_builder = handler_builder
         self._hooks = hooks
         self._closing: asyncio.Future[None] | None = None
@@ -387,6 +388,41 @@ class ProxyServer:
         counted as each access record is written (a tunnel's bytes when it closes)."""
         return self._engine.stats()  # type: ignore[return-value]
 
+    # --- changing the policy while it runs ---------------------------------------------
+    @property
+    def rules(self) -> Rules:
+        """The rules in force (those given at start, or the last `set_rules`). The server
+        holds a snapshot: changing this object afterwards changes nothing until it is given
+        to `set_rules` again."""
+        return self._rules
+
+    def set_rules(self, rules: Rules | str) -> None:
+        """Puts `rules` (a `Rules` object or rule text, default policy included) in force now,
+        in one atomic swap: new connections and new requests on kept-alive connections are
+        decided by them; flows already decided (a tunnel segmenting, a request in flight)
+        keep the policy they started with; nothing is dropped. A rule saying
+        ``intercept=yes`` on a server without a CA raises ValueError and changes nothing."""
+        if isinstance(rules, str):
+            rules = Rules.parse(rules)
+        if not isinstance(rules, Rules):
+            raise TypeError(
+                f"rules must be a segproxy.Rules or rule text, not {type(rules).__name__}"
+            )
+        self._engine.set_rules(rules.engine_rules)
+        self._rules = rules
+
+    def set_domain_filter(
+        self,
+        allow_domains: str | Iterable[str] = (),
+        deny_domains: str | Iterable[str] = (),
+        deny_private: bool = False,
+    ) -> None:
+        """Puts a new destination filter in force now, as `allow_domains`, `deny_domains` and
+        `deny_private` at start would: checked for every destination from now on."""
+        self._engine.set_domain_filter(
+            _domains(allow_domains), _domains(deny_domains), bool(deny_private)
+        )
+
     def __repr__(self) -> str:
         state = "serving" if self.is_serving() else "closed"
         return f"<segproxy.ProxyServer {self.url} {state}>"
@@ -445,7 +481,16 @@ async def start_proxy_server(
         if hooks is not None:
             hooks.close()
         raise
-    return ProxyServer(engine, handler_builder, hooks, engine.shutdown_timeout)
+    server = ProxyServer(engine, handler_builder, hooks, engine.shutdown_timeout)
+    server._rules = rules if rules is not None else Rules()
+    return server
+
+
+def _domains(value: str | Iterable[str]) -> list[str]:
+    """Domain entries given as one string or as many, as at start."""
+    if isinstance(value, str):
+        return [value]
+    return [str(d) for d in value]
 
 
 def run(

@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="FILE",
-        help="a file of rules, one a line, # comments; repeatable",
+        help="a file of rules, one a line, # comments; repeatable; read again on SIGHUP",
     )
     seg.add_argument(
         "--segmentation",
@@ -590,8 +590,26 @@ def _serve(
     def stop(_signum: int, _frame: object) -> None:
         engine.begin_shutdown(engine.shutdown_timeout)
 
+    def reload(_signum: int, _frame: object) -> None:
+        # SIGHUP: --rules-file read again; a file that does not parse leaves the rules as
+        # they were. Flows already decided keep their policy.
+        try:
+            new = build_rules(args)
+            engine.set_rules(new.engine_rules)
+        except (OSError, ValueError) as exc:
+            error(
+                f"SIGHUP: rules not reloaded, the old ones stay in force: {describe_os_error(exc)}"
+            )
+            return
+        for note in new.warnings():
+            warn(note)
+        files = ", ".join(args.rules_file) or "the command line"
+        print(f"segproxy: rules reloaded from {files}", file=sys.stderr, flush=True)
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, reload)
     ready(engine)
     stopped = engine.stopped_fd()
     while not engine.is_stopped():

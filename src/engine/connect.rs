@@ -223,6 +223,7 @@ async fn plan_connect(
     }
     engine
         .filter
+        .load()
         .check_host(&host)
         .map_err(|reason| (403, format!("destination {host} denied: {reason}")))?;
     let intercept = match (&choice, &engine.ca) {

@@ -3,7 +3,7 @@
 
 use super::connector::{Route, UpstreamHop};
 use super::flow::{Flow, FlowAction};
-use super::rules::{Action, Decision, Scheme};
+use super::rules::{Action, Decision, RuleSet, Scheme};
 use super::state::Engine;
 
 /// The rule decision for a flow, written into its access record.
@@ -16,17 +16,19 @@ pub fn decide(
     path: &str,
     record: &mut Flow,
 ) -> Decision {
-    let decision = engine.rules.decide(method, scheme, host, port, path);
+    // One snapshot of the rules for the whole decision (they may be swapped meanwhile).
+    let rules = engine.rules.load();
+    let decision = rules.decide(method, scheme, host, port, path);
     record.host = host.to_string();
     record.port = port;
     record.scheme = scheme.as_str().to_string().into();
     record.mode = decision.mode.clone().into();
     record.direction = decision.direction.as_str().into();
     if log::log_enabled!(log::Level::Debug) {
-        log_decision(engine, method, host, port, path, &decision, &record.id);
+        log_decision(&rules, method, host, port, path, &decision, &record.id);
     }
     record.rule = match decision.rule {
-        Some(i) => engine.rules.rules()[i].source.to_string().into(),
+        Some(i) => rules.rules()[i].source.to_string().into(),
         None => "default".into(),
     };
     record.action = match &decision.action {
@@ -50,7 +52,7 @@ pub fn decide(
 /// SegmentedProxy's two debug lines for a decision (the rule, its score, the policy; then the
 /// explain line), with our request id as `rid`.
 fn log_decision(
-    engine: &Engine,
+    rules: &RuleSet,
     method: &str,
     host: &str,
     port: u16,
@@ -61,7 +63,7 @@ fn log_decision(
     use crate::engine::segment::Strategy;
     let rule = d
         .rule
-        .map_or("<default>", |i| engine.rules.rules()[i].host_glob.as_str());
+        .map_or("<default>", |i| rules.rules()[i].host_glob.as_str());
     let score = d.score.map_or(-1, i64::from);
     let strategy = d.policy.strategy.name();
     if method.eq_ignore_ascii_case("CONNECT") {

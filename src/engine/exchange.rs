@@ -458,7 +458,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 body_empty,
             ));
         }
-        engine.filter.check_host(&target.host).map_err(|reason| {
+        engine.filter.load().check_host(&target.host).map_err(|reason| {
             FlowError::answer(
                 403,
                 format!("destination {} denied: {reason}", target.host),

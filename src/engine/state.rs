@@ -5,6 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use tokio::sync::{watch, Notify};
 
 use super::access::AccessLog;
@@ -27,8 +28,11 @@ pub struct Engine {
     pub pool: Pool,
     /// Where finished flows go (access log, flow records, counters, Python's stores).
     pub sinks: Sinks,
-    pub rules: RuleSet,
-    pub filter: DomainFilter,
+    /// The rules in force: swapped whole while the server runs (`set_rules`); each flow
+    /// decides once, on the set it loaded, and keeps that decision.
+    pub rules: ArcSwap<RuleSet>,
+    /// The destination filter in force, swapped whole like the rules.
+    pub filter: Arc<ArcSwap<DomainFilter>>,
     /// With a CA, CONNECTs are intercepted unless a rule or the handler says otherwise.
     pub ca: Option<Arc<CertificateAuthority>>,
     /// How origins of intercepted flows are verified.
@@ -56,24 +60,17 @@ impl Engine {
         parts: EngineParts,
     ) -> io::Result<(Engine, watch::Sender<bool>, watch::Sender<bool>)> {
         let rules = parts.rules.unwrap_or_default();
-        if parts.ca.is_none() {
-            if let Some(rule) = rules.rules().iter().find(|r| r.intercept == Intercept::Yes) {
-                return Err(io::Error::new(
-                    io::ErrorKind::InvalidInput,
-                    format!("rule {} says intercept=yes but no CA is configured (--ca-dir or tls_store)", rule.source),
-                ));
-            }
-        }
+        check_interception(&rules, parts.ca.is_some())?;
         let origin_tls = origin_client_config(&parts.origin_trust)
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
-        let filter = parts.filter.unwrap_or_default();
+        let filter = Arc::new(ArcSwap::from_pointee(parts.filter.unwrap_or_default()));
         let mut connector = parts
             .connector
             .unwrap_or_else(|| Connector::new(config.connect_timeout));
-        if filter.deny_private {
-            let f = filter.clone();
-            connector.addr_check = Some(Box::new(move |ip| f.check_addr(ip)));
-        }
+        // The filter may be swapped later (deny_private turned on): the check reads the one
+        // in force at each connection.
+        let f = filter.clone();
+        connector.addr_check = Some(Box::new(move |ip| f.load().check_addr(ip)));
         let hooks = parts
             .handler
             .as_ref()
@@ -90,7 +87,7 @@ impl Engine {
             config,
             connector,
             sinks: Sinks::new(access, parts.flows),
-            rules,
+            rules: ArcSwap::from_pointee(rules),
             filter,
             ca: parts.ca,
             origin_tls,
@@ -106,11 +103,41 @@ impl Engine {
         Ok((engine, drain_tx, close_tx))
     }
 
+    /// Puts `rules` in force for every decision from now on: new connections and new
+    /// requests on kept-alive ones. Flows already decided keep their policy.
+    pub fn set_rules(&self, rules: RuleSet) -> io::Result<()> {
+        check_interception(&rules, self.ca.is_some())?;
+        self.rules.store(Arc::new(rules));
+        Ok(())
+    }
+
+    /// Puts `filter` in force for every destination checked from now on.
+    pub fn set_filter(&self, filter: DomainFilter) {
+        self.filter.store(Arc::new(filter));
+    }
+
     pub fn active_connections(&self) -> usize {
         self.active.load(Ordering::Acquire)
     }
     pub fn is_draining(&self) -> bool {
         *self.draining.borrow()
+    }
+}
+
+/// A rule that says `intercept=yes` needs a CA to intercept with.
+fn check_interception(rules: &RuleSet, has_ca: bool) -> io::Result<()> {
+    if has_ca {
+        return Ok(());
+    }
+    match rules.rules().iter().find(|r| r.intercept == Intercept::Yes) {
+        Some(rule) => Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "rule {} says intercept=yes but no CA is configured (--ca-dir or tls_store)",
+                rule.source
+            ),
+        )),
+        None => Ok(()),
     }
 }
 

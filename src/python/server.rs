@@ -10,6 +10,7 @@ use pyo3::types::PyDict;
 
 use crate::engine::flow::FlowView;
 use crate::engine::options::{self, Built, Cli, ErrorKind, Objects, OptionError};
+use crate::engine::safety::DomainFilter;
 use crate::engine::ProxyServer;
 
 use super::bridge::HookBridge;
@@ -197,6 +198,31 @@ impl EngineServer {
 
     fn recording_flows(&self) -> bool {
         self.inner.engine().sinks.flows.is_some()
+    }
+
+    /// Puts a new rule set in force now (an atomic swap): new connections and new requests
+    /// on kept-alive connections are decided by it; flows already decided keep their policy.
+    fn set_rules(&self, rules: PyRef<'_, PyRuleSet>) -> PyResult<()> {
+        let rules = rules.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        self.inner
+            .engine()
+            .set_rules(rules)
+            .map_err(|e| PyValueError::new_err(e.to_string()))
+    }
+
+    /// Puts a new destination filter in force now (allow and deny lists, `deny_private`).
+    #[pyo3(signature = (allow_domains = Vec::new(), deny_domains = Vec::new(), deny_private = false))]
+    fn set_domain_filter(
+        &self,
+        allow_domains: Vec<String>,
+        deny_domains: Vec<String>,
+        deny_private: bool,
+    ) {
+        self.inner.engine().set_filter(DomainFilter::new(
+            allow_domains,
+            deny_domains,
+            deny_private,
+        ));
     }
 
     /// The connection limit in force (derived from the open-file limit unless one was given).
