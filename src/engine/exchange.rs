@@ -458,13 +458,17 @@ impl<'a, C: Io> Exchange<'a, C> {
                 body_empty,
             ));
         }
-        engine.filter.load().check_host(&target.host).map_err(|reason| {
-            FlowError::answer(
-                403,
-                format!("destination {} denied: {reason}", target.host),
-                body_empty,
-            )
-        })?;
+        engine
+            .filter
+            .load()
+            .check_host(&target.host)
+            .map_err(|reason| {
+                FlowError::answer(
+                    403,
+                    format!("destination {} denied: {reason}", target.host),
+                    body_empty,
+                )
+            })?;
         let route = route_for(&decision.action);
         // Plain HTTP is segmented here; intercepted flows were segmented below TLS at CONNECT.
         let plain = self.plain();

@@ -203,7 +203,11 @@ impl EngineServer {
     /// Puts a new rule set in force now (an atomic swap): new connections and new requests
     /// on kept-alive connections are decided by it; flows already decided keep their policy.
     fn set_rules(&self, rules: PyRef<'_, PyRuleSet>) -> PyResult<()> {
-        let rules = rules.inner.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let rules = rules
+            .inner
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         self.inner
             .engine()
             .set_rules(rules)
