@@ -37,7 +37,7 @@ CLI_FLAGS = {
     "shutdown_timeout": "--shutdown-timeout",
     "max_connections": "--max-connections",
     "max_header_bytes": None,
-    "hook_timeout": None,
+    "hook_timeout": "--hook-timeout",
     "pool_idle_timeout": None,
     "rules": "--segment-rule",
     "flows_file": "--record-flows",

@@ -175,6 +175,20 @@ def build_parser() -> argparse.ArgumentParser:
         default=8080,
         help="port to listen on, 0 for any free port (default: 8080)",
     )
+    hooks = parser.add_argument_group("Python hooks")
+    which = hooks.add_mutually_exclusive_group()
+    which.add_argument(
+        "-s",
+        "--script",
+        metavar="FILE",
+        help="a Python file defining the handler class (a subclass of HTTPSProxyHandler or "
+        "HTTPSForwardProxyHandler; `handler = Class` names it when the file defines several)",
+    )
+    which.add_argument(
+        "--handler",
+        metavar="MODULE:CLASS",
+        help="the handler class to import, e.g. mypackage.hooks:AddHeader",
+    )
     # Flags that are not options, and options the command line shapes by hand (the table
     # says which, and how).
     seg = groups["rules and segmentation"]
@@ -404,6 +418,62 @@ def open_file_note() -> str:
     return f" (open-file limit {soft}; two descriptors a connection)"
 
 
+def load_handler(args: argparse.Namespace) -> type | None:
+    """The handler class named by `-s FILE` or `--handler MODULE:CLASS`, or None. Raises
+    ValueError with what is wrong."""
+    if args.script is None and args.handler is None:
+        return None
+    from .handlers import HTTPSProxyHandler
+
+    def is_handler(value: object) -> bool:
+        return isinstance(value, type) and issubclass(value, HTTPSProxyHandler)
+
+    if args.handler is not None:
+        module_name, sep, class_name = args.handler.partition(":")
+        if not sep or not module_name or not class_name:
+            raise ValueError(f"--handler needs MODULE:CLASS, got {args.handler!r}")
+        import importlib
+
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as exc:
+            raise ValueError(
+                f"--handler {args.handler}: cannot import {module_name}: {exc}"
+            ) from exc
+        found = getattr(module, class_name, None)
+        if not is_handler(found):
+            raise ValueError(
+                f"--handler {args.handler}: {class_name} in {module_name} is not a handler class "
+                "(a subclass of segproxy.HTTPSProxyHandler)"
+            )
+        return found
+
+    import runpy
+
+    path = args.script
+    try:
+        namespace = runpy.run_path(path, run_name="__segproxy_script__")
+    except OSError as exc:
+        raise ValueError(f"-s {path}: {describe_os_error(exc)}") from exc
+    except Exception as exc:  # the script's own error: say which
+        raise ValueError(f"-s {path}: the script raised {type(exc).__name__}: {exc}") from exc
+    named = namespace.get("handler")
+    if named is not None:
+        if not is_handler(named):
+            raise ValueError(f"-s {path}: `handler` is not a handler class")
+        return named  # type: ignore[no-any-return]
+    defined = [
+        v for v in namespace.values() if is_handler(v) and v.__module__ == "__segproxy_script__"
+    ]
+    if len(defined) != 1:
+        names = ", ".join(sorted(v.__name__ for v in defined)) or "none"
+        raise ValueError(
+            f"-s {path}: the file must define one handler class (a subclass of "
+            f"segproxy.HTTPSProxyHandler), or name it with `handler = Class`; found {names}"
+        )
+    return defined[0]  # type: ignore[no-any-return]
+
+
 def read_credentials(path: str) -> list[str]:
     """USER:PASS lines of a file; blank lines and # comments skipped."""
     out = []
@@ -550,7 +620,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             url = f"http://[{shost}]:{sport}" if ":" in shost else f"http://{shost}:{sport}"
             print(f"segproxy: metrics at {url}/metrics", file=sys.stderr, flush=True)
 
-    code = _serve(args, rules, tls_store, ready)
+    try:
+        handler = load_handler(args)
+    except ValueError as exc:
+        parser.error(str(exc))
+    if handler is None:
+        code = _serve(args, rules, tls_store, ready)
+    else:
+        code = _serve_hooks(args, rules, tls_store, ready, handler)
     # Leave without finalizing the interpreter: an engine thread may still be handing its
     # last result to Python (pyo3-async-runtimes calls loop.call_soon_threadsafe, which
     # drops the GIL inside), and CPython 3.11 kills a thread that wants the GIL back during
@@ -576,12 +653,7 @@ def _serve(
             args.listen_port,
             rules=rules.engine_rules,
             ca=None if tls_store is None else tls_store.engine_ca,
-            **{
-                **engine_options(args),
-                "access_log": access_log_path(args.access_log),
-                "access_records": 0,  # nobody reads them in a CLI process: keep memory for traffic
-                "proxy_auth": args.credentials,
-            },
+            **server_options(args),
         )
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))
@@ -591,20 +663,7 @@ def _serve(
         engine.begin_shutdown(engine.shutdown_timeout)
 
     def reload(_signum: int, _frame: object) -> None:
-        # SIGHUP: --rules-file read again; a file that does not parse leaves the rules as
-        # they were. Flows already decided keep their policy.
-        try:
-            new = build_rules(args)
-            engine.set_rules(new.engine_rules)
-        except (OSError, ValueError) as exc:
-            error(
-                f"SIGHUP: rules not reloaded, the old ones stay in force: {describe_os_error(exc)}"
-            )
-            return
-        for note in new.warnings():
-            warn(note)
-        files = ", ".join(args.rules_file) or "the command line"
-        print(f"segproxy: rules reloaded from {files}", file=sys.stderr, flush=True)
+        reload_rules(args, lambda new: engine.set_rules(new.engine_rules))
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, stop)
@@ -615,4 +674,67 @@ def _serve(
     while not engine.is_stopped():
         # A signal runs its handler, then select goes on waiting (PEP 475).
         select.select([stopped], [], [])
+    return 0
+
+
+def server_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The engine options the command line gives every server."""
+    return {
+        **engine_options(args),
+        "access_log": access_log_path(args.access_log),
+        "access_records": 0,  # nobody reads them in a CLI process: keep memory for traffic
+        "proxy_auth": args.credentials,
+    }
+
+
+def reload_rules(args: argparse.Namespace, apply: Callable[[Rules], None]) -> None:
+    """SIGHUP: the rules built again from --rules-file and the flags, and put in force; a file
+    that does not parse leaves the rules as they were. Flows already decided keep theirs."""
+    try:
+        new = build_rules(args)
+        apply(new)
+    except (OSError, ValueError) as exc:
+        error(f"SIGHUP: rules not reloaded, the old ones stay in force: {describe_os_error(exc)}")
+        return
+    for note in new.warnings():
+        warn(note)
+    files = ", ".join(args.rules_file) or "the command line"
+    print(f"segproxy: rules reloaded from {files}", file=sys.stderr, flush=True)
+
+
+def _serve_hooks(
+    args: argparse.Namespace,
+    rules: Rules,
+    tls_store: TLSStore | None,
+    ready: Callable[[_engine.EngineServer], None],
+    handler: type,
+) -> int:
+    """As `_serve`, with the user's handler (-s / --handler): its hooks run on an asyncio
+    loop in this thread."""
+    import asyncio
+
+    from ._server import start_proxy_server
+
+    async def main() -> None:
+        server = await start_proxy_server(
+            handler,
+            args.listen_host,
+            args.listen_port,
+            tls_store,
+            rules=rules,
+            **server_options(args),
+        )
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, server.close)
+        if hasattr(signal, "SIGHUP"):
+            loop.add_signal_handler(signal.SIGHUP, reload_rules, args, server.set_rules)
+        ready(server._engine)
+        await server.serve_forever()
+
+    try:
+        asyncio.run(main())
+    except (OSError, ValueError) as exc:
+        error(describe_os_error(exc))
+        return 1
     return 0

@@ -334,7 +334,7 @@ pub static OPTIONS: &[OptionSpec] = &[
         LIMITS,
         "seconds a Python hook may take; then the flow is abandoned (504)",
     )
-    .cli(Cli::Absent("the command line runs no Python hooks")),
+    .cli(Cli::Flag),
     OptionSpec::new(
         "pool_idle_timeout",
         Kind::Seconds,
