@@ -97,6 +97,9 @@ class FlowRecord(TypedDict):
     direction: str
     status: int
     """The status the client got (0 if the connection ended first); 200 for a tunnel."""
+    bytes_up: int
+    """Bytes client -> destination, as in `AccessRecord.bytes_up`."""
+    bytes_down: int
     error: str | None
     outcome: str
     """What happened, as in `AccessRecord.outcome`."""
@@ -378,6 +381,20 @@ class ProxyServer:
         segment written, ready to plot.
         """
         return self._engine.flows(clear)  # type: ignore[return-value]
+
+    def flows_frame(self, clear: bool = False) -> Any:
+        """`flows()` as a pandas DataFrame, one row a flow (`segproxy.frames.flows_frame`).
+        Needs pandas: ``pip install segproxy[notebook]``."""
+        from .frames import flows_frame
+
+        return flows_frame(self.flows(clear))
+
+    def chunks_frame(self, clear: bool = False) -> Any:
+        """Every chunk of `flows()` as a pandas DataFrame, one row a chunk, times in seconds
+        from its flow's start (`segproxy.frames.chunks_frame`). Needs pandas."""
+        from .frames import chunks_frame
+
+        return chunks_frame(self.flows(clear))
 
     def active_connections(self) -> int:
         return self._engine.active_connections()

@@ -264,6 +264,8 @@ pub struct FlowView<'a> {
     chunks: &'a [ChunkEvent],
     dropped_chunks: u64,
     status: u16,
+    bytes_up: u64,
+    bytes_down: u64,
     error: Option<&'a str>,
     outcome: Outcome,
     short_chunks: Vec<(usize, &'static str)>,
@@ -285,6 +287,8 @@ impl<'a> FlowView<'a> {
             chunks: &chunks.events,
             dropped_chunks: chunks.dropped,
             status: flow.status,
+            bytes_up: flow.bytes_up,
+            bytes_down: flow.bytes_down,
             error: flow.error.as_deref(),
             outcome: flow.outcome,
             short_chunks: chunks
