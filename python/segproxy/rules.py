@@ -64,6 +64,7 @@ class Rule:
 
     ``Rule("*.example.test", strategy="fixed", chunk=512, delay=10)`` segments (a rule
     with any of strategy, chunk, min, max or delay uses mode ``segment_upstream``);
+    ``Rule("*.example.test", rate="100k")`` limits the rate to 100,000 bytes a second;
     ``Rule("ads.test", action="block", reason="no ads")`` blocks. Unset fields are left out.
     """
 
@@ -74,6 +75,9 @@ class Rule:
     max: int | None = None
     delay: int | None = None
     """Milliseconds between chunks."""
+    rate: int | str | None = None
+    """Bytes per second (``100k``, ``1M``: suffixes k = 1,000 and M = 1,000,000): after a
+    chunk of n bytes the next waits n / rate (at least ``delay``); a burst is one chunk."""
     action: Literal["direct", "upstream", "block"] | None = None
     upstream: str | None = None
     """``[USER:PASS@]HOST:PORT`` of the upstream proxy (with ``action="upstream"``)."""
@@ -115,7 +119,7 @@ class Rules:
 
     Built from text (`parse`), a file (`from_file`) or `Rule` objects (`from_rules`); each
     add is all or nothing. A server takes a snapshot of its rules when it starts: later
-    changes to this object do not reach it (start a new server to use them).
+    changes to this object do not reach it until it is given to `ProxyServer.set_rules`.
     """
 
     def __init__(
@@ -127,11 +131,22 @@ class Rules:
         delay_ms: float = 0.0,
         direction: DirectionName = "up",
         mode: str | None = None,
+        rate: int | str | None = None,
     ) -> None:
         """The default policy, used when no rule matches; `mode` is the mode word listings
         and access lines show for it (default: ``segment_upstream`` if it segments, else
-        ``direct``). The engine checks the policy as it checks a rule's (ValueError)."""
-        self._set = _engine.RuleSet(strategy, chunk, min, max, delay_ms, direction, mode)
+        ``direct``); `rate` limits every flow the default decides (bytes a second, as in
+        `Rule.rate`). The engine checks the policy as it checks a rule's (ValueError)."""
+        self._set = _engine.RuleSet(
+            strategy,
+            chunk,
+            min,
+            max,
+            delay_ms,
+            direction,
+            mode,
+            None if rate is None else str(rate),
+        )
 
     @classmethod
     def parse(cls, text: str, source: str = "<text>", **default_policy: object) -> Rules:

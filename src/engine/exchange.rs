@@ -342,9 +342,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 Ok(Some(c)) => c,
             };
             match command {
-                HandlerCommand::Forward(order) => {
-                    return Ok(Handled::Forward(Some(Box::new(order))))
-                }
+                HandlerCommand::Forward(order) => return Ok(Handled::Forward(Some(order))),
                 HandlerCommand::Write(bytes) => {
                     wrote_raw = true;
                     self.record.bytes_down += bytes.len() as u64;

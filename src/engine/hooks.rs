@@ -91,7 +91,7 @@ pub struct ForwardOrder {
 #[derive(Debug)]
 pub enum HandlerCommand {
     /// Forward the request to its destination (response hooks then run as the engine reads it).
-    Forward(ForwardOrder),
+    Forward(Box<ForwardOrder>),
     /// Raw bytes for the client (the handler writes its own response, status line included).
     Write(Bytes),
     /// Send the next piece of the client's request body; None at its end.

@@ -884,6 +884,9 @@ impl RuleSet {
                 self.default_mode()
             ),
         };
+        if let Some(rate) = p.rate {
+            out += &format!(" rate={rate}B/s");
+        }
         out += &format!(" direction={}\n", self.default_direction);
         if self.rules.is_empty() {
             out += "Rules: (none)\n";
@@ -1096,6 +1099,8 @@ struct Keys<'a> {
     min: Option<i64>,
     max: Option<i64>,
     delay: Option<i64>,
+    /// `rate=` in bytes per second (ours: shaping applies in every mode).
+    rate: Option<u64>,
     action: Option<&'a str>,
     upstream: Option<UpstreamProxy>,
     /// `upstream=` as listed: the proxy, or the value as written when its port is out of range.
@@ -1192,6 +1197,7 @@ fn parse_rule(
                     _ => keys.delay = n,
                 }
             }
+            "rate" => keys.rate = Some(SegmentPolicy::parse_rate(value)?),
             "action" => keys.action = Some(value),
             "upstream" => {
                 let up = UpstreamProxy::parse_lenient(value, &mut notes)?;
@@ -1332,6 +1338,7 @@ const KNOWN_KEYS: &[&str] = &[
     "min",
     "max",
     "delay",
+    "rate",
     "action",
     "upstream",
     "reason",
@@ -1434,9 +1441,10 @@ fn build_policy(
         if policy != SegmentPolicy::none() {
             notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
         }
-        return Ok(SegmentPolicy::none());
+        // A rate shapes in every mode: it paces, it does not segment as SegmentedProxy does.
+        return SegmentPolicy::none().with_rate(k.rate);
     }
-    Ok(policy)
+    policy.with_rate(k.rate)
 }
 
 /// The action of a rule (default direct), with SegmentedProxy's checks and messages. As
@@ -1691,7 +1699,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
         );
 
         // All or nothing.

@@ -50,6 +50,9 @@ pub const DEFAULT_CHUNK: usize = 1024;
 pub struct SegmentPolicy {
     pub strategy: Strategy,
     pub delay: Duration,
+    /// Bytes per second (`rate=`): after a chunk of n bytes, the next waits at least n / rate
+    /// (and at least `delay`). A burst is at most one chunk.
+    pub rate: Option<u64>,
 }
 
 impl Default for SegmentPolicy {
@@ -64,6 +67,7 @@ impl SegmentPolicy {
         Self {
             strategy: Strategy::None,
             delay: Duration::ZERO,
+            rate: None,
         }
     }
 
@@ -72,6 +76,7 @@ impl SegmentPolicy {
         Self {
             strategy: Strategy::Fixed { chunk },
             delay,
+            rate: None,
         }
     }
 
@@ -80,12 +85,50 @@ impl SegmentPolicy {
         Self {
             strategy: Strategy::Random { min, max },
             delay,
+            rate: None,
         }
     }
 
     /// True when the policy cannot change timing or grouping at all.
     pub fn is_passthrough(&self) -> bool {
-        self.strategy == Strategy::None && self.delay.is_zero()
+        self.strategy == Strategy::None && self.delay.is_zero() && self.rate.is_none()
+    }
+
+    /// This policy with a rate limit in bytes per second (`rate=`), checked.
+    pub fn with_rate(mut self, rate: Option<u64>) -> Result<Self, String> {
+        if rate == Some(0) {
+            return Err("rate must be > 0 bytes per second".into());
+        }
+        self.rate = rate;
+        Ok(self)
+    }
+
+    /// The chunk a rate-limited stream without a strategy is cut into: a hundredth of a
+    /// second's worth, between 512 bytes and 16 KiB, so the pace is smooth.
+    fn rate_chunk(rate: u64) -> usize {
+        (rate / 100).clamp(512, 16 * 1024) as usize
+    }
+
+    /// Parses `rate=` values: bytes per second, with an optional `k` (1,000) or `M`
+    /// (1,000,000) suffix: `100k`, `1.5M`, `64000`.
+    pub fn parse_rate(text: &str) -> Result<u64, String> {
+        let t = text.trim();
+        let (number, scale) = match t.char_indices().last() {
+            Some((i, 'k' | 'K')) => (&t[..i], 1e3),
+            Some((i, 'm' | 'M')) => (&t[..i], 1e6),
+            _ => (t, 1.0),
+        };
+        let value: f64 = number
+            .trim()
+            .parse()
+            .map_err(|_| format!("invalid rate '{text}' (bytes per second, e.g. 100k or 1M)"))?;
+        let bytes = value * scale;
+        if !(bytes.is_finite() && bytes >= 1.0) {
+            return Err(format!(
+                "rate must be at least 1 byte per second, got '{text}'"
+            ));
+        }
+        Ok(bytes.round() as u64)
     }
 
     /// The one parser of a segmentation policy, whoever gives it (a rule line, `Rules(...)`, a
@@ -143,18 +186,26 @@ impl SegmentPolicy {
         // Whole milliseconds exactly (a rule's delay), a fraction to the nanosecond.
         let delay = Duration::from_millis(delay_ms.trunc() as u64)
             .saturating_add(Duration::from_nanos((delay_ms.fract() * 1e6).round() as u64));
-        Ok(SegmentPolicy { strategy, delay })
+        Ok(SegmentPolicy {
+            strategy,
+            delay,
+            rate: None,
+        })
     }
 
     /// One-line summary, e.g. `none`, `fixed chunk=1024 delay=5ms`,
     /// `random min=10 max=100 delay=0ms`, `none delay=20ms`.
     pub fn describe(&self) -> String {
         let ms = self.delay.as_millis();
-        match self.strategy {
+        let words = match self.strategy {
             Strategy::None if self.delay.is_zero() => "none".to_string(),
             Strategy::None => format!("none delay={ms}ms"),
             Strategy::Fixed { chunk } => format!("fixed chunk={chunk} delay={ms}ms"),
             Strategy::Random { min, max } => format!("random min={min} max={max} delay={ms}ms"),
+        };
+        match self.rate {
+            Some(rate) => format!("{words} rate={rate}B/s"),
+            None => words,
         }
     }
 }
@@ -325,8 +376,12 @@ impl<S> Segmented<S> {
     /// The size of the next chunk, given that `offered` more bytes are at hand.
     fn chunk_size(&mut self, offered: usize) -> usize {
         match self.policy.strategy {
-            // Every write is one chunk (with the bytes held from before, if a carry brought any).
-            Strategy::None => self.pending.len() + offered,
+            // Every write is one chunk (with the bytes held from before, if a carry brought any);
+            // at a rate, at most a hundredth of a second's worth.
+            Strategy::None => match self.policy.rate {
+                Some(rate) => (self.pending.len() + offered).min(SegmentPolicy::rate_chunk(rate)),
+                None => self.pending.len() + offered,
+            },
             // max(1) keeps an unvalidated zero from looping forever.
             Strategy::Fixed { chunk } => chunk.max(1),
             Strategy::Random { min, max } => {
@@ -347,15 +402,21 @@ impl<S> Segmented<S> {
     /// When the write about to start begins, if anything needs to know (a delay to schedule
     /// or an observer); chunking without either never reads the clock.
     fn clock(&self) -> Option<Instant> {
-        (!self.policy.delay.is_zero() || self.observer.is_some()).then(Instant::now)
+        (!self.policy.delay.is_zero() || self.policy.rate.is_some() || self.observer.is_some())
+            .then(Instant::now)
     }
 
     /// The chunk's first bytes were just written by a write that began at `at`: the next
     /// chunk's deadline counts from there (the write's own duration is not added to the gap).
     fn mark_started(&mut self, at: Option<Instant>) {
         if let (Some((size, short)), Some(at)) = (self.starting.take(), at) {
-            if !self.policy.delay.is_zero() {
-                self.next_at = Some(at + self.policy.delay);
+            // The pause after this chunk: the delay, or the chunk's time at the rate if longer.
+            let pace = self.policy.rate.map_or(Duration::ZERO, |rate| {
+                Duration::from_secs_f64(size as f64 / rate as f64)
+            });
+            let pause = self.policy.delay.max(pace);
+            if !pause.is_zero() {
+                self.next_at = Some(at + pause);
             }
             if let Some(observer) = &self.observer {
                 observer(size, short, at);
@@ -595,7 +656,8 @@ mod tests {
         assert!(SegmentPolicy::none().is_passthrough());
         assert!(!SegmentPolicy {
             strategy: Strategy::None,
-            delay: Duration::from_millis(1)
+            delay: Duration::from_millis(1),
+            rate: None,
         }
         .is_passthrough());
         assert!(!SegmentPolicy::fixed(10, Duration::ZERO).is_passthrough());
@@ -715,6 +777,7 @@ mod tests {
         let none_delay = SegmentPolicy {
             strategy: Strategy::None,
             delay: Duration::from_millis(20),
+            rate: None,
         };
         assert_eq!(none_delay.describe(), "none delay=20ms");
         assert_eq!(none_delay.to_string(), "none delay=20ms");

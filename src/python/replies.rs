@@ -74,7 +74,10 @@ impl FlowHandle {
             body: body.map(bytes_from_py).transpose()?,
             policy: policy.map(policy_from_py).transpose()?,
         };
-        Ok(self.tx.send(HandlerCommand::Forward(order)).is_ok())
+        Ok(self
+            .tx
+            .send(HandlerCommand::Forward(Box::new(order)))
+            .is_ok())
     }
 
     /// Raw bytes for the client (a whole response, status line included, possibly in pieces).

@@ -59,7 +59,8 @@ pub struct PyRuleSet {
 impl PyRuleSet {
     /// An empty rule set with a default segmentation policy.
     #[new]
-    #[pyo3(signature = (strategy = "none", chunk = None, min = None, max = None, delay_ms = 0.0, direction = "up", mode = None))]
+    #[pyo3(signature = (strategy = "none", chunk = None, min = None, max = None, delay_ms = 0.0, direction = "up", mode = None, rate = None))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         strategy: &str,
         chunk: Option<i64>,
@@ -68,8 +69,15 @@ impl PyRuleSet {
         delay_ms: f64,
         direction: &str,
         mode: Option<&str>,
+        rate: Option<&str>,
     ) -> PyResult<Self> {
-        let policy = policy_from(strategy, chunk, min, max, delay_ms)?;
+        let rate = rate
+            .map(SegmentPolicy::parse_rate)
+            .transpose()
+            .map_err(PyValueError::new_err)?;
+        let policy = policy_from(strategy, chunk, min, max, delay_ms)?
+            .with_rate(rate)
+            .map_err(PyValueError::new_err)?;
         let mut set = RuleSet::new(policy, direction_from(direction)?);
         if let Some(mode) = mode {
             set.set_default_mode(mode);
