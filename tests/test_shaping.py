@@ -129,3 +129,36 @@ def test_an_intercepted_download_at_a_rate(nginx_origin, tmp_path) -> None:
     assert out.stat().st_size == size
     # The TLS handshake and records add a little to the bytes paced; curl's start adds time.
     within_rate(elapsed, size, rate)
+
+
+async def test_ttfb_holds_the_first_byte_of_responses_and_tunnels() -> None:
+    hold = 0.3
+    with HttpOrigin() as origin, SourceOrigin(10_000, seed=2) as source:
+        rules = Rules.from_rules([Rule("127.0.0.1", ttfb=300)])
+        server = await start_proxy_server(host="127.0.0.1", port=0, rules=rules, record_flows=True)
+        try:
+
+            def http() -> float:
+                t0 = time.monotonic()
+                r = proxy_request(("127.0.0.1", server.port), "GET", origin.url("/t"))
+                assert r.status == 200 and r.body == b"origin ok /t\n"
+                return time.monotonic() - t0
+
+            def tunnel() -> float:
+                s, r = proxy_connect(("127.0.0.1", server.port), f"127.0.0.1:{source.port}")
+                assert r.status == 200
+                with s:
+                    t0 = time.monotonic()
+                    data = recv_exact(s, 10_000)
+                    first = time.monotonic() - t0
+                assert data == blob(2, 10_000)
+                return first
+
+            assert await asyncio.to_thread(http) >= hold * 0.95
+            assert await asyncio.to_thread(tunnel) >= hold * 0.95
+        finally:
+            await server.aclose()
+        assert all("ttfb=300ms" in f["policy"] for f in server.flows()), server.flows()
+    assert "ttfb=300ms" in Rules(ttfb_ms=300).describe()
+    with pytest.raises(ValueError, match="ttfb must be"):
+        Rules.parse("a.test=direct,ttfb=-5")

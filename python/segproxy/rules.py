@@ -78,6 +78,9 @@ class Rule:
     rate: int | str | None = None
     """Bytes per second (``100k``, ``1M``: suffixes k = 1,000 and M = 1,000,000): after a
     chunk of n bytes the next waits n / rate (at least ``delay``); a burst is one chunk."""
+    ttfb: int | None = None
+    """Milliseconds the first byte of each response (a tunnel's first byte toward the client)
+    is held, whatever the direction."""
     action: Literal["direct", "upstream", "block"] | None = None
     upstream: str | None = None
     """``[USER:PASS@]HOST:PORT`` of the upstream proxy (with ``action="upstream"``)."""
@@ -132,11 +135,13 @@ class Rules:
         direction: DirectionName = "up",
         mode: str | None = None,
         rate: int | str | None = None,
+        ttfb_ms: int | None = None,
     ) -> None:
         """The default policy, used when no rule matches; `mode` is the mode word listings
         and access lines show for it (default: ``segment_upstream`` if it segments, else
         ``direct``); `rate` limits every flow the default decides (bytes a second, as in
-        `Rule.rate`). The engine checks the policy as it checks a rule's (ValueError)."""
+        `Rule.rate`) and `ttfb_ms` holds the first byte of every response it decides. The engine
+        checks the policy as it checks a rule's (ValueError)."""
         self._set = _engine.RuleSet(
             strategy,
             chunk,
@@ -146,6 +151,7 @@ class Rules:
             direction,
             mode,
             None if rate is None else str(rate),
+            ttfb_ms,
         )
 
     @classmethod

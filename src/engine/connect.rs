@@ -174,6 +174,8 @@ struct Plan {
     route: super::connector::Route,
     up_policy: SegmentPolicy,
     down_policy: SegmentPolicy,
+    /// `ttfb=`: how long a tunnel's first byte toward the client is held.
+    ttfb: Option<std::time::Duration>,
 }
 
 async fn plan_connect(
@@ -251,6 +253,7 @@ async fn plan_connect(
         port,
         intercept,
         route: route_for(&decision.action),
+        ttfb: decision.policy.ttfb,
         up_policy,
         down_policy,
     })
@@ -324,6 +327,7 @@ async fn tunnel(
         port,
         up_policy,
         down_policy,
+        ttfb,
         ..
     } = plan;
     client
@@ -351,7 +355,11 @@ async fn tunnel(
     let client_prefix = leftover(client_buf);
     let origin_prefix = leftover(origin_buf);
     #[cfg(target_os = "linux")]
-    if up_policy.is_passthrough() && down_policy.is_passthrough() && !record.records_chunks() {
+    if up_policy.is_passthrough()
+        && down_policy.is_passthrough()
+        && ttfb.is_none()
+        && !record.records_chunks()
+    {
         // Nothing to segment or record: relay in the kernel.
         let (mut client_io, mut origin_io) = (client_io, origin_io);
         let prefixes = async {
@@ -369,7 +377,7 @@ async fn tunnel(
     let (cr, cw) = client_io.into_split();
     let (or, ow) = origin_io.into_split();
     let to_origin = Segmented::new(ow, up_policy, record.observer("up"));
-    let to_client = Segmented::new(cw, down_policy, record.observer("down"));
+    let to_client = Segmented::new(cw, down_policy, record.observer("down")).hold_first(ttfb);
     let buffer = if to_origin.is_passthrough() && to_client.is_passthrough() {
         engine.config.tunnel_buffer_bytes
     } else {

@@ -36,7 +36,7 @@ pub fn decide(
         Action::Upstream(u) => FlowAction::Upstream(u.authority()),
         Action::Block { .. } => FlowAction::Block,
     };
-    record.policy = if decision.policy.is_passthrough() {
+    record.policy = if decision.policy.is_passthrough() && decision.policy.ttfb.is_none() {
         "none".into()
     } else {
         format!(

@@ -241,6 +241,8 @@ struct Plan {
     up_policy: SegmentPolicy,
     down_policy: SegmentPolicy,
     up_observer: Option<ChunkObserver>,
+    /// `ttfb=`: how long the response's first byte is held (plain and intercepted alike).
+    ttfb: Option<std::time::Duration>,
     /// Plain HTTP through an upstream proxy: its answers are the proxy's, not the origin's.
     via_upstream: bool,
 }
@@ -555,6 +557,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 None
             },
             via_upstream,
+            ttfb: decision.policy.ttfb,
         })
     }
 
@@ -950,7 +953,8 @@ impl<'a, C: Io> Exchange<'a, C> {
         };
         let mut origin = sent.origin;
         let down_observer = self.record.observer("down");
-        let mut to_client = Segmented::new(&mut self.client.io, plan.down_policy, down_observer);
+        let mut to_client = Segmented::new(&mut self.client.io, plan.down_policy, down_observer)
+            .hold_first(plan.ttfb);
         let segmenting = !to_client.is_passthrough()
             || matches!(
                 self.mode,

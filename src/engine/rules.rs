@@ -887,6 +887,9 @@ impl RuleSet {
         if let Some(rate) = p.rate {
             out += &format!(" rate={rate}B/s");
         }
+        if let Some(t) = p.ttfb {
+            out += &format!(" ttfb={}ms", t.as_millis());
+        }
         out += &format!(" direction={}\n", self.default_direction);
         if self.rules.is_empty() {
             out += "Rules: (none)\n";
@@ -1101,6 +1104,8 @@ struct Keys<'a> {
     delay: Option<i64>,
     /// `rate=` in bytes per second (ours: shaping applies in every mode).
     rate: Option<u64>,
+    /// `ttfb=` in milliseconds (ours, every mode like `rate=`).
+    ttfb: Option<i64>,
     action: Option<&'a str>,
     upstream: Option<UpstreamProxy>,
     /// `upstream=` as listed: the proxy, or the value as written when its port is out of range.
@@ -1198,6 +1203,7 @@ fn parse_rule(
                 }
             }
             "rate" => keys.rate = Some(SegmentPolicy::parse_rate(value)?),
+            "ttfb" => keys.ttfb = Some(parse_int("ttfb", value)?),
             "action" => keys.action = Some(value),
             "upstream" => {
                 let up = UpstreamProxy::parse_lenient(value, &mut notes)?;
@@ -1339,6 +1345,7 @@ const KNOWN_KEYS: &[&str] = &[
     "max",
     "delay",
     "rate",
+    "ttfb",
     "action",
     "upstream",
     "reason",
@@ -1442,9 +1449,9 @@ fn build_policy(
             notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
         }
         // A rate shapes in every mode: it paces, it does not segment as SegmentedProxy does.
-        return SegmentPolicy::none().with_rate(k.rate);
+        return SegmentPolicy::none().with_rate(k.rate)?.with_ttfb(k.ttfb);
     }
-    policy.with_rate(k.rate)
+    policy.with_rate(k.rate)?.with_ttfb(k.ttfb)
 }
 
 /// The action of a rule (default direct), with SegmentedProxy's checks and messages. As
@@ -1699,7 +1706,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
         );
 
         // All or nothing.

@@ -53,6 +53,10 @@ pub struct SegmentPolicy {
     /// Bytes per second (`rate=`): after a chunk of n bytes, the next waits at least n / rate
     /// (and at least `delay`). A burst is at most one chunk.
     pub rate: Option<u64>,
+    /// `ttfb=`: the first byte of each response (a tunnel's first byte toward the client)
+    /// is held this long. Not segmentation: applied by the response's writer
+    /// ([`Segmented::hold_first`]), whatever the direction.
+    pub ttfb: Option<Duration>,
 }
 
 impl Default for SegmentPolicy {
@@ -68,6 +72,7 @@ impl SegmentPolicy {
             strategy: Strategy::None,
             delay: Duration::ZERO,
             rate: None,
+            ttfb: None,
         }
     }
 
@@ -77,6 +82,7 @@ impl SegmentPolicy {
             strategy: Strategy::Fixed { chunk },
             delay,
             rate: None,
+            ttfb: None,
         }
     }
 
@@ -86,12 +92,23 @@ impl SegmentPolicy {
             strategy: Strategy::Random { min, max },
             delay,
             rate: None,
+            ttfb: None,
         }
     }
 
     /// True when the policy cannot change timing or grouping at all.
     pub fn is_passthrough(&self) -> bool {
         self.strategy == Strategy::None && self.delay.is_zero() && self.rate.is_none()
+    }
+
+    /// This policy with a time to first byte (`ttfb=`, milliseconds), checked.
+    pub fn with_ttfb(mut self, ttfb_ms: Option<i64>) -> Result<Self, String> {
+        self.ttfb = match ttfb_ms {
+            None => None,
+            Some(ms) if (0..=3_600_000).contains(&ms) => Some(Duration::from_millis(ms as u64)),
+            Some(ms) => return Err(format!("ttfb must be 0..3600000 ms, got {ms}")),
+        };
+        Ok(self)
     }
 
     /// This policy with a rate limit in bytes per second (`rate=`), checked.
@@ -190,6 +207,7 @@ impl SegmentPolicy {
             strategy,
             delay,
             rate: None,
+            ttfb: None,
         })
     }
 
@@ -203,8 +221,12 @@ impl SegmentPolicy {
             Strategy::Fixed { chunk } => format!("fixed chunk={chunk} delay={ms}ms"),
             Strategy::Random { min, max } => format!("random min={min} max={max} delay={ms}ms"),
         };
-        match self.rate {
+        let words = match self.rate {
             Some(rate) => format!("{words} rate={rate}B/s"),
+            None => words,
+        };
+        match self.ttfb {
+            Some(t) => format!("{words} ttfb={}ms", t.as_millis()),
             None => words,
         }
     }
@@ -287,6 +309,8 @@ pub struct Segmented<S> {
     /// A chunk begun whose first byte is not written yet: its size and why it is short.
     starting: Option<(usize, Option<ShortChunk>)>,
     sleep: Option<PreciseSleep>,
+    /// `ttfb=`: how long the first bytes wait, until they come.
+    hold_first: Option<Duration>,
     /// What a short chunk at the next flush is called.
     flush_reason: ShortChunk,
     /// An error hit while finishing a chunk after its bytes were already reported as
@@ -310,6 +334,7 @@ impl<S> Segmented<S> {
             next_at: None,
             starting: None,
             sleep: None,
+            hold_first: None,
             flush_reason: ShortChunk::Flush,
             error: None,
         }
@@ -357,6 +382,15 @@ impl<S> Segmented<S> {
     }
 
     /// Goes on from where the previous wrapper on the same stream stopped.
+    /// Holds the first bytes written `hold` long (`ttfb=`); None holds nothing.
+    pub fn hold_first(mut self, hold: Option<Duration>) -> Self {
+        if let Some(hold) = hold {
+            self.hold_first = Some(hold);
+            self.fast = false;
+        }
+        self
+    }
+
     pub fn with_carry(mut self, carry: Carry) -> Self {
         if self.fast {
             debug_assert!(
@@ -524,6 +558,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
+        if let Some(hold) = this.hold_first.take() {
+            // ttfb: the first bytes wait `hold` from when they were offered.
+            this.next_at = Some(Instant::now() + hold);
+        }
         // Complete chunks held from before go first, each at its time.
         ready!(this.poll_progress(cx, false))?;
         let size = this.chunk_size(buf.len());
@@ -658,6 +696,7 @@ mod tests {
             strategy: Strategy::None,
             delay: Duration::from_millis(1),
             rate: None,
+            ttfb: None,
         }
         .is_passthrough());
         assert!(!SegmentPolicy::fixed(10, Duration::ZERO).is_passthrough());
@@ -778,6 +817,7 @@ mod tests {
             strategy: Strategy::None,
             delay: Duration::from_millis(20),
             rate: None,
+            ttfb: None,
         };
         assert_eq!(none_delay.describe(), "none delay=20ms");
         assert_eq!(none_delay.to_string(), "none delay=20ms");

@@ -59,7 +59,7 @@ pub struct PyRuleSet {
 impl PyRuleSet {
     /// An empty rule set with a default segmentation policy.
     #[new]
-    #[pyo3(signature = (strategy = "none", chunk = None, min = None, max = None, delay_ms = 0.0, direction = "up", mode = None, rate = None))]
+    #[pyo3(signature = (strategy = "none", chunk = None, min = None, max = None, delay_ms = 0.0, direction = "up", mode = None, rate = None, ttfb_ms = None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         strategy: &str,
@@ -70,6 +70,7 @@ impl PyRuleSet {
         direction: &str,
         mode: Option<&str>,
         rate: Option<&str>,
+        ttfb_ms: Option<i64>,
     ) -> PyResult<Self> {
         let rate = rate
             .map(SegmentPolicy::parse_rate)
@@ -77,6 +78,7 @@ impl PyRuleSet {
             .map_err(PyValueError::new_err)?;
         let policy = policy_from(strategy, chunk, min, max, delay_ms)?
             .with_rate(rate)
+            .and_then(|p| p.with_ttfb(ttfb_ms))
             .map_err(PyValueError::new_err)?;
         let mut set = RuleSet::new(policy, direction_from(direction)?);
         if let Some(mode) = mode {
