@@ -4,6 +4,7 @@
 use super::connector::{Route, UpstreamHop};
 use super::flow::{Flow, FlowAction};
 use super::rules::{Action, Decision, RuleSet, Scheme};
+use super::segment::SegmentPolicy;
 use super::state::Engine;
 
 /// The rule decision for a flow, written into its access record.
@@ -36,7 +37,8 @@ pub fn decide(
         Action::Upstream(u) => FlowAction::Upstream(u.authority()),
         Action::Block { .. } => FlowAction::Block,
     };
-    record.policy = if decision.policy.is_passthrough() && decision.policy.ttfb.is_none() {
+    // "none" only for the policy that changes nothing (no segmentation, rate or ttfb).
+    record.policy = if decision.policy == SegmentPolicy::none() {
         "none".into()
     } else {
         format!(

@@ -565,10 +565,6 @@ impl<'a, C: Io> Exchange<'a, C> {
     /// request head and the body, streamed (or the handler's replacement).
     async fn send(&mut self, plan: &Plan) -> Result<Sent, FlowError> {
         let engine = self.engine;
-        let peer = Peer {
-            route: &plan.route,
-            target: &self.target,
-        };
         let mut origin_conn = None;
         // The head and the body are one segmented stream: what the head's writer holds of an
         // incomplete chunk, and its schedule, go on in the body's writer.
@@ -594,37 +590,18 @@ impl<'a, C: Io> Exchange<'a, C> {
         let retry_fresh =
             origin_conn.is_some() && self.body_empty && plan.replacement_body.is_none();
         let mut origin = match origin_conn {
-            Some(c) => c,
+            Some(c) => {
+                self.watch_wire(&c);
+                c
+            }
             None => {
-                let mut new = Box::pin(connect_origin(
-                    engine,
-                    &plan.route,
-                    &self.target,
-                    self.mode,
-                    self.record,
-                ))
-                .await
-                .map_err(|e| FlowError::answer(e.status(), e.to_string(), self.body_empty))?;
-                let mut w = Segmented::new(
-                    &mut new.io,
-                    plan.up_policy.clone(),
-                    plan.up_observer.clone(),
-                );
-                write_head(&mut w, &plan.encoded, plan.head_is_message)
-                    .await
-                    .map_err(|e| {
-                        FlowError::answer(
-                            502,
-                            format!("sending request to {peer} failed: {e}"),
-                            false,
-                        )
-                    })?;
-                head_carry = w.take_carry();
-                drop(w);
+                // The body is not read yet: a failure to send the head closes the client's
+                // connection too.
+                let (new, carry) = self.fresh_origin(plan, self.body_empty, false).await?;
+                head_carry = carry;
                 new
             }
         };
-        self.watch_wire(&origin);
 
         let mut failure: Option<String> = None;
         let mut w = Segmented::new(
@@ -695,6 +672,52 @@ impl<'a, C: Io> Exchange<'a, C> {
         })
     }
 
+    /// Who answers on this exchange's origin connection, as error messages name it.
+    fn peer<'p>(&'p self, plan: &'p Plan) -> Peer<'p> {
+        Peer {
+            route: &plan.route,
+            target: &self.target,
+        }
+    }
+
+    /// A new origin connection with the request head written on it, and what the head's
+    /// writer holds of a chunk not yet complete (for the body's writer). Whether the client's
+    /// connection stays usable after a failure is `usable_if_unreached` for a destination
+    /// that cannot be reached, `usable_if_unsent` for a head that cannot be sent.
+    async fn fresh_origin(
+        &mut self,
+        plan: &Plan,
+        usable_if_unreached: bool,
+        usable_if_unsent: bool,
+    ) -> Result<(OriginConn, Carry), FlowError> {
+        let mut new = Box::pin(connect_origin(
+            self.engine,
+            &plan.route,
+            &self.target,
+            self.mode,
+            self.record,
+        ))
+        .await
+        .map_err(|e| FlowError::answer(e.status(), e.to_string(), usable_if_unreached))?;
+        let mut w = Segmented::new(
+            &mut new.io,
+            plan.up_policy.clone(),
+            plan.up_observer.clone(),
+        );
+        if let Err(e) = write_head(&mut w, &plan.encoded, plan.head_is_message).await {
+            let peer = self.peer(plan);
+            return Err(FlowError::answer(
+                502,
+                format!("sending request to {peer} failed: {e}"),
+                usable_if_unsent,
+            ));
+        }
+        let carry = w.take_carry();
+        drop(w);
+        self.watch_wire(&new);
+        Ok((new, carry))
+    }
+
     /// Intercepted flows record the encrypted chunks toward the origin: the origin
     /// connection's tap reports to this exchange's flow while it is in use.
     fn watch_wire(&self, origin: &OriginConn) {
@@ -722,10 +745,6 @@ impl<'a, C: Io> Exchange<'a, C> {
     ) -> Result<ResponseHead, FlowError> {
         let engine = self.engine;
         let cfg = &engine.config;
-        let peer = Peer {
-            route: &plan.route,
-            target: &self.target,
-        };
         let client_reusable = self.client_reusable(sent);
         let response = loop {
             let r = tokio::time::timeout(
@@ -734,6 +753,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             )
             .await
             .map_err(|_| {
+                let peer = self.peer(plan);
                 FlowError::answer(
                     504,
                     format!("no response from {peer} within {:?}", cfg.response_timeout),
@@ -743,36 +763,16 @@ impl<'a, C: Io> Exchange<'a, C> {
             let r = match r {
                 Err(HttpError::Closed) | Err(HttpError::Io(_)) if sent.retry_fresh => {
                     sent.retry_fresh = false;
-                    let mut new = Box::pin(connect_origin(
-                        engine,
-                        &plan.route,
-                        &self.target,
-                        self.mode,
-                        self.record,
-                    ))
-                    .await
-                    .map_err(|e| FlowError::answer(e.status(), e.to_string(), client_reusable))?;
-                    let mut w = Segmented::new(
-                        &mut new.io,
-                        plan.up_policy.clone(),
-                        plan.up_observer.clone(),
-                    );
-                    w.write_all(&plan.encoded)
-                        .await
-                        .and(w.flush().await)
-                        .map_err(|e| {
-                            FlowError::answer(
-                                502,
-                                format!("sending request to {peer} failed: {e}"),
-                                client_reusable,
-                            )
-                        })?;
-                    drop(w);
+                    // Only a request without a body is retried: its head is the whole
+                    // message, so nothing is carried.
+                    let (new, _) = self
+                        .fresh_origin(plan, client_reusable, client_reusable)
+                        .await?;
                     sent.origin = new;
-                    self.watch_wire(&sent.origin);
                     continue;
                 }
                 r => r.map_err(|e| {
+                    let peer = self.peer(plan);
                     let message = match e {
                         HttpError::Closed => {
                             format!("{peer} closed the connection without a response")
@@ -796,6 +796,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             break r;
         };
         if plan.via_upstream && response.status == 407 {
+            let peer = self.peer(plan);
             // The credentials come from the rule, not the client: the client cannot fix this.
             return Err(FlowError::answer(
                 502,

@@ -93,8 +93,10 @@ impl<'a> FlowGuard<'a> {
     /// Starts a flow now (its `started` and `start` are set here).
     pub fn begin(sinks: &'a Sinks, closing: &'a watch::Receiver<bool>, mut flow: Flow) -> Self {
         flow.started = now_epoch();
-        flow.start = sinks.now();
+        // The monotonic start and end (and the chunks) are for the flow records' sinks only:
+        // without them a request reads no more clocks than it needs.
         if sinks.records_chunks() {
+            flow.start = sinks.now();
             flow.chunk_log = Some(ChunkLog::new(sinks.epoch()));
         }
         FlowGuard {
@@ -124,7 +126,9 @@ impl<'a> FlowGuard<'a> {
         }
         // Chunks observed after this (by a writer that outlives its flow) are not recorded.
         let chunks = flow.chunk_log.take().map(|log| log.take());
-        flow.end = Some(self.sinks.now());
+        if chunks.is_some() {
+            flow.end = Some(self.sinks.now());
+        }
         self.sinks.finish(flow, chunks);
     }
 }
