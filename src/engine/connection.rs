@@ -24,6 +24,7 @@ use super::state::Engine;
 pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketAddr, id: u64) {
     let mut conn = ConnState::new(id, peer);
     conn.local = stream.local_addr().ok();
+    conn.client_fd = super::segment::raw_socket(&stream);
     let client = BufStream::new(stream);
     // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
     let Some((head, client)) = Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await
