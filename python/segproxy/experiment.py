@@ -142,7 +142,7 @@ async def _run(workload: Workload, proxy: str, verify: Any) -> None:
 
 
 async def sweep(
-    policies: Mapping[str, Policy] | Iterable[Policy],
+    policies: Mapping[Any, Policy] | Iterable[Policy],
     workload: Workload,
     repeats: int = 1,
     *,
@@ -157,7 +157,8 @@ async def sweep(
     and in all, `duration` and `ttfb` (seconds, on the proxy's clock) and any error, plus
     `wall`, the seconds the whole repeat took as the workload saw it.
 
-    `policies`: a mapping of labels to policies, or policies labelled by their text. A
+    `policies`: a mapping of labels (shown as text) to policies, or policies labelled by
+    their text. A
     policy is rule text, a `Rule` or a `Rules` object. `workload`: a list of URLs (GET with
     httpx through the proxy), recorded flows or a HAR (replayed with `segproxy.replay`), or
     an async function that takes the proxy URL. `server`: a running server to use (its rules
@@ -169,7 +170,7 @@ async def sweep(
     if repeats < 1:
         raise ValueError(f"repeats must be at least 1, got {repeats}")
     labelled = (
-        [(label, _as_rules(p)) for label, p in policies.items()]
+        [(str(label), _as_rules(p)) for label, p in policies.items()]
         if isinstance(policies, Mapping)
         else [(_label(p), _as_rules(p)) for p in policies]
     )
