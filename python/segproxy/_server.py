@@ -111,6 +111,14 @@ class FlowRecord(TypedDict):
     short_chunks: list[tuple[int, str]]
     """(index into ``chunks``, why) of each chunk shorter than the policy asked: "flush" (the
     message ended), "idle" (the source was quiet for 1 ms) or "end" (the stream ended)."""
+    websocket_messages: list[tuple[str, int, float, bool]]
+    """An upgraded WebSocket relayed message by message (a handler with
+    `on_websocket_message`): (direction, size, seconds, is_text) of each message sent on,
+    changed or not, and each injected one (dropped ones are not there); `size` is the
+    content's length as the hook saw it (decompressed)."""
+    websocket_up: int
+    """How many of those messages went client -> server."""
+    websocket_down: int
 
 
 class ErrorCounts(TypedDict):

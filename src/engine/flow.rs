@@ -89,6 +89,12 @@ pub struct Flow {
     pub end: Option<f64>,
     /// Where the flow's chunks are recorded while it runs (only when a sink wants them).
     pub chunk_log: Option<ChunkLog>,
+    /// An upgraded WebSocket relayed message by message (for handlers with the message hook):
+    /// the messages sent on each way, changed or not, and those injected; dropped ones are
+    /// not there. At most [`MAX_CHUNKS_PER_FLOW`] are kept; the counts are of all of them.
+    pub websocket_messages: Vec<WebSocketMessageEvent>,
+    pub websocket_up: u64,
+    pub websocket_down: u64,
 }
 
 impl Flow {
@@ -269,6 +275,9 @@ pub struct FlowView<'a> {
     error: Option<&'a str>,
     outcome: Outcome,
     short_chunks: Vec<(usize, &'static str)>,
+    websocket_messages: &'a [WebSocketMessageEvent],
+    websocket_up: u64,
+    websocket_down: u64,
 }
 
 impl<'a> FlowView<'a> {
@@ -297,6 +306,9 @@ impl<'a> FlowView<'a> {
                 .enumerate()
                 .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
                 .collect(),
+            websocket_messages: &flow.websocket_messages,
+            websocket_up: flow.websocket_up,
+            websocket_down: flow.websocket_down,
         }
     }
 
@@ -340,6 +352,29 @@ impl Serialize for ChunkEvent {
         t.serialize_element(self.direction)?;
         t.serialize_element(&self.size)?;
         t.serialize_element(&round_micros(self.t))?;
+        t.end()
+    }
+}
+
+/// One WebSocket message sent on: `[direction, size, t, is_text]` in JSON, `size` being the
+/// content's length as the hook saw it (inflated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebSocketMessageEvent {
+    /// "up" (client -> server) or "down".
+    pub direction: &'static str,
+    pub size: usize,
+    /// Seconds on the engine's monotonic clock when it went on.
+    pub t: f64,
+    pub is_text: bool,
+}
+
+impl Serialize for WebSocketMessageEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(4)?;
+        t.serialize_element(self.direction)?;
+        t.serialize_element(&self.size)?;
+        t.serialize_element(&round_micros(self.t))?;
+        t.serialize_element(&self.is_text)?;
         t.end()
     }
 }

@@ -36,6 +36,7 @@ pub mod target;
 pub mod timer;
 pub mod tls;
 pub mod tunnel;
+pub mod websocket;
 
 pub use config::EngineConfig;
 pub use server::ProxyServer;
