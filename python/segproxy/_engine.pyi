@@ -11,6 +11,7 @@ __all__ = [
     "FlowHandle",
     "HookBridge",
     "RuleSet",
+    "WebSocketInjector",
     "__version__",
     "hook_roundtrip",
     "limit_malloc_arenas",

@@ -87,8 +87,9 @@ class HTTPSProxyHandler:
 
     Set by the proxy: `request` (the request in hand). Hooks: `on_client_connected`,
     `on_request_received`, `on_error`, and segproxy's `on_connect`, `on_tunnel_open`,
-    `on_tunnel_close`. Helpers: `read_request_body()`, `write_response()`, `flush_response()`,
-    `client_reader` / `client_writer`, `set_segmentation()`.
+    `on_tunnel_close`, `on_websocket_message`. Helpers: `read_request_body()`,
+    `write_response()`, `flush_response()`, `client_reader` / `client_writer`,
+    `set_segmentation()`, `inject_websocket_message()`.
 
     If `on_request_received` returns without writing a response, the client gets a 502.
     """
