@@ -208,6 +208,38 @@ async def test_pings_and_pongs_pass_through(make_proxy, ws_origin):
     assert [c for _f, _t, c in seen] == [b"after the ping", b"after the ping"]
 
 
+async def test_a_ping_inside_a_fragmented_message_goes_on_at_once(make_proxy, ws_origin):
+    seen: Seen = []
+    proxy = await make_proxy(handler_builder=watching(seen))
+    async with through_proxy(proxy, ws_origin) as ws:
+
+        async def pieces():
+            yield "first half, "
+            # The message is incomplete: its frames wait in the proxy, the ping does not.
+            pong = await ws.ping(b"mid-message")
+            await asyncio.wait_for(pong, 10)
+            yield "second half"
+
+        await ws.send(pieces())
+        assert await recv(ws) == "first half, second half"
+    assert seen[0] == (True, True, b"first half, second half")
+
+
+async def test_a_hook_that_does_not_return_ends_the_websocket(make_proxy, ws_origin):
+    class Stuck(HTTPSForwardProxyHandler):
+        async def on_websocket_message(self, message: WebSocketMessage) -> None:
+            await asyncio.Event().wait()
+
+    proxy = await make_proxy(handler_builder=Stuck, hook_timeout=0.5, record_flows=True)
+    async with through_proxy(proxy, ws_origin) as ws:
+        await ws.send("anything")
+        with pytest.raises(websockets.ConnectionClosed):
+            await recv(ws)
+    assert ws_origin.received == []
+    flow = await flow_of(proxy)
+    assert "on_websocket_message did not return" in (flow["error"] or ""), flow
+
+
 # --- permessage-deflate ---------------------------------------------------------------------
 
 
