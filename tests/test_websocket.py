@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import segproxy
-from segproxy import HTTPSForwardProxyHandler, WebSocketMessage
+from segproxy import FlowRecord, HTTPSForwardProxyHandler, WebSocketMessage
 from support import make_origin_certs
 from support.origins import WebSocketOrigin
 
@@ -123,6 +123,7 @@ async def test_hook_sees_text_and_binary_both_ways_and_the_record_counts_them(
         (False, False, b"\x00\x01binary\xff"),
     ]
     flow = await flow_of(proxy)
+    assert set(flow) == set(FlowRecord.__annotations__)
     assert (flow["websocket_up"], flow["websocket_down"]) == (2, 2)
     got = [(d, n, text) for d, n, _t, text in flow["websocket_messages"]]
     assert sorted(got) == sorted(

@@ -650,6 +650,10 @@ impl Direction<'_, '_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::engine::hooks::{
+        ConnectDecision, HandlerCommand, Reply, RequestParts, ResponseParts,
+    };
+    use crate::engine::segment::SegmentPolicy;
     use flate2::{Compress, Compression, FlushCompress};
 
     fn masked_frame(b0: u8, payload: &[u8]) -> Vec<u8> {
@@ -761,6 +765,178 @@ mod tests {
             .into_iter()
         )
         .is_err());
+    }
+
+    /// A handler that keeps what it sees: drops messages starting with "drop", upper-cases
+    /// those starting with "upper", keeps the rest.
+    struct Judging {
+        seen: std::sync::Mutex<Vec<WebSocketMessage>>,
+    }
+
+    fn answered<T>(value: T) -> Reply<T> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let _ = tx.send(Ok(value));
+        rx
+    }
+
+    impl ConnectionHandler for Judging {
+        fn request(&self, _: RequestParts) -> mpsc::UnboundedReceiver<HandlerCommand> {
+            mpsc::unbounded_channel().1
+        }
+        fn response(&self, r: ResponseParts) -> Reply<ResponseParts> {
+            answered(r)
+        }
+        fn response_chunk(&self, c: Bytes) -> Reply<Option<Bytes>> {
+            answered(Some(c))
+        }
+        fn response_complete(&self) -> Reply<()> {
+            answered(())
+        }
+        fn error(&self, _: String) {}
+        fn connect(&self, _: String, _: u16) -> Reply<ConnectDecision> {
+            answered(ConnectDecision::Default)
+        }
+        fn tunnel_opened(&self, _: String, _: u16) {}
+        fn tunnel_closed(&self, _: String, _: u16, _: u64, _: u64) {}
+        fn closed(&self) {}
+        fn websocket_message(&self, message: WebSocketMessage) -> Reply<MessageVerdict> {
+            let verdict = if message.content.starts_with(b"drop") {
+                MessageVerdict::Drop
+            } else if message.content.starts_with(b"upper") {
+                MessageVerdict::Replace(message.content.to_ascii_uppercase().into())
+            } else {
+                MessageVerdict::Keep
+            };
+            self.seen.lock().unwrap().push(message);
+            answered(verdict)
+        }
+    }
+
+    async fn tcp_pair() -> (tokio::net::TcpStream, tokio::net::TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let a = tokio::net::TcpStream::connect(l.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (b, _) = l.accept().await.unwrap();
+        (a, b)
+    }
+
+    /// Reads frames from `sock` until `n` arrived.
+    async fn read_frames(
+        sock: &mut tokio::net::TcpStream,
+        buf: &mut BytesMut,
+        from_client: bool,
+        n: usize,
+    ) -> Vec<Frame> {
+        let mut frames = Vec::new();
+        while frames.len() < n {
+            match parse_frame(buf, from_client, true, 1 << 20).unwrap() {
+                Some(f) => frames.push(f),
+                None => {
+                    let read = tokio::time::timeout(Duration::from_secs(10), sock.read_buf(buf));
+                    assert!(read.await.unwrap().unwrap() > 0, "closed early");
+                }
+            }
+        }
+        frames
+    }
+
+    /// The relay over real sockets: fragments with a ping between them, a drop, a change,
+    /// an injection, and compressed messages with context takeover before and after a drop.
+    #[tokio::test]
+    async fn messages_are_judged_and_compressed_ones_stay_readable() {
+        let (mut client, proxy_client) = tcp_pair().await;
+        let (proxy_origin, mut origin) = tcp_pair().await;
+        let handler = Judging {
+            seen: Default::default(),
+        };
+        let (to_client, to_client_queue) = mpsc::unbounded_channel();
+        let (_to_server, to_server_queue) = mpsc::unbounded_channel();
+        let waits = HookWaits::default();
+        let hook = MessageHook {
+            handler: &handler,
+            waits: &waits,
+            timeout: Duration::from_secs(10),
+            epoch: Instant::now(),
+        };
+        let (cr, cw) = proxy_client.into_split();
+        let (or, ow) = proxy_origin.into_split();
+        let none = || SegmentPolicy::none();
+        let relay = relay(
+            (cr, Segmented::new(cw, none(), None)),
+            (or, Segmented::new(ow, none(), None)),
+            Some(Deflate {
+                client_context_takeover: true,
+                server_context_takeover: true,
+            }),
+            &hook,
+            (to_client_queue, to_server_queue),
+            Duration::from_secs(30),
+        );
+        let phrase: &[u8] = b"words that repeat, words that repeat, words that repeat";
+        let peers = async {
+            // Client -> server: "hel" + ping + "lo" (fragments), then a drop and a change.
+            let mut up = masked_frame(0x01, b"hel");
+            let ping = masked_frame(0x89, b"p");
+            up.extend(&ping);
+            let last = masked_frame(0x80, b"lo");
+            up.extend(&last);
+            up.extend(masked_frame(0x81, b"drop this"));
+            up.extend(masked_frame(0x81, b"upper me"));
+            client.write_all(&up).await.unwrap();
+            let mut buf = BytesMut::new();
+            let got = read_frames(&mut origin, &mut buf, true, 4).await;
+            // The ping went on before the message's frames, which went on as they came.
+            assert_eq!(&got[0].raw[..], &ping[..]);
+            assert_eq!(&got[1].raw[..], &masked_frame(0x01, b"hel")[..]);
+            assert_eq!(&got[2].raw[..], &last[..]);
+            assert_eq!((&got[3].payload[..], got[3].fin), (&b"UPPER ME"[..], true));
+
+            // Server -> client, compressed with the context kept: a kept message goes on
+            // compressed; after a dropped one, later ones go on inflated.
+            let mut messages = [phrase.to_vec(), b"drop ".to_vec(), phrase.to_vec()];
+            messages[1].extend_from_slice(phrase);
+            let refs: Vec<&[u8]> = messages.iter().map(|m| &m[..]).collect();
+            let compressed = compress_messages(&refs, true);
+            let mut down = Vec::new();
+            for c in &compressed {
+                down.push(0xC1);
+                down.push(c.len() as u8);
+                down.extend_from_slice(c);
+            }
+            origin.write_all(&down).await.unwrap();
+            to_client
+                .send(InjectedMessage {
+                    content: Bytes::from_static(b"injected"),
+                    is_text: true,
+                })
+                .unwrap();
+            let mut buf = BytesMut::new();
+            let got = read_frames(&mut client, &mut buf, false, 3).await;
+            let mut payloads: Vec<(bool, Vec<u8>)> =
+                got.iter().map(|f| (f.rsv1, f.payload.to_vec())).collect();
+            payloads.sort();
+            let mut want = vec![
+                (true, compressed[0].clone()),
+                (false, phrase.to_vec()),
+                (false, b"injected".to_vec()),
+            ];
+            want.sort();
+            assert_eq!(payloads, want);
+            drop(client);
+            drop(origin);
+        };
+        let (relayed, ()) = tokio::join!(relay, peers);
+        assert!(relayed.error.is_none(), "{:?}", relayed.error);
+        let ups = relayed.messages.iter().filter(|m| m.direction == "up");
+        assert_eq!(ups.map(|m| m.size).collect::<Vec<_>>(), vec![5, 8]);
+        assert_eq!(relayed.messages.len(), 5);
+        let seen = handler.seen.lock().unwrap();
+        assert_eq!(&seen[0].content[..], b"hello");
+        assert!(seen
+            .iter()
+            .filter(|m| !m.from_client)
+            .all(|m| m.content.ends_with(phrase)));
     }
 
     /// Messages compressed as a sender does (sync flush, tail removed), context kept.
