@@ -383,3 +383,11 @@ def test_message_content_rules():
     binary = WebSocketMessage(False, False, b"\xff")
     binary.content = b"\xfe"
     assert binary._verdict() == b"\xfe"
+
+
+def test_only_classes_with_the_hook_ask_for_messages():
+    from segproxy.handlers import HTTPSProxyHandler, overridden_hooks
+
+    assert "websocket_message" in overridden_hooks(watching([]))
+    assert "websocket_message" not in overridden_hooks(HTTPSForwardProxyHandler)
+    assert "websocket_message" not in overridden_hooks(HTTPSProxyHandler)
