@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::connector::{ConnectError, Io, Rewind, Route};
 use super::decision::{decide, route_for};
-use super::flow::{Flow, FlowAction, Kind, Outcome, MAX_CHUNKS_PER_FLOW};
+use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
 use super::hooks::{
     ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts, WebSocketInjector,
@@ -1126,6 +1126,7 @@ impl<'a, C: Io> Exchange<'a, C> {
                 waits: &engine.hook_waits,
                 timeout: engine.config.hook_timeout,
                 epoch: engine.sinks.epoch(),
+                list_messages: self.record.records_chunks(),
             };
             let relayed = websocket::relay(
                 (ar, aw),
@@ -1140,14 +1141,9 @@ impl<'a, C: Io> Exchange<'a, C> {
             let record = &mut *self.record;
             record.bytes_up += relayed.bytes_up;
             record.bytes_down += relayed.bytes_down;
-            record.websocket_up = relayed
-                .messages
-                .iter()
-                .filter(|m| m.direction == "up")
-                .count() as u64;
-            record.websocket_down = relayed.messages.len() as u64 - record.websocket_up;
+            record.websocket_up = relayed.messages_up;
+            record.websocket_down = relayed.messages_down;
             record.websocket_messages = relayed.messages;
-            record.websocket_messages.truncate(MAX_CHUNKS_PER_FLOW);
             return match relayed.error {
                 None => Ok(Next::Close),
                 Some(f) if f.from_hook => Err(FlowError::cut_error(f.message).from_hook()),

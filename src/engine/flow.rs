@@ -91,7 +91,8 @@ pub struct Flow {
     pub chunk_log: Option<ChunkLog>,
     /// An upgraded WebSocket relayed message by message (for handlers with the message hook):
     /// the messages sent on each way, changed or not, and those injected; dropped ones are
-    /// not there. At most [`MAX_CHUNKS_PER_FLOW`] are kept; the counts are of all of them.
+    /// not there. Listed only when a sink records chunks, at most half of
+    /// [`MAX_CHUNKS_PER_FLOW`] each way; the counts are of all of them.
     pub websocket_messages: Vec<WebSocketMessageEvent>,
     pub websocket_up: u64,
     pub websocket_down: u64,

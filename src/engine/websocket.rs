@@ -23,7 +23,7 @@ use flate2::{Decompress, FlushDecompress, Status};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::{mpsc, watch};
 
-use super::flow::WebSocketMessageEvent;
+use super::flow::{WebSocketMessageEvent, MAX_CHUNKS_PER_FLOW};
 use super::flow_error::await_hook;
 use super::hooks::{
     ConnectionHandler, HookWaits, InjectedMessage, MessageVerdict, WebSocketMessage,
@@ -296,7 +296,12 @@ pub struct MessageHook<'a> {
     pub timeout: Duration,
     /// The flow records' clock: message times are seconds since it.
     pub epoch: Instant,
+    /// Whether each message is listed (some sink records flows); they are counted anyway.
+    pub list_messages: bool,
 }
+
+/// Most messages listed per direction; later ones are counted only.
+const MAX_LISTED: usize = MAX_CHUNKS_PER_FLOW / 2;
 
 /// What a message relay did, each way.
 #[derive(Debug, Default)]
@@ -304,8 +309,11 @@ pub struct Relayed {
     /// Bytes written toward the server and toward the client.
     pub bytes_up: u64,
     pub bytes_down: u64,
-    /// Messages sent on (changed or not) and injected, in each direction's order.
+    /// Messages sent on (changed or not) and injected, in time order, when listed.
     pub messages: Vec<WebSocketMessageEvent>,
+    /// How many messages went toward the server and toward the client.
+    pub messages_up: u64,
+    pub messages_down: u64,
     /// The first failure: a protocol error, a hook that failed or did not answer, a socket.
     pub error: Option<Failure>,
 }
@@ -366,6 +374,8 @@ where
         bytes_up: up.bytes,
         bytes_down: down.bytes,
         messages,
+        messages_up: up.count,
+        messages_down: down.count,
         error: up.error.or(down.error),
     }
 }
@@ -381,6 +391,7 @@ struct Direction<'a, 'h> {
 #[derive(Default)]
 struct OneWay {
     bytes: u64,
+    count: u64,
     messages: Vec<WebSocketMessageEvent>,
     error: Option<Failure>,
 }
@@ -638,6 +649,10 @@ impl Direction<'_, '_> {
     }
 
     fn record(&self, out: &mut OneWay, size: usize, is_text: bool) {
+        out.count += 1;
+        if !self.hook.list_messages || out.messages.len() >= MAX_LISTED {
+            return;
+        }
         out.messages.push(WebSocketMessageEvent {
             direction: self.name(),
             size,
@@ -858,6 +873,7 @@ mod tests {
             waits: &waits,
             timeout: Duration::from_secs(10),
             epoch: Instant::now(),
+            list_messages: true,
         };
         let (cr, cw) = proxy_client.into_split();
         let (or, ow) = proxy_origin.into_split();
@@ -931,6 +947,7 @@ mod tests {
         let ups = relayed.messages.iter().filter(|m| m.direction == "up");
         assert_eq!(ups.map(|m| m.size).collect::<Vec<_>>(), vec![5, 8]);
         assert_eq!(relayed.messages.len(), 5);
+        assert_eq!((relayed.messages_up, relayed.messages_down), (2, 3));
         let seen = handler.seen.lock().unwrap();
         assert_eq!(&seen[0].content[..], b"hello");
         assert!(seen
