@@ -29,6 +29,7 @@ if TYPE_CHECKING:
     )
     from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
     from .http import HTTPHeader, HTTPRequest, HTTPResponse
+    from .websocket import WebSocketMessage
 
 #: Names imported on first use: the asyncio side (server, handlers) costs the command line,
 #: which needs no event loop, about 8 MiB.
@@ -50,6 +51,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"), ".handlers"),
     **dict.fromkeys(("HTTPHeader", "HTTPRequest", "HTTPResponse"), ".http"),
+    "WebSocketMessage": ".websocket",
 }
 
 
@@ -93,6 +95,7 @@ __all__ = [
     "Rule",
     "Rules",
     "TLSStore",
+    "WebSocketMessage",
     "__version__",
     "load_or_create_ca",
     "run",

@@ -11,6 +11,7 @@ __all__ = [
     "FlowHandle",
     "HookBridge",
     "RuleSet",
+    "WebSocketInjector",
     "__version__",
     "hook_roundtrip",
     "limit_malloc_arenas",
@@ -165,6 +166,12 @@ class Completer:
     def resolve(self, value: Any) -> None: ...
     def fail(self, message: str) -> None: ...
     def done(self) -> bool: ...
+
+@final
+class WebSocketInjector:
+    """Queues messages into one upgraded WebSocket connection."""
+
+    def inject(self, content: bytes, to_client: bool, is_text: bool) -> bool: ...
 
 def hook_roundtrip(bridge: HookBridge, flows: int, calls: int) -> Awaitable[list[float]]: ...
 

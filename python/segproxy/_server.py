@@ -114,6 +114,14 @@ class FlowRecord(TypedDict):
     faults: list[tuple[str, str, float]]
     """(direction, fault, seconds) of each injected fault that struck (``fault=``), on the
     chunks' clock: e.g. ``("down", "reset@5000", 12.3)``."""
+    websocket_messages: list[tuple[str, int, float, bool]]
+    """An upgraded WebSocket relayed message by message (a handler with
+    `on_websocket_message`): (direction, size, seconds, is_text) of each message sent on,
+    changed or not, and each injected one (dropped ones are not there); `size` is the
+    content's length as the hook saw it (decompressed)."""
+    websocket_up: int
+    """How many of those messages went client -> server."""
+    websocket_down: int
 
 
 class ErrorCounts(TypedDict):

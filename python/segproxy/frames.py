@@ -33,6 +33,8 @@ FLOW_COLUMNS: dict[str, str] = {
     "chunks": "int64",
     "short_chunks": "int64",
     "dropped_chunks": "int64",
+    "websocket_up": "int64",
+    "websocket_down": "int64",
 }
 
 #: Columns of `chunks_frame`, with their pandas dtypes.
@@ -59,8 +61,8 @@ def _pandas() -> Any:
 
 def flows_frame(flows: Iterable[Mapping[str, Any]]) -> Any:
     """One row a flow: its decision, outcome, bytes, `start` (seconds on the proxy's clock),
-    `duration` (seconds; NaN while unfinished), and how many chunks were written, short and
-    not recorded."""
+    `duration` (seconds; NaN while unfinished), how many chunks were written, short and
+    not recorded, and how many WebSocket messages went each way."""
     pd = _pandas()
     rows = []
     for f in flows:
@@ -85,6 +87,8 @@ def flows_frame(flows: Iterable[Mapping[str, Any]]) -> Any:
                 "chunks": len(f["chunks"]),
                 "short_chunks": len(f["short_chunks"]),
                 "dropped_chunks": f["dropped_chunks"],
+                "websocket_up": f.get("websocket_up", 0),
+                "websocket_down": f.get("websocket_down", 0),
             }
         )
     return pd.DataFrame(rows, columns=list(FLOW_COLUMNS)).astype(FLOW_COLUMNS)

@@ -41,6 +41,7 @@ from typing import Any, Literal, Self
 from . import _engine
 from .http import HTTPHeader, HTTPRequest, HTTPResponse
 from .rules import Strategy
+from .websocket import WebSocketMessage
 
 __all__ = [
     "MAX_CHUNK_SIZE",
@@ -86,8 +87,9 @@ class HTTPSProxyHandler:
 
     Set by the proxy: `request` (the request in hand). Hooks: `on_client_connected`,
     `on_request_received`, `on_error`, and segproxy's `on_connect`, `on_tunnel_open`,
-    `on_tunnel_close`. Helpers: `read_request_body()`, `write_response()`, `flush_response()`,
-    `client_reader` / `client_writer`, `set_segmentation()`.
+    `on_tunnel_close`, `on_websocket_message`. Helpers: `read_request_body()`,
+    `write_response()`, `flush_response()`, `client_reader` / `client_writer`,
+    `set_segmentation()`, `inject_websocket_message()`.
 
     If `on_request_received` returns without writing a response, the client gets a 502.
     """
@@ -123,6 +125,38 @@ class HTTPSProxyHandler:
 
     async def on_tunnel_close(self, host: str, port: int, bytes_up: int, bytes_down: int) -> None:
         """A tunnel closed; bytes moved client -> destination (`bytes_up`) and back."""
+
+    async def on_websocket_message(self, message: WebSocketMessage) -> None:
+        """A whole WebSocket message on an upgraded connection (plain or intercepted), before
+        it goes on: assign `message.content` to change it, `message.drop()` to send nothing.
+        Overriding it makes the engine relay WebSocket upgrades message by message; without
+        it they stay a byte relay."""
+
+    def inject_websocket_message(
+        self, content: bytes | str, to_client: bool = True, is_text: bool | None = None
+    ) -> None:
+        """Sends a message of your own on this connection's WebSocket (a class with
+        `on_websocket_message`, from the 101 until the WebSocket closes): to the client, or
+        to the server with `to_client=False`. `is_text` None means text for a str, binary for
+        bytes. It goes out after the message in hand; once that direction has closed it is
+        dropped."""
+        conn: _Connection | None = getattr(self, "_conn", None)
+        injector = conn.websocket if conn is not None else None
+        if injector is None:
+            raise RuntimeError(
+                "inject_websocket_message: no WebSocket is open on this connection (it works "
+                "from the 101 of an upgrade until the WebSocket closes, in a class that "
+                "overrides on_websocket_message)"
+            )
+        if is_text is None:
+            is_text = isinstance(content, str)
+        data = content.encode() if isinstance(content, str) else bytes(content)
+        if is_text:
+            try:
+                data.decode()
+            except UnicodeDecodeError as e:
+                raise ValueError(f"a text message must be UTF-8: {e}") from None
+        injector.inject(data, to_client, is_text)
 
     # --- helpers -------------------------------------------------------------------------
     def _flow(self) -> _FlowState:
@@ -649,6 +683,8 @@ def overridden_hooks(cls: type) -> list[str]:
         hooks.append("tunnel")
     if _overrides(cls, "on_authenticate", HTTPSProxyHandler):
         hooks.append("authenticate")
+    if _overrides(cls, "on_websocket_message", HTTPSProxyHandler):
+        hooks.append("websocket_message")
     return hooks
 
 
@@ -677,6 +713,7 @@ class _Connection:
         "response_done",
         "tasks",
         "waits_response",
+        "websocket",
     )
 
     def __init__(
@@ -702,6 +739,8 @@ class _Connection:
         # those are cancelled when the engine stops waiting (connection gone, timeout).
         self.tasks: dict[asyncio.Task[None], bool] = {}
         self.response_done: asyncio.Future[None] | None = None
+        # The open WebSocket's injector (from its 101 until it closes).
+        self.websocket: _engine.WebSocketInjector | None = None
         handler._conn = self
 
     def _spawn(self, coro: Coroutine[Any, Any, object], flow: bool = True) -> None:
@@ -886,6 +925,28 @@ class _Connection:
             await hook
         except Exception as exc:
             await self._report(exc)
+
+    def websocket_opened(self, injector: _engine.WebSocketInjector) -> None:
+        self.websocket = injector
+
+    def websocket_closed(self) -> None:
+        self.websocket = None
+
+    def websocket_message(
+        self, completer: _engine.Completer, from_client: bool, is_text: bool, content: bytes
+    ) -> None:
+        message = WebSocketMessage(from_client, is_text, content)
+        self._spawn(self._websocket_message(completer, message))
+
+    async def _websocket_message(
+        self, completer: _engine.Completer, message: WebSocketMessage
+    ) -> None:
+        try:
+            await self.handler.on_websocket_message(message)
+            completer.resolve(message._verdict())
+        except Exception as exc:
+            await self._report(exc)
+            completer.fail(_describe(exc))
 
     def closed(self) -> None:
         """The client connection ended (or the engine gave up on a hook after its timeout): a

@@ -9,12 +9,15 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::mpsc;
 
 use super::connector::{ConnectError, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
-use super::hooks::{ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts};
+use super::hooks::{
+    ForwardOrder, HandlerCommand, Reply, RequestParts, ResponseParts, WebSocketInjector,
+};
 use super::http1::{
     chunked_transfer_encoding, request_body_kind, response_body_kind, strip_hop_by_hop, BodyKind,
     BodyReader, BodyWriter, BufStream, Header, HttpError, RawResponse, RequestHead, ResponseHead,
@@ -32,6 +35,7 @@ use super::target::{request_target, Target};
 use super::tls;
 use super::tunnel::pump;
 use super::tunnel::SEGMENTING_BUFFER;
+use super::websocket::{self, negotiated_extensions, MessageHook};
 
 /// What happened to a connection after one exchange.
 pub enum Next {
@@ -1092,6 +1096,12 @@ impl<'a, C: Io> Exchange<'a, C> {
         } else {
             None
         };
+        // A WebSocket goes message by message only for a handler with the message hook, and
+        // only with extensions it can read; anything else stays a byte relay.
+        let websocket = (self.engine.hooks.websocket_message
+            && response.headers.has_token("upgrade", "websocket"))
+        .then(|| negotiated_extensions(response.headers.get_all("sec-websocket-extensions")).ok())
+        .flatten();
         let client = self.client;
         let origin = sent.origin;
         response.version = 1;
@@ -1124,6 +1134,47 @@ impl<'a, C: Io> Exchange<'a, C> {
             .reset_via(origin_fd)
             .on_fault(plan.up_fault);
         let aw = Segmented::new(aw, plan.down_policy, down_observer).with_carry(head_carry);
+        if let Some(deflate) = websocket {
+            let engine = self.engine;
+            let handler = self
+                .conn
+                .handler(engine)
+                .expect("a handler with the message hook");
+            let (to_client, to_client_queue) = mpsc::unbounded_channel();
+            let (to_server, to_server_queue) = mpsc::unbounded_channel();
+            handler.websocket_opened(WebSocketInjector {
+                to_client,
+                to_server,
+            });
+            let hook = MessageHook {
+                handler,
+                waits: &engine.hook_waits,
+                timeout: engine.config.hook_timeout,
+                epoch: engine.sinks.epoch(),
+                list_messages: self.record.records_chunks(),
+            };
+            let relayed = websocket::relay(
+                (ar, aw),
+                (br, bw),
+                deflate,
+                &hook,
+                (to_client_queue, to_server_queue),
+                engine.config.idle_timeout,
+            )
+            .await;
+            handler.websocket_closed();
+            let record = &mut *self.record;
+            record.bytes_up += relayed.bytes_up;
+            record.bytes_down += relayed.bytes_down;
+            record.websocket_up = relayed.messages_up;
+            record.websocket_down = relayed.messages_down;
+            record.websocket_messages = relayed.messages;
+            return match relayed.error {
+                None => Ok(Next::Close),
+                Some(f) if f.from_hook => Err(FlowError::cut_error(f.message).from_hook()),
+                Some(f) => Err(FlowError::cut(f.message)),
+            };
+        }
         let buffer = if aw.is_passthrough() && bw.is_passthrough() {
             self.engine.config.tunnel_buffer_bytes
         } else {

@@ -94,6 +94,13 @@ pub struct Flow {
     pub fault_log: Option<FaultLog>,
     /// The faults that struck, in order (filled when the flow is finished).
     pub faults: Vec<FaultEvent>,
+    /// An upgraded WebSocket relayed message by message (for handlers with the message hook):
+    /// the messages sent on each way, changed or not, and those injected; dropped ones are
+    /// not there. Listed only when a sink records chunks, at most half of
+    /// [`MAX_CHUNKS_PER_FLOW`] each way; the counts are of all of them.
+    pub websocket_messages: Vec<WebSocketMessageEvent>,
+    pub websocket_up: u64,
+    pub websocket_down: u64,
 }
 
 impl Flow {
@@ -318,6 +325,9 @@ pub struct FlowView<'a> {
     outcome: Outcome,
     short_chunks: Vec<(usize, &'static str)>,
     faults: &'a [FaultEvent],
+    websocket_messages: &'a [WebSocketMessageEvent],
+    websocket_up: u64,
+    websocket_down: u64,
 }
 
 impl<'a> FlowView<'a> {
@@ -347,6 +357,9 @@ impl<'a> FlowView<'a> {
                 .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
                 .collect(),
             faults: &flow.faults,
+            websocket_messages: &flow.websocket_messages,
+            websocket_up: flow.websocket_up,
+            websocket_down: flow.websocket_down,
         }
     }
 
@@ -422,6 +435,29 @@ impl Serialize for FaultEvent {
         t.serialize_element(self.direction)?;
         t.serialize_element(&self.fault)?;
         t.serialize_element(&round_micros(self.t))?;
+        t.end()
+    }
+}
+
+/// One WebSocket message sent on: `[direction, size, t, is_text]` in JSON, `size` being the
+/// content's length as the hook saw it (inflated).
+#[derive(Clone, Debug, PartialEq)]
+pub struct WebSocketMessageEvent {
+    /// "up" (client -> server) or "down".
+    pub direction: &'static str,
+    pub size: usize,
+    /// Seconds on the engine's monotonic clock when it went on.
+    pub t: f64,
+    pub is_text: bool,
+}
+
+impl Serialize for WebSocketMessageEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(4)?;
+        t.serialize_element(self.direction)?;
+        t.serialize_element(&self.size)?;
+        t.serialize_element(&round_micros(self.t))?;
+        t.serialize_element(&self.is_text)?;
         t.end()
     }
 }

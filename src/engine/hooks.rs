@@ -34,6 +34,9 @@ pub struct HookSet {
     /// `on_authenticate`: judges Proxy-Authorization schemes (and Basic credentials) that
     /// the configured credentials do not settle.
     pub authenticate: bool,
+    /// `on_websocket_message`: upgraded WebSocket connections are relayed message by message
+    /// (without it, as bytes).
+    pub websocket_message: bool,
 }
 
 impl HookSet {
@@ -114,6 +117,52 @@ pub enum ConnectDecision {
 
 pub type Reply<T> = oneshot::Receiver<Result<T, String>>;
 
+/// One WebSocket message (reassembled from its frames, decompressed) as a handler sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WebSocketMessage {
+    pub from_client: bool,
+    pub is_text: bool,
+    pub content: Bytes,
+}
+
+/// What a handler made of a WebSocket message.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum MessageVerdict {
+    /// Send it on as it came (its original frames, compressed or not).
+    Keep,
+    /// Send this content instead (same type, text or binary).
+    Replace(Bytes),
+    /// Send nothing.
+    Drop,
+}
+
+/// A message a handler adds to a WebSocket connection.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct InjectedMessage {
+    pub content: Bytes,
+    pub is_text: bool,
+}
+
+/// Queues messages a handler injects into an upgraded WebSocket connection, each toward the
+/// client or the server; they go out after the message in hand.
+#[derive(Clone, Debug)]
+pub struct WebSocketInjector {
+    pub to_client: mpsc::UnboundedSender<InjectedMessage>,
+    pub to_server: mpsc::UnboundedSender<InjectedMessage>,
+}
+
+impl WebSocketInjector {
+    /// False once that direction of the connection is closed.
+    pub fn inject(&self, to_client: bool, message: InjectedMessage) -> bool {
+        let queue = if to_client {
+            &self.to_client
+        } else {
+            &self.to_server
+        };
+        queue.send(message).is_ok()
+    }
+}
+
 /// One client connection's handler (one per connection, as asyncio-https-proxy builds them).
 pub trait ConnectionHandler: Send + Sync {
     /// A request arrived; commands about it come on the returned channel.
@@ -141,6 +190,19 @@ pub trait ConnectionHandler: Send + Sync {
         let _ = tx.send(Ok(false));
         rx
     }
+    /// A WebSocket upgrade starts its message relay; `injector` adds messages to it.
+    fn websocket_opened(&self, injector: WebSocketInjector) {
+        let _ = injector;
+    }
+    /// A WebSocket message; the reply says whether it goes on, changed, or not at all.
+    fn websocket_message(&self, message: WebSocketMessage) -> Reply<MessageVerdict> {
+        let _ = message;
+        let (tx, rx) = oneshot::channel();
+        let _ = tx.send(Ok(MessageVerdict::Keep));
+        rx
+    }
+    /// The WebSocket connection ended (nothing can be injected any more).
+    fn websocket_closed(&self) {}
 }
 
 /// A user handler: makes connection handlers and says which hooks exist.

@@ -37,6 +37,7 @@ pub mod target;
 pub mod timer;
 pub mod tls;
 pub mod tunnel;
+pub mod websocket;
 
 pub use config::EngineConfig;
 pub use server::ProxyServer;

@@ -55,29 +55,29 @@ where
 }
 
 /// When either direction last moved bytes: a tunnel is idle only when both are quiet.
-struct IdleClock {
+pub(crate) struct IdleClock {
     start: Instant,
-    idle: Duration,
+    pub(crate) idle: Duration,
     last_activity_ms: AtomicU64,
 }
 
 impl IdleClock {
-    fn new(idle: Duration) -> Self {
+    pub(crate) fn new(idle: Duration) -> Self {
         IdleClock {
             start: Instant::now(),
             idle,
             last_activity_ms: AtomicU64::new(0),
         }
     }
-    fn touch(&self) {
+    pub(crate) fn touch(&self) {
         self.last_activity_ms
             .store(self.start.elapsed().as_millis() as u64, Ordering::Relaxed);
     }
-    fn expired(&self) -> bool {
+    pub(crate) fn expired(&self) -> bool {
         let last = Duration::from_millis(self.last_activity_ms.load(Ordering::Relaxed));
         self.start.elapsed().saturating_sub(last) >= self.idle
     }
-    fn error(&self) -> io::Error {
+    pub(crate) fn error(&self) -> io::Error {
         io::Error::new(
             io::ErrorKind::TimedOut,
             format!("tunnel idle for {:?}", self.idle),

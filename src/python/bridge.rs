@@ -43,6 +43,7 @@ fn hook_set(names: &[String]) -> PyResult<HookSet> {
             "connect" => &mut set.connect,
             "tunnel" => &mut set.tunnel,
             "authenticate" => &mut set.authenticate,
+            "websocket_message" => &mut set.websocket_message,
             other => {
                 return Err(pyo3::exceptions::PyValueError::new_err(format!(
                     "unknown hook {other:?}"
@@ -169,6 +170,7 @@ impl HookBridge {
             (h.connect, "connect"),
             (h.tunnel, "tunnel"),
             (h.authenticate, "authenticate"),
+            (h.websocket_message, "websocket_message"),
         ] {
             if on {
                 out.push(name);

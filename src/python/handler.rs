@@ -15,13 +15,13 @@ use pyo3::types::{PyBytes, PyString, PyTuple};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::hooks::{
-    ConnectDecision, ConnectionHandler, ConnectionMeta, Handler, HandlerCommand, HookSet, Reply,
-    RequestParts, ResponseParts,
+    ConnectDecision, ConnectionHandler, ConnectionMeta, Handler, HandlerCommand, HookSet,
+    MessageVerdict, Reply, RequestParts, ResponseParts, WebSocketInjector, WebSocketMessage,
 };
 
 use super::convert::{request_to_py, response_to_py};
 use super::doorbell::{Doorbell, Item};
-use super::replies::{Completer, FlowHandle, Pending};
+use super::replies::{Completer, FlowHandle, Pending, WebSocketInjector as PyInjector};
 
 pub struct PyHandler {
     bell: Arc<Doorbell>,
@@ -281,6 +281,28 @@ impl ConnectionHandler for PyConnection {
 
     fn closed(&self) {
         self.release();
+    }
+
+    fn websocket_opened(&self, injector: WebSocketInjector) {
+        self.call(
+            "websocket_opened",
+            move |py| PyTuple::new(py, [Bound::new(py, PyInjector { inner: injector })?]),
+            |_| {},
+        );
+    }
+
+    fn websocket_message(&self, message: WebSocketMessage) -> Reply<MessageVerdict> {
+        self.reply("websocket_message", Pending::Message, move |py| {
+            Ok(vec![
+                message.from_client.into_pyobject(py)?.to_owned().into_any(),
+                message.is_text.into_pyobject(py)?.to_owned().into_any(),
+                PyBytes::new(py, &message.content).into_any(),
+            ])
+        })
+    }
+
+    fn websocket_closed(&self) {
+        self.call("websocket_closed", |py| Ok(PyTuple::empty(py)), |_| {});
     }
 
     fn authenticate(&self, scheme: String, credentials: String) -> Reply<bool> {

@@ -23,7 +23,7 @@ mod _engine {
     #[pymodule_export]
     use super::logger::set_log_level;
     #[pymodule_export]
-    use super::replies::{Completer, FlowHandle};
+    use super::replies::{Completer, FlowHandle, WebSocketInjector};
     #[pymodule_export]
     use super::rules::{segment_policy, PyRuleSet};
     #[pymodule_export]

@@ -10,7 +10,8 @@ use pyo3::types::PyBytes;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::engine::hooks::{
-    ConnectDecision, ForwardOrder, HandlerCommand, RequestParts, ResponseParts,
+    ConnectDecision, ForwardOrder, HandlerCommand, InjectedMessage, MessageVerdict, RequestParts,
+    ResponseParts, WebSocketInjector as EngineInjector,
 };
 
 use super::convert::{bytes_from_py, headers_from_py, policy_from_py};
@@ -146,6 +147,7 @@ pub enum Pending {
     Unit(oneshot::Sender<Result<(), String>>),
     Connect(oneshot::Sender<Result<ConnectDecision, String>>),
     Auth(oneshot::Sender<Result<bool, String>>),
+    Message(oneshot::Sender<Result<MessageVerdict, String>>),
 }
 
 /// Answers one engine question (response head, body chunk, completion, CONNECT decision).
@@ -170,6 +172,7 @@ impl Completer {
             Some(Pending::Unit(tx)) => drop(tx.send(Err(msg))),
             Some(Pending::Connect(tx)) => drop(tx.send(Err(msg))),
             Some(Pending::Auth(tx)) => drop(tx.send(Err(msg))),
+            Some(Pending::Message(tx)) => drop(tx.send(Err(msg))),
             None => {}
         }
     }
@@ -258,6 +261,19 @@ impl Completer {
                     let _ = tx.send(Ok(ok));
                 }
             }
+            Pending::Message(_) => {
+                // None: unchanged; "drop"; or the new content.
+                let verdict = if value.is_none() {
+                    MessageVerdict::Keep
+                } else if value.extract::<String>().is_ok_and(|s| s == "drop") {
+                    MessageVerdict::Drop
+                } else {
+                    MessageVerdict::Replace(bytes_from_py(value)?)
+                };
+                if let Some(Pending::Message(tx)) = guard.take() {
+                    let _ = tx.send(Ok(verdict));
+                }
+            }
         }
         Ok(())
     }
@@ -272,5 +288,26 @@ impl Completer {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .is_none()
+    }
+}
+
+// ------------------------------------------------------------------------------------------
+// WebSocketInjector: messages a handler adds to an upgraded WebSocket connection
+
+/// Queues messages into one upgraded WebSocket connection, toward the client or the server.
+#[pyclass(frozen, module = "segproxy._engine")]
+pub struct WebSocketInjector {
+    pub(crate) inner: EngineInjector,
+}
+
+#[pymethods]
+impl WebSocketInjector {
+    /// Queues `content` (bytes) as one text or binary message; False once that direction of
+    /// the connection has closed.
+    fn inject(&self, content: &Bound<'_, PyAny>, to_client: bool, is_text: bool) -> PyResult<bool> {
+        let content = bytes_from_py(content)?;
+        Ok(self
+            .inner
+            .inject(to_client, InjectedMessage { content, is_text }))
     }
 }

@@ -543,18 +543,35 @@ class HttpsEchoOrigin:
 
 
 class WebSocketOrigin(ThreadedOrigin):
-    """A real WebSocket server (the ``websockets`` package) echoing every message."""
+    """A real WebSocket server (the ``websockets`` package, permessage-deflate on by default)
+    echoing every message. It records what it received (``received``: str for text, bytes for
+    binary) and the ``Sec-WebSocket-Extensions`` each handshake answered (``extensions``). A
+    text message ``fragments:A,B,C`` is answered by one message sent in those fragments. With
+    ``ssl_context`` it serves wss."""
+
+    def __init__(
+        self, ssl_context: ssl.SSLContext | None = None, compression: str | None = "deflate"
+    ) -> None:
+        super().__init__()
+        self.ssl_context = ssl_context
+        self.compression = compression
+        self.received: list[str | bytes] = []
+        self.extensions: list[str | None] = []
 
     async def _start_server(self):
         from websockets.asyncio.server import serve
 
         async def echo(ws):
             self.connections += 1
+            self.extensions.append(ws.response.headers.get("Sec-WebSocket-Extensions"))
             async for msg in ws:
-                await ws.send(msg)
+                self.received.append(msg)
+                if isinstance(msg, str) and msg.startswith("fragments:"):
+                    await ws.send(msg.split(":", 1)[1].split(","))
+                else:
+                    await ws.send(msg)
 
-        server = await serve(echo, LOOPBACK, 0)
-        return server
+        return await serve(echo, LOOPBACK, 0, ssl=self.ssl_context, compression=self.compression)
 
 
 def blackhole_port() -> tuple[socket.socket, int]:
