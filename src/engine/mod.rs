@@ -30,6 +30,7 @@ pub mod segment;
 pub mod server;
 pub mod session;
 pub mod sink;
+pub mod socks;
 pub mod state;
 pub mod stats;
 pub mod target;
