@@ -530,3 +530,78 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
         self.inner.is_write_vectored()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::duplex;
+
+    /// Runs the SOCKS5 client against a peer that reads what it is sent and answers `script`
+    /// all at once; returns the client's result and the bytes the peer received.
+    async fn against(
+        script: &'static [u8],
+        credentials: Option<(String, String)>,
+        host: &str,
+    ) -> (Result<(), String>, Vec<u8>) {
+        let (mut client, mut peer) = duplex(4096);
+        let peer_task = tokio::spawn(async move {
+            peer.write_all(script).await.unwrap();
+            peer.shutdown().await.unwrap();
+            let mut got = Vec::new();
+            let _ = peer.read_to_end(&mut got).await;
+            got
+        });
+        let result = socks5_connect(&mut client, credentials.as_ref(), host, 443).await;
+        drop(client);
+        (result, peer_task.await.unwrap())
+    }
+
+    #[tokio::test]
+    async fn socks5_client_sends_names_and_credentials() {
+        let creds = Some(("u".to_string(), "pw".to_string()));
+        let ok = b"\x05\x02\x01\x00\x05\x00\x00\x01\x00\x00\x00\x00\x00\x00";
+        let (result, sent) = against(ok, creds, "example.test").await;
+        assert_eq!(result, Ok(()));
+        let mut expected =
+            b"\x05\x02\x00\x02\x01\x01u\x02pw\x05\x01\x00\x03\x0cexample.test".to_vec();
+        expected.extend_from_slice(&443u16.to_be_bytes());
+        assert_eq!(sent, expected);
+        // An IPv6 literal goes as an address.
+        let ok = b"\x05\x00\x05\x00\x00\x03\x01a\x00\x00";
+        let (result, sent) = against(ok, None, "[::1]").await;
+        assert_eq!(result, Ok(()));
+        assert_eq!(sent[3..7], [0x05, 0x01, 0x00, 0x04]);
+    }
+
+    /// A peer's answers, the credentials offered, what the error must say.
+    type Case = (&'static [u8], Option<(String, String)>, &'static str);
+
+    #[tokio::test]
+    async fn socks5_client_errors_say_what_failed() {
+        let cases: [Case; 6] = [
+            (b"HTTP/1.1 400 Bad\r\n\r\n", None, "not a SOCKS5 proxy"),
+            (
+                b"\x05\xff",
+                None,
+                "no offered authentication method accepted",
+            ),
+            (b"\x05\x02", None, "asks for a user name and password"),
+            (
+                b"\x05\x02\x01\x01",
+                Some(("u".into(), "p".into())),
+                "user \"u\" not accepted",
+            ),
+            (
+                b"\x05\x00\x05\x05\x00\x01\0\0\0\0\0\0",
+                None,
+                "answered 0x05 (connection refused) to CONNECT example.test:443",
+            ),
+            (b"\x05\x00\x05\x00", None, "reading the CONNECT reply"),
+        ];
+        for (script, creds, expected) in cases {
+            let (result, _) = against(script, creds, "example.test").await;
+            let e = result.expect_err(expected);
+            assert!(e.contains(expected), "{e:?} should say {expected:?}");
+        }
+    }
+}
