@@ -100,11 +100,10 @@ async fn socks_handshake(
     let error = match tokio::time::timeout(timeout, socks::handshake(engine, client, conn)).await {
         Ok(Ok(target)) => return Some(target),
         Ok(Err(e)) => e,
+        // Closed without an answer: mid-handshake, no reply would be read as meant.
         Err(_) => socks::SocksError {
             message: format!("handshake not completed within {timeout:?}"),
-            answer: Some(socks::Answer::Reply(
-                super::connector::socks_reply::GENERAL_FAILURE,
-            )),
+            answer: None,
         },
     };
     let why = format!("SOCKS5: {}", error.message);
