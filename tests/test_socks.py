@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import socket
 import subprocess
 from pathlib import Path
 
@@ -109,6 +110,37 @@ async def test_cli_socks_port(origin):
         assert r.returncode == 0, r.stderr
         assert await asyncio.to_thread(wait_for, lambda: "SOCKS5" in sp.access_log.read_text())
     assert [q.target for q in origin.requests] == ["/cli"]
+
+
+async def test_the_socks_port_shares_the_connection_limit_and_shutdown():
+    server = await start_proxy_server(port=0, socks_port=0, max_connections=1)
+    socks_port = server.socks_port
+    assert socks_port is not None
+    try:
+        with FramedOrigin() as framed:
+            held = await asyncio.to_thread(socks5_request, socks_port, "127.0.0.1", framed.port)
+            assert held.reply == 0 and held.sock is not None, held
+            with held.sock:
+                # Over the limit: the SOCKS port closes without a reply, the proxy port says 503.
+                over = await asyncio.to_thread(socks5_request, socks_port, "127.0.0.1", framed.port)
+                assert over.method is None, over
+
+                def http_503() -> bytes:
+                    with socket.create_connection(("127.0.0.1", server.port), timeout=20) as s:
+                        s.sendall(b"GET http://127.0.0.1/ HTTP/1.1\r\nHost: x\r\n\r\n")
+                        return s.recv(100)
+
+                assert (await asyncio.to_thread(http_503)).startswith(b"HTTP/1.1 503")
+            assert await asyncio.to_thread(
+                wait_for, lambda: server.stats()["connections_open"] == 0, 20
+            )
+            again = await socks(socks_port, "127.0.0.1", framed.port)
+            assert again.reply == 0, again
+    finally:
+        await server.aclose()
+    # Shut down with the server: nothing listens on the SOCKS port any more.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", socks_port), timeout=20).close()
 
 
 async def test_the_socks_port_speaks_only_socks(origin):

@@ -174,7 +174,7 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>, entry: Entry) {
         let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
         engine.stats().connection_accepted();
         if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
-            tokio::spawn(refuse(stream, peer, id, engine.clone()));
+            tokio::spawn(refuse(stream, peer, id, engine.clone(), entry));
             continue;
         }
         let engine = engine.clone();
@@ -238,7 +238,15 @@ fn finish_connection(engine: &Engine) {
     }
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<Engine>) {
+/// Refuses a connection past the limit: a 503 on the proxy port; on the SOCKS port, which
+/// has no reply before the handshake for it, the connection is closed.
+async fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    engine: Arc<Engine>,
+    entry: Entry,
+) {
     let body = format!(
         "segproxy: too many connections (limit {})\n",
         engine.config.max_connections
@@ -261,11 +269,13 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         body.len(),
         body
     );
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(response.as_bytes()),
-    )
-    .await;
+    if entry == Entry::Proxy {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            stream.write_all(response.as_bytes()),
+        )
+        .await;
+    }
     let _ = stream.shutdown().await;
     finish_connection(&engine);
 }
