@@ -63,6 +63,8 @@ async def test_set_rules_decides_the_next_request_on_a_kept_alive_connection() -
             # The origin saw /a and /c only; the records name the rule that decided each.
             paths = [line.split()[1] for line, _ in origin.requests]
             assert paths == ["/a", "/c"]
+            # A record is written just after its response is sent: wait for the last one.
+            assert wait_for(lambda: len(server.access_records()) == 3, timeout=10)
             records = server.access_records()
             assert [r["status"] for r in records] == [200, 403, 200]
             assert records[1]["action"] == "block" and records[2]["rule"] == "default"

@@ -33,6 +33,7 @@ OUTCOMES = [
     "origin_aborted",
     "idle_timeout",
     "cut_at_shutdown",
+    "fault",
 ]
 METRICS_LINE = re.compile(r"segproxy: metrics at (http://\S+/metrics)")
 

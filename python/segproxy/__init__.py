@@ -53,7 +53,15 @@ _LAZY = {
 }
 
 
+#: Submodules reached as attributes (``segproxy.experiment.sweep``) and imported on first use.
+_SUBMODULES = ("experiment", "frames")
+
+
 def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        submodule = import_module(f".{name}", __name__)
+        globals()[name] = submodule
+        return submodule
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -63,7 +71,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})
 
 
 __all__ = [

@@ -73,7 +73,7 @@ class AccessRecord(TypedDict):
     started: float
     outcome: str
     """What happened: "ok", "blocked", "rejected", "refused_limit", "error",
-    "client_aborted", "origin_aborted", "idle_timeout" or "cut_at_shutdown"."""
+    "client_aborted", "origin_aborted", "idle_timeout", "cut_at_shutdown" or "fault"."""
     host: str
     """The destination as the rules saw it ("" before it was known)."""
     port: int
@@ -111,6 +111,9 @@ class FlowRecord(TypedDict):
     short_chunks: list[tuple[int, str]]
     """(index into ``chunks``, why) of each chunk shorter than the policy asked: "flush" (the
     message ended), "idle" (the source was quiet for 1 ms) or "end" (the stream ended)."""
+    faults: list[tuple[str, str, float]]
+    """(direction, fault, seconds) of each injected fault that struck (``fault=``), on the
+    chunks' clock: e.g. ``("down", "reset@5000", 12.3)``."""
 
 
 class ErrorCounts(TypedDict):
@@ -129,6 +132,8 @@ class ErrorCounts(TypedDict):
     origin_aborted: int
     idle_timeout: int
     cut_at_shutdown: int
+    fault: int
+    """Ended on purpose by an injected fault (``fault=reset@N`` or ``close@N``)."""
 
 
 class ProxyStats(TypedDict):

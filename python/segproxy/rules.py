@@ -81,6 +81,19 @@ class Rule:
     ttfb: int | None = None
     """Milliseconds the first byte of each response (a tunnel's first byte toward the client)
     is held, whatever the direction."""
+    latency: float | None = None
+    """Milliseconds every byte is held in its direction (a delay line: throughput is kept)."""
+    jitter: float | None = None
+    """Milliseconds of jitter on ``latency``: each write's latency is drawn uniformly in
+    latency ± jitter (never below zero); bytes keep their order."""
+    fault: str | None = None
+    """``reset@N`` (the peer sees a TCP reset after N bytes), ``close@N`` (a clean close after
+    N bytes) or ``stall@N:MS`` (a pause of MS milliseconds after N bytes), in the rule's
+    direction."""
+    fault_rate: float | None = None
+    """The share of flows (0..1) that draw the fault; default 1."""
+    seed: int | None = None
+    """Makes fault draws, jitter and random chunk sizes repeat from run to run."""
     action: Literal["direct", "upstream", "block"] | None = None
     upstream: str | None = None
     """``[USER:PASS@]HOST:PORT`` of an HTTP upstream proxy, or

@@ -19,7 +19,7 @@ use super::hooks::ConnectDecision;
 use super::http1::BufStream;
 use super::respond::send_error;
 use super::rules::{Action, Intercept, Scheme};
-use super::segment::{SegmentPolicy, Segmented};
+use super::segment::{raw_socket, SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
 use super::sink::FlowGuard;
 use super::socks;
@@ -402,7 +402,11 @@ async fn intercept(
     } = client;
     let prefix = leftover(client_buf);
     let down_segmenting = !down_policy.is_passthrough();
-    let down = Segmented::new(client_io, down_policy, record.observer("down"));
+    let on_fault = record.fault_observer("down", &down_policy);
+    let fd = raw_socket(&client_io);
+    let down = Segmented::new(client_io, down_policy, record.observer("down"))
+        .reset_via(fd)
+        .on_fault(on_fault);
     let accepted = tokio::time::timeout(
         engine.config.header_timeout,
         tls::accept_intercepted(Rewind::new(prefix, down), &ca, &host),
@@ -484,10 +488,20 @@ async fn tunnel(
         record.bytes_down = totals.b_to_a + origin_prefix.len() as u64;
         return finish_tunnel(engine, conn, host, port, record, err);
     }
+    let (client_fd, origin_fd) = (raw_socket(&client_io), raw_socket(&origin_io));
+    let (up_fault, down_fault) = (
+        record.fault_observer("up", &up_policy),
+        record.fault_observer("down", &down_policy),
+    );
     let (cr, cw) = client_io.into_split();
     let (or, ow) = origin_io.into_split();
-    let to_origin = Segmented::new(ow, up_policy, record.observer("up"));
-    let to_client = Segmented::new(cw, down_policy, record.observer("down")).hold_first(ttfb);
+    let to_origin = Segmented::new(ow, up_policy, record.observer("up"))
+        .reset_via(origin_fd)
+        .on_fault(up_fault);
+    let to_client = Segmented::new(cw, down_policy, record.observer("down"))
+        .reset_via(client_fd)
+        .on_fault(down_fault)
+        .hold_first(ttfb);
     let buffer = if to_origin.is_passthrough() && to_client.is_passthrough() {
         engine.config.tunnel_buffer_bytes
     } else {

@@ -49,6 +49,7 @@ pub async fn serve_client(
 ) {
     let mut conn = ConnState::new(id, peer);
     conn.local = stream.local_addr().ok();
+    conn.client_fd = super::segment::raw_socket(&stream);
     let client = BufStream::new(stream);
     // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
     let handoff = match entry {

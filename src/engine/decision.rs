@@ -19,7 +19,11 @@ pub fn decide(
 ) -> Decision {
     // One snapshot of the rules for the whole decision (they may be swapped meanwhile).
     let rules = engine.rules.load();
-    let decision = rules.decide(method, scheme, host, port, path);
+    let mut decision = rules.decide(method, scheme, host, port, path);
+    // Shaping is drawn once per flow (its fault or not, its seed), for both directions.
+    if decision.policy.shaping.is_some() {
+        decision.policy = decision.policy.for_flow();
+    }
     record.host = host.to_string();
     record.port = port;
     record.scheme = scheme.as_str().to_string().into();

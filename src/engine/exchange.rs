@@ -10,7 +10,7 @@ use bytes::Bytes;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::connector::{ConnectError, Io, Rewind, Route};
+use super::connector::{ConnectError, Connected, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
@@ -22,7 +22,9 @@ use super::http1::{
 use super::pool::{OriginConn, WireTap};
 use super::respond::{reason_phrase, send_error};
 use super::rules::{Action, Scheme};
-use super::segment::{read_flushing, Carry, ChunkObserver, SegmentPolicy, Segmented};
+use super::segment::{
+    raw_socket, read_flushing, Carry, ChunkObserver, FaultObserver, SegmentPolicy, Segmented,
+};
 use super::session::{ConnState, Mode};
 use super::sink::FlowGuard;
 use super::state::Engine;
@@ -241,6 +243,9 @@ struct Plan {
     up_policy: SegmentPolicy,
     down_policy: SegmentPolicy,
     up_observer: Option<ChunkObserver>,
+    /// Where each direction's injected fault reports (None without one).
+    up_fault: Option<FaultObserver>,
+    down_fault: Option<FaultObserver>,
     /// `ttfb=`: how long the response's first byte is held (plain and intercepted alike).
     ttfb: Option<std::time::Duration>,
     /// Plain HTTP through an upstream proxy: its answers are the proxy's, not the origin's.
@@ -546,7 +551,11 @@ impl<'a, C: Io> Exchange<'a, C> {
             matches!(&route, Route::Upstream(hop) if hop.is_http()) && target.scheme != "https";
         // A request without a body is complete with its head, so that is flushed.
         let head_is_message = body_empty && replacement_body.as_ref().is_none_or(|b| b.is_empty());
+        let up_fault = self.record.fault_observer("up", &up_policy);
+        let down_fault = self.record.fault_observer("down", &down_policy);
         Ok(Plan {
+            up_fault,
+            down_fault,
             encoded: out.encode(),
             method: out.method,
             body_out,
@@ -578,11 +587,14 @@ impl<'a, C: Io> Exchange<'a, C> {
         let mut head_carry = Carry::default();
         if let Some(mut conn) = engine.pool.take(&plan.pool_key) {
             // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
+            let fd = conn.fd;
             let mut w = Segmented::new(
                 &mut conn.io,
                 plan.up_policy.clone(),
                 plan.up_observer.clone(),
-            );
+            )
+            .reset_via(fd)
+            .on_fault(plan.up_fault.clone());
             if write_head(&mut w, &plan.encoded, plan.head_is_message)
                 .await
                 .is_ok()
@@ -611,11 +623,14 @@ impl<'a, C: Io> Exchange<'a, C> {
         };
 
         let mut failure: Option<String> = None;
+        let fd = origin.fd;
         let mut w = Segmented::new(
             &mut origin.io,
             plan.up_policy.clone(),
             plan.up_observer.clone(),
         )
+        .reset_via(fd)
+        .on_fault(plan.up_fault.clone())
         .with_carry(head_carry);
         // Below TLS, an intercepted flow's writer may hold bytes too: flush it when idle.
         let segmenting = !w.is_passthrough()
@@ -638,7 +653,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             loop {
                 let read = read_flushing(
                     self.request_body.next(self.client),
-                    w.idle_flush(),
+                    w.idle_work(),
                     segmenting,
                 );
                 let piece = match tokio::time::timeout(engine.config.idle_timeout, read).await {
@@ -706,11 +721,14 @@ impl<'a, C: Io> Exchange<'a, C> {
         ))
         .await
         .map_err(|e| FlowError::answer(e.status(), e.to_string(), usable_if_unreached))?;
+        let fd = new.fd;
         let mut w = Segmented::new(
             &mut new.io,
             plan.up_policy.clone(),
             plan.up_observer.clone(),
-        );
+        )
+        .reset_via(fd)
+        .on_fault(plan.up_fault.clone());
         if let Err(e) = write_head(&mut w, &plan.encoded, plan.head_is_message).await {
             let peer = self.peer(plan);
             return Err(FlowError::answer(
@@ -962,6 +980,8 @@ impl<'a, C: Io> Exchange<'a, C> {
         let mut origin = sent.origin;
         let down_observer = self.record.observer("down");
         let mut to_client = Segmented::new(&mut self.client.io, plan.down_policy, down_observer)
+            .reset_via(self.conn.client_fd)
+            .on_fault(plan.down_fault.clone())
             .hold_first(plan.ttfb);
         let segmenting = !to_client.is_passthrough()
             || matches!(
@@ -990,7 +1010,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         let mut reader = BodyReader::new(reply.origin_kind);
         let mut writer = BodyWriter::new(reply.client_kind);
         loop {
-            let read = read_flushing(reader.next(&mut origin), to_client.idle_flush(), segmenting);
+            let read = read_flushing(reader.next(&mut origin), to_client.idle_work(), segmenting);
             let piece = tokio::time::timeout(engine.config.idle_timeout, read)
                 .await
                 .map_err(|_| {
@@ -1090,7 +1110,9 @@ impl<'a, C: Io> Exchange<'a, C> {
                 &mut client.io,
                 plan.down_policy.clone(),
                 down_observer.clone(),
-            );
+            )
+            .reset_via(self.conn.client_fd)
+            .on_fault(plan.down_fault.clone());
             head.write_all(&response.encode())
                 .await
                 .and(head.progress().await)
@@ -1100,11 +1122,14 @@ impl<'a, C: Io> Exchange<'a, C> {
         self.record.kind = Kind::Upgrade;
         let client_prefix = client.buf.split().freeze();
         let origin_prefix = origin.buf.clone().freeze();
+        let origin_fd = origin.fd;
         let client_side = Rewind::new(client_prefix, &mut client.io);
         let origin_side = Rewind::new(origin_prefix, origin.into_io());
         let (ar, aw) = tokio::io::split(client_side);
         let (br, bw) = tokio::io::split(origin_side);
-        let bw = Segmented::new(bw, plan.up_policy, plan.up_observer);
+        let bw = Segmented::new(bw, plan.up_policy, plan.up_observer)
+            .reset_via(origin_fd)
+            .on_fault(plan.up_fault);
         let aw = Segmented::new(aw, plan.down_policy, down_observer).with_carry(head_carry);
         let buffer = if aw.is_passthrough() && bw.is_passthrough() {
             self.engine.config.tunnel_buffer_bytes
@@ -1129,27 +1154,36 @@ async fn connect_origin(
     record: &mut Flow,
 ) -> Result<OriginConn, ConnectError> {
     if target.scheme != "https" {
-        let stream: Box<dyn Io> = match route {
+        let c = match route {
             Route::Direct => {
                 let c = engine.connector.tcp(&target.host, target.port).await?;
-                record.dns = c.dns.into();
-                Box::new(c.stream)
+                record.dns = c.dns.clone().into();
+                c
             }
             Route::Upstream(hop) if hop.is_http() => {
                 let c = engine.connector.tcp_to_hop(hop).await?;
                 record.dns = format!("via {hop}").into();
-                Box::new(c.stream)
+                c
             }
             Route::Upstream(_) => {
+                // A SOCKS5 hop: its handshake reads exactly its replies, so nothing is left
+                // in the head buffer and the plain stream carries on.
                 let (tunnel, dns) = engine
                     .connector
                     .open_tunnel(route, &target.host, target.port)
                     .await?;
-                record.dns = dns.into();
-                Box::new(tunnel.io)
+                debug_assert!(tunnel.buf.is_empty());
+                record.dns = dns.clone().into();
+                Connected {
+                    stream: tunnel.io,
+                    dns,
+                }
             }
         };
-        return Ok(OriginConn::new(stream));
+        let fd = raw_socket(&c.stream);
+        let mut conn = OriginConn::new(Box::new(c.stream));
+        conn.fd = fd;
+        return Ok(conn);
     }
     let (tcp, dns) = engine
         .connector
@@ -1163,7 +1197,11 @@ async fn connect_origin(
     // A pooled connection serves later requests too: its chunks are reported to whichever
     // request's flow is using it (`Exchange::watch_wire` points the tap).
     let tap = engine.sinks.records_chunks().then(WireTap::default);
-    let io = Segmented::new(tcp.io, up_policy, tap.as_ref().map(WireTap::observer));
+    let on_fault = record.fault_observer("up", &up_policy);
+    let fd = raw_socket(&tcp.io);
+    let io = Segmented::new(tcp.io, up_policy, tap.as_ref().map(WireTap::observer))
+        .reset_via(fd)
+        .on_fault(on_fault);
     let tls = tokio::time::timeout(
         engine.config.connect_timeout,
         tls::connect_origin(io, engine.origin_tls.clone(), &target.host),

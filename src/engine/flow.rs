@@ -12,7 +12,8 @@ use serde::ser::SerializeTuple;
 use serde::{Serialize, Serializer};
 
 pub use super::outcome::{Kind, Outcome, Text};
-use super::segment::{ChunkObserver, ShortChunk};
+use super::segment::{ChunkObserver, FaultObserver, SegmentPolicy, ShortChunk, FAULT_PREFIX};
+use super::shaping::{Fault, FaultKind};
 
 /// Most chunks kept per flow; later chunks are counted but not stored.
 pub const MAX_CHUNKS_PER_FLOW: usize = 100_000;
@@ -89,6 +90,10 @@ pub struct Flow {
     pub end: Option<f64>,
     /// Where the flow's chunks are recorded while it runs (only when a sink wants them).
     pub chunk_log: Option<ChunkLog>,
+    /// Where injected faults report while the flow runs (only for a flow that drew one).
+    pub fault_log: Option<FaultLog>,
+    /// The faults that struck, in order (filled when the flow is finished).
+    pub faults: Vec<FaultEvent>,
 }
 
 impl Flow {
@@ -96,6 +101,49 @@ impl Flow {
     /// records chunks).
     pub fn observer(&self, direction: &'static str) -> Option<ChunkObserver> {
         self.chunk_log.as_ref().map(|log| log.observer(direction))
+    }
+
+    /// An observer for the fault of `policy` in one direction (None when it has none).
+    pub fn fault_observer(
+        &mut self,
+        direction: &'static str,
+        policy: &SegmentPolicy,
+    ) -> Option<FaultObserver> {
+        policy.fault()?;
+        let log = self.fault_log.get_or_insert_with(FaultLog::default).clone();
+        Some(Arc::new(move |fault, at| {
+            log.0
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .push((direction, fault, at));
+        }))
+    }
+
+    /// Moves the faults that struck into `faults` (times on the records' clock, from
+    /// `epoch`); a reset or close that struck is the flow's outcome and error.
+    pub fn settle_faults(&mut self, epoch: Instant) {
+        let Some(log) = self.fault_log.take() else {
+            return;
+        };
+        let struck = std::mem::take(&mut *log.0.lock().unwrap_or_else(|e| e.into_inner()));
+        for (direction, fault, at) in struck {
+            if !matches!(fault.kind, FaultKind::Stall(_)) {
+                self.outcome = Outcome::Fault;
+                self.error = Some(format!(
+                    "{FAULT_PREFIX}{fault} ({})",
+                    if direction == "down" {
+                        "toward the client"
+                    } else {
+                        "toward the destination"
+                    }
+                ));
+            }
+            self.faults.push(FaultEvent {
+                direction,
+                fault: fault.to_string(),
+                t: at.saturating_duration_since(epoch).as_secs_f64(),
+            });
+        }
     }
 
     /// Whether this flow records its chunks (some sink wants them).
@@ -269,6 +317,7 @@ pub struct FlowView<'a> {
     error: Option<&'a str>,
     outcome: Outcome,
     short_chunks: Vec<(usize, &'static str)>,
+    faults: &'a [FaultEvent],
 }
 
 impl<'a> FlowView<'a> {
@@ -297,6 +346,7 @@ impl<'a> FlowView<'a> {
                 .enumerate()
                 .filter_map(|(i, c)| c.short.map(|why| (i, why.as_str())))
                 .collect(),
+            faults: &flow.faults,
         }
     }
 
@@ -339,6 +389,38 @@ impl Serialize for ChunkEvent {
         let mut t = s.serialize_tuple(3)?;
         t.serialize_element(self.direction)?;
         t.serialize_element(&self.size)?;
+        t.serialize_element(&round_micros(self.t))?;
+        t.end()
+    }
+}
+
+/// Where a running flow's faults report (shared with the writers that inject them).
+#[derive(Clone, Default)]
+pub struct FaultLog(Arc<Mutex<Vec<StruckFault>>>);
+
+/// A fault as it struck: direction, fault, when.
+type StruckFault = (&'static str, Fault, Instant);
+
+impl fmt::Debug for FaultLog {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("FaultLog")
+    }
+}
+
+/// A fault that struck: its direction, what (`reset@1000`, `stall@0:300`) and when (seconds
+/// on the records' clock, like chunks). In JSON: `[direction, fault, t]`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct FaultEvent {
+    pub direction: &'static str,
+    pub fault: String,
+    pub t: f64,
+}
+
+impl Serialize for FaultEvent {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut t = s.serialize_tuple(3)?;
+        t.serialize_element(self.direction)?;
+        t.serialize_element(&self.fault)?;
         t.serialize_element(&round_micros(self.t))?;
         t.end()
     }

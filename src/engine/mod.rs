@@ -29,6 +29,7 @@ pub mod safety;
 pub mod segment;
 pub mod server;
 pub mod session;
+pub mod shaping;
 pub mod sink;
 pub mod socks;
 pub mod state;

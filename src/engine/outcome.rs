@@ -70,6 +70,8 @@ pub enum Outcome {
     IdleTimeout,
     /// The server shut down and cut it at the shutdown deadline.
     CutAtShutdown,
+    /// An injected fault (`fault=reset@N` or `close@N`) ended it, on purpose.
+    Fault,
 }
 
 impl Outcome {
@@ -85,6 +87,7 @@ impl Outcome {
             Outcome::OriginAborted => "origin_aborted",
             Outcome::IdleTimeout => "idle_timeout",
             Outcome::CutAtShutdown => "cut_at_shutdown",
+            Outcome::Fault => "fault",
         }
     }
 

@@ -11,7 +11,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::connector::Io;
 use super::http1::BufStream;
-use super::segment::ChunkObserver;
+use super::segment::{ChunkObserver, RawSocket};
 
 /// A connection to an origin or upstream proxy, with its read buffer.
 pub struct OriginConn {
@@ -20,6 +20,8 @@ pub struct OriginConn {
     /// chunks written below TLS are reported. A pooled connection serves many requests, so
     /// each points it at its own flow while it uses the connection.
     pub wire_up: Option<WireTap>,
+    /// The TCP socket below, for a fault's reset (`fault=reset@N` toward the destination).
+    pub fd: Option<RawSocket>,
 }
 
 impl OriginConn {
@@ -27,6 +29,7 @@ impl OriginConn {
         OriginConn {
             stream: BufStream::new(io),
             wire_up: None,
+            fd: None,
         }
     }
 

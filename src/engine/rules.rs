@@ -69,6 +69,7 @@ use base64::Engine as _;
 
 pub use super::segment::DEFAULT_CHUNK;
 use super::segment::{SegmentPolicy, Strategy};
+use super::shaping::{Fault, Shaping};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Scheme {
@@ -1146,6 +1147,8 @@ struct Keys<'a> {
     rate: Option<u64>,
     /// `ttfb=` in milliseconds (ours, every mode like `rate=`).
     ttfb: Option<i64>,
+    /// `latency=`, `jitter=`, `fault=`, `fault_rate=`, `seed=` (ours, every mode).
+    shaping: Shaping,
     action: Option<&'a str>,
     upstream: Option<UpstreamProxy>,
     /// `upstream=` as listed: the proxy, or the value as written when its port is out of range.
@@ -1244,6 +1247,17 @@ fn parse_rule(
             }
             "rate" => keys.rate = Some(SegmentPolicy::parse_rate(value)?),
             "ttfb" => keys.ttfb = Some(parse_int("ttfb", value)?),
+            "latency" => keys.shaping.latency = Shaping::parse_ms("latency", value)?,
+            "jitter" => keys.shaping.jitter = Shaping::parse_ms("jitter", value)?,
+            "fault" => keys.shaping.fault = Some(Fault::parse(value)?),
+            "fault_rate" => keys.shaping.fault_rate_ppm = Shaping::parse_fault_rate(value)?,
+            "seed" => {
+                keys.shaping.seed = Some(
+                    value
+                        .parse()
+                        .map_err(|_| format!("invalid seed '{value}' (a whole number 0..2^64)"))?,
+                )
+            }
             "action" => keys.action = Some(value),
             "upstream" => {
                 let up = UpstreamProxy::parse_lenient(value, &mut notes)?;
@@ -1390,6 +1404,11 @@ const KNOWN_KEYS: &[&str] = &[
     "delay",
     "rate",
     "ttfb",
+    "latency",
+    "jitter",
+    "fault",
+    "fault_rate",
+    "seed",
     "action",
     "upstream",
     "reason",
@@ -1493,9 +1512,15 @@ fn build_policy(
             notes.push("mode direct does not segment: strategy/chunk/min/max/delay ignored (use segment_upstream)".into());
         }
         // A rate shapes in every mode: it paces, it does not segment as SegmentedProxy does.
-        return SegmentPolicy::none().with_rate(k.rate)?.with_ttfb(k.ttfb);
+        return SegmentPolicy::none()
+            .with_rate(k.rate)?
+            .with_ttfb(k.ttfb)?
+            .with_shaping(k.shaping.clone());
     }
-    policy.with_rate(k.rate)?.with_ttfb(k.ttfb)
+    policy
+        .with_rate(k.rate)?
+        .with_ttfb(k.ttfb)?
+        .with_shaping(k.shaping.clone())
 }
 
 /// The action of a rule (default direct), with SegmentedProxy's checks and messages. As
@@ -1767,7 +1792,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
         );
 
         // All or nothing.

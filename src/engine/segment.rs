@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
+use super::shaping::{Fault, FaultKind, Shaping, ALWAYS_PPM};
 use super::timer::{self, PreciseSleep};
 
 /// How writes are cut into chunks.
@@ -57,6 +58,9 @@ pub struct SegmentPolicy {
     /// is held this long. Not segmentation: applied by the response's writer
     /// ([`Segmented::hold_first`]), whatever the direction.
     pub ttfb: Option<Duration>,
+    /// Latency, jitter and faults (`latency=`, `jitter=`, `fault=`, `fault_rate=`, `seed=`);
+    /// None when none is set.
+    pub shaping: Option<Arc<Shaping>>,
 }
 
 impl Default for SegmentPolicy {
@@ -73,6 +77,7 @@ impl SegmentPolicy {
             delay: Duration::ZERO,
             rate: None,
             ttfb: None,
+            shaping: None,
         }
     }
 
@@ -83,6 +88,7 @@ impl SegmentPolicy {
             delay,
             rate: None,
             ttfb: None,
+            shaping: None,
         }
     }
 
@@ -93,12 +99,42 @@ impl SegmentPolicy {
             delay,
             rate: None,
             ttfb: None,
+            shaping: None,
         }
     }
 
     /// True when the policy cannot change timing or grouping at all.
     pub fn is_passthrough(&self) -> bool {
-        self.strategy == Strategy::None && self.delay.is_zero() && self.rate.is_none()
+        self.strategy == Strategy::None
+            && self.delay.is_zero()
+            && self.rate.is_none()
+            && self.shaping.as_ref().is_none_or(|s| !s.acts())
+    }
+
+    /// This policy with its shaping keys, checked (an empty shaping sets nothing).
+    pub fn with_shaping(mut self, shaping: Shaping) -> Result<Self, String> {
+        if shaping.fault_rate_ppm < ALWAYS_PPM && shaping.fault.is_none() {
+            return Err("fault_rate needs a fault= to apply".into());
+        }
+        self.shaping = (!shaping.is_empty()).then(|| Arc::new(shaping));
+        Ok(self)
+    }
+
+    /// The policy for one flow: its shaping drawn (fault or not, its seed); the same policy
+    /// when it has no shaping.
+    pub fn for_flow(&self) -> SegmentPolicy {
+        match &self.shaping {
+            None => self.clone(),
+            Some(s) => SegmentPolicy {
+                shaping: Some(Arc::new(s.for_flow())),
+                ..self.clone()
+            },
+        }
+    }
+
+    /// The fault this flow's writers inject, if it was drawn.
+    pub fn fault(&self) -> Option<Fault> {
+        self.shaping.as_ref().and_then(|s| s.fault)
     }
 
     /// This policy with a time to first byte (`ttfb=`, milliseconds), checked.
@@ -208,6 +244,7 @@ impl SegmentPolicy {
             delay,
             rate: None,
             ttfb: None,
+            shaping: None,
         })
     }
 
@@ -225,8 +262,12 @@ impl SegmentPolicy {
             Some(rate) => format!("{words} rate={rate}B/s"),
             None => words,
         };
-        match self.ttfb {
+        let words = match self.ttfb {
             Some(t) => format!("{words} ttfb={}ms", t.as_millis()),
+            None => words,
+        };
+        match &self.shaping {
+            Some(s) => format!("{words} {}", s.describe()),
             None => words,
         }
     }
@@ -275,6 +316,9 @@ pub struct Carry {
     pending: Vec<u8>,
     next_at: Option<Instant>,
     planned: Option<usize>,
+    /// The delay line and the fault's count go on too: the stream is one.
+    line: Option<Box<DelayLine>>,
+    fault: Option<Box<FaultState>>,
 }
 
 /// An `AsyncWrite` that segments what is written through it; reads pass through.
@@ -316,17 +360,37 @@ pub struct Segmented<S> {
     /// An error hit while finishing a chunk after its bytes were already reported as
     /// accepted; returned by the next call.
     error: Option<io::Error>,
+    /// `latency=` / `jitter=`: writes wait here until their time, then are chunked.
+    line: Option<Box<DelayLine>>,
+    /// `fault=`: the fault and the bytes written before it.
+    fault: Option<Box<FaultState>>,
 }
 
 impl<S> Segmented<S> {
     pub fn new(inner: S, policy: SegmentPolicy, observer: Option<ChunkObserver>) -> Self {
         let fast = policy.is_passthrough() && observer.is_none();
+        let shaping = policy.shaping.as_deref();
+        // A seeded flow's random numbers repeat run after run.
+        let seed = shaping.and_then(|s| s.flow.map(|d| d.seed));
+        let line = shaping
+            .filter(|s| s.has_delay_line())
+            .map(|s| Box::new(DelayLine::new(s.latency, s.jitter, seed)));
+        let fault = shaping.and_then(|s| s.fault).map(|fault| {
+            Box::new(FaultState {
+                fault,
+                written: 0,
+                fired: false,
+                stall: None,
+                reset_fd: None,
+                observer: None,
+            })
+        });
         Self {
             inner,
             policy,
             observer,
             fast,
-            rng: fastrand::Rng::new(),
+            rng: seed.map_or_else(fastrand::Rng::new, |s| fastrand::Rng::with_seed(s ^ 0x5e6)),
             planned: None,
             pending: Vec::new(),
             in_flight: 0,
@@ -337,7 +401,26 @@ impl<S> Segmented<S> {
             hold_first: None,
             flush_reason: ShortChunk::Flush,
             error: None,
+            line,
+            fault,
         }
+    }
+
+    /// The socket a `fault=reset@N` resets (its raw descriptor); without one a reset is
+    /// made a clean close.
+    pub fn reset_via(mut self, fd: Option<RawSocket>) -> Self {
+        if let Some(f) = self.fault.as_deref_mut() {
+            f.reset_fd = fd;
+        }
+        self
+    }
+
+    /// Where a fault reports that it struck (the flow record).
+    pub fn on_fault(mut self, observer: Option<FaultObserver>) -> Self {
+        if let Some(f) = self.fault.as_deref_mut() {
+            f.observer = observer;
+        }
+        self
     }
 
     pub fn get_ref(&self) -> &S {
@@ -366,7 +449,9 @@ impl<S> Segmented<S> {
 
     /// True while bytes are accepted but not yet written.
     pub fn holds_bytes(&self) -> bool {
-        !self.pending.is_empty() || self.unflushed
+        !self.pending.is_empty()
+            || self.unflushed
+            || self.line.as_ref().is_some_and(|l| !l.items.is_empty())
     }
 
     /// Takes the held bytes and the schedule, for a new wrapper writing the rest of the
@@ -378,6 +463,8 @@ impl<S> Segmented<S> {
             pending: std::mem::take(&mut self.pending),
             next_at: self.next_at.take(),
             planned: self.planned.take(),
+            line: self.line.take(),
+            fault: self.fault.take(),
         }
     }
 
@@ -392,6 +479,17 @@ impl<S> Segmented<S> {
     }
 
     pub fn with_carry(mut self, carry: Carry) -> Self {
+        if carry.line.is_some() {
+            self.line = carry.line;
+        }
+        if let Some(mut carried) = carry.fault {
+            // The writer's own fault settings (socket, observer) with the count so far.
+            if let Some(own) = self.fault.take() {
+                carried.reset_fd = carried.reset_fd.or(own.reset_fd);
+                carried.observer = carried.observer.or(own.observer);
+            }
+            self.fault = Some(carried);
+        }
         if self.fast {
             debug_assert!(
                 carry.pending.is_empty(),
@@ -474,12 +572,24 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
     /// Writes what can go now: the rest of a chunk in flight, then every complete chunk whose
     /// time has come; with `all`, also the held bytes of a chunk not yet complete (short).
     fn poll_progress(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<()>> {
+        if self.line.is_some() {
+            let goal = if all { LineGoal::Empty } else { LineGoal::Due };
+            ready!(self.poll_line(cx, goal))?;
+        }
+        self.poll_chunks(cx, all)
+    }
+
+    /// The chunker's part of [`Segmented::poll_progress`] (the delay line aside).
+    fn poll_chunks(&mut self, cx: &mut Context<'_>, all: bool) -> Poll<io::Result<()>> {
         loop {
             while self.in_flight > 0 {
                 let at = self.clock();
-                let n = ready!(
-                    Pin::new(&mut self.inner).poll_write(cx, &self.pending[..self.in_flight])
-                )?;
+                let n = ready!(poll_out(
+                    &mut self.inner,
+                    &mut self.fault,
+                    cx,
+                    &self.pending[..self.in_flight]
+                ))?;
                 if n == 0 {
                     return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
                 }
@@ -515,6 +625,18 @@ impl<S: AsyncWrite + Unpin> Segmented<S> {
             return Ok(());
         }
         std::future::poll_fn(|cx| self.poll_progress(cx, false)).await
+    }
+
+    /// What a relay does while its source is quiet: passes the delay line's writes on as
+    /// their time comes, then, once the source has been quiet for [`IDLE_FLUSH`], sends the
+    /// held bytes of a chunk not yet complete ([`Segmented::idle_flush`]). Cancel-safe: a
+    /// relay drops it when its read completes.
+    pub async fn idle_work(&mut self) -> io::Result<()> {
+        if self.line.as_ref().is_some_and(|l| !l.items.is_empty()) {
+            std::future::poll_fn(|cx| self.poll_line(cx, LineGoal::Empty)).await?;
+        }
+        tokio::time::sleep(IDLE_FLUSH).await;
+        self.idle_flush().await
     }
 
     /// Sends the held bytes as a short chunk marked [`ShortChunk::Idle`]: the source has
@@ -558,48 +680,10 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         if buf.is_empty() {
             return Poll::Ready(Ok(0));
         }
-        if let Some(hold) = this.hold_first.take() {
-            // ttfb: the first bytes wait `hold` from when they were offered.
-            this.next_at = Some(Instant::now() + hold);
+        if this.line.is_some() {
+            return this.poll_line_write(cx, buf);
         }
-        // Complete chunks held from before go first, each at its time.
-        ready!(this.poll_progress(cx, false))?;
-        let size = this.chunk_size(buf.len());
-        let held = this.pending.len();
-        if held + buf.len() < size {
-            // Not a chunk yet: hold the bytes until more come or a flush.
-            this.pending.extend_from_slice(buf);
-            return Poll::Ready(Ok(buf.len()));
-        }
-        // A chunk can start once its time has come; until then nothing is accepted, which is
-        // the backpressure that keeps at most one chunk held.
-        ready!(this.poll_deadline(cx));
-        let accepted = if held == 0 {
-            // The common case: the chunk goes straight from the caller's buffer.
-            let at = this.clock();
-            let n = ready!(Pin::new(&mut this.inner).poll_write(cx, &buf[..size]))?;
-            if n == 0 {
-                return Poll::Ready(Ok(0));
-            }
-            this.begin_chunk(size, None);
-            this.mark_started(at);
-            this.pending.extend_from_slice(&buf[n..size]);
-            this.in_flight = size - n;
-            this.unflushed = true;
-            size
-        } else {
-            let take = size - held;
-            this.pending.extend_from_slice(&buf[..take]);
-            this.begin_chunk(size, None);
-            this.in_flight = size;
-            take
-        };
-        // Finish the chunk eagerly; its bytes are accepted either way, and a late error is
-        // kept for the next call.
-        if let Poll::Ready(Err(e)) = this.poll_progress(cx, false) {
-            this.error = Some(e);
-        }
-        Poll::Ready(Ok(accepted))
+        this.poll_chunk_write(cx, buf)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -607,6 +691,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
         if !this.fast {
             this.take_error()?;
             ready!(this.poll_progress(cx, true))?;
+            ready!(poll_strike(&mut this.inner, &mut this.fault, cx))?;
         }
         Pin::new(&mut this.inner).poll_flush(cx)
     }
@@ -617,6 +702,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
             this.take_error()?;
             this.flush_reason = ShortChunk::End;
             ready!(this.poll_progress(cx, true))?;
+            ready!(poll_strike(&mut this.inner, &mut this.fault, cx))?;
         }
         Pin::new(&mut this.inner).poll_shutdown(cx)
     }
@@ -643,6 +729,108 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Segmented<S> {
     }
 }
 
+impl<S: AsyncWrite + Unpin> Segmented<S> {
+    /// A write into the delay line: it waits there until its time. Due writes go on first;
+    /// a full line takes nothing until its oldest write has gone (the backpressure).
+    fn poll_line_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        // Pending here only means the chunker is busy; the new bytes can still queue.
+        if let Poll::Ready(Err(e)) = self.poll_line(cx, LineGoal::Due) {
+            return Poll::Ready(Err(e));
+        }
+        ready!(self.poll_line(cx, LineGoal::Room))?;
+        let line = self.line.as_deref_mut().expect("a delay line");
+        let take = buf.len().min(LINE_CAPACITY);
+        line.push(&buf[..take]);
+        Poll::Ready(Ok(take))
+    }
+
+    /// Passes the delay line's writes whose time has come on to the chunker; with `goal`
+    /// Room or Empty, waits for them until the line has room or is empty.
+    fn poll_line(&mut self, cx: &mut Context<'_>, goal: LineGoal) -> Poll<io::Result<()>> {
+        let Some(mut line) = self.line.take() else {
+            return Poll::Ready(Ok(()));
+        };
+        let result = loop {
+            let done = match goal {
+                LineGoal::Due | LineGoal::Empty => line.items.is_empty(),
+                LineGoal::Room => !line.is_full(),
+            };
+            if done {
+                break Poll::Ready(Ok(()));
+            }
+            let (at, bytes) = line.items.front().expect("not empty");
+            if Instant::now() < *at {
+                if goal == LineGoal::Due {
+                    break Poll::Ready(Ok(()));
+                }
+                let at = *at;
+                let sleep = line.sleep.get_or_insert_with(|| timer::sleep_until(at));
+                if Pin::new(sleep).poll(cx).is_pending() {
+                    break Poll::Pending;
+                }
+                line.sleep = None;
+                continue;
+            }
+            line.sleep = None;
+            let rest = &bytes[line.front_sent..];
+            match self.poll_chunk_write(cx, rest) {
+                Poll::Ready(Ok(n)) => line.passed(n),
+                Poll::Ready(Err(e)) => break Poll::Ready(Err(e)),
+                Poll::Pending => break Poll::Pending,
+            }
+        };
+        self.line = Some(line);
+        result
+    }
+
+    /// A write through the chunker (no delay line): accepts what can start as a chunk now.
+    fn poll_chunk_write(&mut self, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+        let this = self;
+        if let Some(hold) = this.hold_first.take() {
+            // ttfb: the first bytes wait `hold` from when they were offered.
+            this.next_at = Some(Instant::now() + hold);
+        }
+        // Complete chunks held from before go first, each at its time.
+        ready!(this.poll_chunks(cx, false))?;
+        let size = this.chunk_size(buf.len());
+        let held = this.pending.len();
+        if held + buf.len() < size {
+            // Not a chunk yet: hold the bytes until more come or a flush.
+            this.pending.extend_from_slice(buf);
+            return Poll::Ready(Ok(buf.len()));
+        }
+        // A chunk can start once its time has come; until then nothing is accepted, which is
+        // the backpressure that keeps at most one chunk held.
+        ready!(this.poll_deadline(cx));
+        let accepted = if held == 0 {
+            // The common case: the chunk goes straight from the caller's buffer.
+            let at = this.clock();
+            let n = ready!(poll_out(&mut this.inner, &mut this.fault, cx, &buf[..size]))?;
+            if n == 0 {
+                return Poll::Ready(Ok(0));
+            }
+            this.begin_chunk(size, None);
+            this.mark_started(at);
+            this.pending.extend_from_slice(&buf[n..size]);
+            this.in_flight = size - n;
+            this.unflushed = true;
+            size
+        } else {
+            let take = size - held;
+            this.pending.extend_from_slice(&buf[..take]);
+            this.begin_chunk(size, None);
+            this.in_flight = size;
+            take
+        };
+        // Finish the chunk eagerly; its bytes are accepted either way, and a late error is
+        // kept for the next call.
+        if let Poll::Ready(Err(e)) = this.poll_chunks(cx, false) {
+            this.error = Some(e);
+        }
+        Poll::Ready(Ok(accepted))
+    }
+}
+
 impl<S> fmt::Debug for Segmented<S> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Segmented")
@@ -653,11 +841,234 @@ impl<S> fmt::Debug for Segmented<S> {
     }
 }
 
-/// Awaits `read` (a read from the relay's source); if it stays pending for [`IDLE_FLUSH`]
-/// while the writer may hold bytes of a chunk not yet complete (`holding`), runs `flush` (the
-/// writer's flush) meanwhile, so a quiet source never keeps bytes back. The read itself is
-/// never cancelled. `flush` is only polled when it runs.
-pub async fn read_flushing<T, R, F>(read: R, flush: F, holding: bool) -> io::Result<T>
+/// Most bytes a delay line holds; a full line takes no more until its oldest write has gone,
+/// so a tunnel's throughput through it is at most this much per latency (40 MiB/s at 100 ms).
+pub const LINE_CAPACITY: usize = 4 << 20;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LineGoal {
+    /// Pass on what is due, wait for nothing.
+    Due,
+    /// Wait until the line has room for a write.
+    Room,
+    /// Wait until every write has passed.
+    Empty,
+}
+
+/// `latency=` / `jitter=`: each write waits its latency from when it came, then goes to the
+/// chunker. Reading goes on meanwhile (the relays drive the line while their source is quiet,
+/// [`Segmented::idle_work`]), so a stream keeps its throughput, shifted by the latency.
+#[derive(Debug)]
+struct DelayLine {
+    latency: Duration,
+    jitter: Duration,
+    rng: fastrand::Rng,
+    /// Writes in order with the time each may leave.
+    items: std::collections::VecDeque<(Instant, Vec<u8>)>,
+    /// Bytes of the oldest write already passed on.
+    front_sent: usize,
+    bytes: usize,
+    /// The latest leaving time so far: no write leaves before one that came earlier.
+    last_leave: Option<Instant>,
+    sleep: Option<PreciseSleep>,
+}
+
+impl DelayLine {
+    fn new(latency: Duration, jitter: Duration, seed: Option<u64>) -> Self {
+        DelayLine {
+            latency,
+            jitter,
+            rng: seed.map_or_else(fastrand::Rng::new, |s| fastrand::Rng::with_seed(s ^ 0x11e)),
+            items: Default::default(),
+            front_sent: 0,
+            bytes: 0,
+            last_leave: None,
+            sleep: None,
+        }
+    }
+
+    fn is_full(&self) -> bool {
+        self.bytes >= LINE_CAPACITY
+    }
+
+    /// Queues a write: it leaves after latency ± a uniform draw within jitter (never before
+    /// it came, never before an earlier write).
+    fn push(&mut self, buf: &[u8]) {
+        let now = Instant::now();
+        let mut wait = self.latency;
+        if !self.jitter.is_zero() {
+            let j = self.jitter.as_nanos() as u64;
+            let drawn = self.rng.u64(0..=2 * j);
+            let nanos = (self.latency.as_nanos() as u64 + drawn).saturating_sub(j);
+            wait = Duration::from_nanos(nanos);
+        }
+        let leave = (now + wait).max(self.last_leave.unwrap_or(now));
+        self.last_leave = Some(leave);
+        self.items.push_back((leave, buf.to_vec()));
+        self.bytes += buf.len();
+    }
+
+    /// `n` more bytes of the oldest write went on.
+    fn passed(&mut self, n: usize) {
+        self.front_sent += n;
+        let len = self.items.front().map_or(0, |(_, b)| b.len());
+        if self.front_sent >= len {
+            self.items.pop_front();
+            self.bytes -= len;
+            self.front_sent = 0;
+        }
+    }
+}
+
+/// Called when a fault strikes, with the fault and when.
+pub type FaultObserver = Arc<dyn Fn(Fault, Instant) + Send + Sync>;
+
+/// A raw socket descriptor (a fault's reset sets its linger time to zero).
+#[cfg(unix)]
+pub type RawSocket = std::os::fd::RawFd;
+#[cfg(not(unix))]
+pub type RawSocket = i32;
+
+/// The descriptor of a socket (for a fault's reset).
+#[cfg(unix)]
+pub fn raw_socket<T: std::os::fd::AsRawFd>(socket: &T) -> Option<RawSocket> {
+    Some(socket.as_raw_fd())
+}
+
+#[cfg(not(unix))]
+pub fn raw_socket<T>(_: &T) -> Option<RawSocket> {
+    None
+}
+
+/// A writer's fault (`fault=`): counts the bytes written, and strikes once `after` are out.
+struct FaultState {
+    fault: Fault,
+    written: u64,
+    fired: bool,
+    stall: Option<PreciseSleep>,
+    reset_fd: Option<RawSocket>,
+    observer: Option<FaultObserver>,
+}
+
+impl fmt::Debug for FaultState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("FaultState")
+            .field("fault", &self.fault)
+            .field("written", &self.written)
+            .field("fired", &self.fired)
+            .finish_non_exhaustive()
+    }
+}
+
+impl FaultState {
+    fn error(&self) -> io::Error {
+        io::Error::new(
+            io::ErrorKind::ConnectionAborted,
+            format!("{FAULT_PREFIX}{} after {} bytes", self.fault, self.written),
+        )
+    }
+}
+
+/// The start of the message of an error a fault causes (flow records recognise it).
+pub const FAULT_PREFIX: &str = "fault injected: ";
+
+/// Writes to `inner`, never past a fault's byte count: at the count the fault strikes first.
+fn poll_out<S: AsyncWrite + Unpin>(
+    inner: &mut S,
+    fault: &mut Option<Box<FaultState>>,
+    cx: &mut Context<'_>,
+    buf: &[u8],
+) -> Poll<io::Result<usize>> {
+    if fault.is_none() {
+        return Pin::new(inner).poll_write(cx, buf);
+    }
+    ready!(poll_strike(inner, fault, cx))?;
+    let f = fault.as_deref_mut().expect("fault");
+    let room = if f.fired {
+        buf.len()
+    } else {
+        (f.fault.after - f.written).min(buf.len() as u64) as usize
+    };
+    let n = ready!(Pin::new(inner).poll_write(cx, &buf[..room]))?;
+    f.written += n as u64;
+    Poll::Ready(Ok(n))
+}
+
+/// Strikes the fault once its count is reached: a stall waits (once), a close ends the
+/// stream cleanly, a reset makes the socket's close a reset; both then fail every write.
+fn poll_strike<S: AsyncWrite + Unpin>(
+    inner: &mut S,
+    fault: &mut Option<Box<FaultState>>,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<()>> {
+    let Some(f) = fault.as_deref_mut() else {
+        return Poll::Ready(Ok(()));
+    };
+    if !f.fired {
+        if f.written < f.fault.after {
+            return Poll::Ready(Ok(()));
+        }
+        match f.fault.kind {
+            FaultKind::Stall(pause) => {
+                f.stall = Some(timer::sleep_until(Instant::now() + pause));
+            }
+            FaultKind::Close | FaultKind::Reset => {
+                // What is written goes out first; the peer sees exactly `after` bytes.
+                let _ = ready!(Pin::new(&mut *inner).poll_flush(cx));
+                if f.fault.kind == FaultKind::Reset && f.reset_fd.is_some() {
+                    reset_now(f.reset_fd);
+                } else {
+                    let _ = ready!(Pin::new(&mut *inner).poll_shutdown(cx));
+                }
+            }
+        }
+        f.fired = true;
+        if let Some(observe) = &f.observer {
+            observe(f.fault, Instant::now());
+        }
+    }
+    match f.fault.kind {
+        FaultKind::Stall(_) => {
+            if let Some(sleep) = f.stall.as_mut() {
+                ready!(Pin::new(sleep).poll(cx));
+                f.stall = None;
+            }
+            Poll::Ready(Ok(()))
+        }
+        FaultKind::Close | FaultKind::Reset => Poll::Ready(Err(f.error())),
+    }
+}
+
+/// Resets the connection now: the peer gets a TCP reset (RST) whoever still holds the
+/// socket. Disconnecting a TCP socket (connect to AF_UNSPEC) aborts it with a reset, and the
+/// descriptor stays valid (closed) until its owner drops it.
+#[cfg(target_os = "linux")]
+fn reset_now(fd: Option<RawSocket>) {
+    if let Some(fd) = fd {
+        // SAFETY: the descriptor belongs to a socket its owner keeps open during this call;
+        // the address is a zeroed sockaddr with family AF_UNSPEC, of the size given.
+        unsafe {
+            let socket = std::os::fd::BorrowedFd::borrow_raw(fd);
+            let _ = socket2::SockRef::from(&socket).set_linger(Some(Duration::ZERO));
+            let mut addr: libc::sockaddr = std::mem::zeroed();
+            addr.sa_family = libc::AF_UNSPEC as libc::sa_family_t;
+            libc::connect(
+                fd,
+                &addr,
+                std::mem::size_of::<libc::sockaddr>() as libc::socklen_t,
+            );
+        }
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn reset_now(_: Option<RawSocket>) {}
+
+/// Awaits `read` (a read from the relay's source) while the writer may hold bytes
+/// (`holding`), running `work` (the writer's [`Segmented::idle_work`]: the delay line, then
+/// the idle flush) meanwhile, so a quiet source never keeps bytes back. The read itself is
+/// never cancelled; `work` is dropped when the read completes, and only polled when holding.
+pub async fn read_flushing<T, R, F>(read: R, work: F, holding: bool) -> io::Result<T>
 where
     R: Future<Output = T>,
     F: Future<Output = io::Result<()>>,
@@ -669,9 +1080,8 @@ where
     tokio::select! {
         biased;
         r = &mut read => return Ok(r),
-        _ = tokio::time::sleep(IDLE_FLUSH) => {}
+        done = work => done?,
     }
-    flush.await?;
     Ok(read.await)
 }
 
@@ -697,6 +1107,7 @@ mod tests {
             delay: Duration::from_millis(1),
             rate: None,
             ttfb: None,
+            shaping: None,
         }
         .is_passthrough());
         assert!(!SegmentPolicy::fixed(10, Duration::ZERO).is_passthrough());
@@ -818,6 +1229,7 @@ mod tests {
             delay: Duration::from_millis(20),
             rate: None,
             ttfb: None,
+            shaping: None,
         };
         assert_eq!(none_delay.describe(), "none delay=20ms");
         assert_eq!(none_delay.to_string(), "none delay=20ms");
@@ -1023,7 +1435,7 @@ mod tests {
             b
         });
         // The "source" answers only once the held bytes have reached the other side.
-        let answered = read_flushing(rx, w.idle_flush(), true).await.unwrap();
+        let answered = read_flushing(rx, w.idle_work(), true).await.unwrap();
         assert_eq!(answered, Ok(5));
         assert!(!w.holds_bytes());
         drop(reader.await.unwrap());

@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 
 use super::hooks::{ConnectionHandler, ConnectionMeta};
-use super::segment::SegmentPolicy;
+use super::segment::{RawSocket, SegmentPolicy};
 use super::state::Engine;
 
 /// Where requests on a connection come from, which fixes how their targets are read.
@@ -44,6 +44,8 @@ pub struct ConnState {
     handler: Option<Box<dyn ConnectionHandler>>,
     /// The proxy address the client connected to (named in the answer to non-HTTP bytes).
     pub local: Option<SocketAddr>,
+    /// The client's socket, for a fault's reset of a plain exchange (`fault=reset@N`).
+    pub client_fd: Option<RawSocket>,
 }
 
 impl ConnState {
@@ -56,6 +58,7 @@ impl ConnState {
             },
             handler: None,
             local: None,
+            client_fd: None,
         }
     }
 

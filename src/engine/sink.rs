@@ -124,6 +124,7 @@ impl<'a> FlowGuard<'a> {
                 Outcome::ClientAborted
             };
         }
+        flow.settle_faults(self.sinks.epoch());
         // Chunks observed after this (by a writer that outlives its flow) are not recorded.
         let chunks = flow.chunk_log.take().map(|log| log.take());
         if chunks.is_some() {

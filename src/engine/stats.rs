@@ -23,7 +23,7 @@ use prometheus_client::registry::Registry;
 use super::outcome::Outcome;
 
 /// Every outcome that is not `ok`, in the order `errors` lists them.
-pub const ERROR_OUTCOMES: [Outcome; 8] = [
+pub const ERROR_OUTCOMES: [Outcome; 9] = [
     Outcome::Blocked,
     Outcome::Rejected,
     Outcome::RefusedLimit,
@@ -32,6 +32,7 @@ pub const ERROR_OUTCOMES: [Outcome; 8] = [
     Outcome::OriginAborted,
     Outcome::IdleTimeout,
     Outcome::CutAtShutdown,
+    Outcome::Fault,
 ];
 
 /// The counters of one server. Held by its access log, which every finished exchange passes

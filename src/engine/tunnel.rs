@@ -109,7 +109,7 @@ where
         }
         let holding = writer.holds_bytes();
         let read = tokio::select! {
-            r = tokio::time::timeout(clock.idle, read_flushing(reader.read(&mut buf), writer.idle_flush(), holding)) => r,
+            r = tokio::time::timeout(clock.idle, read_flushing(reader.read(&mut buf), writer.idle_work(), holding)) => r,
             _ = stop_rx.wait_for(|s| *s) => break None,
         };
         match read {
