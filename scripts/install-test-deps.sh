@@ -37,7 +37,7 @@ else
 fi
 
 # --- Python test dependencies -------------------------------------------------
-PIP_PACKAGES=(httpx pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
+PIP_PACKAGES=("httpx[socks]" pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
               matplotlib pandas tqdm ipywidgets urllib3 mypy ruff==0.17.6 cryptography websockets maturin)
 if [[ -n "${SKIP_PIP:-}" ]]; then
     log "pip: skipped (SKIP_PIP set)"

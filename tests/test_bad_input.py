@@ -79,7 +79,8 @@ async def test_tls_client_hello_is_recognised_at_once(server):
 @pytest.mark.parametrize(
     "greeting, reply, name",
     [
-        (b"\x05\x01\x00", b"\x05\xff", "SOCKS5"),
+        # SOCKS5 is served on this port; a greeting offering only GSSAPI (0x01) is refused.
+        (b"\x05\x01\x01", b"\x05\xff", "SOCKS5"),
         (
             b"\x04\x01\x00\x50\x7f\x00\x00\x01user\x00",
             b"\x00\x5b\x00\x00\x00\x00\x00\x00",

@@ -56,6 +56,7 @@ CLI_FLAGS = {
     "access_log_format": "--access-log-format",
     "access_records": None,
     "stats_port": "--stats-port",
+    "socks_port": "--socks-port",
 }
 
 #: The `ProxyOptions` annotation each kind of option needs.

@@ -228,6 +228,9 @@ class ProxyOptions(TypedDict, total=False):
     stats_port: int | None
     """Serve `stats()` at ``GET /metrics`` in Prometheus text format on this port of the
     proxy's host (0 picks a free one; `ProxyServer.metrics_url` says where)."""
+    socks_port: int | None
+    """Also serve SOCKS5 on this port of the proxy's host (0 picks a free one;
+    `ProxyServer.socks_port` says which). The proxy port answers SOCKS5 too."""
 
 
 class ProxyServer:
@@ -269,6 +272,18 @@ class ProxyServer:
     @property
     def port(self) -> int:
         return self.address[1]
+
+    @property
+    def socks_address(self) -> tuple[str, int] | None:
+        """Where the SOCKS5 port listens as (host, port); None without ``socks_port``."""
+        return self._engine.socks_addr()
+
+    @property
+    def socks_port(self) -> int | None:
+        """The bound SOCKS5 port; None without ``socks_port`` (the proxy port serves
+        SOCKS5 as well)."""
+        address = self.socks_address
+        return None if address is None else address[1]
 
     @property
     def max_connections(self) -> int:

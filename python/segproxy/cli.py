@@ -619,6 +619,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             shost, sport = stats
             url = f"http://[{shost}]:{sport}" if ":" in shost else f"http://{shost}:{sport}"
             print(f"segproxy: metrics at {url}/metrics", file=sys.stderr, flush=True)
+        socks = engine.socks_addr()
+        if socks is not None:
+            shost, sport = socks
+            where = f"[{shost}]:{sport}" if ":" in shost else f"{shost}:{sport}"
+            print(f"segproxy: SOCKS5 on {where}", file=sys.stderr, flush=True)
 
     try:
         handler = load_handler(args)

@@ -3,7 +3,7 @@
 The text format is SegmentedProxy's, one rule a line::
 
     HOST_GLOB=MODE[,strategy=none|fixed|random][,chunk=N][,min=N][,max=N][,delay=MS]
-        [,action=direct|upstream|block][,upstream=[USER:PASS@]HOST:PORT][,reason=TEXT]
+        [,action=direct|upstream|block][,upstream=[socks5://][USER:PASS@]HOST:PORT][,reason=TEXT]
         [,scheme=http|https][,method=M][,path_prefix=/p][,port=N]
         [,direction=up|down|both][,intercept=yes|no]
 
@@ -96,7 +96,8 @@ class Rule:
     """Makes fault draws, jitter and random chunk sizes repeat from run to run."""
     action: Literal["direct", "upstream", "block"] | None = None
     upstream: str | None = None
-    """``[USER:PASS@]HOST:PORT`` of the upstream proxy (with ``action="upstream"``)."""
+    """``[USER:PASS@]HOST:PORT`` of an HTTP upstream proxy, or
+    ``socks5://[USER:PASS@]HOST:PORT`` of a SOCKS5 one (with ``action="upstream"``)."""
     reason: str | None = None
     scheme: Literal["http", "https"] | None = None
     method: str | None = None

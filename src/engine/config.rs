@@ -33,6 +33,9 @@ pub struct EngineConfig {
     /// Serve the server's counters at `GET /metrics` (Prometheus text format) on this port
     /// of the proxy's listen address (0 picks a free port); None serves none.
     pub stats_port: Option<u16>,
+    /// Serve SOCKS5 on this port of the listen address too (0 picks a free port); None: only
+    /// the proxy port, where a SOCKS5 greeting is told apart by its first byte.
+    pub socks_port: Option<u16>,
     /// How long exchanges in flight get to finish when the server is closed without a grace
     /// of its own (the binding's `close()`, SIGTERM in the command line); then they are cut.
     pub shutdown_timeout: Duration,
@@ -54,6 +57,7 @@ impl Default for EngineConfig {
             hook_timeout: Duration::from_secs(30),
             proxy_auth: Default::default(),
             stats_port: None,
+            socks_port: None,
             shutdown_timeout: Duration::from_secs(5),
         }
     }

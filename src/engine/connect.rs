@@ -1,6 +1,8 @@
-//! CONNECT: decide (rules, handler), then either relay bytes untouched (tunnel) or terminate
-//! TLS with a minted certificate and hand the decrypted stream back to the connection, which
-//! serves its requests (intercept). Nothing here calls back up into the connection.
+//! CONNECT, asked for by an HTTP CONNECT or a SOCKS5 CONNECT: decide (rules, handler), then
+//! either relay bytes untouched (tunnel) or terminate TLS with a minted certificate and hand
+//! the decrypted stream back to the connection, which serves its requests (intercept). The
+//! two ways of asking differ only in how the client is answered ([`Via`]). Nothing here calls
+//! back up into the connection.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -9,17 +11,18 @@ use bytes::Bytes;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
-use super::connector::Rewind;
+use super::connector::{socks_reply, Rewind};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
 use super::hooks::ConnectDecision;
-use super::http1::{BufStream, RequestHead};
+use super::http1::BufStream;
 use super::respond::send_error;
 use super::rules::{Action, Intercept, Scheme};
 use super::segment::{raw_socket, SegmentPolicy, Segmented};
 use super::session::{ConnState, Mode};
 use super::sink::FlowGuard;
+use super::socks;
 use super::state::Engine;
 use super::stats::Open;
 use super::target::split_authority;
@@ -57,23 +60,66 @@ impl ConnectRecord<'_> {
     }
 }
 
+/// How the client asked for the tunnel, and so how it is answered.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Via {
+    /// An HTTP `CONNECT`: `200 Connection Established`, or an HTTP error.
+    Http,
+    /// A SOCKS5 CONNECT: a SOCKS reply. With interception planned, the client's first bytes
+    /// decide: a TLS ClientHello is intercepted, anything else tunnelled.
+    Socks5,
+}
+
+impl Via {
+    /// The record's method.
+    fn method(self) -> &'static str {
+        match self {
+            Via::Http => "CONNECT",
+            Via::Socks5 => "SOCKS5",
+        }
+    }
+}
+
+/// A request for a tunnel to `target` (`host:port`).
+pub struct ConnectRequest {
+    pub target: String,
+    pub via: Via,
+}
+
+/// A CONNECT refused before its tunnel: the error, and the SOCKS reply code for it.
+struct Refused {
+    error: FlowError,
+    socks_reply: u8,
+}
+
+impl From<FlowError> for Refused {
+    fn from(error: FlowError) -> Self {
+        let socks_reply = match error.status {
+            Some(403) => socks_reply::NOT_ALLOWED,
+            _ => socks_reply::GENERAL_FAILURE,
+        };
+        Refused { error, socks_reply }
+    }
+}
+
 /// Answers a CONNECT: refused, tunnelled to its end, or intercepted (then the decrypted
 /// stream is returned for the connection to serve).
 pub async fn handle_connect<'e>(
     engine: &'e Arc<Engine>,
     mut client: BufStream<TcpStream>,
-    head: RequestHead,
+    request: ConnectRequest,
     conn: &mut ConnState,
 ) -> Option<Interception<'e>> {
     let started = Instant::now();
+    let via = request.via;
     let mut record = FlowGuard::begin(
         &engine.sinks,
         &engine.closing,
         Flow {
             id: conn.info.next_id(),
             client: Some(conn.info.peer),
-            method: "CONNECT".into(),
-            target: head.target.clone(),
+            method: via.method().into(),
+            target: request.target.clone(),
             kind: Kind::Tunnel,
             action: FlowAction::Direct,
             policy: "none".into(),
@@ -82,17 +128,27 @@ pub async fn handle_connect<'e>(
     );
     // Each stage is boxed: the connection's future then weighs what the current stage needs
     // (an idle tunnel holds only the tunnel's state), not the largest stage's.
-    let plan = Box::pin(plan_connect(engine, &head, conn, &mut record)).await;
-    let plan = match plan {
-        Ok(plan) if !plan.intercept => open_tunnel(engine, plan, &mut record).await,
-        other => other.map(|plan| Ready { plan, origin: None }),
+    let plan = Box::pin(plan_connect(engine, &request.target, conn, &mut record)).await;
+    // A SOCKS client's destination is reached before the answer even when interception is
+    // planned: its reply can then say why it could not be, and a client that does not speak
+    // TLS first is tunnelled over it.
+    let ready = match plan {
+        Ok(plan) if !plan.intercept || via == Via::Socks5 => {
+            open_tunnel(engine, plan, &mut record).await
+        }
+        Ok(plan) => Ok(Ready { plan, origin: None }),
+        Err(e) => Err(Refused::from(e)),
     };
-    let result = match plan {
-        Err(FlowError {
-            status,
-            message,
-            handler_knows,
-            ..
+    let ready = match ready {
+        Err(Refused {
+            error:
+                FlowError {
+                    status,
+                    message,
+                    handler_knows,
+                    ..
+                },
+            socks_reply,
         }) => {
             // A CONNECT is refused before its 200, so there is always a status to answer.
             let status = status.unwrap_or(502);
@@ -105,29 +161,62 @@ pub async fn handle_connect<'e>(
                 conn.report_error(engine, &message);
             }
             record.commit();
-            let _ = send_error(&mut client.io, status, &message, false).await;
+            match via {
+                Via::Http => {
+                    let _ = send_error(&mut client.io, status, &message, false).await;
+                }
+                Via::Socks5 => {
+                    socks::answer(&mut client.io, socks::Answer::Reply(socks_reply)).await;
+                }
+            }
             return None;
         }
-        Ok(Ready { plan, origin: None }) => {
-            match Box::pin(intercept(engine, client, plan, &mut record)).await {
-                Ok((stream, mode)) => {
-                    return Some(Interception {
-                        stream,
-                        mode,
-                        record: ConnectRecord {
-                            _open: engine.stats().intercept_opened(),
-                            record,
-                            started,
-                        },
-                    })
+        Ok(ready) => ready,
+    };
+    let established: &[u8] = match via {
+        Via::Http => b"HTTP/1.1 200 Connection Established\r\n\r\n",
+        Via::Socks5 => &socks::reply(socks_reply::SUCCEEDED),
+    };
+    let result = match client.io.write_all(established).await {
+        Err(e) => Err(e.to_string()),
+        Ok(()) => {
+            record.status = 200;
+            let ready = match ready {
+                Ready {
+                    plan,
+                    origin: Some(origin),
+                } if plan.intercept => {
+                    let tls = tls_comes_first(engine, &mut client, &origin).await;
+                    Ready {
+                        origin: (!tls).then_some(origin),
+                        plan,
+                    }
                 }
-                Err(e) => Err(e),
+                ready => ready,
+            };
+            match ready {
+                Ready { plan, origin: None } => {
+                    match Box::pin(intercept(engine, client, plan, &mut record)).await {
+                        Ok((stream, mode)) => {
+                            return Some(Interception {
+                                stream,
+                                mode,
+                                record: ConnectRecord {
+                                    _open: engine.stats().intercept_opened(),
+                                    record,
+                                    started,
+                                },
+                            })
+                        }
+                        Err(e) => Err(e),
+                    }
+                }
+                Ready {
+                    plan,
+                    origin: Some(origin),
+                } => Box::pin(tunnel(engine, client, origin, plan, conn, &mut record)).await,
             }
         }
-        Ok(Ready {
-            plan,
-            origin: Some(origin),
-        }) => Box::pin(tunnel(engine, client, origin, plan, conn, &mut record)).await,
     };
     if let Err(message) = result {
         conn.report_error(engine, &message);
@@ -143,6 +232,33 @@ pub async fn handle_connect<'e>(
     None
 }
 
+/// Whether the client's first bytes after the answer are a TLS record, waiting at most the
+/// header timeout for them; the destination speaking first (or nothing arriving) means not.
+async fn tls_comes_first(
+    engine: &Engine,
+    client: &mut BufStream<TcpStream>,
+    origin: &BufStream<TcpStream>,
+) -> bool {
+    if client.buf.is_empty() && origin.buf.is_empty() {
+        let first = async {
+            tokio::select! {
+                filled = client.fill() => matches!(filled, Ok(n) if n > 0),
+                _ = origin.io.readable() => false,
+            }
+        };
+        if !tokio::time::timeout(engine.config.header_timeout, first)
+            .await
+            .unwrap_or(false)
+        {
+            return false;
+        }
+    }
+    client.buf.first() == Some(&TLS_HANDSHAKE_RECORD)
+}
+
+/// The content type of a TLS handshake record, which a ClientHello starts with.
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
+
 /// A plan with its connection to the destination (None for interception, which connects
 /// per inner request).
 struct Ready {
@@ -150,14 +266,19 @@ struct Ready {
     origin: Option<BufStream<TcpStream>>,
 }
 
-async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut Flow) -> Result<Ready, FlowError> {
+async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut Flow) -> Result<Ready, Refused> {
     let (origin, dns) = match engine
         .connector
         .open_tunnel(&plan.route, &plan.host, plan.port)
         .await
     {
         Ok(opened) => opened,
-        Err(e) => return Err((e.status(), e.to_string()).into()),
+        Err(e) => {
+            return Err(Refused {
+                error: (e.status(), e.to_string()).into(),
+                socks_reply: e.socks_reply(),
+            })
+        }
     };
     record.dns = dns.into();
     Ok(Ready {
@@ -180,12 +301,12 @@ struct Plan {
 
 async fn plan_connect(
     engine: &Arc<Engine>,
-    head: &RequestHead,
+    target: &str,
     conn: &mut ConnState,
     record: &mut Flow,
 ) -> Result<Plan, FlowError> {
-    let (host, port) = split_authority(&head.target, None)
-        .map_err(|m| (400, format!("bad CONNECT target {:?}: {m}", head.target)))?;
+    let (host, port) = split_authority(target, None)
+        .map_err(|m| (400, format!("bad CONNECT target {target:?}: {m}")))?;
     let decision = decide(engine, "CONNECT", Scheme::Https, &host, port, "", record);
     let mut choice = match decision.intercept {
         Intercept::Yes => ConnectDecision::Intercept,
@@ -259,10 +380,10 @@ async fn plan_connect(
     })
 }
 
-/// Answers the CONNECT and terminates the client's TLS with a minted certificate.
+/// Terminates the client's TLS (the CONNECT answered) with a minted certificate.
 async fn intercept(
     engine: &Arc<Engine>,
-    mut client: BufStream<TcpStream>,
+    client: BufStream<TcpStream>,
     plan: Plan,
     record: &mut Flow,
 ) -> Result<(BufStream<InterceptedStream>, Mode), String> {
@@ -275,12 +396,6 @@ async fn intercept(
     } = plan;
     record.kind = Kind::Intercept;
     let ca = engine.ca.clone().expect("interception needs a CA");
-    client
-        .io
-        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    record.status = 200;
     let BufStream {
         io: client_io,
         buf: client_buf,
@@ -318,9 +433,10 @@ async fn intercept(
     Ok((BufStream::new(tls_stream), mode))
 }
 
+/// Relays bytes both ways (the CONNECT answered) until either side closes.
 async fn tunnel(
     engine: &Arc<Engine>,
-    mut client: BufStream<TcpStream>,
+    client: BufStream<TcpStream>,
     origin: BufStream<TcpStream>,
     plan: Plan,
     conn: &mut ConnState,
@@ -334,12 +450,6 @@ async fn tunnel(
         ttfb,
         ..
     } = plan;
-    client
-        .io
-        .write_all(b"HTTP/1.1 200 Connection Established\r\n\r\n")
-        .await
-        .map_err(|e| e.to_string())?;
-    record.status = 200;
     let _open = engine.stats().tunnel_opened();
     if engine.hooks.tunnel {
         if let Some(h) = conn.handler(engine) {

@@ -1,6 +1,7 @@
 //! One client connection, one way down: the HTTP/1.1 request loop (keep-alive, client
-//! authentication, non-HTTP bytes answered at once); each request goes to the exchange, each
-//! CONNECT to `connect`, whose interception hands back a TLS stream this loop then serves.
+//! authentication, non-HTTP bytes answered at once) or, from its first byte, a SOCKS5
+//! handshake (`socks`); each request goes to the exchange, each CONNECT (HTTP or SOCKS5) to
+//! `connect`, whose interception hands back a TLS stream this loop then serves.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use super::auth::{self, Verdict};
-use super::connect;
+use super::connect::{self, ConnectRequest, Via};
 use super::connector::Io;
 use super::exchange::{forward, Next};
 use super::flow::{Flow, Kind, Outcome};
@@ -18,20 +19,66 @@ use super::http1::{request_body_kind, BodyKind, BufStream, HttpError, RequestHea
 use super::respond::{send_error, send_error_with};
 use super::session::{ConnInfo, ConnState, Mode};
 use super::sink::FlowGuard;
+use super::socks;
 use super::state::Engine;
 
+/// Which listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Entry {
+    /// The proxy port: HTTP, or SOCKS5 told apart by its first byte.
+    Proxy,
+    /// The SOCKS5 port (`socks_port`): SOCKS5 only.
+    Socks,
+}
+
+/// What the request loop hands back: a tunnel to set up, with the concrete stream.
+pub enum Handoff<C> {
+    /// An HTTP CONNECT (authenticated).
+    Connect(RequestHead, BufStream<C>),
+    /// A SOCKS5 greeting as the connection's first bytes.
+    Socks(BufStream<C>),
+}
+
 /// Serves one accepted client connection until it closes.
-pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketAddr, id: u64) {
+pub async fn serve_client(
+    engine: &Arc<Engine>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    entry: Entry,
+) {
     let mut conn = ConnState::new(id, peer);
     conn.local = stream.local_addr().ok();
     conn.client_fd = super::segment::raw_socket(&stream);
     let client = BufStream::new(stream);
     // Boxed stages: a connection holds the state of the stage it is in, not of the largest.
-    let Some((head, client)) = Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await
-    else {
-        return;
+    let handoff = match entry {
+        Entry::Proxy => Box::pin(serve_http(engine, client, &mut conn, &Mode::Proxy)).await,
+        Entry::Socks => Some(Handoff::Socks(client)),
     };
-    let intercepted = Box::pin(connect::handle_connect(engine, client, head, &mut conn)).await;
+    let (request, client) = match handoff {
+        None => return,
+        Some(Handoff::Connect(head, client)) => (
+            ConnectRequest {
+                target: head.target,
+                via: Via::Http,
+            },
+            client,
+        ),
+        Some(Handoff::Socks(mut client)) => {
+            match Box::pin(socks_handshake(engine, &mut client, &mut conn)).await {
+                Some(target) => (
+                    ConnectRequest {
+                        target,
+                        via: Via::Socks5,
+                    },
+                    client,
+                ),
+                None => return,
+            }
+        }
+    };
+    let intercepted = Box::pin(connect::handle_connect(engine, client, request, &mut conn)).await;
     if let Some(connect::Interception {
         stream,
         mode,
@@ -43,16 +90,46 @@ pub async fn serve_client(engine: &Arc<Engine>, stream: TcpStream, peer: SocketA
     }
 }
 
-/// The request loop. Returns the CONNECT head and the connection when a CONNECT arrives in
-/// proxy mode, since a tunnel needs the concrete stream.
+/// The SOCKS5 handshake within the header timeout: the destination, or None when it failed
+/// (the client answered and the refusal recorded).
+async fn socks_handshake(
+    engine: &Engine,
+    client: &mut BufStream<TcpStream>,
+    conn: &mut ConnState,
+) -> Option<String> {
+    let timeout = engine.config.header_timeout;
+    let error = match tokio::time::timeout(timeout, socks::handshake(engine, client, conn)).await {
+        Ok(Ok(target)) => return Some(target),
+        Ok(Err(e)) => e,
+        // Closed without an answer: mid-handshake, no reply would be read as meant.
+        Err(_) => socks::SocksError {
+            message: format!("handshake not completed within {timeout:?}"),
+            answer: None,
+        },
+    };
+    let why = format!("SOCKS5: {}", error.message);
+    match error.answer {
+        Some(answer) => socks::answer(&mut client.io, answer).await,
+        None => {
+            let _ = client.io.shutdown().await;
+        }
+    }
+    log::info!("client {}: {why}", conn.info.peer);
+    log_refusal(engine, &mut conn.info, 0, &why);
+    None
+}
+
+/// The request loop. Returns the connection when a CONNECT arrives in proxy mode, or a
+/// SOCKS5 greeting opens it, since a tunnel needs the concrete stream.
 pub async fn serve_http<C: Io>(
     engine: &Arc<Engine>,
     mut client: BufStream<C>,
     conn: &mut ConnState,
     mode: &Mode,
-) -> Option<(RequestHead, BufStream<C>)> {
+) -> Option<Handoff<C>> {
     let cfg = &engine.config;
     let mut draining = engine.draining.clone();
+    let mut first = true;
     loop {
         // Wait for the next request's first byte: idle timeout, or shutdown for idle connections.
         if client.buf.is_empty() {
@@ -67,9 +144,15 @@ pub async fn serve_http<C: Io>(
         }
         // Bytes that cannot start an HTTP request (a TLS ClientHello from a client set to use
         // an HTTPS proxy, a SOCKS greeting, binary): answered at once, not after a timeout.
-        if let Some(foreign) = sniff_foreign(&client.buf) {
-            answer_foreign(engine, &mut client, conn, foreign).await;
-            return None;
+        match sniff_foreign(&client.buf) {
+            Some(Foreign::Socks5) if first && matches!(mode, Mode::Proxy) => {
+                return Some(Handoff::Socks(client));
+            }
+            Some(foreign) => {
+                answer_foreign(engine, &mut client, conn, foreign).await;
+                return None;
+            }
+            None => first = false,
         }
         let head = match tokio::time::timeout(
             cfg.header_timeout,
@@ -120,7 +203,7 @@ pub async fn serve_http<C: Io>(
         };
         if head.method.eq_ignore_ascii_case("CONNECT") {
             if matches!(mode, Mode::Proxy) {
-                return Some((head, client));
+                return Some(Handoff::Connect(head, client));
             }
             let _ = send_error(
                 &mut client.io,
@@ -241,9 +324,9 @@ async fn answer_foreign<C: Io>(
     let (status, why) = match foreign {
         Foreign::Tls => (0, format!("TLS handshake on the HTTP proxy port (the client is set to use an HTTPS proxy): {hint}")),
         Foreign::Socks5 => {
-            // Version 5, "no acceptable methods": the client reports a refused SOCKS proxy.
-            let _ = client.io.write_all(&[0x05, 0xff]).await;
-            (0, format!("SOCKS5 greeting on the HTTP proxy port: {hint}"))
+            // Only a connection's first bytes may be a SOCKS5 greeting.
+            let _ = client.io.write_all(&[socks::VERSION, 0xff]).await;
+            (0, format!("SOCKS5 greeting after HTTP requests on the same connection: {hint}"))
         }
         Foreign::Socks4 => {
             // SOCKS4 reply: request rejected.

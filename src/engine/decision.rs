@@ -1,9 +1,9 @@
 //! The rule decision for one flow (request or CONNECT), its debug lines, and the route it
 //! gives the connector.
 
-use super::connector::{Route, UpstreamHop};
+use super::connector::{HopProtocol, Route, UpstreamHop};
 use super::flow::{Flow, FlowAction};
-use super::rules::{Action, Decision, RuleSet, Scheme};
+use super::rules::{Action, Decision, RuleSet, Scheme, UpstreamProtocol};
 use super::segment::SegmentPolicy;
 use super::state::Engine;
 
@@ -38,7 +38,7 @@ pub fn decide(
     };
     record.action = match &decision.action {
         Action::Direct => FlowAction::Direct,
-        Action::Upstream(u) => FlowAction::Upstream(u.authority()),
+        Action::Upstream(u) => FlowAction::Upstream(u.address()),
         Action::Block { .. } => FlowAction::Block,
     };
     // "none" only for the policy that changes nothing (no segmentation, rate or ttfb).
@@ -97,7 +97,14 @@ pub fn route_for(action: &Action) -> Route {
         Action::Upstream(u) => Route::Upstream(UpstreamHop {
             host: u.host.clone(),
             port: u.port,
-            authorization: u.basic_auth_header(),
+            protocol: match u.protocol {
+                UpstreamProtocol::Http => HopProtocol::Http {
+                    authorization: u.basic_auth_header(),
+                },
+                UpstreamProtocol::Socks5 => HopProtocol::Socks5 {
+                    credentials: u.credentials.clone(),
+                },
+            },
         }),
         _ => Route::Direct,
     }

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::connector::{ConnectError, Io, Rewind, Route};
+use super::connector::{ConnectError, Connected, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
@@ -533,19 +533,26 @@ impl<'a, C: Io> Exchange<'a, C> {
                 format!("{}|{}|{mode_key}", target.scheme, target.authority())
             }
             Route::Upstream(hop) => {
-                if target.scheme == "https" {
+                if target.scheme == "https" || !hop.is_http() {
+                    // A tunnel through the hop: the destination gets origin form.
                     out.target = target.path.clone();
-                    format!("https|{}|via {hop}|{mode_key}", target.authority())
+                    format!(
+                        "{}|{}|via {}|{mode_key}",
+                        target.scheme,
+                        target.authority(),
+                        hop.describe()
+                    )
                 } else {
                     out.target = target.url();
-                    if let Some(auth) = &hop.authorization {
-                        out.headers.push("Proxy-Authorization", auth.clone());
+                    if let Some(auth) = hop.http_authorization() {
+                        out.headers.push("Proxy-Authorization", auth.to_string());
                     }
                     format!("via|{hop}")
                 }
             }
         };
-        let via_upstream = matches!(route, Route::Upstream(_)) && target.scheme != "https";
+        let via_upstream =
+            matches!(&route, Route::Upstream(hop) if hop.is_http()) && target.scheme != "https";
         // A request without a body is complete with its head, so that is flushed.
         let head_is_message = body_empty && replacement_body.as_ref().is_none_or(|b| b.is_empty());
         let up_fault = self.record.fault_observer("up", &up_policy);
@@ -1204,10 +1211,24 @@ async fn connect_origin(
                 record.dns = c.dns.clone().into();
                 c
             }
-            Route::Upstream(hop) => {
+            Route::Upstream(hop) if hop.is_http() => {
                 let c = engine.connector.tcp_to_hop(hop).await?;
                 record.dns = format!("via {hop}").into();
                 c
+            }
+            Route::Upstream(_) => {
+                // A SOCKS5 hop: its handshake reads exactly its replies, so nothing is left
+                // in the head buffer and the plain stream carries on.
+                let (tunnel, dns) = engine
+                    .connector
+                    .open_tunnel(route, &target.host, target.port)
+                    .await?;
+                debug_assert!(tunnel.buf.is_empty());
+                record.dns = dns.clone().into();
+                Connected {
+                    stream: tunnel.io,
+                    dns,
+                }
             }
         };
         let fd = raw_socket(&c.stream);
@@ -1242,6 +1263,7 @@ async fn connect_origin(
     })?
     .map_err(|e| ConnectError::Connect {
         target: target.authority(),
+        refused: false,
         reason: e.to_string(),
     })?;
     let mut conn = OriginConn::new(Box::new(tls));
@@ -1259,13 +1281,14 @@ struct Peer<'a> {
 impl std::fmt::Display for Peer<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self.route {
-            Route::Upstream(hop) if self.target.scheme != "https" => {
+            Route::Upstream(hop) if self.target.scheme != "https" && hop.is_http() => {
                 write!(f, "upstream proxy {hop} (for {})", self.target.authority())
             }
             Route::Upstream(hop) => write!(
                 f,
-                "{} (through upstream proxy {hop})",
-                self.target.authority()
+                "{} (through upstream {})",
+                self.target.authority(),
+                hop.describe()
             ),
             Route::Direct => f.write_str(&self.target.authority()),
         }

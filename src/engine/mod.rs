@@ -31,6 +31,7 @@ pub mod server;
 pub mod session;
 pub mod shaping;
 pub mod sink;
+pub mod socks;
 pub mod state;
 pub mod stats;
 pub mod target;

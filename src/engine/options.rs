@@ -256,6 +256,7 @@ const NET: &str = "DNS and destinations";
 const TLS: &str = "HTTPS interception";
 const LOGGING: &str = "logging";
 const STATS: &str = "statistics";
+const SOCKS: &str = "SOCKS5";
 
 /// The options of a server, in the order the help and the docs list them.
 pub static OPTIONS: &[OptionSpec] = &[
@@ -488,6 +489,15 @@ pub static OPTIONS: &[OptionSpec] = &[
         "serve the server's counters at /metrics in Prometheus text format on this port of \
          the proxy's address (0 picks a free port)",
     ),
+    OptionSpec::new(
+        "socks_port",
+        Kind::Port,
+        Preset::None,
+        SOCKS,
+        "also serve SOCKS5 (RFC 1928, CONNECT; username/password by RFC 1929 when \
+         proxy_auth is set) on this port of the proxy's address (0 picks a free port); the \
+         proxy port answers SOCKS5 too, told apart by the first byte",
+    ),
 ];
 
 /// The row of an option.
@@ -585,6 +595,7 @@ pub fn build(
         pool_idle_timeout: o.seconds("pool_idle_timeout")?,
         proxy_auth,
         stats_port: o.optional_port("stats_port")?,
+        socks_port: o.optional_port("socks_port")?,
         ..EngineConfig::default()
     };
 
@@ -991,6 +1002,7 @@ mod tests {
         assert_eq!(c.hook_timeout, d.hook_timeout);
         assert_eq!(c.pool_idle_timeout, d.pool_idle_timeout);
         assert_eq!(c.stats_port, d.stats_port);
+        assert_eq!(c.socks_port, None);
         assert!(!c.proxy_auth.is_enabled());
         assert_eq!(
             spec("dns_cache_size").unwrap().default,
@@ -1010,6 +1022,7 @@ mod tests {
             ("max_connections", Value::Int(7)),
             ("max_header_bytes", Value::Int(10)),
             ("stats_port", Value::Int(0)),
+            ("socks_port", Value::Int(0)),
             (
                 "proxy_auth",
                 Value::List(vec![s("a:b"), Value::List(vec![s("c"), s("d")])]),
@@ -1026,6 +1039,7 @@ mod tests {
         assert_eq!(c.max_connections, 7);
         assert_eq!(c.max_header_bytes, 1024);
         assert_eq!(c.stats_port, Some(0));
+        assert_eq!(c.socks_port, Some(0));
         assert!(c.proxy_auth.is_enabled());
         let trust = built.parts.origin_trust;
         assert_eq!(trust.extra_ca_files, vec![PathBuf::from("one.pem")]);

@@ -25,8 +25,9 @@
 //!     default of 1024 bytes.
 //!   - `action=direct|upstream|block` (default direct).
 //!   - `upstream=[USER:PASS@]HOST:PORT` (IPv6 hosts in brackets), used by
-//!     `action=upstream`. Credentials are sent as Basic `Proxy-Authorization`;
-//!     they are masked (`user:***@`) in [`Rule::text`], descriptions,
+//!     `action=upstream`: an HTTP proxy. Credentials are sent as Basic `Proxy-Authorization`;
+//!     `upstream=socks5://[USER:PASS@]HOST:PORT` is a SOCKS5 proxy (RFC 1928, credentials by
+//!     RFC 1929), asked for destination names, which it resolves. Credentials are masked (`user:***@`) in [`Rule::text`], descriptions,
 //!     explanations and `Debug` output.
 //!   - `reason=TEXT`: the block message (`action=block`). It may contain
 //!     anything except a comma, which always separates keys.
@@ -154,14 +155,38 @@ impl fmt::Display for Intercept {
     }
 }
 
+/// The protocol an upstream proxy speaks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UpstreamProtocol {
+    /// An HTTP proxy: CONNECT for tunnels, absolute-form requests for plain HTTP.
+    #[default]
+    Http,
+    /// A SOCKS5 proxy (`socks5://`): a SOCKS CONNECT for every destination.
+    Socks5,
+}
+
+/// The scheme prefix of a SOCKS5 upstream.
+const SOCKS5_PREFIX: &str = "socks5://";
+
 /// A peer proxy to forward through.
 #[derive(Clone, PartialEq, Eq)]
 pub struct UpstreamProxy {
+    pub protocol: UpstreamProtocol,
     /// Host name or IP, IPv6 without brackets.
     pub host: String,
     pub port: u16,
-    /// `(user, password)` for Basic `Proxy-Authorization`.
+    /// `(user, password)`: Basic `Proxy-Authorization` for an HTTP proxy, RFC 1929 for SOCKS5.
     pub credentials: Option<(String, String)>,
+}
+
+/// Splits a `socks5://` prefix (any case) off an `upstream=` value.
+fn split_protocol(value: &str) -> (UpstreamProtocol, &str) {
+    match value.get(..SOCKS5_PREFIX.len()) {
+        Some(p) if p.eq_ignore_ascii_case(SOCKS5_PREFIX) => {
+            (UpstreamProtocol::Socks5, &value[SOCKS5_PREFIX.len()..])
+        }
+        _ => (UpstreamProtocol::Http, value),
+    }
 }
 
 impl UpstreamProxy {
@@ -174,6 +199,14 @@ impl UpstreamProxy {
         }
     }
 
+    /// `host:port` for an HTTP proxy, `socks5://host:port` for a SOCKS5 one (no credentials).
+    pub fn address(&self) -> String {
+        match self.protocol {
+            UpstreamProtocol::Http => self.authority(),
+            UpstreamProtocol::Socks5 => format!("{SOCKS5_PREFIX}{}", self.authority()),
+        }
+    }
+
     /// The `Proxy-Authorization` value (`Basic base64(user:pass)`), if any.
     pub fn basic_auth_header(&self) -> Option<String> {
         self.credentials.as_ref().map(|(user, pass)| {
@@ -182,8 +215,9 @@ impl UpstreamProxy {
         })
     }
 
-    /// Parses `[USER:PASS@]HOST:PORT`. Error messages never echo the password.
+    /// Parses `[socks5://][USER:PASS@]HOST:PORT`. Error messages never echo the password.
     pub fn parse(value: &str) -> Result<Self, String> {
+        let (protocol, value) = split_protocol(value);
         let (credentials, hostport) = match value.rsplit_once('@') {
             Some((creds, hostport)) => {
                 let (user, pass) = creds
@@ -224,6 +258,7 @@ impl UpstreamProxy {
         };
         let port = parse_port(port).map_err(|e| format!("upstream '{hostport}': {e}"))?;
         Ok(Self {
+            protocol,
             host: host.to_ascii_lowercase(),
             port,
             credentials,
@@ -241,6 +276,7 @@ impl UpstreamProxy {
         if let Ok(up) = Self::parse(value) {
             return Ok(up);
         }
+        let (protocol, value) = split_protocol(value);
         // Credentials as ours (`USER:PASS@`) when they are well formed, so that no password
         // ends up in a host name or a note.
         let (credentials, hostport) = match value.rsplit_once('@') {
@@ -284,6 +320,7 @@ impl UpstreamProxy {
             ));
         }
         Ok(Self {
+            protocol,
             host: host.to_ascii_lowercase(),
             port,
             credentials,
@@ -291,9 +328,12 @@ impl UpstreamProxy {
     }
 }
 
-/// Shows `user:***@host:port`: the password never reaches logs.
+/// Shows `[socks5://]user:***@host:port`: the password never reaches logs.
 impl fmt::Display for UpstreamProxy {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.protocol == UpstreamProtocol::Socks5 {
+            f.write_str(SOCKS5_PREFIX)?;
+        }
         if let Some((user, _)) = &self.credentials {
             write!(f, "{user}:***@")?;
         }
@@ -1228,7 +1268,11 @@ fn parse_rule(
                     _ if up.port != 0 => up.to_string(),
                     Some((_, hostport)) if up.credentials.is_some() => {
                         let user = up.credentials.as_ref().map_or("", |(u, _)| u.as_str());
-                        format!("{user}:***@{hostport}")
+                        let scheme = match up.protocol {
+                            UpstreamProtocol::Socks5 => SOCKS5_PREFIX,
+                            UpstreamProtocol::Http => "",
+                        };
+                        format!("{scheme}{user}:***@{hostport}")
                     }
                     _ => value.to_string(),
                 });
@@ -1560,11 +1604,28 @@ mod tests {
         assert_eq!(
             r.action,
             Action::Upstream(UpstreamProxy {
+                protocol: UpstreamProtocol::Http,
                 host: "127.0.0.1".into(),
                 port: 3128,
                 credentials: None
             })
         );
+
+        let r = one("*=direct,action=upstream,upstream=SOCKS5://user:secret@[::1]:1080");
+        assert_eq!(
+            r.action,
+            Action::Upstream(UpstreamProxy {
+                protocol: UpstreamProtocol::Socks5,
+                host: "::1".into(),
+                port: 1080,
+                credentials: Some(("user".into(), "secret".into()))
+            })
+        );
+        assert_eq!(
+            r.action.to_string(),
+            "upstream=socks5://user:***@[::1]:1080"
+        );
+        assert!(!r.text.contains("secret"), "{}", r.text);
 
         let r = one("*.example.com=segment_upstream,chunk=512,delay=5");
         assert_eq!(r.policy, SegmentPolicy::fixed(512, ms(5)));

@@ -1,4 +1,5 @@
-//! The listening server: accept loop, connection limit, graceful shutdown.
+//! The listening servers (the proxy port and, when asked for, a SOCKS5 port): accept loops
+//! sharing one engine, one connection limit and one graceful shutdown.
 
 use std::io;
 use std::net::SocketAddr;
@@ -11,7 +12,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Notify};
 
 use super::config::EngineConfig;
-use super::connection;
+use super::connection::{self, Entry};
 use super::flow::{Flow, Kind, Outcome};
 use super::sink::FlowGuard;
 use super::state::{Engine, EngineParts};
@@ -19,12 +20,14 @@ use super::state::{Engine, EngineParts};
 pub struct ProxyServer {
     engine: Arc<Engine>,
     local_addr: SocketAddr,
+    socks_addr: Option<SocketAddr>,
     drain_tx: watch::Sender<bool>,
     close_tx: watch::Sender<bool>,
     stopped: Arc<Notify>,
     stopped_flag: Arc<std::sync::atomic::AtomicBool>,
-    /// The accept loop: shutdown waits for it, so the listener is closed when shutdown returns.
-    accepting: std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>,
+    /// The accept loops: shutdown waits for them, so the listeners are closed when shutdown
+    /// returns.
+    accepting: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl ProxyServer {
@@ -48,18 +51,39 @@ impl ProxyServer {
         let engine = Arc::new(engine);
         let listener = TcpListener::bind(engine.config.listen).await?;
         let local_addr = listener.local_addr()?;
+        let socks_listener = match engine.config.socks_port {
+            Some(port) => {
+                let addr = SocketAddr::new(local_addr.ip(), port);
+                let l = TcpListener::bind(addr).await.map_err(|e| {
+                    io::Error::new(e.kind(), format!("cannot listen for SOCKS5 on {addr}: {e}"))
+                })?;
+                Some(l)
+            }
+            None => None,
+        };
+        let socks_addr = match &socks_listener {
+            Some(l) => Some(l.local_addr()?),
+            None => None,
+        };
         super::metrics_http::start(&engine).await?;
+        let mut accepting = vec![tokio::spawn(accept_loop(
+            listener,
+            engine.clone(),
+            Entry::Proxy,
+        ))];
+        if let Some(l) = socks_listener {
+            accepting.push(tokio::spawn(accept_loop(l, engine.clone(), Entry::Socks)));
+        }
         let server = ProxyServer {
             engine: engine.clone(),
             local_addr,
+            socks_addr,
             drain_tx,
             close_tx,
             stopped: Arc::new(Notify::new()),
             stopped_flag: Arc::new(Default::default()),
-            accepting: std::sync::Mutex::new(None),
+            accepting: std::sync::Mutex::new(accepting),
         };
-        *server.accepting.lock().unwrap_or_else(|e| e.into_inner()) =
-            Some(tokio::spawn(accept_loop(listener, engine.clone())));
         tokio::spawn(super::memory::return_after_bursts(engine.clone()));
         tokio::spawn(sweep_pool(engine));
         Ok(server)
@@ -69,6 +93,11 @@ impl ProxyServer {
         self.local_addr
     }
 
+    /// The SOCKS5 port's address, when the server has one (`socks_port`).
+    pub fn socks_addr(&self) -> Option<SocketAddr> {
+        self.socks_addr
+    }
+
     pub fn engine(&self) -> &Arc<Engine> {
         &self.engine
     }
@@ -76,12 +105,9 @@ impl ProxyServer {
     /// Stops accepting, lets in-flight exchanges finish for up to `grace`, then closes the rest.
     pub async fn shutdown(&self, grace: Duration) {
         let _ = self.drain_tx.send(true);
-        let accepting = self
-            .accepting
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .take();
-        if let Some(task) = accepting {
+        let accepting =
+            std::mem::take(&mut *self.accepting.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in accepting {
             let _ = task.await;
         }
         let engine = &self.engine;
@@ -124,7 +150,7 @@ impl ProxyServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
+async fn accept_loop(listener: TcpListener, engine: Arc<Engine>, entry: Entry) {
     let mut draining = engine.draining.clone();
     let mut failures = AcceptFailures::default();
     loop {
@@ -148,14 +174,14 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>) {
         let id = engine.next_conn_id.fetch_add(1, Ordering::Relaxed);
         engine.stats().connection_accepted();
         if engine.active.fetch_add(1, Ordering::AcqRel) >= engine.config.max_connections {
-            tokio::spawn(refuse(stream, peer, id, engine.clone()));
+            tokio::spawn(refuse(stream, peer, id, engine.clone(), entry));
             continue;
         }
         let engine = engine.clone();
         tokio::spawn(async move {
             let mut closing = engine.closing.clone();
             tokio::select! {
-                _ = connection::serve_client(&engine, stream, peer, id) => {}
+                _ = connection::serve_client(&engine, stream, peer, id, entry) => {}
                 _ = closing.wait_for(|c| *c) => {}
             }
             finish_connection(&engine);
@@ -212,7 +238,15 @@ fn finish_connection(engine: &Engine) {
     }
 }
 
-async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<Engine>) {
+/// Refuses a connection past the limit: a 503 on the proxy port; on the SOCKS port, which
+/// has no reply before the handshake for it, the connection is closed.
+async fn refuse(
+    mut stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    engine: Arc<Engine>,
+    entry: Entry,
+) {
     let body = format!(
         "segproxy: too many connections (limit {})\n",
         engine.config.max_connections
@@ -235,11 +269,13 @@ async fn refuse(mut stream: TcpStream, peer: SocketAddr, id: u64, engine: Arc<En
         body.len(),
         body
     );
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        stream.write_all(response.as_bytes()),
-    )
-    .await;
+    if entry == Entry::Proxy {
+        let _ = tokio::time::timeout(
+            Duration::from_secs(1),
+            stream.write_all(response.as_bytes()),
+        )
+        .await;
+    }
     let _ = stream.shutdown().await;
     finish_connection(&engine);
 }

@@ -247,6 +247,12 @@ impl EngineServer {
         (a.ip().to_string(), a.port())
     }
 
+    /// The SOCKS5 port's address as (host, port), or None without `socks_port`.
+    fn socks_addr(&self) -> Option<(String, u16)> {
+        let a = self.inner.socks_addr()?;
+        Some((a.ip().to_string(), a.port()))
+    }
+
     /// Starts shutting down: stop accepting, let exchanges in flight finish for up to `grace`
     /// seconds, then close the rest. Returns at once; `stopped_fd` tells when it is done.
     #[pyo3(signature = (grace = 5.0))]

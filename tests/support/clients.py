@@ -156,3 +156,83 @@ async def curl(*args: str, timeout: float = 60.0) -> subprocess.CompletedProcess
         await proc.wait()
         raise
     return subprocess.CompletedProcess(["curl", *args], proc.returncode, out, err)
+
+
+@dataclass
+class SocksAnswer:
+    """What a SOCKS5 proxy answered, step by step (None: the step was not reached)."""
+
+    method: int | None = None
+    """The method chosen (0 none, 2 username/password, 0xff no acceptable method)."""
+    auth_status: int | None = None
+    reply: int | None = None
+    """The reply code to the request (0 success, 2 not allowed, 7 command not supported...)."""
+    sock: socket.socket | None = None
+    """After a success, the open connection (the caller closes it)."""
+
+
+def socks5_request(
+    port: int,
+    host: str,
+    dest_port: int,
+    credentials: tuple[str, str] | None = None,
+    command: int = 1,
+    atyp: int | None = None,
+    timeout: float = 20.0,
+) -> SocksAnswer:
+    """A SOCKS5 handshake by hand (RFC 1928 / 1929), to see the proxy's exact answers.
+    `host` goes as a domain name unless it is an IPv4 literal; `atyp` forces the byte."""
+
+    def recv_exact(s: socket.socket, n: int) -> bytes | None:
+        data = b""
+        while len(data) < n:
+            piece = s.recv(n - len(data))
+            if not piece:
+                return None
+            data += piece
+        return data
+
+    answer = SocksAnswer()
+    s = socket.create_connection((LOOPBACK, port), timeout=timeout)
+    try:
+        methods = b"\x00\x02" if credentials else b"\x00"
+        s.sendall(b"\x05" + bytes([len(methods)]) + methods)
+        choice = recv_exact(s, 2)
+        if choice is None:
+            return answer
+        answer.method = choice[1]
+        if answer.method == 0xFF:
+            return answer
+        if answer.method == 2:
+            user, password = (x.encode() for x in credentials or ("", ""))
+            s.sendall(b"\x01" + bytes([len(user)]) + user + bytes([len(password)]) + password)
+            status = recv_exact(s, 2)
+            if status is None:
+                return answer
+            answer.auth_status = status[1]
+            if answer.auth_status != 0:
+                return answer
+        try:
+            address = b"\x01" + socket.inet_aton(host)
+            if host.count(".") != 3:
+                raise OSError
+        except OSError:
+            address = b"\x03" + bytes([len(host)]) + host.encode()
+        if atyp is not None:
+            address = bytes([atyp]) + address[1:]
+        s.sendall(b"\x05" + bytes([command, 0]) + address + dest_port.to_bytes(2, "big"))
+        head = recv_exact(s, 4)
+        if head is None:
+            return answer
+        answer.reply = head[1]
+        rest = {1: 6, 4: 18}.get(head[3])
+        if rest is None:
+            (n,) = recv_exact(s, 1) or b"\x00"
+            rest = n + 2
+        recv_exact(s, rest)
+        if answer.reply == 0:
+            answer.sock, s = s, None  # type: ignore[assignment]
+        return answer
+    finally:
+        if s is not None:
+            s.close()
