@@ -38,7 +38,7 @@ fi
 
 # --- Python test dependencies -------------------------------------------------
 PIP_PACKAGES=(httpx pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
-              matplotlib pandas mypy ruff==0.17.6 cryptography websockets maturin)
+              matplotlib pandas mypy ruff==0.17.6 cryptography websockets maturin haralyzer)
 if [[ -n "${SKIP_PIP:-}" ]]; then
     log "pip: skipped (SKIP_PIP set)"
 else

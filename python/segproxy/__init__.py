@@ -18,8 +18,11 @@ if TYPE_CHECKING:
     from ._server import (
         AccessRecord,
         BoundSocket,
+        CapturedRequest,
+        CapturedResponse,
         ErrorCounts,
         FlowRecord,
+        PhaseTimes,
         ProxyOptions,
         ProxyServer,
         ProxyStats,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     )
     from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
     from .http import HTTPHeader, HTTPRequest, HTTPResponse
+    from .replay import ReplayResult, replay
 
 #: Names imported on first use: the asyncio side (server, handlers) costs the command line,
 #: which needs no event loop, about 8 MiB.
@@ -37,8 +41,11 @@ _LAZY = {
         (
             "AccessRecord",
             "BoundSocket",
+            "CapturedRequest",
+            "CapturedResponse",
             "ErrorCounts",
             "FlowRecord",
+            "PhaseTimes",
             "ProxyOptions",
             "ProxyServer",
             "ProxyStats",
@@ -50,6 +57,7 @@ _LAZY = {
     ),
     **dict.fromkeys(("HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"), ".handlers"),
     **dict.fromkeys(("HTTPHeader", "HTTPRequest", "HTTPResponse"), ".http"),
+    **dict.fromkeys(("ReplayResult", "replay"), ".replay"),
 }
 
 
@@ -70,6 +78,8 @@ __all__ = [
     "CERTIFICATE_VALIDITY_DAYS",
     "AccessRecord",
     "BoundSocket",
+    "CapturedRequest",
+    "CapturedResponse",
     "Decision",
     "ErrorCounts",
     "FlowRecord",
@@ -78,15 +88,18 @@ __all__ = [
     "HTTPResponse",
     "HTTPSForwardProxyHandler",
     "HTTPSProxyHandler",
+    "PhaseTimes",
     "ProxyError",
     "ProxyOptions",
     "ProxyServer",
     "ProxyStats",
+    "ReplayResult",
     "Rule",
     "Rules",
     "TLSStore",
     "__version__",
     "load_or_create_ca",
+    "replay",
     "run",
     "servers",
     "start_proxy_server",

@@ -58,7 +58,7 @@ impl FlowSink for FlowLines {
 
     fn finished(&self, flow: &Arc<Flow>, chunks: Option<&Arc<Chunks>>) {
         let empty = Chunks::default();
-        let line = FlowView::new(flow, chunks.map_or(&empty, |c| c)).to_json();
+        let line = FlowView::for_json(flow, chunks.map_or(&empty, |c| c)).to_json();
         let _ = writeln!(self.0.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
     }
 }

@@ -20,6 +20,8 @@ pub struct OriginConn {
     /// chunks written below TLS are reported. A pooled connection serves many requests, so
     /// each points it at its own flow while it uses the connection.
     pub wire_up: Option<WireTap>,
+    /// The address it reached, when a capturing flow opened it (later captures show it).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl OriginConn {
@@ -27,6 +29,7 @@ impl OriginConn {
         OriginConn {
             stream: BufStream::new(io),
             wire_up: None,
+            peer: None,
         }
     }
 
