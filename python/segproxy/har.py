@@ -123,10 +123,10 @@ def _timings(flow: Mapping[str, Any]) -> tuple[dict[str, float], float]:
     end = flow.get("end")
     marks = flow.get("timings")
     if not marks or start is None:
-        wait = _ms(end, start) if end is not None else 0
-        timings = {"blocked": -1, "dns": -1, "connect": -1, "ssl": -1, "send": 0}
-        timings.update(wait=max(wait, 0), receive=0)
-        return timings, timings["wait"]
+        wait = max(_ms(end, start), 0)
+        bare: dict[str, float] = {"blocked": -1, "dns": -1, "connect": -1, "ssl": -1}
+        bare.update(send=0, wait=wait, receive=0)
+        return bare, wait
     connect_start = marks.get("connect_start")
     dns_end = marks.get("dns_end")
     connect_end = marks.get("connect_end")
@@ -137,7 +137,7 @@ def _timings(flow: Mapping[str, Any]) -> tuple[dict[str, float], float]:
     done = marks.get("done") or (end if first_byte is not None else None)
     began = connect_start if connect_start is not None else send_start
     connected = tls_end if tls_end is not None else connect_end
-    timings = {
+    timings: dict[str, float] = {
         "blocked": _ms(began, start),
         "dns": _ms(dns_end, connect_start),
         "connect": _ms(connected, dns_end if dns_end is not None else connect_start),

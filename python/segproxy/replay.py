@@ -240,7 +240,8 @@ def _requests(
     """The requests of a HAR (dict or path) or of flow records."""
     if isinstance(source, str | os.PathLike):
         with open(source, encoding="utf-8") as f:
-            source = json.load(f)
+            loaded: Any = json.load(f)
+        return _requests(loaded)
     if isinstance(source, Mapping):
         if "log" not in source:
             raise ValueError("not a HAR: no 'log' (give a HAR dict, its path, or flow records)")

@@ -58,7 +58,8 @@ impl BodyTee {
     pub fn feed(&mut self, piece: &[u8], limit: usize) {
         self.total += piece.len() as u64;
         let room = limit.saturating_sub(self.bytes.len());
-        self.bytes.extend_from_slice(&piece[..room.min(piece.len())]);
+        self.bytes
+            .extend_from_slice(&piece[..room.min(piece.len())]);
     }
 
     /// Whether bytes were left out.
@@ -147,7 +148,12 @@ pub fn header_pairs(headers: &Headers) -> Vec<(String, String)> {
     headers
         .0
         .iter()
-        .map(|h| (h.name.clone(), String::from_utf8_lossy(&h.value).into_owned()))
+        .map(|h| {
+            (
+                h.name.clone(),
+                String::from_utf8_lossy(&h.value).into_owned(),
+            )
+        })
         .collect()
 }
 

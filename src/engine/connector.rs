@@ -3,8 +3,8 @@
 
 use std::fmt;
 use std::io;
-use std::pin::Pin;
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 

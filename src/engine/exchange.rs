@@ -10,8 +10,8 @@ use bytes::Bytes;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::capture::{header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture};
 use super::capture::DEFAULT_BODY_LIMIT;
+use super::capture::{header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture};
 use super::connector::{ConnectError, ConnectTimes, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
@@ -780,15 +780,15 @@ impl<'a, C: Io> Exchange<'a, C> {
                 origin.read_response_head(cfg.max_header_bytes).await
             };
             let r = tokio::time::timeout(cfg.response_timeout, read)
-            .await
-            .map_err(|_| {
-                let peer = self.peer(plan);
-                FlowError::answer(
-                    504,
-                    format!("no response from {peer} within {:?}", cfg.response_timeout),
-                    client_reusable,
-                )
-            })?;
+                .await
+                .map_err(|_| {
+                    let peer = self.peer(plan);
+                    FlowError::answer(
+                        504,
+                        format!("no response from {peer} within {:?}", cfg.response_timeout),
+                        client_reusable,
+                    )
+                })?;
             let r = match r {
                 Err(HttpError::Closed) | Err(HttpError::Io(_)) if sent.retry_fresh => {
                     sent.retry_fresh = false;

@@ -1551,7 +1551,11 @@ mod tests {
             .to_string();
         assert!(err.contains("invalid capture 'maybe'"), "{err}");
         let set = RuleSet::parse("a=direct,capture=1", "r.txt").unwrap();
-        assert!(set.describe().contains(" capture=yes "), "{}", set.describe());
+        assert!(
+            set.describe().contains(" capture=yes "),
+            "{}",
+            set.describe()
+        );
         let d = set.decide("GET", Scheme::Http, "a", 80, "/");
         assert_eq!(d.capture, Some(true));
         assert_eq!(set.decide("GET", Scheme::Http, "b", 80, "/").capture, None);

@@ -408,6 +408,7 @@ class TlsRecordingOrigin(RecordingOrigin):
         super().__init__()
         from .certs import make_origin_certs
 
+        directory.mkdir(parents=True, exist_ok=True)
         self.ca_path, cert_path, key_path = make_origin_certs(directory)
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(cert_path, key_path)
