@@ -488,3 +488,56 @@ def test_cli_har_path_checked_at_start(tmp_path: Path) -> None:
         stdin=subprocess.DEVNULL,
     )
     assert r.returncode == 1 and "--har" in r.stderr, r.stderr
+
+
+def test_validate_rules_checks_capture() -> None:
+    import subprocess
+
+    def validate(rule: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "segproxy", "--segment-rule", rule, "--validate-rules"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+        )
+
+    good = validate("a.test=direct,capture=on")
+    assert good.returncode == 0 and " capture=yes " in good.stdout, good.stdout + good.stderr
+    bad = validate("a.test=direct,capture=maybe")
+    assert bad.returncode != 0 and "invalid capture 'maybe'" in bad.stderr, bad.stderr
+
+
+async def test_flows_file_lines_carry_captures_as_base64(
+    tmp_path: Path, origin: RecordingOrigin
+) -> None:
+    import gzip
+
+    lines_path = tmp_path / "flows.jsonl"
+    server = await segproxy.start_proxy_server(port=0, capture_bodies=4096, flows_file=lines_path)
+    text = "grüße " * 100
+    try:
+        # The flows file only: capture_bodies keeps no flows in memory then.
+        assert server.flows() == []
+        async with httpx.AsyncClient(proxy=server.url, trust_env=False) as client:
+            zipped = gzip.compress(text.encode())
+            r = await client.post(
+                origin.url("/echo"),
+                content=zipped,
+                headers={"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"},
+            )
+            assert r.content == zipped
+    finally:
+        await server.aclose()
+    (line,) = [json.loads(x) for x in lines_path.read_text().splitlines()]
+    assert base64.b64decode(line["request"]["body"]) == zipped
+    assert base64.b64decode(line["response"]["body"]) == zipped
+    # The echo answers with the request's Content-Type but no Content-Encoding: the body is
+    # kept as is (base64, not UTF-8). With the coding named, HAR gets the body inflated.
+    line["response"]["headers"].append(["Content-Encoding", "gzip"])
+    doc = har.build([line])
+    check_har_1_2(doc)
+    content = doc["log"]["entries"][0]["response"]["content"]
+    assert content["text"] == text and "encoding" not in content
+    assert content["size"] == len(text.encode())
+    assert content["compression"] == len(text.encode()) - len(zipped)

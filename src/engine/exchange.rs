@@ -10,8 +10,9 @@ use bytes::Bytes;
 
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 
-use super::capture::DEFAULT_BODY_LIMIT;
-use super::capture::{header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture};
+use super::capture::{
+    header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture, DEFAULT_BODY_LIMIT,
+};
 use super::connector::{ConnectError, ConnectTimes, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
