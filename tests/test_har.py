@@ -519,6 +519,8 @@ async def test_flows_file_lines_carry_captures_as_base64(
     try:
         # The flows file only: capture_bodies keeps no flows in memory then.
         assert server.flows() == []
+        with pytest.raises(ValueError, match="in memory"):
+            server.export_har(tmp_path / "never.har")
         async with httpx.AsyncClient(proxy=server.url, trust_env=False) as client:
             zipped = gzip.compress(text.encode())
             r = await client.post(

@@ -471,13 +471,15 @@ class ProxyServer:
         """Writes `flows()` to `path` as HAR 1.2 (`segproxy.har.dump`) and returns how many
         entries it has. Heads, bodies and timings come from captured flows (``capture=`` on
         a rule, or the ``capture_bodies`` option); other requests get what their record
-        knows. Needs flow records (``record_flows=True`` or ``capture_bodies``)."""
+        knows. Needs flow records in memory (``record_flows=True``, or ``capture_bodies``
+        without a ``flows_file``; `segproxy.har.dump` takes a flows file's lines)."""
         from .har import dump
 
         if not self._engine.recording_flows():
             raise ValueError(
-                "export_har needs flow records: start the server with capture_bodies=N "
-                "or record_flows=True"
+                "export_har needs flow records in memory: start the server with "
+                "capture_bodies=N or record_flows=True (a flows_file's lines go to "
+                "segproxy.har.dump)"
             )
         return dump(self.flows(clear), path)
 

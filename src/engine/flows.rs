@@ -85,6 +85,11 @@ impl FlowStore {
         *self.lock() = Finished::default();
     }
 
+    /// Whether finished flows are kept (a store of capacity 0 serves a flows file only).
+    pub fn keeps_flows(&self) -> bool {
+        self.capacity > 0
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, Finished> {
         self.done.lock().unwrap_or_else(|e| e.into_inner())
     }
