@@ -38,7 +38,7 @@ fi
 
 # --- Python test dependencies -------------------------------------------------
 PIP_PACKAGES=("httpx[socks]" pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
-              matplotlib pandas tqdm ipywidgets urllib3 mypy ruff==0.17.6 cryptography websockets maturin)
+              matplotlib pandas tqdm ipywidgets urllib3 mypy ruff==0.17.6 cryptography websockets maturin haralyzer)
 if [[ -n "${SKIP_PIP:-}" ]]; then
     log "pip: skipped (SKIP_PIP set)"
 else

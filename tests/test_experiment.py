@@ -94,3 +94,29 @@ async def test_bad_arguments_are_refused() -> None:
         await segproxy.experiment.sweep([], ["http://x.test/"], progress=False)
     with pytest.raises(ValueError, match=r"<policy>:1"):
         await segproxy.experiment.sweep(["a.test=direct,colour=red"], ["http://x.test/"])
+
+
+async def test_a_sweep_replays_a_har_file(tmp_path) -> None:
+    """A workload recorded once (captured, exported as HAR) is replayed under each policy."""
+    import segproxy.har
+
+    with HttpOrigin() as origin:
+        server = await start_proxy_server(
+            host="127.0.0.1", port=0, record_flows=True, capture_bodies=1024
+        )
+        try:
+            async with httpx.AsyncClient(proxy=server.url) as client:
+                for path in ("/one", "/two"):
+                    assert (await client.get(origin.url(path))).status_code == 200
+        finally:
+            await server.aclose()
+        har = tmp_path / "run.har"
+        segproxy.har.dump(server.flows(), har)
+        table = await segproxy.experiment.sweep(
+            {"plain": "127.0.0.1=direct", "late": "127.0.0.1=direct,ttfb=100"},
+            har,
+            progress=False,
+        )
+    assert sorted(table["target"].str.rsplit("/", n=1).str[-1]) == ["one", "one", "two", "two"]
+    assert (table["status"] == 200).all()
+    assert (table[table["policy"] == "late"]["ttfb"] >= 0.095).all()

@@ -129,9 +129,12 @@ def test_a_plain_response_reset_after_n_bytes() -> None:
         assert len(data) == 1000 and data.startswith(b"HTTP/1.1 200"), data[:100]
         assert blob(3, 50_000).startswith(data.split(b"\r\n\r\n", 1)[1])
         assert isinstance(ended, ConnectionResetError), repr(ended)
-        flows = proxy.server.flows()
-        assert flows[-1]["outcome"] == "fault", flows[-1]
-        assert flows[-1]["faults"][0][:2] == ("down", "reset@1000")
+        server = proxy.server
+        # The record is written once the proxy has closed its side, just after the reset.
+        assert wait_for(lambda: len(server.flows()) == 1, timeout=20), server.flows()
+        (flow,) = server.flows()
+        assert flow["outcome"] == "fault", flow
+        assert flow["faults"][0][:2] == ("down", "reset@1000")
 
 
 class UploadOrigin(ThreadedServer):
@@ -176,7 +179,9 @@ def test_an_upload_reset_toward_the_origin() -> None:
         assert head.startswith(b"POST /up HTTP/1.1") and body.startswith(sent)
         assert isinstance(origin.ended, ConnectionResetError), repr(origin.ended)
         assert answer == b"" or answer.startswith(b"HTTP/1.1 502"), answer[:200]
-        flow = proxy.server.flows()[-1]
+        server = proxy.server
+        assert wait_for(lambda: len(server.flows()) == 1, timeout=20), server.flows()
+        (flow,) = server.flows()
         assert flow["outcome"] == "fault" and flow["faults"][0][:2] == ("up", "reset@30000")
 
 

@@ -42,6 +42,7 @@ CLI_FLAGS = {
     "rules": "--segment-rule",
     "flows_file": "--record-flows",
     "record_flows": None,
+    "capture_bodies": "--capture-bodies",
     "flows_capacity": None,
     "dns_server": "--dns-server",
     "dns_port": "--dns-port",

@@ -18,8 +18,11 @@ if TYPE_CHECKING:
     from ._server import (
         AccessRecord,
         BoundSocket,
+        CapturedRequest,
+        CapturedResponse,
         ErrorCounts,
         FlowRecord,
+        PhaseTimes,
         ProxyOptions,
         ProxyServer,
         ProxyStats,
@@ -29,6 +32,7 @@ if TYPE_CHECKING:
     )
     from .handlers import HTTPSForwardProxyHandler, HTTPSProxyHandler, ProxyError
     from .http import HTTPHeader, HTTPRequest, HTTPResponse
+    from .replay import ReplayResult, replay
     from .websocket import WebSocketMessage
 
 #: Names imported on first use: the asyncio side (server, handlers) costs the command line,
@@ -38,8 +42,11 @@ _LAZY = {
         (
             "AccessRecord",
             "BoundSocket",
+            "CapturedRequest",
+            "CapturedResponse",
             "ErrorCounts",
             "FlowRecord",
+            "PhaseTimes",
             "ProxyOptions",
             "ProxyServer",
             "ProxyStats",
@@ -52,11 +59,12 @@ _LAZY = {
     **dict.fromkeys(("HTTPSForwardProxyHandler", "HTTPSProxyHandler", "ProxyError"), ".handlers"),
     **dict.fromkeys(("HTTPHeader", "HTTPRequest", "HTTPResponse"), ".http"),
     "WebSocketMessage": ".websocket",
+    **dict.fromkeys(("ReplayResult", "replay"), ".replay"),
 }
 
 
 #: Submodules reached as attributes (``segproxy.experiment.sweep``) and imported on first use.
-_SUBMODULES = ("experiment", "frames")
+_SUBMODULES = ("experiment", "frames", "har")
 
 
 def __getattr__(name: str) -> Any:
@@ -80,6 +88,8 @@ __all__ = [
     "CERTIFICATE_VALIDITY_DAYS",
     "AccessRecord",
     "BoundSocket",
+    "CapturedRequest",
+    "CapturedResponse",
     "Decision",
     "ErrorCounts",
     "FlowRecord",
@@ -88,16 +98,19 @@ __all__ = [
     "HTTPResponse",
     "HTTPSForwardProxyHandler",
     "HTTPSProxyHandler",
+    "PhaseTimes",
     "ProxyError",
     "ProxyOptions",
     "ProxyServer",
     "ProxyStats",
+    "ReplayResult",
     "Rule",
     "Rules",
     "TLSStore",
     "WebSocketMessage",
     "__version__",
     "load_or_create_ca",
+    "replay",
     "run",
     "servers",
     "start_proxy_server",

@@ -20,8 +20,11 @@ from .tls import TLSStore
 __all__ = [
     "AccessRecord",
     "BoundSocket",
+    "CapturedRequest",
+    "CapturedResponse",
     "ErrorCounts",
     "FlowRecord",
+    "PhaseTimes",
     "ProxyOptions",
     "ProxyServer",
     "ProxyStats",
@@ -84,6 +87,58 @@ class AccessRecord(TypedDict):
     """SegmentedProxy's ``ACCESS rid=...`` line (our fields after its fields)."""
 
 
+class CapturedRequest(TypedDict):
+    """A captured request (``capture=`` / ``capture_bodies``): its head as it went to the
+    origin (hop-by-hop fields left out, as forwarded) and its body's first bytes."""
+
+    method: str
+    url: str
+    """The absolute URL (``https://`` for a request inside an intercepted CONNECT)."""
+    http_version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    """The body's first bytes, at most the capture's limit (base64 text in a
+    ``flows_file`` line)."""
+    body_size: int
+    """The body's size in all (transfer coding removed)."""
+    body_truncated: bool
+    """Whether `body` holds less than `body_size` bytes."""
+
+
+class CapturedResponse(TypedDict):
+    """A captured response: its head as the client got it and its body's first bytes."""
+
+    status: int
+    reason: str
+    http_version: str
+    headers: list[tuple[str, str]]
+    body: bytes
+    body_size: int
+    body_truncated: bool
+
+
+class PhaseTimes(TypedDict):
+    """When each phase of a captured exchange happened, in seconds on the clock of
+    `FlowRecord.start` (None when it did not happen: a pooled connection has no
+    connect phases, plain HTTP no ``tls_end``)."""
+
+    connect_start: float | None
+    """A new origin connection is started (name resolution begins)."""
+    dns_end: float | None
+    connect_end: float | None
+    """TCP connected (through an upstream proxy: its CONNECT answered too)."""
+    tls_end: float | None
+    """TLS toward the origin established (intercepted flows)."""
+    send_start: float | None
+    """The origin connection ready, the request head starting out."""
+    sent: float | None
+    """The request (head and body) sent."""
+    first_byte: float | None
+    """The response's first byte arrived."""
+    done: float | None
+    """The response's last byte went to the client."""
+
+
 class FlowRecord(TypedDict):
     """One flow's decision and the chunks written for it (``record_flows=True``)."""
 
@@ -122,6 +177,18 @@ class FlowRecord(TypedDict):
     websocket_up: int
     """How many of those messages went client -> server."""
     websocket_down: int
+    started: float
+    """Seconds since the Unix epoch when the flow started (`start` is the same moment on
+    the proxy's monotonic clock)."""
+    request: CapturedRequest | None
+    """The captured request; None when the flow captured nothing (see ``capture=``)."""
+    response: CapturedResponse | None
+    """The captured response; None without a capture or when no response head came."""
+    timings: PhaseTimes | None
+    """The captured exchange's phase times; None without a capture."""
+    server_address: str | None
+    """``IP:PORT`` the origin connection went to (an upstream proxy's when through one),
+    when captured (a pooled connection's when a capturing flow opened it)."""
 
 
 class ErrorCounts(TypedDict):
@@ -223,6 +290,10 @@ class ProxyOptions(TypedDict, total=False):
     record_flows: bool
     flows_file: StrPath | None
     flows_capacity: int
+    capture_bodies: int
+    """Capture every HTTP flow: heads, phase times and bodies up to this many bytes each
+    (for `ProxyServer.export_har`); turns `record_flows` on unless a `flows_file` is given.
+    0 (the default) captures only flows whose rule says ``capture=yes``, 64 KiB bodies."""
     proxy_auth: Iterable[str | tuple[str, str]]
     allow_open_proxy: bool
     stats_port: int | None
@@ -423,6 +494,22 @@ class ProxyServer:
         from .frames import chunks_frame
 
         return chunks_frame(self.flows(clear))
+
+    def export_har(self, path: StrPath, clear: bool = False) -> int:
+        """Writes `flows()` to `path` as HAR 1.2 (`segproxy.har.dump`) and returns how many
+        entries it has. Heads, bodies and timings come from captured flows (``capture=`` on
+        a rule, or the ``capture_bodies`` option); other requests get what their record
+        knows. Needs flow records in memory (``record_flows=True``, or ``capture_bodies``
+        without a ``flows_file``; `segproxy.har.dump` takes a flows file's lines)."""
+        from .har import dump
+
+        if not self._engine.recording_flows():
+            raise ValueError(
+                "export_har needs flow records in memory: start the server with "
+                "capture_bodies=N or record_flows=True (a flows_file's lines go to "
+                "segproxy.har.dump)"
+            )
+        return dump(self.flows(clear), path)
 
     def active_connections(self) -> int:
         return self._engine.active_connections()

@@ -27,6 +27,8 @@ T = TypeVar("T", int, float)
 LOG_LEVELS = ["critical", "error", "warning", "warn", "info", "debug", "trace", "off"]
 #: `--access-log` given without a file (SegmentedProxy's form): the lines go to stderr.
 STDERR = "<stderr>"
+#: Bytes of each body `--har` keeps when `--capture-bodies` does not say.
+HAR_BODY_BYTES = 65536
 
 
 def number(
@@ -291,6 +293,14 @@ def build_parser() -> argparse.ArgumentParser:
         const=STDERR,
         default=None,
         help=f"{access_log['help']}; {access_log['cli_note']}",
+    )
+    output.add_argument(
+        "--har",
+        metavar="FILE",
+        default=None,
+        help="at exit, write the flows to FILE as HAR 1.2 (heads, bodies, timings): captures "
+        f"every flow, bodies up to --capture-bodies (default here: {HAR_BODY_BYTES}) bytes, "
+        "and keeps the last 1000 flows",
     )
     for option in option_flags():
         topic = option["topic"]
@@ -580,6 +590,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.validate_rules:
         print(rules.describe(), end="")
         return 0
+    if args.har is not None:
+        try:  # a file that cannot be written fails now, not after the run
+            with open(args.har, "a", encoding="utf-8"):
+                pass
+        except OSError as exc:
+            error(f"--har {args.har}: {describe_os_error(exc)}")
+            return 1
 
     tls_store: TLSStore | None = None
     if args.ca_dir is not None:
@@ -679,13 +696,34 @@ def _serve(
     while not engine.is_stopped():
         # A signal runs its handler, then select goes on waiting (PEP 475).
         select.select([stopped], [], [])
+    return write_har(args, engine)
+
+
+def write_har(args: argparse.Namespace, engine: _engine.EngineServer) -> int:
+    """`--har FILE`: the flows of the stopped server as HAR; the exit code."""
+    if args.har is None:
+        return 0
+    from .har import dump
+
+    try:
+        entries = dump(engine.flows(False), args.har)
+    except OSError as exc:
+        error(f"--har {args.har}: {describe_os_error(exc)}")
+        return 1
+    print(f"segproxy: {entries} HAR entries written to {args.har}", file=sys.stderr, flush=True)
     return 0
 
 
 def server_options(args: argparse.Namespace) -> dict[str, Any]:
     """The engine options the command line gives every server."""
+    har: dict[str, Any] = {}
+    if args.har is not None:
+        har = {"record_flows": True}
+        if args.capture_bodies is None:
+            har["capture_bodies"] = HAR_BODY_BYTES
     return {
         **engine_options(args),
+        **har,
         "access_log": access_log_path(args.access_log),
         "access_records": 0,  # nobody reads them in a CLI process: keep memory for traffic
         "proxy_auth": args.credentials,
@@ -720,7 +758,7 @@ def _serve_hooks(
 
     from ._server import start_proxy_server
 
-    async def main() -> None:
+    async def main() -> int:
         server = await start_proxy_server(
             handler,
             args.listen_host,
@@ -736,10 +774,10 @@ def _serve_hooks(
             loop.add_signal_handler(signal.SIGHUP, reload_rules, args, server.set_rules)
         ready(server._engine)
         await server.serve_forever()
+        return write_har(args, server._engine)
 
     try:
-        asyncio.run(main())
+        return asyncio.run(main())
     except (OSError, ValueError) as exc:
         error(describe_os_error(exc))
         return 1
-    return 0

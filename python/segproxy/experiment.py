@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from importlib import import_module
@@ -34,9 +35,17 @@ __all__ = ["SWEEP_COLUMNS", "Policy", "Workload", "sweep"]
 #: A policy: rule text, one `Rule`, or a `Rules` object (its default policy included).
 Policy = str | Rule | Rules
 
-#: A workload: URLs to GET through the proxy (with httpx), the flows or HAR of an earlier run
-#: to replay (`segproxy.replay`), or an async function given the proxy's URL.
-Workload = Sequence[str] | Callable[[str], Awaitable[object]] | Mapping[str, Any]
+#: A workload: URLs to GET through the proxy (with httpx), the flow records, a HAR (dict) or a
+#: HAR file's path of an earlier run to replay (`segproxy.replay`), or an async function given
+#: the proxy's URL.
+Workload = (
+    Sequence[str]
+    | Sequence[Mapping[str, Any]]
+    | Mapping[str, Any]
+    | str
+    | os.PathLike[str]
+    | Callable[[str], Awaitable[object]]
+)
 
 #: Columns of `sweep`'s table, with their pandas dtypes.
 SWEEP_COLUMNS: dict[str, str] = {
@@ -127,18 +136,20 @@ async def _get_all(urls: Sequence[str], proxy: str, verify: Any) -> None:
 async def _run(workload: Workload, proxy: str, verify: Any) -> None:
     if callable(workload):
         await workload(proxy)
-    elif isinstance(workload, Mapping) or (
-        isinstance(workload, Sequence)
-        and not isinstance(workload, str)
-        and workload
-        and isinstance(workload[0], Mapping)
+    elif (
+        isinstance(workload, str | os.PathLike)
+        or isinstance(workload, Mapping)
+        or (
+            isinstance(workload, Sequence)
+            and not isinstance(workload, str)
+            and workload
+            and isinstance(workload[0], Mapping)
+        )
     ):
         replay = import_module(".replay", __package__).replay
         await replay(workload, proxy=proxy, verify=verify)
-    elif isinstance(workload, str):
-        raise TypeError("workload: give a list of URLs, not one string")
     else:
-        await _get_all(list(workload), proxy, verify)
+        await _get_all([str(url) for url in workload], proxy, verify)
 
 
 async def sweep(
@@ -160,8 +171,8 @@ async def sweep(
     `policies`: a mapping of labels (shown as text) to policies, or policies labelled by
     their text. A
     policy is rule text, a `Rule` or a `Rules` object. `workload`: a list of URLs (GET with
-    httpx through the proxy), recorded flows or a HAR (replayed with `segproxy.replay`), or
-    an async function that takes the proxy URL. `server`: a running server to use (its rules
+    httpx through the proxy), recorded flows, a HAR dict or a HAR file's path (replayed with
+    `segproxy.replay`), or an async function that takes the proxy URL. `server`: a running server to use (its rules
     are restored afterwards); by default one is started on 127.0.0.1 with
     `record_flows=True` and `server_options`, and closed at the end. `verify` is passed to
     httpx (the CA file of an intercepting proxy). A progress bar (tqdm) shows each run.

@@ -5,7 +5,7 @@ The text format is SegmentedProxy's, one rule a line::
     HOST_GLOB=MODE[,strategy=none|fixed|random][,chunk=N][,min=N][,max=N][,delay=MS]
         [,action=direct|upstream|block][,upstream=[socks5://][USER:PASS@]HOST:PORT][,reason=TEXT]
         [,scheme=http|https][,method=M][,path_prefix=/p][,port=N]
-        [,direction=up|down|both][,intercept=yes|no]
+        [,direction=up|down|both][,intercept=yes|no][,capture=yes|no]
 
 The rule with SegmentedProxy's highest score wins: +1000 for a host glob other than ``*``,
 +500 for a glob without ``*`` or ``?`` (else +200 for ``*.suffix``), +100 each for
@@ -56,6 +56,8 @@ class Decision:
     """SegmentedProxy's score of the winning rule; None when no rule matched."""
     mode: str = "direct"
     """The winning rule's mode word (or the default policy's)."""
+    capture: bool | None = None
+    """The winning rule's ``capture=`` (None: as the server's ``capture_bodies`` says)."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +107,10 @@ class Rule:
     port: int | None = None
     direction: DirectionName | None = None
     intercept: bool | None = None
+    capture: bool | None = None
+    """Keep the matching flows' request and response heads, phase times and bodies (up to
+    the server's ``capture_bodies``, else 64 KiB each) in their flow records; False leaves
+    them out even when ``capture_bodies`` captures every flow."""
 
     _SEGMENTING = ("strategy", "chunk", "min", "max", "delay")
 
@@ -120,7 +126,7 @@ class Rule:
             value = getattr(self, f.name)
             if f.name == "host" or value is None:
                 continue
-            if f.name == "intercept":
+            if f.name in ("intercept", "capture"):
                 value = "yes" if value else "no"
             text = str(value)
             if "," in text or "\n" in text:

@@ -39,6 +39,9 @@ pub struct EngineConfig {
     /// How long exchanges in flight get to finish when the server is closed without a grace
     /// of its own (the binding's `close()`, SIGTERM in the command line); then they are cut.
     pub shutdown_timeout: Duration,
+    /// Capture every HTTP flow's heads, phase times and bodies up to this many bytes each
+    /// (0: only flows whose rule says `capture=yes`, with the default limit).
+    pub capture_bodies: usize,
 }
 
 impl Default for EngineConfig {
@@ -59,6 +62,7 @@ impl Default for EngineConfig {
             stats_port: None,
             socks_port: None,
             shutdown_timeout: Duration::from_secs(5),
+            capture_bodies: 0,
         }
     }
 }

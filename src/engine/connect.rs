@@ -269,7 +269,7 @@ struct Ready {
 async fn open_tunnel(engine: &Engine, plan: Plan, record: &mut Flow) -> Result<Ready, Refused> {
     let (origin, dns) = match engine
         .connector
-        .open_tunnel(&plan.route, &plan.host, plan.port)
+        .open_tunnel(&plan.route, &plan.host, plan.port, None)
         .await
     {
         Ok(opened) => opened,

@@ -4,9 +4,10 @@
 
 use std::fmt;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
@@ -196,6 +197,14 @@ pub struct Connected {
     pub dns: String,
 }
 
+/// When a connection's name was resolved and which address it reached, for flows that
+/// capture their phases (others pass none and no clock is read).
+#[derive(Debug, Default)]
+pub struct ConnectTimes {
+    pub resolved: Option<Instant>,
+    pub addr: Option<SocketAddr>,
+}
+
 impl Connector {
     pub fn new(connect_timeout: Duration) -> Self {
         let resolver =
@@ -208,8 +217,13 @@ impl Connector {
     }
 
     /// TCP to `host:port`, trying each resolved address in turn within the connect timeout.
-    pub async fn tcp(&self, host: &str, port: u16) -> Result<Connected, ConnectError> {
-        self.connect(host, port, true).await
+    pub async fn tcp(
+        &self,
+        host: &str,
+        port: u16,
+        times: Option<&mut ConnectTimes>,
+    ) -> Result<Connected, ConnectError> {
+        self.connect(host, port, true, times).await
     }
 
     /// `check_addr`: apply the address check (the deny-private switch) to what `host`
@@ -219,6 +233,7 @@ impl Connector {
         host: &str,
         port: u16,
         check_addr: bool,
+        mut times: Option<&mut ConnectTimes>,
     ) -> Result<Connected, ConnectError> {
         let target = authority(host, port);
         let resolved =
@@ -229,6 +244,9 @@ impl Connector {
                     host: host.to_string(),
                     reason: e.reason().to_string(),
                 })?;
+        if let Some(t) = times.as_deref_mut() {
+            t.resolved = Some(Instant::now());
+        }
         let dns = match resolved.cache {
             CacheOutcome::Literal => "literal".to_string(),
             cache => format!("{}/{}", resolved.source, cache.as_str()),
@@ -246,15 +264,18 @@ impl Connector {
             let mut last = None;
             for addr in &addrs {
                 match TcpStream::connect(addr).await {
-                    Ok(s) => return Ok(s),
+                    Ok(s) => return Ok((s, *addr)),
                     Err(e) => last = Some(e),
                 }
             }
             Err(last.unwrap_or_else(|| io::Error::other("no addresses")))
         };
         match tokio::time::timeout(self.connect_timeout, attempt).await {
-            Ok(Ok(stream)) => {
+            Ok(Ok((stream, addr))) => {
                 let _ = stream.set_nodelay(true);
+                if let Some(t) = times {
+                    t.addr = Some(addr);
+                }
                 Ok(Connected { stream, dns })
             }
             Ok(Err(e)) => Err(ConnectError::Connect {
@@ -267,8 +288,12 @@ impl Connector {
     }
 
     /// TCP to an upstream proxy; failures name the hop.
-    pub async fn tcp_to_hop(&self, hop: &UpstreamHop) -> Result<Connected, ConnectError> {
-        self.connect(&hop.host, hop.port, false)
+    pub async fn tcp_to_hop(
+        &self,
+        hop: &UpstreamHop,
+        times: Option<&mut ConnectTimes>,
+    ) -> Result<Connected, ConnectError> {
+        self.connect(&hop.host, hop.port, false, times)
             .await
             .map_err(|e| ConnectError::Upstream {
                 hop: hop.describe(),
@@ -283,14 +308,15 @@ impl Connector {
         route: &Route,
         host: &str,
         port: u16,
+        times: Option<&mut ConnectTimes>,
     ) -> Result<(BufStream<TcpStream>, String), ConnectError> {
         match route {
             Route::Direct => {
-                let c = self.tcp(host, port).await?;
+                let c = self.tcp(host, port, times).await?;
                 Ok((BufStream::new(c.stream), c.dns))
             }
             Route::Upstream(hop) => {
-                let c = self.tcp_to_hop(hop).await?;
+                let c = self.tcp_to_hop(hop, times).await?;
                 let mut s = BufStream::new(c.stream);
                 let timeout = self.connect_timeout;
                 match &hop.protocol {

@@ -11,7 +11,10 @@ use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 
-use super::connector::{ConnectError, Connected, Io, Rewind, Route};
+use super::capture::{
+    header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture, DEFAULT_BODY_LIMIT,
+};
+use super::connector::{ConnectError, ConnectTimes, Connected, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
@@ -450,6 +453,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             &target.path,
             self.record,
         );
+        begin_capture(engine, self.record, decision.capture, &out, target);
         if let Some(p) = policy_override {
             decision.policy = p;
             self.record.policy = format!(
@@ -523,6 +527,10 @@ impl<'a, C: Io> Exchange<'a, C> {
             }
             (None, k) => k,
         };
+        // The request as the origin gets it (an upstream hop's credentials are not its).
+        if let Some(capture) = &mut self.record.capture {
+            capture.request = Some(request_capture(&out, &self.target));
+        }
         let mode_key = match self.mode {
             Mode::Proxy => String::new(),
             Mode::Intercepted { up_policy, .. } => up_policy.describe(),
@@ -590,6 +598,10 @@ impl<'a, C: Io> Exchange<'a, C> {
         // incomplete chunk, and its schedule, go on in the body's writer.
         let mut head_carry = Carry::default();
         if let Some(mut conn) = engine.pool.take(&plan.pool_key) {
+            if let Some(capture) = &mut self.record.capture {
+                capture.mark(Phase::SendStart);
+                capture.server = conn.peer;
+            }
             // A pooled connection the origin closed meanwhile fails here; retry on a fresh one.
             let fd = conn.fd;
             let mut w = Segmented::new(
@@ -643,6 +655,9 @@ impl<'a, C: Io> Exchange<'a, C> {
         if let Some(body) = &plan.replacement_body {
             // What was sent up is the replacement, whatever the hook read of the client's.
             self.record.bytes_up = body.len() as u64;
+            if let Some(capture) = &mut self.record.capture {
+                capture.request_body(body);
+            }
             if let Err(e) = writer.write(&mut w, body).await {
                 failure = Some(e.to_string());
             }
@@ -676,6 +691,9 @@ impl<'a, C: Io> Exchange<'a, C> {
                 };
                 let Some(piece) = piece else { break };
                 self.record.bytes_up += piece.len() as u64;
+                if let Some(capture) = &mut self.record.capture {
+                    capture.request_body(&piece);
+                }
                 if let Err(e) = writer.write(&mut w, &piece).await {
                     failure = Some(e.to_string());
                     break;
@@ -691,6 +709,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             failure.get_or_insert(e.to_string());
         }
         drop(w);
+        self.record.mark(Phase::Sent);
         Ok(Sent {
             origin,
             retry_fresh,
@@ -726,6 +745,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         .await
         .map_err(|e| FlowError::answer(e.status(), e.to_string(), usable_if_unreached))?;
         let fd = new.fd;
+        self.record.mark(Phase::SendStart);
         let mut w = Segmented::new(
             &mut new.io,
             plan.up_policy.clone(),
@@ -743,6 +763,9 @@ impl<'a, C: Io> Exchange<'a, C> {
         }
         let carry = w.take_carry();
         drop(w);
+        if plan.head_is_message {
+            self.record.mark(Phase::Sent);
+        }
         self.watch_wire(&new);
         Ok((new, carry))
     }
@@ -775,20 +798,27 @@ impl<'a, C: Io> Exchange<'a, C> {
         let engine = self.engine;
         let cfg = &engine.config;
         let client_reusable = self.client_reusable(sent);
+        let timed = self.record.capture.is_some();
         let response = loop {
-            let r = tokio::time::timeout(
-                cfg.response_timeout,
-                sent.origin.read_response_head(cfg.max_header_bytes),
-            )
-            .await
-            .map_err(|_| {
-                let peer = self.peer(plan);
-                FlowError::answer(
-                    504,
-                    format!("no response from {peer} within {:?}", cfg.response_timeout),
-                    client_reusable,
-                )
-            })?;
+            let origin = &mut sent.origin;
+            let record = &mut *self.record;
+            let read = async move {
+                // A capture marks the response's first byte, before its head is complete.
+                if timed && origin.buf.is_empty() && origin.fill().await? > 0 {
+                    record.mark(Phase::FirstByte);
+                }
+                origin.read_response_head(cfg.max_header_bytes).await
+            };
+            let r = tokio::time::timeout(cfg.response_timeout, read)
+                .await
+                .map_err(|_| {
+                    let peer = self.peer(plan);
+                    FlowError::answer(
+                        504,
+                        format!("no response from {peer} within {:?}", cfg.response_timeout),
+                        client_reusable,
+                    )
+                })?;
             let r = match r {
                 Err(HttpError::Closed) | Err(HttpError::Io(_)) if sent.retry_fresh => {
                     sent.retry_fresh = false;
@@ -824,6 +854,12 @@ impl<'a, C: Io> Exchange<'a, C> {
             }
             break r;
         };
+        if let Some(capture) = &mut self.record.capture {
+            // Bytes already read with an earlier message: the head counts as the first byte.
+            if capture.at(Phase::FirstByte).is_none() {
+                capture.mark(Phase::FirstByte);
+            }
+        }
         if plan.via_upstream && response.status == 407 {
             let peer = self.peer(plan);
             // The credentials come from the rule, not the client: the client cannot fix this.
@@ -920,6 +956,14 @@ impl<'a, C: Io> Exchange<'a, C> {
             back.headers.push("Connection", "keep-alive");
         } else if !keep_client {
             back.headers.push("Connection", "close");
+        }
+        if let Some(capture) = &mut self.record.capture {
+            capture.response = Some(ResponseHeadCapture {
+                status: back.status,
+                reason: back.reason.clone(),
+                version: back.version,
+                headers: header_pairs(&back.headers),
+            });
         }
         Ok(ClientResponse {
             head: back,
@@ -1042,6 +1086,9 @@ impl<'a, C: Io> Exchange<'a, C> {
                 piece
             };
             self.record.bytes_down += piece.len() as u64;
+            if let Some(capture) = &mut self.record.capture {
+                capture.response_body(&piece);
+            }
             let written = match head_out.take() {
                 Some(mut head) => {
                     head.extend_from_slice(&piece);
@@ -1065,6 +1112,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             FlowError::client_gone(format!("writing response to client failed: {e}"))
         })?;
         drop(to_client);
+        self.record.mark(Phase::Done);
 
         if reply.origin_keep_alive {
             if let Some(tap) = &origin.wire_up {
@@ -1204,15 +1252,23 @@ async fn connect_origin(
     mode: &Mode,
     record: &mut Flow,
 ) -> Result<OriginConn, ConnectError> {
+    // A capture marks each step; other flows read no clock here.
+    let mut times = record.capture.is_some().then(|| {
+        record.mark(Phase::ConnectStart);
+        ConnectTimes::default()
+    });
     if target.scheme != "https" {
         let c = match route {
             Route::Direct => {
-                let c = engine.connector.tcp(&target.host, target.port).await?;
+                let c = engine
+                    .connector
+                    .tcp(&target.host, target.port, times.as_mut())
+                    .await?;
                 record.dns = c.dns.clone().into();
                 c
             }
             Route::Upstream(hop) if hop.is_http() => {
-                let c = engine.connector.tcp_to_hop(hop).await?;
+                let c = engine.connector.tcp_to_hop(hop, times.as_mut()).await?;
                 record.dns = format!("via {hop}").into();
                 c
             }
@@ -1221,7 +1277,7 @@ async fn connect_origin(
                 // in the head buffer and the plain stream carries on.
                 let (tunnel, dns) = engine
                     .connector
-                    .open_tunnel(route, &target.host, target.port)
+                    .open_tunnel(route, &target.host, target.port, times.as_mut())
                     .await?;
                 debug_assert!(tunnel.buf.is_empty());
                 record.dns = dns.clone().into();
@@ -1231,16 +1287,19 @@ async fn connect_origin(
                 }
             }
         };
+        let peer = connected(record, times);
         let fd = raw_socket(&c.stream);
         let mut conn = OriginConn::new(Box::new(c.stream));
         conn.fd = fd;
+        conn.peer = peer;
         return Ok(conn);
     }
     let (tcp, dns) = engine
         .connector
-        .open_tunnel(route, &target.host, target.port)
+        .open_tunnel(route, &target.host, target.port, times.as_mut())
         .await?;
     record.dns = dns.into();
+    let peer = connected(record, times);
     let up_policy = match mode {
         Mode::Intercepted { up_policy, .. } => up_policy.clone(),
         Mode::Proxy => SegmentPolicy::none(),
@@ -1266,9 +1325,58 @@ async fn connect_origin(
         refused: false,
         reason: e.to_string(),
     })?;
+    record.mark(Phase::TlsEnd);
     let mut conn = OriginConn::new(Box::new(tls));
     conn.wire_up = tap;
+    conn.peer = peer;
     Ok(conn)
+}
+
+/// A capture's connection steps: the name resolved, TCP connected (now); the address
+/// reached, for the connection to keep.
+fn connected(record: &mut Flow, times: Option<ConnectTimes>) -> Option<std::net::SocketAddr> {
+    let (Some(capture), Some(times)) = (record.capture.as_deref_mut(), times) else {
+        return None;
+    };
+    if let Some(at) = times.resolved {
+        capture.mark_at(Phase::DnsEnd, at);
+    }
+    capture.mark(Phase::ConnectEnd);
+    capture.server = times.addr;
+    times.addr
+}
+
+/// Starts the flow's capture when its rule's `capture=` (or, unset, the server's
+/// `capture_bodies`) asks for one and flow records are kept: captures live in them.
+fn begin_capture(
+    engine: &Engine,
+    record: &mut Flow,
+    rule_says: Option<bool>,
+    head: &RequestHead,
+    target: &Target,
+) {
+    let server_limit = engine.config.capture_bodies;
+    if !rule_says.unwrap_or(server_limit > 0) || !engine.sinks.records_chunks() {
+        return;
+    }
+    let limit = if server_limit > 0 {
+        server_limit
+    } else {
+        DEFAULT_BODY_LIMIT
+    };
+    let mut capture = Capture::new(engine.sinks.epoch(), limit);
+    capture.request = Some(request_capture(head, target));
+    record.capture = Some(Box::new(capture));
+}
+
+/// A request head as a capture keeps it, with the request's absolute URL.
+fn request_capture(head: &RequestHead, target: &Target) -> RequestHeadCapture {
+    RequestHeadCapture {
+        method: head.method.clone(),
+        url: target.url(),
+        version: head.version,
+        headers: header_pairs(&head.headers),
+    }
 }
 
 /// Who answers on an origin connection, as error messages name it: the destination, or the

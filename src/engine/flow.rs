@@ -11,6 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::ser::SerializeTuple;
 use serde::{Serialize, Serializer};
 
+use super::capture::{BodyBytes, BodyTee, Capture, PhaseTimes};
 pub use super::outcome::{Kind, Outcome, Text};
 use super::segment::{ChunkObserver, FaultObserver, SegmentPolicy, ShortChunk, FAULT_PREFIX};
 use super::shaping::{Fault, FaultKind};
@@ -101,6 +102,9 @@ pub struct Flow {
     pub websocket_messages: Vec<WebSocketMessageEvent>,
     pub websocket_up: u64,
     pub websocket_down: u64,
+    /// Heads, bodies and phase times, when the flow captures them (`capture=`,
+    /// `capture_bodies`); None costs nothing.
+    pub capture: Option<Box<Capture>>,
 }
 
 impl Flow {
@@ -156,6 +160,13 @@ impl Flow {
     /// Whether this flow records its chunks (some sink wants them).
     pub fn records_chunks(&self) -> bool {
         self.chunk_log.is_some()
+    }
+
+    /// Marks a phase of the exchange as happening now, when the flow captures.
+    pub fn mark(&mut self, phase: super::capture::Phase) {
+        if let Some(capture) = &mut self.capture {
+            capture.mark(phase);
+        }
     }
 
     /// SegmentedProxy's access line, its fields in its order (`ACCESS rid= method= host=
@@ -328,10 +339,74 @@ pub struct FlowView<'a> {
     websocket_messages: &'a [WebSocketMessageEvent],
     websocket_up: u64,
     websocket_down: u64,
+    /// Seconds since the Unix epoch when the flow started.
+    started: f64,
+    /// The captured request, response and phase times (null when the flow captured none).
+    request: Option<RequestView<'a>>,
+    response: Option<ResponseView<'a>>,
+    timings: Option<PhaseTimes<'a>>,
+    /// The address the origin connection went to ("IP:PORT"; an upstream proxy's when
+    /// through one), when captured.
+    server_address: Option<String>,
+}
+
+/// A captured request: its head as sent to the origin and its body's first bytes.
+#[derive(Serialize)]
+struct RequestView<'a> {
+    method: &'a str,
+    url: &'a str,
+    http_version: String,
+    headers: &'a [(String, String)],
+    #[serde(flatten)]
+    body: BodyView<'a>,
+}
+
+/// A captured response: its head as the client got it and its body's first bytes.
+#[derive(Serialize)]
+struct ResponseView<'a> {
+    status: u16,
+    reason: &'a str,
+    http_version: String,
+    headers: &'a [(String, String)],
+    #[serde(flatten)]
+    body: BodyView<'a>,
+}
+
+#[derive(Serialize)]
+struct BodyView<'a> {
+    /// The body's first bytes (at most the capture's limit).
+    body: BodyBytes<'a>,
+    /// The body's size in all.
+    body_size: u64,
+    body_truncated: bool,
+}
+
+impl<'a> BodyView<'a> {
+    fn new(tee: &'a BodyTee, as_base64: bool) -> Self {
+        BodyView {
+            body: BodyBytes {
+                bytes: &tee.bytes,
+                as_base64,
+            },
+            body_size: tee.total,
+            body_truncated: tee.truncated(),
+        }
+    }
 }
 
 impl<'a> FlowView<'a> {
+    /// The view Python gets: captured bodies as bytes.
     pub fn new(flow: &'a Flow, chunks: &'a Chunks) -> Self {
+        Self::build(flow, chunks, false)
+    }
+
+    /// The view of flow JSON lines: captured bodies as base64 text.
+    pub fn for_json(flow: &'a Flow, chunks: &'a Chunks) -> Self {
+        Self::build(flow, chunks, true)
+    }
+
+    fn build(flow: &'a Flow, chunks: &'a Chunks, as_base64: bool) -> Self {
+        let capture = flow.capture.as_deref();
         FlowView {
             id: &flow.id,
             kind: flow.kind,
@@ -360,6 +435,27 @@ impl<'a> FlowView<'a> {
             websocket_messages: &flow.websocket_messages,
             websocket_up: flow.websocket_up,
             websocket_down: flow.websocket_down,
+            started: flow.started,
+            request: capture.and_then(|c| {
+                c.request.as_ref().map(|r| RequestView {
+                    method: &r.method,
+                    url: &r.url,
+                    http_version: format!("HTTP/1.{}", r.version),
+                    headers: &r.headers,
+                    body: BodyView::new(&c.request_body, as_base64),
+                })
+            }),
+            response: capture.and_then(|c| {
+                c.response.as_ref().map(|r| ResponseView {
+                    status: r.status,
+                    reason: &r.reason,
+                    http_version: format!("HTTP/1.{}", r.version),
+                    headers: &r.headers,
+                    body: BodyView::new(&c.response_body, as_base64),
+                })
+            }),
+            timings: capture.map(PhaseTimes),
+            server_address: capture.and_then(|c| c.server).map(|a| a.to_string()),
         }
     }
 

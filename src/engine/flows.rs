@@ -58,7 +58,7 @@ impl FlowSink for FlowLines {
 
     fn finished(&self, flow: &Arc<Flow>, chunks: Option<&Arc<Chunks>>) {
         let empty = Chunks::default();
-        let line = FlowView::new(flow, chunks.map_or(&empty, |c| c)).to_json();
+        let line = FlowView::for_json(flow, chunks.map_or(&empty, |c| c)).to_json();
         let _ = writeln!(self.0.lock().unwrap_or_else(|e| e.into_inner()), "{line}");
     }
 }
@@ -83,6 +83,11 @@ impl FlowStore {
 
     pub fn clear(&self) {
         *self.lock() = Finished::default();
+    }
+
+    /// Whether finished flows are kept (a store of capacity 0 serves a flows file only).
+    pub fn keeps_flows(&self) -> bool {
+        self.capacity > 0
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Finished> {

@@ -3,6 +3,7 @@
 pub mod access;
 pub mod auth;
 pub mod ca;
+pub mod capture;
 pub mod config;
 pub mod connect;
 pub mod connection;

@@ -376,6 +376,16 @@ pub static OPTIONS: &[OptionSpec] = &[
         "the command line writes flows to a file (--record-flows FILE: flows_file)",
     )),
     OptionSpec::new(
+        "capture_bodies",
+        Kind::Count,
+        Preset::Int(0),
+        RULES,
+        "keep every HTTP flow's request and response heads, phase times and bodies up to N \
+         bytes each in its flow record (for HAR export); turns record_flows on unless a \
+         flows_file is given (0: only rules with capture=yes, 64 KiB bodies)",
+    )
+    .cli(Cli::Flag),
+    OptionSpec::new(
         "flows_capacity",
         Kind::Count,
         Preset::Int(1000),
@@ -581,7 +591,7 @@ pub fn build(
         o.flag("allow_open_proxy")?,
     )
     .map_err(OptionError::value)?;
-    let config = EngineConfig {
+    let mut config = EngineConfig {
         listen,
         connect_timeout: o.seconds("connect_timeout")?,
         idle_timeout: o.seconds("idle_timeout")?,
@@ -627,8 +637,12 @@ pub fn build(
         extra_ca_files: o.paths("upstream_ca")?,
         insecure: o.flag("upstream_insecure")?,
     };
-    let record_flows = o.flag("record_flows")?;
+    let capture_bodies = o.count("capture_bodies")?;
     let flows_file = o.path("flows_file")?;
+    // Captures live in flow records: capturing everything keeps them in memory, unless they
+    // go to a file.
+    let record_flows = o.flag("record_flows")? || (capture_bodies > 0 && flows_file.is_none());
+    config.capture_bodies = capture_bodies;
     let flows_capacity = o.count("flows_capacity")?;
     // Flows written to a file only (no record_flows) are not also kept in memory.
     let flows_capacity = if record_flows { flows_capacity } else { 0 };

@@ -22,6 +22,8 @@ pub struct OriginConn {
     pub wire_up: Option<WireTap>,
     /// The TCP socket below, for a fault's reset (`fault=reset@N` toward the destination).
     pub fd: Option<RawSocket>,
+    /// The address it reached, when a capturing flow opened it (later captures show it).
+    pub peer: Option<std::net::SocketAddr>,
 }
 
 impl OriginConn {
@@ -30,6 +32,7 @@ impl OriginConn {
             stream: BufStream::new(io),
             wire_up: None,
             fd: None,
+            peer: None,
         }
     }
 

@@ -36,8 +36,10 @@
 //!     request path, case-sensitive, a missing leading `/` added; an opaque
 //!     CONNECT has no path, so such rules never match it), `port=N`.
 //!   - Ours: `direction=up|down|both` (which way bytes are segmented; `up` is
-//!     client→destination; default: the rule set's default, normally up) and
-//!     `intercept=yes|no` (unset: the engine default).
+//!     client→destination; default: the rule set's default, normally up),
+//!     `intercept=yes|no` (unset: the engine default) and `capture=yes|no` (also
+//!     `true|false`, `1|0`, `on|off`: keep the flows' heads, bodies and phase times in
+//!     their records; unset: the server's `capture_bodies` decides).
 //!
 //! Every line SegmentedProxy accepts is accepted, with its meaning, and every line it
 //! rejects is rejected with its reason. What it accepts but does nothing or looks wrong (an
@@ -408,6 +410,9 @@ pub struct Rule {
     /// `direction=` or, when absent, the rule set's default.
     pub direction: Direction,
     pub intercept: Intercept,
+    /// `capture=`: whether the rule's flows capture heads, bodies and phase times (None:
+    /// as the server's `capture_bodies` says).
+    pub capture: Option<bool>,
     pub source: RuleSource,
     /// The mode word as written (`direct`, `segment_upstream`, or any other word, which
     /// SegmentedProxy accepts and treats as direct).
@@ -537,6 +542,9 @@ impl Rule {
         if self.intercept != Intercept::Default {
             out += &format!(" intercept={}", self.intercept);
         }
+        if let Some(capture) = self.capture {
+            out += &format!(" capture={}", if capture { "yes" } else { "no" });
+        }
         out += &format!(" policy=\"{}\"", self.policy);
         out
     }
@@ -587,6 +595,8 @@ pub struct Decision {
     pub policy: SegmentPolicy,
     pub direction: Direction,
     pub intercept: Intercept,
+    /// The winning rule's `capture=` (None: as the server says).
+    pub capture: Option<bool>,
     /// SegmentedProxy's score of the winning rule; `None` when no rule matched (SegmentedProxy
     /// shows -1).
     pub score: Option<u32>,
@@ -832,6 +842,7 @@ impl RuleSet {
                 policy: self.default_policy.clone(),
                 direction: self.default_direction,
                 intercept: Intercept::Default,
+                capture: None,
                 score: None,
                 mode: self.default_mode().to_string(),
                 explanation: "no rule matched; using default policy".to_string(),
@@ -844,6 +855,7 @@ impl RuleSet {
             policy: rule.policy.clone(),
             direction: rule.direction,
             intercept: rule.intercept,
+            capture: rule.capture,
             score: Some(rule.score),
             mode: rule.mode.clone(),
             explanation: self.explain(w, method, scheme, host, port, path),
@@ -1160,6 +1172,7 @@ struct Keys<'a> {
     port: Option<u16>,
     direction: Option<Direction>,
     intercept: Option<Intercept>,
+    capture: Option<bool>,
 }
 
 /// Parses one rule line. It accepts exactly the lines SegmentedProxy accepts, with their
@@ -1330,6 +1343,17 @@ fn parse_rule(
                     _ => return Err(format!("invalid intercept '{value}' (expected yes or no)")),
                 })
             }
+            "capture" => {
+                keys.capture = Some(match lower.as_str() {
+                    "yes" | "true" | "1" | "on" => true,
+                    "no" | "false" | "0" | "off" => false,
+                    _ => {
+                        return Err(format!(
+                            "invalid capture '{value}' (expected yes or no, true or false, 1 or 0)"
+                        ))
+                    }
+                })
+            }
             _ => unreachable!("every known key is handled"),
         }
         text_parts.push(shown);
@@ -1363,6 +1387,7 @@ fn parse_rule(
         policy,
         direction: keys.direction.unwrap_or(default_direction),
         intercept: keys.intercept.unwrap_or_default(),
+        capture: keys.capture,
         source,
         mode: mode.to_string(),
         written: WrittenPolicy {
@@ -1418,6 +1443,7 @@ const KNOWN_KEYS: &[&str] = &[
     "port",
     "direction",
     "intercept",
+    "capture",
 ];
 
 /// The host glob, lower-cased (hosts are matched case-insensitively). Any glob SegmentedProxy
@@ -1580,6 +1606,28 @@ mod tests {
         RuleSet::parse(line, "rules.txt")
             .expect_err(line)
             .to_string()
+    }
+
+    #[test]
+    fn capture_key() {
+        assert_eq!(one("a=direct,capture=yes").capture, Some(true));
+        assert_eq!(one("a=direct,capture=TRUE").capture, Some(true));
+        assert_eq!(one("a=direct,capture=1").capture, Some(true));
+        assert_eq!(one("a=direct,capture=off").capture, Some(false));
+        assert_eq!(one("a=direct").capture, None);
+        let err = RuleSet::parse("a=direct,capture=maybe", "r.txt")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("invalid capture 'maybe'"), "{err}");
+        let set = RuleSet::parse("a=direct,capture=1", "r.txt").unwrap();
+        assert!(
+            set.describe().contains(" capture=yes "),
+            "{}",
+            set.describe()
+        );
+        let d = set.decide("GET", Scheme::Http, "a", 80, "/");
+        assert_eq!(d.capture, Some(true));
+        assert_eq!(set.decide("GET", Scheme::Http, "b", 80, "/").capture, None);
     }
 
     #[test]
@@ -1792,7 +1840,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept, capture)"
         );
 
         // All or nothing.

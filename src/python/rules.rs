@@ -154,6 +154,7 @@ impl PyRuleSet {
         out.set_item("policy", d.policy.describe())?;
         out.set_item("direction", d.direction.as_str())?;
         out.set_item("intercept", d.intercept.as_str())?;
+        out.set_item("capture", d.capture)?;
         out.set_item("rule", d.rule.map(|i| rules.rules()[i].source.to_string()))?;
         out.set_item("rule_text", d.rule.map(|i| rules.rules()[i].text.clone()))?;
         out.set_item("score", d.score)?;

@@ -196,8 +196,14 @@ impl EngineServer {
             .collect()
     }
 
+    /// Whether `flows()` returns anything: finished flows are kept in memory.
     fn recording_flows(&self) -> bool {
-        self.inner.engine().sinks.flows.is_some()
+        self.inner
+            .engine()
+            .sinks
+            .flows
+            .as_ref()
+            .is_some_and(|store| store.keeps_flows())
     }
 
     /// Puts a new rule set in force now (an atomic swap): new connections and new requests

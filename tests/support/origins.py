@@ -400,6 +400,24 @@ async def _read_length(reader: asyncio.StreamReader, n: int):
         yield data
 
 
+class TlsRecordingOrigin(RecordingOrigin):
+    """`RecordingOrigin` over TLS, serving a leaf of a test CA (`certs.make_origin_certs`):
+    clients and proxies trust ``ca_path``; ``url()`` gives ``https://`` URLs."""
+
+    def __init__(self, directory: Path) -> None:
+        super().__init__()
+        from .certs import make_origin_certs
+
+        directory.mkdir(parents=True, exist_ok=True)
+        self.ca_path, cert_path, key_path = make_origin_certs(directory)
+        ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        ctx.load_cert_chain(cert_path, key_path)
+        self.ssl_context = ctx
+
+    def url(self, path: str = "/", host: str = LOOPBACK) -> str:
+        return f"https://{host}:{self.port}{path}"
+
+
 class SinkThenReplyOrigin(ThreadedOrigin):
     """Raw TCP: reads until the client half-closes, then answers ``N SHA256\\n`` and closes.
 
