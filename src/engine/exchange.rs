@@ -159,8 +159,17 @@ fn parts_of(head: &RequestHead, target: &Target) -> RequestParts {
         host: target.host.clone(),
         port: target.port,
         path: target.path.clone(),
-        version: format!("HTTP/1.{}", head.version),
+        version: version_name(head.version),
         headers: head.headers.clone(),
+    }
+}
+
+/// The protocol a client spoke, as hooks see it: HTTP/1.0, HTTP/1.1, or HTTP/2 (a
+/// `RequestHead` from `h2_server` carries version 2).
+fn version_name(version: u8) -> String {
+    match version {
+        2 => "HTTP/2".into(),
+        minor => format!("HTTP/1.{minor}"),
     }
 }
 
@@ -891,7 +900,8 @@ impl<'a, C: Io> Exchange<'a, C> {
                 BodyKind::Length(n)
             }
             BodyKind::Empty => BodyKind::Empty,
-            _ if self.client_version == 1 => {
+            // HTTP/1.1, and HTTP/2 streams (`h2_server` reads the framing back).
+            _ if self.client_version >= 1 => {
                 back.headers.remove("content-length");
                 back.headers.push(
                     "Transfer-Encoding",

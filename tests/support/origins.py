@@ -457,7 +457,8 @@ class TlsEchoOrigin(ThreadedOrigin):
 class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
     """GET /chunked?n=N&size=S: N chunks of S bytes (chunked encoding);
     POST /sha256: the sha256 and length of the request body (chunked or Content-Length);
-    GET /conn: the id of this TCP connection and requests served on it."""
+    GET /conn: the id of this TCP connection and requests served on it;
+    GET /headers: the request line's version, then the request's header lines."""
 
     protocol_version = "HTTP/1.1"
 
@@ -492,6 +493,10 @@ class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/conn":
             self._send(200, f"{self.conn_id} {self.served + 1}\n".encode())
+            return
+        if self.path == "/headers":
+            lines = [self.request_version] + [f"{k.lower()}: {v}" for k, v in self.headers.items()]
+            self._send(200, "\n".join(lines).encode())
             return
         self._send(404, b"not found\n")
 
