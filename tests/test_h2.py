@@ -273,3 +273,72 @@ def test_a_continuation_flood_ends_the_connection(proxy, ca_path, echo_origin):
         assert not any(
             f.stream_id == 1 and not isinstance(f, (GoAwayFrame, RstStreamFrame)) for f in frames
         ), frames
+
+
+# --- HTTP/2 to origins ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def h2_origin_proxy(tls_store, nghttpd_origin):
+    with ProxyThread(
+        tls_store=tls_store, upstream_ca=[nghttpd_origin.cert_path], record_flows=True
+    ) as p:
+        yield p
+
+
+def test_http1_client_reaches_an_h2_only_origin(h2_origin_proxy, ca_path, nghttpd_origin, tmp_path):
+    # nghttpd speaks only HTTP/2: an answer means the proxy spoke HTTP/2 to it.
+    upload = tmp_path / "upload"
+    upload.write_bytes(bytes(range(256)) * 400)
+    r = curl(
+        "--http1.1",
+        "-x",
+        h2_origin_proxy.url,
+        "--cacert",
+        str(ca_path),
+        "-w",
+        "%{http_code} %{http_version}\n",
+        nghttpd_origin.url("/1k.bin"),
+        "-o",
+        str(tmp_path / "got"),
+        "--next",
+        "-x",
+        h2_origin_proxy.url,
+        "--cacert",
+        str(ca_path),
+        "-w",
+        "%{http_code} %{http_version}\n",
+        "--data-binary",
+        f"@{upload}",
+        nghttpd_origin.url("/echo"),
+        "-o",
+        str(tmp_path / "echoed"),
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.decode().split("\n")[:2] == ["200 1.1", "200 1.1"], r.stdout
+    assert (tmp_path / "got").read_bytes() == ONE_K
+    assert (tmp_path / "echoed").read_bytes() == upload.read_bytes()
+
+
+def test_h2_client_reaches_an_h2_only_origin_on_one_connection(
+    h2_origin_proxy, ca_path, nghttpd_origin
+):
+    httpx = pytest.importorskip("httpx")
+    body = bytes(range(256)) * 2000
+
+    async def main():
+        async with httpx.AsyncClient(
+            proxy=h2_origin_proxy.url, verify=trusting(ca_path), http2=True, timeout=30
+        ) as client:
+            first = await client.get(nghttpd_origin.url("/1k.bin"))
+            gets = [client.get(nghttpd_origin.url("/1k.bin")) for _ in range(6)]
+            post = client.post(nghttpd_origin.url("/echo"), content=body)
+            return [first, *await asyncio.gather(*gets, post)]
+
+    responses = asyncio.run(asyncio.wait_for(main(), 60))
+    assert {r.http_version for r in responses} == {"HTTP/2"}
+    assert [r.status_code for r in responses] == [200] * 8
+    assert all(r.content == ONE_K for r in responses[:-1])
+    assert responses[-1].content == body
+    flows = stream_flows(h2_origin_proxy)
+    assert len(flows) == 8 and {f["status"] for f in flows} == {200}

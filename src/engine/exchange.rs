@@ -1174,6 +1174,13 @@ async fn connect_origin(
         conn.fd = fd;
         return Ok(conn);
     }
+    // An HTTP/2 connection already open to this destination takes another stream.
+    let h2_key = super::h2_client::key(route, target, mode);
+    let max_head = engine.config.max_header_bytes;
+    let wait = engine.config.connect_timeout;
+    if let Some(conn) = engine.h2_origins.reuse(&h2_key, wait, max_head).await {
+        return Ok(conn);
+    }
     let (tcp, dns) = engine
         .connector
         .open_tunnel(route, &target.host, target.port)
@@ -1203,7 +1210,18 @@ async fn connect_origin(
         target: target.authority(),
         reason: e.to_string(),
     })?;
-    let mut conn = OriginConn::new(Box::new(tls));
+    let mut conn = if tls::negotiated_h2(&tls) {
+        engine
+            .h2_origins
+            .start(h2_key, tls, max_head)
+            .await
+            .map_err(|e| ConnectError::Connect {
+                target: target.authority(),
+                reason: format!("HTTP/2 handshake failed: {e}"),
+            })?
+    } else {
+        OriginConn::new(Box::new(tls))
+    };
     conn.wire_up = tap;
     Ok(conn)
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use h2::server::SendResponse;
-use h2::{Reason, RecvStream, SendStream};
+use h2::{Reason, RecvStream};
 use tokio::io::{AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
 use tokio::sync::Notify;
 use tokio::task::JoinSet;
@@ -26,6 +26,7 @@ use tokio::task::JoinSet;
 use super::connect::InterceptedStream;
 use super::connector::Rewind;
 use super::exchange::forward;
+use super::h2_client::send_data;
 use super::http1::{
     response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BufStream, Headers, RequestHead,
 };
@@ -392,23 +393,6 @@ fn client_error(e: &h2::Error) -> End {
     } else {
         End::Failed
     }
-}
-
-/// Sends a piece of body as the stream's send window allows.
-async fn send_data(out: &mut SendStream<Bytes>, mut data: Bytes) -> Result<(), h2::Error> {
-    while !data.is_empty() {
-        out.reserve_capacity(data.len());
-        let granted = match std::future::poll_fn(|cx| out.poll_capacity(cx)).await {
-            Some(granted) => granted?,
-            None => return Err(h2::Error::from(Reason::STREAM_CLOSED)),
-        };
-        if granted == 0 {
-            continue;
-        }
-        let piece = data.split_to(granted.min(data.len()));
-        out.send_data(piece, false)?;
-    }
-    Ok(())
 }
 
 #[cfg(test)]
