@@ -13,7 +13,7 @@ export PIP_ROOT_USER_ACTION=ignore
 log() { printf '==> %s\n' "$*" >&2; }
 
 # --- Debian packages --------------------------------------------------------
-APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl nghttp2-server nghttp2-client)
+APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl nghttp2-server nghttp2-client socat)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do

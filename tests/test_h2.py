@@ -342,3 +342,29 @@ def test_h2_client_reaches_an_h2_only_origin_on_one_connection(
     assert responses[-1].content == body
     flows = stream_flows(h2_origin_proxy)
     assert len(flows) == 8 and {f["status"] for f in flows} == {200}
+
+
+def test_origin_trailers_reach_http2_and_http1_clients(
+    h2_origin_proxy, ca_path, nghttpd_origin, tmp_path
+):
+    # nghttpd ends every response with the trailer x-origin-trailer: h2.
+    authority = f"localhost:{nghttpd_origin.port}"
+    with RawH2(h2_origin_proxy.port, authority, ca_path) as h2:
+        h2.send(h2.headers(1, "/1k.bin"))
+        fields, body, reset = h2.response(1)
+    assert (fields[":status"], body, reset) == ("200", ONE_K, None)
+    assert fields.get("x-origin-trailer") == "h2", fields
+    # An HTTP/1.1 client gets them in the chunked framing (curl lists them with the headers).
+    r = curl(
+        "--http1.1",
+        "-x",
+        h2_origin_proxy.url,
+        "--cacert",
+        str(ca_path),
+        "-D",
+        str(tmp_path / "headers"),
+        nghttpd_origin.url("/1k.bin"),
+    )
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout == ONE_K
+    assert "x-origin-trailer: h2" in (tmp_path / "headers").read_text().lower()

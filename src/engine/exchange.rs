@@ -681,7 +681,8 @@ impl<'a, C: Io> Exchange<'a, C> {
             }
         }
         if failure.is_none() {
-            if let Err(e) = writer.finish(&mut w).await {
+            let trailers = self.request_body.take_trailers();
+            if let Err(e) = writer.finish_with_trailers(&mut w, &trailers).await {
                 failure = Some(e.to_string());
             }
         }
@@ -1057,9 +1058,14 @@ impl<'a, C: Io> Exchange<'a, C> {
                 FlowError::client_gone(format!("writing response to client failed: {e}"))
             })?;
         }
-        writer.finish(&mut to_client).await.map_err(|e| {
-            FlowError::client_gone(format!("writing response to client failed: {e}"))
-        })?;
+        // Trailers pass on when both sides are chunked (HTTP/2 streams read them back).
+        let trailers = reader.take_trailers();
+        writer
+            .finish_with_trailers(&mut to_client, &trailers)
+            .await
+            .map_err(|e| {
+                FlowError::client_gone(format!("writing response to client failed: {e}"))
+            })?;
         to_client.flush().await.map_err(|e| {
             FlowError::client_gone(format!("writing response to client failed: {e}"))
         })?;
@@ -1175,7 +1181,11 @@ async fn connect_origin(
         return Ok(conn);
     }
     // An HTTP/2 connection already open to this destination takes another stream.
-    let h2_key = super::h2_client::key(route, target, mode);
+    let up_policy = match mode {
+        Mode::Intercepted { up_policy, .. } => up_policy.clone(),
+        Mode::Proxy => SegmentPolicy::none(),
+    };
+    let h2_key = super::h2_client::key(&target.authority(), route, &up_policy.describe());
     let max_head = engine.config.max_header_bytes;
     let wait = engine.config.connect_timeout;
     if let Some(conn) = engine.h2_origins.reuse(&h2_key, wait, max_head).await {
@@ -1186,10 +1196,6 @@ async fn connect_origin(
         .open_tunnel(route, &target.host, target.port)
         .await?;
     record.dns = dns.into();
-    let up_policy = match mode {
-        Mode::Intercepted { up_policy, .. } => up_policy.clone(),
-        Mode::Proxy => SegmentPolicy::none(),
-    };
     // A pooled connection serves later requests too: its chunks are reported to whichever
     // request's flow is using it (`Exchange::watch_wire` points the tap).
     let tap = engine.sinks.records_chunks().then(WireTap::default);

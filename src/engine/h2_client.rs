@@ -25,8 +25,6 @@ use super::http1::{
 };
 use super::pool::OriginConn;
 use super::respond::reason_phrase;
-use super::session::Mode;
-use super::target::Target;
 
 /// Room in the pipe between an exchange and its stream; beyond it, flow control holds.
 const PIPE_BYTES: usize = 64 * 1024;
@@ -40,16 +38,12 @@ pub struct H2Origins {
 
 /// Which exchanges may share an HTTP/2 connection: same destination, route and segmentation
 /// of the encrypted bytes (as for pooled HTTP/1.1 connections).
-pub fn key(route: &Route, target: &Target, mode: &Mode) -> String {
+pub fn key(authority: &str, route: &Route, segmentation: &str) -> String {
     let via = match route {
         Route::Direct => String::new(),
         Route::Upstream(hop) => hop.to_string(),
     };
-    let policy = match mode {
-        Mode::Intercepted { up_policy, .. } => up_policy.describe(),
-        Mode::Proxy => String::new(),
-    };
-    format!("{}|{via}|{policy}", target.authority())
+    format!("{authority}|{via}|{segmentation}")
 }
 
 impl H2Origins {
@@ -148,9 +142,13 @@ async fn one_request(
                 .await
                 .map_err(|e| e.to_string())?;
         }
-        upload
-            .send_data(Bytes::new(), true)
-            .map_err(|e| e.to_string())?;
+        let trailers = reader.take_trailers();
+        if trailers.is_empty() {
+            upload.send_data(Bytes::new(), true)
+        } else {
+            upload.send_trailers(trailer_map(&trailers))
+        }
+        .map_err(|e| e.to_string())?;
     }
     let response = response.await.map_err(|e| e.to_string())?;
     let (parts, body) = response.into_parts();
@@ -161,8 +159,12 @@ async fn one_request(
     let status = parts.status.as_u16();
     let has_length = headers.contains("content-length");
     let bodiless = is_head || status == 204 || status == 304;
-    let chunked = !body.is_end_stream() && !has_length && !bodiless;
+    // Chunked when the length is unknown, or when trailers are announced (only the chunked
+    // framing carries them on).
+    let chunked =
+        !body.is_end_stream() && !bodiless && (!has_length || headers.contains("trailer"));
     if chunked {
+        headers.remove("content-length");
         headers.push("Transfer-Encoding", "chunked");
     } else if body.is_end_stream() && !has_length && !bodiless {
         headers.push("Content-Length", "0");
@@ -228,17 +230,42 @@ async fn download(
     if chunked {
         let mut end = b"0\r\n".to_vec();
         if let Ok(Some(trailers)) = body.trailers().await {
-            for (name, value) in &trailers {
-                end.extend_from_slice(name.as_str().as_bytes());
-                end.extend_from_slice(b": ");
-                end.extend_from_slice(value.as_bytes());
-                end.extend_from_slice(b"\r\n");
-            }
+            end.extend_from_slice(&trailer_lines(&trailers));
         }
         end.extend_from_slice(b"\r\n");
         pipe.io.write_all(&end).await.map_err(|e| e.to_string())?;
     }
     pipe.io.flush().await.map_err(|e| e.to_string())
+}
+
+/// HTTP/1.1 trailer lines (`name: value\r\n`, as `BodyReader::take_trailers` gives them) as
+/// HTTP/2 trailers; a line that is not a valid field is left out.
+pub(crate) fn trailer_map(lines: &[u8]) -> http::HeaderMap {
+    let mut map = http::HeaderMap::new();
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|&b| b == b':') else {
+            continue;
+        };
+        let name = http::HeaderName::from_bytes(line[..colon].trim_ascii());
+        let value = http::HeaderValue::from_bytes(line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (name, value) {
+            map.append(name, value);
+        }
+    }
+    map
+}
+
+/// HTTP/2 trailers as HTTP/1.1 trailer lines.
+pub(crate) fn trailer_lines(map: &http::HeaderMap) -> Vec<u8> {
+    let mut out = Vec::new();
+    for (name, value) in map {
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out
 }
 
 /// Sends a piece of body as the stream's send window allows.
@@ -282,5 +309,13 @@ mod tests {
         assert_eq!(request.uri(), "https://example.com:8443/a?b=c");
         assert_eq!(request.headers().len(), 1);
         assert_eq!(request.headers()["x-one"], "1");
+    }
+
+    #[test]
+    fn trailers_cross_between_the_framings() {
+        let map = trailer_map(b"x-sum: abc\r\nx-two: 2\r\nbad line\r\n");
+        assert_eq!(map.len(), 2);
+        assert_eq!(map["x-sum"], "abc");
+        assert_eq!(trailer_lines(&map), b"x-sum: abc\r\nx-two: 2\r\n");
     }
 }

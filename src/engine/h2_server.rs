@@ -26,7 +26,7 @@ use tokio::task::JoinSet;
 use super::connect::InterceptedStream;
 use super::connector::Rewind;
 use super::exchange::forward;
-use super::h2_client::send_data;
+use super::h2_client::{send_data, trailer_lines, trailer_map};
 use super::http1::{
     response_body_kind, strip_hop_by_hop, BodyKind, BodyReader, BufStream, Headers, RequestHead,
 };
@@ -279,8 +279,8 @@ async fn bridge(
 }
 
 /// The request body, frame by frame, into the pipe (chunked when its length was not given);
-/// flow-control capacity is released as each frame is taken by the exchange. Request
-/// trailers are not carried: the exchange does not forward them.
+/// flow-control capacity is released as each frame is taken by the exchange; trailers end a
+/// chunked body.
 async fn upload(mut body: RecvStream, mut pipe: WriteHalf<DuplexStream>, chunked: bool) -> End {
     while let Some(frame) = body.data().await {
         let data = match frame {
@@ -303,8 +303,17 @@ async fn upload(mut body: RecvStream, mut pipe: WriteHalf<DuplexStream>, chunked
         }
         let _ = body.flow_control().release_capacity(n);
     }
-    if chunked && pipe.write_all(b"0\r\n\r\n").await.is_err() {
-        return End::Failed;
+    if chunked {
+        let mut end = b"0\r\n".to_vec();
+        match body.trailers().await {
+            Ok(Some(trailers)) => end.extend_from_slice(&trailer_lines(&trailers)),
+            Ok(None) => {}
+            Err(_) => return End::ClientReset,
+        }
+        end.extend_from_slice(b"\r\n");
+        if pipe.write_all(&end).await.is_err() {
+            return End::Failed;
+        }
     }
     End::Done
 }
@@ -380,7 +389,13 @@ async fn download(
             }
         }
     }
-    match out.send_data(Bytes::new(), true) {
+    let trailers = reader.take_trailers();
+    let ended = if trailers.is_empty() {
+        out.send_data(Bytes::new(), true)
+    } else {
+        out.send_trailers(trailer_map(&trailers))
+    };
+    match ended {
         Ok(()) => End::Done,
         Err(e) => client_error(&e),
     }
