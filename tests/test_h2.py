@@ -368,3 +368,27 @@ def test_origin_trailers_reach_http2_and_http1_clients(
     assert r.returncode == 0, r.stderr.decode()
     assert r.stdout == ONE_K
     assert "x-origin-trailer: h2" in (tmp_path / "headers").read_text().lower()
+
+
+def test_h2c_rule_sends_plain_http_as_cleartext_http2():
+    # nghttpd --no-tls speaks only HTTP/2 with prior knowledge: HTTP/1.1 gets no answer.
+    from support import NghttpdOrigin
+
+    with NghttpdOrigin(tls=False) as origin:
+        url = origin.url("/1k.bin", host="127.0.0.1")
+        rules = segproxy.Rules()
+        rules.add(segproxy.Rule("127.0.0.1", port=origin.port, h2c=True))
+        with ProxyThread(rules=rules) as proxy:
+            r = curl("-x", proxy.url, "-w", "\n%{http_code}", url)
+            assert r.returncode == 0, r.stderr.decode()
+            assert r.stdout == ONE_K + b"\n200"
+            # Several at once share the origin's HTTP/2 connection.
+            args = []
+            for _ in range(4):
+                args += [url, "-o", "/dev/null"]
+            r = curl("-x", proxy.url, "-Z", "-w", "%{http_code}\n", *args)
+            assert r.stdout.decode().split() == ["200"] * 4, r
+        with ProxyThread() as proxy:
+            r = curl("-x", proxy.url, "-w", "\n%{http_code}", url)
+            # Without the rule: HTTP/1.1 to an h2c-only origin fails.
+            assert not r.stdout.endswith(b"\n200"), r

@@ -259,6 +259,9 @@ struct Plan {
     ttfb: Option<std::time::Duration>,
     /// Plain HTTP through an upstream proxy: its answers are the proxy's, not the origin's.
     via_upstream: bool,
+    /// `h2c=yes` on plain HTTP sent directly: HTTP/2 over cleartext to the origin, with the
+    /// up-policy segmenting the bytes below HTTP/2 (this is that policy).
+    h2c: Option<SegmentPolicy>,
 }
 
 /// The request sent: on which origin connection, and whether its body got through.
@@ -486,11 +489,15 @@ impl<'a, C: Io> Exchange<'a, C> {
         let route = route_for(&decision.action);
         // Plain HTTP is segmented here; intercepted flows were segmented below TLS at CONNECT.
         let plain = self.plain();
-        let up_policy = if plain && decision.direction.segments_up() {
+        let mut up_policy = if plain && decision.direction.segments_up() {
             decision.policy.clone()
         } else {
             SegmentPolicy::none()
         };
+        // h2c: the up-policy moves below HTTP/2, to the origin connection's bytes.
+        let h2c_direct =
+            decision.h2c && plain && target.scheme == "http" && matches!(route, Route::Direct);
+        let h2c = h2c_direct.then(|| std::mem::take(&mut up_policy));
         let down_policy = if plain && decision.direction.segments_down() {
             decision.policy.clone()
         } else {
@@ -535,7 +542,15 @@ impl<'a, C: Io> Exchange<'a, C> {
         let pool_key = match &route {
             Route::Direct => {
                 out.target = target.path.clone();
-                format!("{}|{}|{mode_key}", target.scheme, target.authority())
+                let h2c_key = h2c
+                    .as_ref()
+                    .map(|p| format!("|h2c {}", p.describe()))
+                    .unwrap_or_default();
+                format!(
+                    "{}|{}|{mode_key}{h2c_key}",
+                    target.scheme,
+                    target.authority()
+                )
             }
             Route::Upstream(hop) => {
                 if target.scheme == "https" {
@@ -576,6 +591,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             },
             via_upstream,
             ttfb: decision.policy.ttfb,
+            h2c,
         })
     }
 
@@ -720,6 +736,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             &plan.route,
             &self.target,
             self.mode,
+            plan.h2c.as_ref(),
             self.record,
         ))
         .await
@@ -1160,8 +1177,12 @@ async fn connect_origin(
     route: &Route,
     target: &Target,
     mode: &Mode,
+    h2c: Option<&SegmentPolicy>,
     record: &mut Flow,
 ) -> Result<OriginConn, ConnectError> {
+    if let Some(policy) = h2c {
+        return connect_h2c(engine, target, policy, record).await;
+    }
     if target.scheme != "https" {
         let c = match route {
             Route::Direct => {
@@ -1188,7 +1209,11 @@ async fn connect_origin(
     let h2_key = super::h2_client::key(&target.authority(), route, &up_policy.describe());
     let max_head = engine.config.max_header_bytes;
     let wait = engine.config.connect_timeout;
-    if let Some(conn) = engine.h2_origins.reuse(&h2_key, wait, max_head).await {
+    if let Some(conn) = engine
+        .h2_origins
+        .reuse(&h2_key, wait, max_head, "https")
+        .await
+    {
         return Ok(conn);
     }
     let (tcp, dns) = engine
@@ -1219,7 +1244,7 @@ async fn connect_origin(
     let mut conn = if tls::negotiated_h2(&tls) {
         engine
             .h2_origins
-            .start(h2_key, tls, max_head)
+            .start(h2_key, tls, max_head, "https")
             .await
             .map_err(|e| ConnectError::Connect {
                 target: target.authority(),
@@ -1228,6 +1253,45 @@ async fn connect_origin(
     } else {
         OriginConn::new(Box::new(tls))
     };
+    conn.wire_up = tap;
+    Ok(conn)
+}
+
+/// `h2c=yes`: plain HTTP in HTTP/2 over cleartext with prior knowledge, on one connection
+/// per destination and policy shared by its exchanges; the policy segments its bytes.
+async fn connect_h2c(
+    engine: &Engine,
+    target: &Target,
+    policy: &SegmentPolicy,
+    record: &mut Flow,
+) -> Result<OriginConn, ConnectError> {
+    let key = super::h2_client::key(&target.authority(), &Route::Direct, &policy.describe());
+    let key = format!("h2c|{key}");
+    let max_head = engine.config.max_header_bytes;
+    let wait = engine.config.connect_timeout;
+    if let Some(conn) = engine.h2_origins.reuse(&key, wait, max_head, "http").await {
+        return Ok(conn);
+    }
+    let c = engine.connector.tcp(&target.host, target.port).await?;
+    record.dns = c.dns.clone().into();
+    let tap = engine.sinks.records_chunks().then(WireTap::default);
+    let on_fault = record.fault_observer("up", policy);
+    let fd = raw_socket(&c.stream);
+    let io = Segmented::new(
+        c.stream,
+        policy.clone(),
+        tap.as_ref().map(WireTap::observer),
+    )
+    .reset_via(fd)
+    .on_fault(on_fault);
+    let mut conn = engine
+        .h2_origins
+        .start(key, io, max_head, "http")
+        .await
+        .map_err(|e| ConnectError::Connect {
+            target: target.authority(),
+            reason: format!("HTTP/2 over cleartext (h2c=yes) failed: {e}"),
+        })?;
     conn.wire_up = tap;
     Ok(conn)
 }

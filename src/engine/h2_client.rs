@@ -53,10 +53,16 @@ impl H2Origins {
 
     /// An origin connection on the live HTTP/2 connection for `key`, once it takes another
     /// stream (within `wait`); None when there is none or it is closing.
-    pub async fn reuse(&self, key: &str, wait: Duration, max_head: usize) -> Option<OriginConn> {
+    pub async fn reuse(
+        &self,
+        key: &str,
+        wait: Duration,
+        max_head: usize,
+        scheme: &'static str,
+    ) -> Option<OriginConn> {
         let (id, send) = self.lock().get(key).cloned()?;
         match tokio::time::timeout(wait, send.ready()).await {
-            Ok(Ok(send)) => Some(origin_conn(send, max_head)),
+            Ok(Ok(send)) => Some(origin_conn(send, max_head, scheme)),
             _ => {
                 self.forget(key, id);
                 None
@@ -64,13 +70,15 @@ impl H2Origins {
         }
     }
 
-    /// Starts HTTP/2 on a new TLS connection (whose ALPN said `h2`), keeps it for `key`,
-    /// and returns an origin connection on it.
+    /// Starts HTTP/2 on a new connection (TLS whose ALPN said `h2`, or cleartext with prior
+    /// knowledge for `scheme` "http"), keeps it for `key`, and returns an origin connection
+    /// on it.
     pub async fn start<IO>(
         self: &Arc<Self>,
         key: String,
         io: IO,
         max_head: usize,
+        scheme: &'static str,
     ) -> Result<OriginConn, h2::Error>
     where
         IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
@@ -89,7 +97,7 @@ impl H2Origins {
             }
             origins.forget(&key, id);
         });
-        Ok(origin_conn(send, max_head))
+        Ok(origin_conn(send, max_head, scheme))
     }
 
     fn forget(&self, key: &str, id: u64) {
@@ -101,22 +109,27 @@ impl H2Origins {
 }
 
 /// An origin connection whose requests go out as streams on `send`'s connection.
-fn origin_conn(send: SendRequest<Bytes>, max_head: usize) -> OriginConn {
+fn origin_conn(send: SendRequest<Bytes>, max_head: usize, scheme: &'static str) -> OriginConn {
     let (exchange_side, bridge_side) = tokio::io::duplex(PIPE_BYTES);
-    tokio::spawn(serve_requests(bridge_side, send, max_head));
+    tokio::spawn(serve_requests(bridge_side, send, max_head, scheme));
     OriginConn::new(Box::new(exchange_side))
 }
 
 /// Serves the HTTP/1.1 requests an exchange writes into the pipe, each as one stream, until
 /// the pipe or the HTTP/2 connection closes (closing the pipe: the exchange sees the origin
 /// close, and retries a request without a body on a fresh connection).
-async fn serve_requests(pipe: DuplexStream, send: SendRequest<Bytes>, max_head: usize) {
+async fn serve_requests(
+    pipe: DuplexStream,
+    send: SendRequest<Bytes>,
+    max_head: usize,
+    scheme: &'static str,
+) {
     let mut pipe = BufStream::new(pipe);
     loop {
         let Ok(head) = pipe.read_request_head(max_head).await else {
             return;
         };
-        if let Err(e) = one_request(&mut pipe, &send, head).await {
+        if let Err(e) = one_request(&mut pipe, &send, head, scheme).await {
             log::debug!("HTTP/2 stream to the origin failed: {e}");
             return;
         }
@@ -127,10 +140,11 @@ async fn one_request(
     pipe: &mut BufStream<DuplexStream>,
     send: &SendRequest<Bytes>,
     head: RequestHead,
+    scheme: &str,
 ) -> Result<(), String> {
     let kind = request_body_kind(&head)?;
     let is_head = head.method.eq_ignore_ascii_case("HEAD");
-    let request = stream_request(head)?;
+    let request = stream_request(head, scheme)?;
     let mut send = send.clone().ready().await.map_err(|e| e.to_string())?;
     let (response, mut upload) = send
         .send_request(request, kind == BodyKind::Empty)
@@ -184,14 +198,14 @@ async fn one_request(
 
 /// The request as a stream's: an absolute URI (`:authority` from `Host`), no hop-by-hop
 /// fields (HTTP/2 forbids them).
-fn stream_request(head: RequestHead) -> Result<http::Request<()>, String> {
+fn stream_request(head: RequestHead, scheme: &str) -> Result<http::Request<()>, String> {
     let mut fields = head.headers;
     strip_hop_by_hop(&mut fields, false);
     let authority = fields
         .get("host")
         .ok_or("a request to an HTTP/2 origin needs a Host")?
         .to_string();
-    let uri = format!("https://{authority}{}", head.target);
+    let uri = format!("{scheme}://{authority}{}", head.target);
     let mut request = http::Request::builder()
         .method(head.method.as_str())
         .uri(uri);
@@ -305,7 +319,7 @@ mod tests {
             version: 1,
             headers,
         };
-        let request = stream_request(head).unwrap();
+        let request = stream_request(head, "https").unwrap();
         assert_eq!(request.uri(), "https://example.com:8443/a?b=c");
         assert_eq!(request.headers().len(), 1);
         assert_eq!(request.headers()["x-one"], "1");

@@ -36,7 +36,8 @@
 //!     CONNECT has no path, so such rules never match it), `port=N`.
 //!   - Ours: `direction=up|down|both` (which way bytes are segmented; `up` is
 //!     client→destination; default: the rule set's default, normally up) and
-//!     `intercept=yes|no` (unset: the engine default).
+//!     `intercept=yes|no` (unset: the engine default), `h2c=yes|no` (plain `http://`
+//!     requests to the origin in HTTP/2 over cleartext, prior knowledge; default no).
 //!
 //! Every line SegmentedProxy accepts is accepted, with its meaning, and every line it
 //! rejects is rejected with its reason. What it accepts but does nothing or looks wrong (an
@@ -368,6 +369,9 @@ pub struct Rule {
     /// `direction=` or, when absent, the rule set's default.
     pub direction: Direction,
     pub intercept: Intercept,
+    /// `h2c=yes`: plain `http://` requests go to the origin in HTTP/2 over cleartext, with
+    /// prior knowledge (no upgrade).
+    pub h2c: bool,
     pub source: RuleSource,
     /// The mode word as written (`direct`, `segment_upstream`, or any other word, which
     /// SegmentedProxy accepts and treats as direct).
@@ -497,6 +501,9 @@ impl Rule {
         if self.intercept != Intercept::Default {
             out += &format!(" intercept={}", self.intercept);
         }
+        if self.h2c {
+            out += " h2c=yes";
+        }
         out += &format!(" policy=\"{}\"", self.policy);
         out
     }
@@ -547,6 +554,8 @@ pub struct Decision {
     pub policy: SegmentPolicy,
     pub direction: Direction,
     pub intercept: Intercept,
+    /// The winning rule's `h2c=yes`.
+    pub h2c: bool,
     /// SegmentedProxy's score of the winning rule; `None` when no rule matched (SegmentedProxy
     /// shows -1).
     pub score: Option<u32>,
@@ -792,6 +801,7 @@ impl RuleSet {
                 policy: self.default_policy.clone(),
                 direction: self.default_direction,
                 intercept: Intercept::Default,
+                h2c: false,
                 score: None,
                 mode: self.default_mode().to_string(),
                 explanation: "no rule matched; using default policy".to_string(),
@@ -804,6 +814,7 @@ impl RuleSet {
             policy: rule.policy.clone(),
             direction: rule.direction,
             intercept: rule.intercept,
+            h2c: rule.h2c,
             score: Some(rule.score),
             mode: rule.mode.clone(),
             explanation: self.explain(w, method, scheme, host, port, path),
@@ -1120,6 +1131,7 @@ struct Keys<'a> {
     port: Option<u16>,
     direction: Option<Direction>,
     intercept: Option<Intercept>,
+    h2c: Option<bool>,
 }
 
 /// Parses one rule line. It accepts exactly the lines SegmentedProxy accepts, with their
@@ -1286,6 +1298,13 @@ fn parse_rule(
                     _ => return Err(format!("invalid intercept '{value}' (expected yes or no)")),
                 })
             }
+            "h2c" => {
+                keys.h2c = Some(match lower.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("invalid h2c '{value}' (expected yes or no)")),
+                })
+            }
             _ => unreachable!("every known key is handled"),
         }
         text_parts.push(shown);
@@ -1319,6 +1338,7 @@ fn parse_rule(
         policy,
         direction: keys.direction.unwrap_or(default_direction),
         intercept: keys.intercept.unwrap_or_default(),
+        h2c: keys.h2c.unwrap_or(false),
         source,
         mode: mode.to_string(),
         written: WrittenPolicy {
@@ -1374,6 +1394,7 @@ const KNOWN_KEYS: &[&str] = &[
     "port",
     "direction",
     "intercept",
+    "h2c",
 ];
 
 /// The host glob, lower-cased (hosts are matched case-insensitively). Any glob SegmentedProxy
@@ -1625,6 +1646,8 @@ mod tests {
             one("a=direct,intercept=yes,direction=down").intercept,
             Intercept::Yes
         );
+        assert!(one("a=direct,h2c=yes").h2c && !one("a=direct,h2c=no").h2c);
+        assert!(!one("a=direct").h2c);
         // As in SegmentedProxy, upstream= needs action=upstream; alone it is noted, not used.
         let r = one("a=direct,upstream=proxy.local:8080");
         assert_eq!(r.action, Action::Direct);
@@ -1731,7 +1754,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept, h2c)"
         );
 
         // All or nothing.
@@ -1804,6 +1827,7 @@ mod tests {
             ("a=direct,port=0", "invalid port"),
             ("a=direct,direction=sideways", "invalid direction"),
             ("a=direct,intercept=maybe", "invalid intercept"),
+            ("a=direct,h2c=maybe", "invalid h2c"),
         ] {
             let e = err(line);
             assert!(e.starts_with("rules.txt:1: "), "{line}: {e}");
