@@ -19,11 +19,14 @@ pytest.importorskip("h2")
 import segproxy
 from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from segproxy import HTTPSForwardProxyHandler
+from support import wait_for
 from support.h2_raw import CANCEL, ENHANCE_YOUR_CALM, REFUSED_STREAM, RawH2
 from support.inprocess import ProxyThread
 from support.origins import HttpsEchoOrigin
 
 ONE_K = bytes(range(256)) * 4
+# The engine's rapid reset guard (h2_server::RAPID_RESET_BUDGET).
+RAPID_RESET_BUDGET = 200
 STREAM_ID = re.compile(r"^(\d+)\.h2-(\d+)$")
 
 
@@ -193,6 +196,41 @@ def test_a_reset_stream_leaves_the_others_working(proxy, ca_path, echo_origin):
         )
 
 
+class ErrorsPerStream(HTTPSForwardProxyHandler):
+    errors: dict[str, list[str]] = {}
+
+    async def on_request_received(self) -> None:
+        self.path = self.request.path
+        ErrorsPerStream.errors.setdefault(self.path, [])
+        await self.forward_http_request()
+
+    async def on_error(self, error: Exception) -> None:
+        ErrorsPerStream.errors[self.path].append(str(error))
+
+
+def test_a_reset_stream_is_on_error_for_that_stream_only(
+    tls_store, nginx_origin, ca_path, echo_origin
+):
+    ErrorsPerStream.errors.clear()
+    big = "/chunked?n=2000&size=16000"
+    with ProxyThread(
+        handler_builder=ErrorsPerStream,
+        tls_store=tls_store,
+        upstream_ca=[nginx_origin.cert_path],
+    ) as proxy:
+        with RawH2(proxy.port, f"localhost:{echo_origin.port}", ca_path) as h2:
+            # Stream 1 is answered and then held by flow control; stream 3 completes.
+            h2.send(h2.headers(1, big))
+            started = next(f for f in h2.frames() if f.stream_id == 1)
+            assert isinstance(started, HeadersFrame)
+            h2.send(h2.rst(1, CANCEL), h2.headers(3, "/conn"))
+            fields, _, reset = h2.response(3)
+            assert (fields[":status"], reset) == ("200", None)
+            assert wait_for(lambda: ErrorsPerStream.errors.get(big), timeout=20)
+    assert len(ErrorsPerStream.errors[big]) == 1, ErrorsPerStream.errors
+    assert ErrorsPerStream.errors["/conn"] == []
+
+
 # --- limits against abuse ----------------------------------------------------------------------
 
 
@@ -230,6 +268,45 @@ def test_rapid_reset_ends_the_connection_with_goaway(proxy, ca_path, echo_origin
         h2.send(h2.headers(1, "/conn"))
         fields, _, reset = h2.response(1)
         assert (fields[":status"], reset) == ("200", None)
+
+
+def test_streams_reset_after_they_started_end_the_connection(proxy, ca_path, echo_origin):
+    # Each stream is accepted and answered before the client resets it: the crate's guard
+    # (resets of streams not yet accepted) does not see these; ours (client resets
+    # outnumbering finished streams, past a budget) ends the connection.
+    big = "/chunked?n=2000&size=16000"
+    with RawH2(proxy.port, f"localhost:{echo_origin.port}", ca_path) as h2:
+        h2.until_settings()
+        goaway = None
+        resets = 0
+        for i in range(RAPID_RESET_BUDGET + 50):
+            stream = 1 + 2 * i
+            try:
+                h2.send(h2.headers(stream, big))
+            except OSError:  # closed as the guard ended it: its GOAWAY is still readable
+                goaway = next((f for f in h2.frames() if isinstance(f, GoAwayFrame)), None)
+                break
+            answer = next(
+                (
+                    f
+                    for f in h2.frames()
+                    if isinstance(f, GoAwayFrame)
+                    or (isinstance(f, HeadersFrame) and f.stream_id == stream)
+                ),
+                None,
+            )
+            if not isinstance(answer, HeadersFrame):
+                goaway = answer
+                break
+            resets += 1
+            try:
+                h2.send(h2.rst(stream, CANCEL))
+            except OSError:
+                goaway = next((f for f in h2.frames() if isinstance(f, GoAwayFrame)), None)
+                break
+        assert goaway is not None and goaway.error_code == ENHANCE_YOUR_CALM
+        # Not before the budget was spent: the first resets are a client's right.
+        assert resets > RAPID_RESET_BUDGET, resets
 
 
 def test_an_oversized_header_list_is_refused(proxy, ca_path, echo_origin):

@@ -378,7 +378,7 @@ async fn download(
         match reader.next(&mut answer).await {
             Ok(Some(piece)) => {
                 if let Err(e) = send_data(&mut out, piece).await {
-                    return client_error(&e);
+                    return stream_error(&e, &mut out);
                 }
             }
             Ok(None) => break,
@@ -397,7 +397,7 @@ async fn download(
     };
     match ended {
         Ok(()) => End::Done,
-        Err(e) => client_error(&e),
+        Err(e) => stream_error(&e, &mut out),
     }
 }
 
@@ -407,6 +407,17 @@ fn client_error(e: &h2::Error) -> End {
         End::ClientReset
     } else {
         End::Failed
+    }
+}
+
+/// How a failure to send on a stream counts: a stream the client reset reports only that it
+/// is closed, so ask the stream whether a reset arrived.
+fn stream_error(e: &h2::Error, out: &mut h2::SendStream<Bytes>) -> End {
+    let waker = std::task::Waker::noop();
+    let mut cx = std::task::Context::from_waker(waker);
+    match out.poll_reset(&mut cx) {
+        std::task::Poll::Ready(Ok(_)) => End::ClientReset,
+        _ => client_error(e),
     }
 }
 

@@ -18,6 +18,7 @@ from hyperframe.frame import (
     HeadersFrame,
     RstStreamFrame,
     SettingsFrame,
+    WindowUpdateFrame,
 )
 
 from .tls_clients import TIMEOUT, connect_tunnel
@@ -32,7 +33,8 @@ ENHANCE_YOUR_CALM = 0xB
 
 class RawH2:
     """HTTP/2 inside ``CONNECT authority`` through the proxy on ``proxy_port``, trusting
-    ``ca_path``. ``.frames()`` yields what the server sends (SETTINGS are acknowledged)."""
+    ``ca_path``. ``.frames()`` yields what the server sends (SETTINGS are acknowledged,
+    header blocks decoded into ``.fields[stream_id]``)."""
 
     def __init__(self, proxy_port: int, authority: str, ca_path: Path | str) -> None:
         self.authority = authority
@@ -46,7 +48,12 @@ class RawH2:
         self.decoder = hpack.Decoder()
         self.buf = b""
         self.server_settings: dict[int, int] = {}
-        self.tls.sendall(PREFACE + SettingsFrame(0).serialize())
+        # The fields of the last header block of each stream.
+        self.fields: dict[int, dict[str, str]] = {}
+        # A connection window no test runs out of (each stream keeps the default 64 KiB):
+        # a stream held by flow control then never holds the others back.
+        window = WindowUpdateFrame(0, window_increment=1 << 30)
+        self.tls.sendall(PREFACE + SettingsFrame(0).serialize() + window.serialize())
 
     def __enter__(self) -> RawH2:
         return self
@@ -100,6 +107,9 @@ class RawH2:
             if isinstance(frame, SettingsFrame) and "ACK" not in frame.flags:
                 self.server_settings.update(frame.settings)
                 self.send(SettingsFrame(0, flags=["ACK"]))
+            # Every header block goes through the decoder (its table follows the server's).
+            if isinstance(frame, (HeadersFrame, ContinuationFrame)):
+                self.fields[frame.stream_id] = dict(self.decoder.decode(frame.data, raw=False))
             yield frame
 
     def until_settings(self) -> dict[int, int]:
@@ -120,7 +130,7 @@ class RawH2:
                     raise ConnectionError(f"GOAWAY {frame.error_code}")
                 continue
             if isinstance(frame, (HeadersFrame, ContinuationFrame)):
-                fields.update({k: v for k, v in self.decoder.decode(frame.data, raw=False)})
+                fields.update(self.fields[stream_id])
             elif isinstance(frame, DataFrame):
                 body += frame.data
             elif isinstance(frame, RstStreamFrame):
