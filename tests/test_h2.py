@@ -17,7 +17,7 @@ import pytest
 pytest.importorskip("cryptography")
 pytest.importorskip("h2")
 import segproxy
-from hyperframe.frame import GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
+from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from segproxy import HTTPSForwardProxyHandler
 from support import wait_for
 from support.h2_raw import CANCEL, ENHANCE_YOUR_CALM, REFUSED_STREAM, RawH2
@@ -469,3 +469,33 @@ def test_h2c_rule_sends_plain_http_as_cleartext_http2():
             r = curl("-x", proxy.url, "-w", "\n%{http_code}", url)
             # Without the rule: HTTP/1.1 to an h2c-only origin fails.
             assert not r.stdout.endswith(b"\n200"), r
+
+
+def test_segmentation_applies_below_http2_on_both_sides(tls_store, ca_path, nghttpd_origin):
+    # HTTP/2 with the client and with the origin; the rule segments the TLS bytes both ways.
+    rules = "localhost=segment_upstream,strategy=fixed,chunk=100,direction=both"
+    with ProxyThread(
+        tls_store=tls_store,
+        upstream_ca=[nghttpd_origin.cert_path],
+        record_flows=True,
+        rules=rules,
+    ) as proxy:
+        with RawH2(proxy.port, f"localhost:{nghttpd_origin.port}", ca_path) as h2:
+            # A POST of 1 KiB, echoed back: 1 KiB each way.
+            h2.send(
+                h2.headers(1, "/echo", "POST", end_stream=False),
+                DataFrame(1, ONE_K, flags=["END_STREAM"]),
+            )
+            fields, body, reset = h2.response(1)
+        assert (fields[":status"], body, reset) == ("200", ONE_K, None)
+        assert proxy.server is not None
+        assert wait_for(lambda: any(f["method"] == "CONNECT" for f in proxy.server.flows()))
+        flows = proxy.server.flows()
+    connect = [f for f in flows if f["method"] == "CONNECT"]
+    down = [size for f in connect for d, size, _ in f["chunks"] if d == "down"]
+    up = [size for f in flows for d, size, _ in f["chunks"] if d == "up"]
+    # Toward the client (the CONNECT's TLS bytes) and toward the origin (the origin
+    # connection's TLS bytes, recorded on the stream that opened it), in chunks of 100.
+    assert sum(down) > len(ONE_K) and max(down) == 100, down
+    assert sum(up) > len(ONE_K) and max(up) == 100, up
+    assert [f["id"] for f in flows if STREAM_ID.match(f["id"])], flows
