@@ -419,6 +419,12 @@ def test_h2_client_reaches_an_h2_only_origin_on_one_connection(
     assert responses[-1].content == body
     flows = stream_flows(h2_origin_proxy)
     assert len(flows) == 8 and {f["status"] for f in flows} == {200}
+    # One TCP connection to the origin (only the exchange that opened it resolved the name):
+    # the concurrent streams shared it.
+    assert h2_origin_proxy.server is not None
+    records = [r for r in h2_origin_proxy.server.access_records() if STREAM_ID.match(r["id"])]
+    assert len(records) == 8
+    assert len([r for r in records if r["dns"]]) == 1, [r["dns"] for r in records]
 
 
 def test_origin_trailers_reach_http2_and_http1_clients(
