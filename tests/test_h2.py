@@ -505,3 +505,19 @@ def test_segmentation_applies_below_http2_on_both_sides(tls_store, ca_path, nght
     assert sum(down) > len(ONE_K) and max(down) == 100, down
     assert sum(up) > len(ONE_K) and max(up) == 100, up
     assert [f["id"] for f in flows if STREAM_ID.match(f["id"])], flows
+
+
+def test_an_origin_goaway_retires_its_connection(tls_store, ca_path, nginx_origin):
+    from support.origins import H2GoawayOrigin
+
+    with H2GoawayOrigin(nginx_origin.leaf_path, nginx_origin.dir / "origin.key") as origin:
+        with ProxyThread(tls_store=tls_store, upstream_ca=[nginx_origin.cert_path]) as proxy:
+            url = f"https://localhost:{origin.port}/"
+            bodies = []
+            for _ in range(3):
+                r = curl("-x", proxy.url, "--cacert", str(ca_path), url)
+                assert r.returncode == 0, r.stderr.decode()
+                bodies.append(r.stdout)
+    # Each request found the previous connection retired by its GOAWAY and opened another.
+    assert bodies == [b"1\n", b"2\n", b"3\n"]
+    assert origin.goaways == 3

@@ -624,8 +624,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         }
         // A pooled connection the peer closed as we wrote reads as closed: a request without a
         // body is then sent again, once, on a fresh connection.
-        let retry_fresh =
-            origin_conn.is_some() && self.body_empty && plan.replacement_body.is_none();
+        let pooled = origin_conn.is_some();
         let mut origin = match origin_conn {
             Some(c) => {
                 self.watch_wire(&c);
@@ -639,6 +638,9 @@ impl<'a, C: Io> Exchange<'a, C> {
                 new
             }
         };
+        // So is a stream of a shared HTTP/2 connection that its origin retired meanwhile.
+        let retry_fresh =
+            (pooled || origin.retry_safe) && self.body_empty && plan.replacement_body.is_none();
 
         let mut failure: Option<String> = None;
         let fd = origin.fd;

@@ -54,7 +54,7 @@ impl H2Origins {
     /// An origin connection on the live HTTP/2 connection for `key`, once it takes another
     /// stream (within `wait`); None when there is none or it is closing.
     pub async fn reuse(
-        &self,
+        self: &Arc<Self>,
         key: &str,
         wait: Duration,
         max_head: usize,
@@ -62,7 +62,9 @@ impl H2Origins {
     ) -> Option<OriginConn> {
         let (id, send) = self.lock().get(key).cloned()?;
         match tokio::time::timeout(wait, send.ready()).await {
-            Ok(Ok(send)) => Some(origin_conn(send, max_head, scheme)),
+            Ok(Ok(send)) => {
+                Some(self.origin_conn(send, Retire(key.to_string(), id), max_head, scheme))
+            }
             _ => {
                 self.forget(key, id);
                 None
@@ -91,13 +93,39 @@ impl H2Origins {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         self.lock().insert(key.clone(), (id, send.clone()));
         let origins = self.clone();
+        let retire = Retire(key.clone(), id);
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 log::debug!("HTTP/2 connection to {key} ended: {e}");
             }
             origins.forget(&key, id);
         });
-        Ok(origin_conn(send, max_head, scheme))
+        Ok(self.origin_conn(send, retire, max_head, scheme))
+    }
+
+    /// An origin connection whose requests go out as streams on `send`'s connection.
+    fn origin_conn(
+        self: &Arc<Self>,
+        send: SendRequest<Bytes>,
+        retire: Retire,
+        max_head: usize,
+        scheme: &'static str,
+    ) -> OriginConn {
+        let (exchange_side, bridge_side) = tokio::io::duplex(PIPE_BYTES);
+        let bridge = serve_requests(bridge_side, send, max_head, scheme);
+        let origins = self.clone();
+        tokio::spawn(async move {
+            // A stream that failed (GOAWAY, closed): the connection is not offered again,
+            // before the exchange sees its origin close (and may send once more).
+            let (served, pipe) = bridge.await;
+            if !served {
+                origins.forget(&retire.0, retire.1);
+            }
+            drop(pipe);
+        });
+        let mut conn = OriginConn::new(Box::new(exchange_side));
+        conn.retry_safe = true;
+        conn
     }
 
     fn forget(&self, key: &str, id: u64) {
@@ -108,30 +136,27 @@ impl H2Origins {
     }
 }
 
-/// An origin connection whose requests go out as streams on `send`'s connection.
-fn origin_conn(send: SendRequest<Bytes>, max_head: usize, scheme: &'static str) -> OriginConn {
-    let (exchange_side, bridge_side) = tokio::io::duplex(PIPE_BYTES);
-    tokio::spawn(serve_requests(bridge_side, send, max_head, scheme));
-    OriginConn::new(Box::new(exchange_side))
-}
+/// Which connection of the registry an origin connection rides on.
+struct Retire(String, u64);
 
 /// Serves the HTTP/1.1 requests an exchange writes into the pipe, each as one stream, until
 /// the pipe or the HTTP/2 connection closes (closing the pipe: the exchange sees the origin
-/// close, and retries a request without a body on a fresh connection).
+/// close, and retries a request without a body on a fresh connection). Returns false when a
+/// stream failed, with the pipe, for the caller to close.
 async fn serve_requests(
     pipe: DuplexStream,
     send: SendRequest<Bytes>,
     max_head: usize,
     scheme: &'static str,
-) {
+) -> (bool, BufStream<DuplexStream>) {
     let mut pipe = BufStream::new(pipe);
     loop {
         let Ok(head) = pipe.read_request_head(max_head).await else {
-            return;
+            return (true, pipe);
         };
         if let Err(e) = one_request(&mut pipe, &send, head, scheme).await {
             log::debug!("HTTP/2 stream to the origin failed: {e}");
-            return;
+            return (false, pipe);
         }
     }
 }

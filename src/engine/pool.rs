@@ -22,6 +22,9 @@ pub struct OriginConn {
     pub wire_up: Option<WireTap>,
     /// The TCP socket below, for a fault's reset (`fault=reset@N` toward the destination).
     pub fd: Option<RawSocket>,
+    /// Closing without a response means the request was not taken (a stream of a shared
+    /// HTTP/2 connection the origin retired): a request without a body may go again.
+    pub retry_safe: bool,
 }
 
 impl OriginConn {
@@ -30,6 +33,7 @@ impl OriginConn {
             stream: BufStream::new(io),
             wire_up: None,
             fd: None,
+            retry_safe: false,
         }
     }
 
