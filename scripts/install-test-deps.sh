@@ -13,7 +13,7 @@ export PIP_ROOT_USER_ACTION=ignore
 log() { printf '==> %s\n' "$*" >&2; }
 
 # --- Debian packages --------------------------------------------------------
-APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl)
+APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl nghttp2-server nghttp2-client socat)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
@@ -37,7 +37,7 @@ else
 fi
 
 # --- Python test dependencies -------------------------------------------------
-PIP_PACKAGES=("httpx[socks]" pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
+PIP_PACKAGES=("httpx[socks]" h2 pytest pytest-asyncio pytest-timeout nbmake nbclient ipykernel
               matplotlib pandas tqdm ipywidgets urllib3 mypy ruff==0.17.6 cryptography websockets maturin haralyzer)
 if [[ -n "${SKIP_PIP:-}" ]]; then
     log "pip: skipped (SKIP_PIP set)"

@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 from support import (
     Dnsmasq,
     MissingBinary,
+    NghttpdOrigin,
     NginxOrigin,
     Squid,
     Tinyproxy,
@@ -35,6 +36,14 @@ def nginx_origin():
     """nginx on 127.0.0.1: ``.url("/1k.bin")``, ``.url("/large.bin")``,
     ``.url(path, tls=True)`` with ``.cert_path`` to trust."""
     origin = _start(NginxOrigin)
+    yield origin
+    origin.stop()
+
+
+@pytest.fixture(scope="session")
+def nghttpd_origin():
+    """nghttpd on 127.0.0.1: an HTTP/2-only TLS origin, ``.url(path)``, ``.cert_path``."""
+    origin = _start(NghttpdOrigin)
     yield origin
     origin.stop()
 

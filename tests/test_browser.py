@@ -169,10 +169,12 @@ async def test_page_loads_through_interception_when_our_ca_is_trusted(
         tmp_path, [("segproxy", ca_file)]
     )  # only our CA: the origin's is unknown to the browser
     seen_by_handler: list[str] = []
+    versions: dict[str, str] = {}
 
     class Recorder(segproxy.HTTPSForwardProxyHandler):
         async def on_request_received(self) -> None:
             seen_by_handler.append(self.request.url())
+            versions[self.request.url()] = self.request.version
             await self.forward_http_request()
 
     async with await segproxy.start_proxy_server(
@@ -187,6 +189,9 @@ async def test_page_loads_through_interception_when_our_ca_is_trusted(
     assert f"https://localhost:{port}/page.html" in seen
     assert f"https://localhost:{port}/data.json" in seen
     assert store.minted >= 1
+    # Offered h2 in the intercepted handshake, Chromium speaks HTTP/2 to the proxy.
+    page = f"https://localhost:{port}/"
+    assert {v for url, v in versions.items() if url.startswith(page)} == {"HTTP/2"}, versions
 
 
 async def test_browser_refuses_interception_without_trust(

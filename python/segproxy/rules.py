@@ -5,7 +5,7 @@ The text format is SegmentedProxy's, one rule a line::
     HOST_GLOB=MODE[,strategy=none|fixed|random][,chunk=N][,min=N][,max=N][,delay=MS]
         [,action=direct|upstream|block][,upstream=[socks5://][USER:PASS@]HOST:PORT][,reason=TEXT]
         [,scheme=http|https][,method=M][,path_prefix=/p][,port=N]
-        [,direction=up|down|both][,intercept=yes|no][,capture=yes|no]
+        [,direction=up|down|both][,intercept=yes|no][,capture=yes|no][,h2c=yes|no]
 
 The rule with SegmentedProxy's highest score wins: +1000 for a host glob other than ``*``,
 +500 for a glob without ``*`` or ``?`` (else +200 for ``*.suffix``), +100 each for
@@ -111,6 +111,8 @@ class Rule:
     """Keep the matching flows' request and response heads, phase times and bodies (up to
     the server's ``capture_bodies``, else 64 KiB each) in their flow records; False leaves
     them out even when ``capture_bodies`` captures every flow."""
+    h2c: bool | None = None
+    """Plain ``http://`` requests to the origin in HTTP/2 over cleartext (prior knowledge)."""
 
     _SEGMENTING = ("strategy", "chunk", "min", "max", "delay")
 
@@ -126,7 +128,7 @@ class Rule:
             value = getattr(self, f.name)
             if f.name == "host" or value is None:
                 continue
-            if f.name in ("intercept", "capture"):
+            if f.name in ("intercept", "capture", "h2c"):
                 value = "yes" if value else "no"
             text = str(value)
             if "," in text or "\n" in text:

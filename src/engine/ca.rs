@@ -511,7 +511,8 @@ impl CertificateAuthority {
             .map_err(|e| CaError::new(format!("cannot build TLS server config: {e}")))?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(NoCert));
-        template.alpn_protocols = vec![b"http/1.1".to_vec()];
+        // HTTP/2 when the client offers it (served by `h2_server`), else HTTP/1.1.
+        template.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         // One session cache for all hosts of this CA (rustls only resumes a session for the
         // same SNI), instead of 256 entries allocated per host config.
         template.session_storage = ServerSessionMemoryCache::new(SESSION_CACHE_SIZE);
@@ -1150,7 +1151,7 @@ pub(crate) mod tests {
         let f = ca.server_config("0:0::1").unwrap();
         assert!(Arc::ptr_eq(&d, &e) && Arc::ptr_eq(&d, &f));
         assert_eq!(ca.mint_count(), 2);
-        assert_eq!(a.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(a.alpn_protocols, vec![b"h2".to_vec(), b"http/1.1".to_vec()]);
         for bad in ["", "  ", ".", "bad host", "a..b", "exa mple.com", "x/y"] {
             let e = ca.server_config(bad).unwrap_err().to_string();
             assert!(

@@ -85,7 +85,11 @@ pub async fn serve_client(
         record,
     }) = intercepted
     {
-        let _ = Box::pin(serve_http(engine, stream, &mut conn, &mode)).await;
+        if super::h2_server::negotiated(&stream) {
+            Box::pin(super::h2_server::serve(engine, stream, &conn, &mode)).await;
+        } else {
+            let _ = Box::pin(serve_http(engine, stream, &mut conn, &mode)).await;
+        }
         record.finish();
     }
 }

@@ -166,8 +166,17 @@ fn parts_of(head: &RequestHead, target: &Target) -> RequestParts {
         host: target.host.clone(),
         port: target.port,
         path: target.path.clone(),
-        version: format!("HTTP/1.{}", head.version),
+        version: version_name(head.version),
         headers: head.headers.clone(),
+    }
+}
+
+/// The protocol a client spoke, as hooks see it: HTTP/1.0, HTTP/1.1, or HTTP/2 (a
+/// `RequestHead` from `h2_server` carries version 2).
+fn version_name(version: u8) -> String {
+    match version {
+        2 => "HTTP/2".into(),
+        minor => format!("HTTP/1.{minor}"),
     }
 }
 
@@ -257,6 +266,9 @@ struct Plan {
     ttfb: Option<std::time::Duration>,
     /// Plain HTTP through an upstream proxy: its answers are the proxy's, not the origin's.
     via_upstream: bool,
+    /// `h2c=yes` on plain HTTP sent directly: HTTP/2 over cleartext to the origin, with the
+    /// up-policy segmenting the bytes below HTTP/2 (this is that policy).
+    h2c: Option<SegmentPolicy>,
 }
 
 /// The request sent: on which origin connection, and whether its body got through.
@@ -485,11 +497,15 @@ impl<'a, C: Io> Exchange<'a, C> {
         let route = route_for(&decision.action);
         // Plain HTTP is segmented here; intercepted flows were segmented below TLS at CONNECT.
         let plain = self.plain();
-        let up_policy = if plain && decision.direction.segments_up() {
+        let mut up_policy = if plain && decision.direction.segments_up() {
             decision.policy.clone()
         } else {
             SegmentPolicy::none()
         };
+        // h2c: the up-policy moves below HTTP/2, to the origin connection's bytes.
+        let h2c_direct =
+            decision.h2c && plain && target.scheme == "http" && matches!(route, Route::Direct);
+        let h2c = h2c_direct.then(|| std::mem::take(&mut up_policy));
         let down_policy = if plain && decision.direction.segments_down() {
             decision.policy.clone()
         } else {
@@ -538,7 +554,15 @@ impl<'a, C: Io> Exchange<'a, C> {
         let pool_key = match &route {
             Route::Direct => {
                 out.target = target.path.clone();
-                format!("{}|{}|{mode_key}", target.scheme, target.authority())
+                let h2c_key = h2c
+                    .as_ref()
+                    .map(|p| format!("|h2c {}", p.describe()))
+                    .unwrap_or_default();
+                format!(
+                    "{}|{}|{mode_key}{h2c_key}",
+                    target.scheme,
+                    target.authority()
+                )
             }
             Route::Upstream(hop) => {
                 if target.scheme == "https" || !hop.is_http() {
@@ -586,6 +610,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             },
             via_upstream,
             ttfb: decision.policy.ttfb,
+            h2c,
         })
     }
 
@@ -622,8 +647,7 @@ impl<'a, C: Io> Exchange<'a, C> {
         }
         // A pooled connection the peer closed as we wrote reads as closed: a request without a
         // body is then sent again, once, on a fresh connection.
-        let retry_fresh =
-            origin_conn.is_some() && self.body_empty && plan.replacement_body.is_none();
+        let pooled = origin_conn.is_some();
         let mut origin = match origin_conn {
             Some(c) => {
                 self.watch_wire(&c);
@@ -637,6 +661,9 @@ impl<'a, C: Io> Exchange<'a, C> {
                 new
             }
         };
+        // So is a stream of a shared HTTP/2 connection that its origin retired meanwhile.
+        let retry_fresh =
+            (pooled || origin.retry_safe) && self.body_empty && plan.replacement_body.is_none();
 
         let mut failure: Option<String> = None;
         let fd = origin.fd;
@@ -701,7 +728,8 @@ impl<'a, C: Io> Exchange<'a, C> {
             }
         }
         if failure.is_none() {
-            if let Err(e) = writer.finish(&mut w).await {
+            let trailers = self.request_body.take_trailers();
+            if let Err(e) = writer.finish_with_trailers(&mut w, &trailers).await {
                 failure = Some(e.to_string());
             }
         }
@@ -740,6 +768,7 @@ impl<'a, C: Io> Exchange<'a, C> {
             &plan.route,
             &self.target,
             self.mode,
+            plan.h2c.as_ref(),
             self.record,
         ))
         .await
@@ -938,7 +967,8 @@ impl<'a, C: Io> Exchange<'a, C> {
                 BodyKind::Length(n)
             }
             BodyKind::Empty => BodyKind::Empty,
-            _ if self.client_version == 1 => {
+            // HTTP/1.1, and HTTP/2 streams (`h2_server` reads the framing back).
+            _ if self.client_version >= 1 => {
                 back.headers.remove("content-length");
                 back.headers.push(
                     "Transfer-Encoding",
@@ -1105,9 +1135,14 @@ impl<'a, C: Io> Exchange<'a, C> {
                 FlowError::client_gone(format!("writing response to client failed: {e}"))
             })?;
         }
-        writer.finish(&mut to_client).await.map_err(|e| {
-            FlowError::client_gone(format!("writing response to client failed: {e}"))
-        })?;
+        // Trailers pass on when both sides are chunked (HTTP/2 streams read them back).
+        let trailers = reader.take_trailers();
+        writer
+            .finish_with_trailers(&mut to_client, &trailers)
+            .await
+            .map_err(|e| {
+                FlowError::client_gone(format!("writing response to client failed: {e}"))
+            })?;
         to_client.flush().await.map_err(|e| {
             FlowError::client_gone(format!("writing response to client failed: {e}"))
         })?;
@@ -1250,8 +1285,12 @@ async fn connect_origin(
     route: &Route,
     target: &Target,
     mode: &Mode,
+    h2c: Option<&SegmentPolicy>,
     record: &mut Flow,
 ) -> Result<OriginConn, ConnectError> {
+    if let Some(policy) = h2c {
+        return connect_h2c(engine, target, policy, record).await;
+    }
     // A capture marks each step; other flows read no clock here.
     let mut times = record.capture.is_some().then(|| {
         record.mark(Phase::ConnectStart);
@@ -1294,16 +1333,27 @@ async fn connect_origin(
         conn.peer = peer;
         return Ok(conn);
     }
+    // An HTTP/2 connection already open to this destination takes another stream.
+    let up_policy = match mode {
+        Mode::Intercepted { up_policy, .. } => up_policy.clone(),
+        Mode::Proxy => SegmentPolicy::none(),
+    };
+    let h2_key = super::h2_client::key(&target.authority(), route, &up_policy.describe());
+    let max_head = engine.config.max_header_bytes;
+    let wait = engine.config.connect_timeout;
+    if let Some(conn) = engine
+        .h2_origins
+        .reuse(&h2_key, wait, max_head, "https")
+        .await
+    {
+        return Ok(conn);
+    }
     let (tcp, dns) = engine
         .connector
         .open_tunnel(route, &target.host, target.port, times.as_mut())
         .await?;
     record.dns = dns.into();
     let peer = connected(record, times);
-    let up_policy = match mode {
-        Mode::Intercepted { up_policy, .. } => up_policy.clone(),
-        Mode::Proxy => SegmentPolicy::none(),
-    };
     // A pooled connection serves later requests too: its chunks are reported to whichever
     // request's flow is using it (`Exchange::watch_wire` points the tap).
     let tap = engine.sinks.records_chunks().then(WireTap::default);
@@ -1326,9 +1376,64 @@ async fn connect_origin(
         reason: e.to_string(),
     })?;
     record.mark(Phase::TlsEnd);
-    let mut conn = OriginConn::new(Box::new(tls));
+    let mut conn = if tls::negotiated_h2(&tls) {
+        engine
+            .h2_origins
+            .start(h2_key, tls, max_head, "https")
+            .await
+            .map_err(|e| ConnectError::Connect {
+                target: target.authority(),
+                refused: false,
+                reason: format!("HTTP/2 handshake failed: {e}"),
+            })?
+    } else {
+        OriginConn::new(Box::new(tls))
+    };
     conn.wire_up = tap;
     conn.peer = peer;
+    Ok(conn)
+}
+
+/// `h2c=yes`: plain HTTP in HTTP/2 over cleartext with prior knowledge, on one connection
+/// per destination and policy shared by its exchanges; the policy segments its bytes.
+async fn connect_h2c(
+    engine: &Engine,
+    target: &Target,
+    policy: &SegmentPolicy,
+    record: &mut Flow,
+) -> Result<OriginConn, ConnectError> {
+    let key = super::h2_client::key(&target.authority(), &Route::Direct, &policy.describe());
+    let key = format!("h2c|{key}");
+    let max_head = engine.config.max_header_bytes;
+    let wait = engine.config.connect_timeout;
+    if let Some(conn) = engine.h2_origins.reuse(&key, wait, max_head, "http").await {
+        return Ok(conn);
+    }
+    let c = engine
+        .connector
+        .tcp(&target.host, target.port, None)
+        .await?;
+    record.dns = c.dns.clone().into();
+    let tap = engine.sinks.records_chunks().then(WireTap::default);
+    let on_fault = record.fault_observer("up", policy);
+    let fd = raw_socket(&c.stream);
+    let io = Segmented::new(
+        c.stream,
+        policy.clone(),
+        tap.as_ref().map(WireTap::observer),
+    )
+    .reset_via(fd)
+    .on_fault(on_fault);
+    let mut conn = engine
+        .h2_origins
+        .start(key, io, max_head, "http")
+        .await
+        .map_err(|e| ConnectError::Connect {
+            target: target.authority(),
+            refused: false,
+            reason: format!("HTTP/2 over cleartext (h2c=yes) failed: {e}"),
+        })?;
+    conn.wire_up = tap;
     Ok(conn)
 }
 

@@ -619,7 +619,12 @@ pub struct BodyReader {
     /// Bytes left in the whole body (Length) or in the current chunk (Chunked).
     remaining: u64,
     done: bool,
+    /// A chunked body's trailer section, its field lines as received (CRLF-terminated).
+    trailers: Vec<u8>,
 }
+
+/// The most of a trailer section kept to pass on.
+const MAX_TRAILER_BYTES: usize = 64 * 1024;
 
 impl BodyReader {
     pub fn new(kind: BodyKind) -> Self {
@@ -631,7 +636,13 @@ impl BodyReader {
             kind,
             remaining,
             done: kind == BodyKind::Empty,
+            trailers: Vec::new(),
         }
+    }
+
+    /// The trailer fields read at the end of a chunked body (`name: value\r\n` lines).
+    pub fn take_trailers(&mut self) -> Vec<u8> {
+        std::mem::take(&mut self.trailers)
     }
 
     pub fn is_done(&self) -> bool {
@@ -704,13 +715,17 @@ impl BodyReader {
                 let line = src.read_line(4096).await?;
                 let size = parse_chunk_size(&line)?;
                 if size == 0 {
-                    // Trailer section: consumed, not forwarded (trailers are rare and often hop-specific).
+                    // Trailer section: kept for the writer to pass on (`take_trailers`).
                     loop {
                         let t = src.read_line(16 * 1024).await?;
                         if t.as_ref() == b"\r\n" {
                             break;
                         }
                         check_chunk_line(&t, "trailer field")?;
+                        if self.trailers.len() + t.len() > MAX_TRAILER_BYTES {
+                            return Err(invalid("chunked body: trailer section too large"));
+                        }
+                        self.trailers.extend_from_slice(&t);
                     }
                     self.done = true;
                     return Ok(None);
@@ -806,8 +821,22 @@ impl BodyWriter {
     }
 
     pub async fn finish<W: AsyncWrite + Unpin>(&mut self, dst: &mut W) -> io::Result<()> {
+        self.finish_with_trailers(dst, &[]).await
+    }
+
+    /// Ends the body; a chunked one with `trailers` (`name: value\r\n` lines, as
+    /// `BodyReader::take_trailers` gives them). Other framings cannot carry trailers.
+    pub async fn finish_with_trailers<W: AsyncWrite + Unpin>(
+        &mut self,
+        dst: &mut W,
+        trailers: &[u8],
+    ) -> io::Result<()> {
         if self.kind == BodyKind::Chunked {
-            dst.write_all(b"0\r\n\r\n").await?;
+            let mut end = Vec::with_capacity(5 + trailers.len());
+            end.extend_from_slice(b"0\r\n");
+            end.extend_from_slice(trailers);
+            end.extend_from_slice(b"\r\n");
+            dst.write_all(&end).await?;
         }
         Ok(())
     }

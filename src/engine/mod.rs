@@ -16,6 +16,8 @@ pub mod exchange;
 pub mod flow;
 pub mod flow_error;
 pub mod flows;
+pub mod h2_client;
+pub mod h2_server;
 pub mod hooks;
 pub mod http1;
 pub mod limits;

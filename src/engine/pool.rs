@@ -24,6 +24,9 @@ pub struct OriginConn {
     pub fd: Option<RawSocket>,
     /// The address it reached, when a capturing flow opened it (later captures show it).
     pub peer: Option<std::net::SocketAddr>,
+    /// Closing without a response means the request was not taken (a stream of a shared
+    /// HTTP/2 connection the origin retired): a request without a body may go again.
+    pub retry_safe: bool,
 }
 
 impl OriginConn {
@@ -33,6 +36,7 @@ impl OriginConn {
             wire_up: None,
             fd: None,
             peer: None,
+            retry_safe: false,
         }
     }
 

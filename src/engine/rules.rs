@@ -37,9 +37,11 @@
 //!     CONNECT has no path, so such rules never match it), `port=N`.
 //!   - Ours: `direction=up|down|both` (which way bytes are segmented; `up` is
 //!     client→destination; default: the rule set's default, normally up),
-//!     `intercept=yes|no` (unset: the engine default) and `capture=yes|no` (also
+//!     `intercept=yes|no` (unset: the engine default), `capture=yes|no` (also
 //!     `true|false`, `1|0`, `on|off`: keep the flows' heads, bodies and phase times in
-//!     their records; unset: the server's `capture_bodies` decides).
+//!     their records; unset: the server's `capture_bodies` decides) and
+//!     `h2c=yes|no` (plain `http://` requests to the origin in HTTP/2 over cleartext, prior
+//!     knowledge; default no).
 //!
 //! Every line SegmentedProxy accepts is accepted, with its meaning, and every line it
 //! rejects is rejected with its reason. What it accepts but does nothing or looks wrong (an
@@ -413,6 +415,9 @@ pub struct Rule {
     /// `capture=`: whether the rule's flows capture heads, bodies and phase times (None:
     /// as the server's `capture_bodies` says).
     pub capture: Option<bool>,
+    /// `h2c=yes`: plain `http://` requests go to the origin in HTTP/2 over cleartext, with
+    /// prior knowledge (no upgrade).
+    pub h2c: bool,
     pub source: RuleSource,
     /// The mode word as written (`direct`, `segment_upstream`, or any other word, which
     /// SegmentedProxy accepts and treats as direct).
@@ -545,6 +550,9 @@ impl Rule {
         if let Some(capture) = self.capture {
             out += &format!(" capture={}", if capture { "yes" } else { "no" });
         }
+        if self.h2c {
+            out += " h2c=yes";
+        }
         out += &format!(" policy=\"{}\"", self.policy);
         out
     }
@@ -597,6 +605,8 @@ pub struct Decision {
     pub intercept: Intercept,
     /// The winning rule's `capture=` (None: as the server says).
     pub capture: Option<bool>,
+    /// The winning rule's `h2c=yes`.
+    pub h2c: bool,
     /// SegmentedProxy's score of the winning rule; `None` when no rule matched (SegmentedProxy
     /// shows -1).
     pub score: Option<u32>,
@@ -843,6 +853,7 @@ impl RuleSet {
                 direction: self.default_direction,
                 intercept: Intercept::Default,
                 capture: None,
+                h2c: false,
                 score: None,
                 mode: self.default_mode().to_string(),
                 explanation: "no rule matched; using default policy".to_string(),
@@ -856,6 +867,7 @@ impl RuleSet {
             direction: rule.direction,
             intercept: rule.intercept,
             capture: rule.capture,
+            h2c: rule.h2c,
             score: Some(rule.score),
             mode: rule.mode.clone(),
             explanation: self.explain(w, method, scheme, host, port, path),
@@ -1173,6 +1185,7 @@ struct Keys<'a> {
     direction: Option<Direction>,
     intercept: Option<Intercept>,
     capture: Option<bool>,
+    h2c: Option<bool>,
 }
 
 /// Parses one rule line. It accepts exactly the lines SegmentedProxy accepts, with their
@@ -1354,6 +1367,13 @@ fn parse_rule(
                     }
                 })
             }
+            "h2c" => {
+                keys.h2c = Some(match lower.as_str() {
+                    "yes" => true,
+                    "no" => false,
+                    _ => return Err(format!("invalid h2c '{value}' (expected yes or no)")),
+                })
+            }
             _ => unreachable!("every known key is handled"),
         }
         text_parts.push(shown);
@@ -1388,6 +1408,7 @@ fn parse_rule(
         direction: keys.direction.unwrap_or(default_direction),
         intercept: keys.intercept.unwrap_or_default(),
         capture: keys.capture,
+        h2c: keys.h2c.unwrap_or(false),
         source,
         mode: mode.to_string(),
         written: WrittenPolicy {
@@ -1444,6 +1465,7 @@ const KNOWN_KEYS: &[&str] = &[
     "direction",
     "intercept",
     "capture",
+    "h2c",
 ];
 
 /// The host glob, lower-cased (hosts are matched case-insensitively). Any glob SegmentedProxy
@@ -1734,6 +1756,8 @@ mod tests {
             one("a=direct,intercept=yes,direction=down").intercept,
             Intercept::Yes
         );
+        assert!(one("a=direct,h2c=yes").h2c && !one("a=direct,h2c=no").h2c);
+        assert!(!one("a=direct").h2c);
         // As in SegmentedProxy, upstream= needs action=upstream; alone it is noted, not used.
         let r = one("a=direct,upstream=proxy.local:8080");
         assert_eq!(r.action, Action::Direct);
@@ -1840,7 +1864,7 @@ mod tests {
         .unwrap_err();
         assert_eq!(
             e.to_string(),
-            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept, capture)"
+            "r.txt:1: unknown strategy 'zigzag' (expected none, fixed or random)\nr.txt:3: unknown rule key 'colour' (known: strategy, chunk, min, max, delay, rate, ttfb, latency, jitter, fault, fault_rate, seed, action, upstream, reason, scheme, method, path_prefix, port, direction, intercept, capture, h2c)"
         );
 
         // All or nothing.
@@ -1913,6 +1937,7 @@ mod tests {
             ("a=direct,port=0", "invalid port"),
             ("a=direct,direction=sideways", "invalid direction"),
             ("a=direct,intercept=maybe", "invalid intercept"),
+            ("a=direct,h2c=maybe", "invalid h2c"),
         ] {
             let e = err(line);
             assert!(e.starts_with("rules.txt:1: "), "{line}: {e}");

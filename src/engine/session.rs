@@ -28,13 +28,19 @@ pub struct ConnInfo {
     pub id: u64,
     pub peer: SocketAddr,
     pub exchanges: u64,
+    /// The HTTP/2 stream this state serves (each stream has its own): its exchange's id is
+    /// `CONNECTION.h2-STREAM`.
+    pub stream: Option<u32>,
 }
 
 impl ConnInfo {
     /// The id of the connection's next exchange: `CONNECTION.N`.
     pub fn next_id(&mut self) -> String {
         self.exchanges += 1;
-        format!("{}.{}", self.id, self.exchanges)
+        match self.stream {
+            Some(stream) => format!("{}.h2-{stream}", self.id),
+            None => format!("{}.{}", self.id, self.exchanges),
+        }
     }
 }
 
@@ -55,6 +61,7 @@ impl ConnState {
                 id,
                 peer,
                 exchanges: 0,
+                stream: None,
             },
             handler: None,
             local: None,

@@ -37,6 +37,8 @@ pub struct Engine {
     pub ca: Option<Arc<CertificateAuthority>>,
     /// How origins of intercepted flows are verified.
     pub origin_tls: Arc<rustls::ClientConfig>,
+    /// The HTTP/2 connections to origins that chose it, shared by the exchanges going there.
+    pub h2_origins: Arc<super::h2_client::H2Origins>,
     pub handler: Option<Arc<dyn Handler>>,
     /// The hooks the handler implements, learnt once at start.
     pub hooks: HookSet,
@@ -91,6 +93,7 @@ impl Engine {
             filter,
             ca: parts.ca,
             origin_tls,
+            h2_origins: Arc::default(),
             handler: parts.handler,
             hooks,
             hook_waits: HookWaits::default(),

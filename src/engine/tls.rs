@@ -378,7 +378,7 @@ fn builder(
 
 /// Client config for talking to origins: system roots via rustls-native-certs (which honours
 /// `SSL_CERT_FILE` / `SSL_CERT_DIR`) plus `extra_ca_files`; with `insecure`, a verifier that
-/// accepts any certificate. ALPN `http/1.1`, TLS 1.2 and 1.3. Loading the system store takes
+/// accepts any certificate. ALPN `h2` and `http/1.1`, TLS 1.2 and 1.3. Loading the system store takes
 /// milliseconds: build this once and share it.
 pub fn origin_client_config(trust: &OriginTrust) -> Result<Arc<ClientConfig>, TlsError> {
     let provider = ring_provider();
@@ -414,8 +414,14 @@ pub fn origin_client_config(trust: &OriginTrust) -> Result<Arc<ClientConfig>, Tl
             .with_root_certificates(roots)
             .with_no_client_auth()
     };
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // HTTP/2 when the origin chooses it (`h2_client`), else HTTP/1.1.
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
+}
+
+/// Whether an origin chose HTTP/2 in the TLS handshake.
+pub fn negotiated_h2<IO>(tls: &tokio_rustls::client::TlsStream<IO>) -> bool {
+    tls.get_ref().1.alpn_protocol() == Some(b"h2")
 }
 
 /// TLS handshake with an origin over `io`. `host` is a DNS name (sent as SNI and verified) or an
@@ -499,7 +505,8 @@ mod tests {
         let server = tokio::spawn(async move {
             let (tcp, _) = listener.accept().await.unwrap();
             let (mut tls, host) = accept_intercepted(tcp, &ca, &fallback).await?;
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            // Both sides offer h2 first: it is chosen.
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
             let mut buf = [0u8; 4];
             tls.read_exact(&mut buf).await.unwrap();
             assert_eq!(&buf, b"ping");
@@ -512,7 +519,8 @@ mod tests {
         let client_result = async {
             let tcp = TcpStream::connect(addr).await?;
             let mut tls = TlsConnector::from(client).connect(server_name, tcp).await?;
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            // Both sides offer h2 first: it is chosen.
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
             let chain = tls.get_ref().1.peer_certificates().unwrap();
             assert_eq!(chain.len(), 2, "server sends [leaf, CA]");
             tls.write_all(b"ping").await?;
@@ -774,7 +782,8 @@ mod tests {
         bounded(async {
             let tcp = TcpStream::connect(addr).await.unwrap();
             let mut tls = connect_origin(tcp, config, host).await?;
-            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"http/1.1"[..]));
+            // Both sides offer h2 first: it is chosen.
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
             let mut out = Vec::new();
             tls.read_to_end(&mut out).await.unwrap();
             Ok(out)
@@ -799,7 +808,10 @@ mod tests {
             insecure: false,
         })
         .unwrap();
-        assert_eq!(trusted.alpn_protocols, vec![b"http/1.1".to_vec()]);
+        assert_eq!(
+            trusted.alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
         assert_eq!(
             fetch(trusted.clone(), good, "localhost").await.unwrap(),
             b"hello"
@@ -1016,7 +1028,7 @@ mod tests {
         });
         let curl = |args: Vec<String>| async move {
             tokio::process::Command::new("curl")
-                .args(["-sS", "--max-time", "5", "--noproxy", "*"])
+                .args(["-sS", "--max-time", "5", "--noproxy", "*", "--http1.1"])
                 .args(args)
                 .env_remove("SSL_CERT_FILE")
                 .env_remove("CURL_CA_BUNDLE")

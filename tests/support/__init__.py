@@ -2,7 +2,7 @@
 
 - ``procs``: ``LOOPBACK``, ``free_port``, ``port_accepts``, ``find_binary``,
   ``ManagedProcess`` (a program run in the foreground, stopped by pid).
-- ``services``: real peers as processes: ``NginxOrigin``, ``Squid``, ``Tinyproxy``,
+- ``services``: real peers as processes: ``NginxOrigin``, ``NghttpdOrigin``, ``Squid``, ``Tinyproxy``,
   ``Dnsmasq``, ``Segproxy`` (the CLI); ``wait_for`` (poll a condition, bounded).
 - ``certs``: ``make_origin_certs`` (test CA + leaf), ``make_self_signed``.
 - ``dnsclient``: ``query_a`` (one DNS A query over UDP).
@@ -39,13 +39,14 @@ from .procs import (
     free_port,
     port_accepts,
 )
-from .services import Dnsmasq, NginxOrigin, Segproxy, Squid, Tinyproxy, wait_for
+from .services import Dnsmasq, NghttpdOrigin, NginxOrigin, Segproxy, Squid, Tinyproxy, wait_for
 
 __all__ = [
     "LOOPBACK",
     "Dnsmasq",
     "ManagedProcess",
     "MissingBinary",
+    "NghttpdOrigin",
     "NginxOrigin",
     "Segproxy",
     "Squid",

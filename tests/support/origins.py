@@ -475,7 +475,8 @@ class TlsEchoOrigin(ThreadedOrigin):
 class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
     """GET /chunked?n=N&size=S: N chunks of S bytes (chunked encoding);
     POST /sha256: the sha256 and length of the request body (chunked or Content-Length);
-    GET /conn: the id of this TCP connection and requests served on it."""
+    GET /conn: the id of this TCP connection and requests served on it;
+    GET /headers: the request line's version, then the request's header lines."""
 
     protocol_version = "HTTP/1.1"
 
@@ -510,6 +511,10 @@ class _HttpsEchoHandler(http.server.BaseHTTPRequestHandler):
             return
         if self.path == "/conn":
             self._send(200, f"{self.conn_id} {self.served + 1}\n".encode())
+            return
+        if self.path == "/headers":
+            lines = [self.request_version] + [f"{k.lower()}: {v}" for k, v in self.headers.items()]
+            self._send(200, "\n".join(lines).encode())
             return
         self._send(404, b"not found\n")
 
@@ -645,3 +650,68 @@ class ScriptedOrigin(ThreadedOrigin):
         self.heads.append(await reader.readuntil(b"\r\n\r\n"))
         writer.write(self.reply)
         await writer.drain()
+
+
+class H2GoawayOrigin:
+    """An HTTP/2-only TLS origin on 127.0.0.1 (the ``h2`` pip package over Python ssl, a
+    thread per connection) that answers one request per connection, ``"N\\n"`` where N counts
+    its connections, then sends GOAWAY (and reads on until the client closes): every request
+    after the first on a connection is refused. Given the certificate of an ``NginxOrigin``."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(str(cert), str(key))
+        self.ctx.set_alpn_protocols(["h2"])
+        self.listener = socket.create_server((LOOPBACK, 0))
+        self.port = self.listener.getsockname()[1]
+        self.connections = 0
+        self.goaways = 0
+        self.thread = threading.Thread(target=self._accept, daemon=True)
+
+    def __enter__(self) -> H2GoawayOrigin:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.listener.close()
+        self.thread.join(10)
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(sock, self.connections), daemon=True).start()
+
+    def _serve(self, sock: socket.socket, number: int) -> None:
+        import h2.config
+        import h2.connection
+        import h2.events
+
+        try:
+            tls = self.ctx.wrap_socket(sock, server_side=True)
+            tls.settimeout(30)
+            conn = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+            conn.initiate_connection()
+            tls.sendall(conn.data_to_send())
+            answered = False
+            while True:
+                data = tls.recv(65536)
+                if not data:
+                    return  # after GOAWAY, the client closes once its streams are done
+                for event in conn.receive_data(data):
+                    if isinstance(event, h2.events.StreamEnded) and not answered:
+                        body = f"{number}\n".encode()
+                        conn.send_headers(
+                            event.stream_id,
+                            [(":status", "200"), ("content-length", str(len(body)))],
+                        )
+                        conn.send_data(event.stream_id, body, end_stream=True)
+                        conn.close_connection()
+                        answered = True
+                        self.goaways += 1
+                tls.sendall(conn.data_to_send())
+        except (OSError, ssl.SSLError):
+            return

@@ -129,6 +129,47 @@ http {{
         return self
 
 
+class NghttpdOrigin(Service):
+    """nghttpd (nghttp2's HTTP/2 server) over TLS on 127.0.0.1 (a leaf signed by a test CA:
+    trust ``cert_path``). It speaks HTTP/2 only (ALPN ``h2``): any answer from it went over
+    HTTP/2. Serves ``www`` (``/1k.bin``); a POST's body comes back (``--echo-upload``); every
+    response ends with the trailer ``x-origin-trailer: h2``. With ``tls=False`` it speaks
+    HTTP/2 over cleartext with prior knowledge (h2c) only."""
+
+    name = "nghttpd"
+
+    def __init__(self, tls: bool = True) -> None:
+        self.binary = find_binary("nghttpd")
+        super().__init__()
+        self.tls = tls
+        self.port = free_port()
+        self.www = self.dir / "www"
+        self.cert_path: Path = self.dir / "origin-ca.crt"
+
+    def url(self, path: str = "/", host: str = "localhost") -> str:
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}{path}"
+
+    def start(self) -> NghttpdOrigin:
+        self.www.mkdir()
+        (self.www / "1k.bin").write_bytes(bytes(range(256)) * 4)
+        self.cert_path, leaf_path, key_path = make_origin_certs(self.dir)
+        args = [
+            self.binary,
+            "-a",
+            LOOPBACK,
+            "-d",
+            str(self.www),
+            "--echo-upload",
+            "--trailer=x-origin-trailer: h2",
+            str(self.port),
+        ]
+        args += [str(key_path), str(leaf_path)] if self.tls else ["--no-tls"]
+        self.process = ManagedProcess("nghttpd", args, workdir=self.dir)
+        self.process.start()
+        self.process.wait_ready(lambda: port_accepts(self.port), what="listening")
+        return self
+
+
 class Squid(Service):
     """squid as a forward proxy: allows 127.0.0.1 only, CONNECT to any port,
     no cache, logs in its temp dir. ``access_log`` is the access log path."""
