@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import sys
+from pathlib import Path
 
 import pytest
+import segproxy
 
 sys.path.insert(0, os.path.dirname(__file__))
 
@@ -122,3 +124,23 @@ async def make_proxy():
     finally:
         for server in started:
             await server.aclose(grace=1.0)
+
+
+@pytest.fixture(scope="module")
+def ca_dir(tmp_path_factory) -> Path:
+    """A CA directory (ca-key.pem, ca-cert.pem) shared by a module's intercepting proxies."""
+    d = tmp_path_factory.mktemp("ca")
+    segproxy.load_or_create_ca(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def ca_path(ca_dir) -> Path:
+    """The CA certificate for clients to trust."""
+    return ca_dir / "ca-cert.pem"
+
+
+@pytest.fixture(scope="module")
+def tls_store(ca_dir) -> segproxy.TLSStore:
+    """A TLSStore on the module's CA."""
+    return segproxy.TLSStore.load_ca_from_disk(ca_dir / "ca-key.pem", ca_dir / "ca-cert.pem")

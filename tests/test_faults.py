@@ -310,10 +310,9 @@ async def test_content_is_identical_when_no_fault_cuts_it(policy: str) -> None:
     assert flow["outcome"] == "ok", flow
 
 
-def test_intercepted_tls_reset_and_latency(tls_store_and_ca, nginx_origin) -> None:
+def test_intercepted_tls_reset_and_latency(tls_store, ca_path, nginx_origin) -> None:
     """On an intercepted CONNECT the policy acts on the TLS bytes toward the client: a
     reset after N bytes cuts the TLS session mid-response; latency delays the answer."""
-    tls_store, ca_path = tls_store_and_ca
     ctx = trusting_context(ca_path)
     target = f"localhost:{nginx_origin.https_port}"
     rules = Rules.parse("localhost=direct,direction=down,fault=reset@20000")
@@ -354,16 +353,6 @@ def test_intercepted_tls_reset_and_latency(tls_store_and_ca, nginx_origin) -> No
             elapsed = time.monotonic() - t0
         assert status.startswith(b"HTTP/1.1 200")
         assert elapsed >= 0.114, elapsed
-
-
-@pytest.fixture(scope="module")
-def tls_store_and_ca(tmp_path_factory):
-    import segproxy
-
-    d = tmp_path_factory.mktemp("ca")
-    segproxy.load_or_create_ca(d)
-    store = segproxy.TLSStore.load_ca_from_disk(d / "ca-key.pem", d / "ca-cert.pem")
-    return store, d / "ca-cert.pem"
 
 
 @pytest.mark.parametrize(

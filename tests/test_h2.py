@@ -7,9 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-import shutil
 import ssl
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import segproxy
 from hyperframe.frame import DataFrame, GoAwayFrame, HeadersFrame, RstStreamFrame, SettingsFrame
 from segproxy import HTTPSForwardProxyHandler
 from support import wait_for
+from support.clients import run_curl as curl
 from support.h2_raw import CANCEL, ENHANCE_YOUR_CALM, REFUSED_STREAM, RawH2
 from support.inprocess import ProxyThread
 from support.origins import HttpsEchoOrigin
@@ -28,34 +27,6 @@ ONE_K = bytes(range(256)) * 4
 # The engine's rapid reset guard (h2_server::RAPID_RESET_BUDGET).
 RAPID_RESET_BUDGET = 200
 STREAM_ID = re.compile(r"^(\d+)\.h2-(\d+)$")
-
-
-def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    exe = shutil.which("curl")
-    if exe is None:
-        pytest.skip("curl is not installed")
-    return subprocess.run(
-        [exe, "-sS", "--max-time", str(int(timeout)), *args],
-        capture_output=True,
-        timeout=timeout + 10,
-    )
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ca")
-    segproxy.load_or_create_ca(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ca_path(ca_dir) -> Path:
-    return ca_dir / "ca-cert.pem"
-
-
-@pytest.fixture(scope="module")
-def tls_store(ca_dir) -> segproxy.TLSStore:
-    return segproxy.TLSStore.load_ca_from_disk(ca_dir / "ca-key.pem", ca_dir / "ca-cert.pem")
 
 
 @pytest.fixture(scope="module")

@@ -256,13 +256,6 @@ def test_capture_is_a_rule_key() -> None:
 
 
 @pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ca")
-    segproxy.load_or_create_ca(d)
-    return d
-
-
-@pytest.fixture(scope="module")
 def tls_origin(tmp_path_factory):
     with TlsRecordingOrigin(tmp_path_factory.mktemp("origin")) as o:
         yield o

@@ -8,7 +8,6 @@ import datetime
 import hashlib
 import ipaddress
 import os
-import shutil
 import ssl
 import subprocess
 import sys
@@ -22,6 +21,7 @@ import segproxy  # noqa: E402
 from cryptography import x509  # noqa: E402
 from cryptography.x509.oid import ExtendedKeyUsageOID  # noqa: E402
 from support import LOOPBACK, Segproxy  # noqa: E402
+from support.clients import run_curl as curl  # noqa: E402
 from support.inprocess import ProxyThread  # noqa: E402
 from support.origins import HttpsEchoOrigin  # noqa: E402
 from support.tls_clients import (  # noqa: E402
@@ -35,36 +35,7 @@ MIB = 1024 * 1024
 ONE_K = bytes(range(256)) * 4
 
 
-def curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
-    exe = shutil.which("curl")
-    if exe is None:
-        pytest.skip("curl is not installed")
-    return subprocess.run(
-        [exe, "-sS", "--max-time", str(int(timeout)), *args],
-        capture_output=True,
-        timeout=timeout + 10,
-    )
-
-
 # --- fixtures -------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory) -> Path:
-    """A CA directory (ca-key.pem, ca-cert.pem) shared by the module's proxies."""
-    d = tmp_path_factory.mktemp("ca")
-    segproxy.load_or_create_ca(d)
-    return d
-
-
-@pytest.fixture(scope="module")
-def ca_path(ca_dir) -> Path:
-    return ca_dir / "ca-cert.pem"
-
-
-@pytest.fixture(scope="module")
-def tls_store(ca_dir) -> segproxy.TLSStore:
-    return segproxy.TLSStore.load_ca_from_disk(ca_dir / "ca-key.pem", ca_dir / "ca-cert.pem")
 
 
 @pytest.fixture(scope="module")

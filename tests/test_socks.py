@@ -8,17 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import re
-import shutil
 import socket
 import subprocess
-from pathlib import Path
 
 import httpx
 import pytest
 import segproxy
 from segproxy import Rules, start_proxy_server
 from support import Segproxy, wait_for
-from support.clients import SocksAnswer, socks5_request
+from support.clients import SocksAnswer, curl, socks5_request
 from support.loopback import FramedOrigin, blob, framed_exchange, sha
 from support.origins import RecordingOrigin, refused_port
 
@@ -29,14 +27,6 @@ GENERAL_FAILURE = 0x01
 NOT_ALLOWED = 0x02
 COMMAND_NOT_SUPPORTED = 0x07
 ADDRESS_TYPE_NOT_SUPPORTED = 0x08
-
-
-async def curl(*args: str, timeout: int = 60) -> subprocess.CompletedProcess[bytes]:
-    exe = shutil.which("curl")
-    if exe is None:
-        pytest.skip("curl is not installed")
-    cmd = [exe, "-sS", "--max-time", str(timeout), *args]
-    return await asyncio.to_thread(subprocess.run, cmd, capture_output=True, timeout=timeout + 10)
 
 
 async def socks(port: int, host: str, dest_port: int, **kw) -> SocksAnswer:
@@ -273,13 +263,6 @@ async def test_segmentation_on_a_socks_tunnel_shows_in_flow_records():
 
 
 # --- interception ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ca_dir(tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("ca")
-    segproxy.load_or_create_ca(d)
-    return d
 
 
 async def test_tls_after_the_socks_handshake_is_intercepted(ca_dir, nginx_origin, origin):

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
+
+import pytest
 
 from .loopback import header, parse_headers
 from .procs import LOOPBACK
@@ -236,3 +239,16 @@ def socks5_request(
     finally:
         if s is not None:
             s.close()
+
+
+def run_curl(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[bytes]:
+    """`curl` for tests without a loop: curl -sS with a time limit (the test is skipped where
+    curl is not installed)."""
+    exe = shutil.which("curl")
+    if exe is None:
+        pytest.skip("curl is not installed")
+    return subprocess.run(
+        [exe, "-sS", "--max-time", str(int(timeout)), *args],
+        capture_output=True,
+        timeout=timeout + 10,
+    )
