@@ -384,3 +384,33 @@ def test_large_bodies_stream_both_ways_with_bounded_memory(tmp_path):
         # 800 MiB went through; the proxy's peak grew by a small bounded amount.
         assert peak - base < 32 * 1024, f"VmHWM grew from {base} to {peak} KiB"
         assert peak < 80 * 1024, f"VmHWM {peak} KiB"
+
+
+# --- connection lanes ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("lanes", ["default", "off"])
+async def test_concurrent_keep_alive_clients_on_lanes_and_without(origin, lanes):
+    """Connections run on the engine's lanes (a current-thread runtime per CPU) unless
+    SEGPROXY_LANES=0: either way many kept-alive clients at once each get their own answers,
+    and origin connections are reused across them."""
+    env = dict(os.environ, SEGPROXY_WORKERS="2")
+    if lanes == "off":
+        env["SEGPROXY_LANES"] = "0"
+    with Segproxy(env=env) as proxy:
+        limits = httpx.Limits(max_connections=8, max_keepalive_connections=8)
+        async with httpx.AsyncClient(proxy=proxy.proxy_url, limits=limits, timeout=10) as client:
+
+            async def one(i: int) -> None:
+                for j in range(5):
+                    r = await client.get(origin.url(f"/c{i}/r{j}"))
+                    assert r.status_code == 200
+                    assert r.json()["target"] == f"/c{i}/r{j}"
+
+            import asyncio
+
+            await asyncio.gather(*(one(i) for i in range(8)))
+    targets = sorted(req.target for req in origin.requests)
+    assert targets == sorted(f"/c{i}/r{j}" for i in range(8) for j in range(5))
+    # 40 requests over at most 8 client connections: origin connections were kept and reused.
+    assert len({req.conn for req in origin.requests}) <= 8

@@ -150,7 +150,7 @@ pub fn header_pairs(headers: &Headers) -> Vec<(String, String)> {
         .iter()
         .map(|h| {
             (
-                h.name.clone(),
+                h.name.to_string(),
                 String::from_utf8_lossy(&h.value).into_owned(),
             )
         })

@@ -77,11 +77,23 @@ pub enum Route {
 
 /// `host:port`, with brackets around an IPv6 literal.
 pub fn authority(host: &str, port: u16) -> String {
+    let mut out = String::with_capacity(host.len() + 8);
+    push_authority(&mut out, host, port);
+    out
+}
+
+/// Appends `host:port` to `out`, an IPv6 host in brackets (one allocation fewer than
+/// formatting a new string: this runs for every forwarded request).
+pub fn push_authority(out: &mut String, host: &str, port: u16) {
+    use std::fmt::Write;
     if host.contains(':') && !host.starts_with('[') {
-        format!("[{host}]:{port}")
+        out.push('[');
+        out.push_str(host);
+        out.push(']');
     } else {
-        format!("{host}:{port}")
+        out.push_str(host);
     }
+    let _ = write!(out, ":{port}");
 }
 
 /// Why a destination could not be reached.

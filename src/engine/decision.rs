@@ -26,8 +26,8 @@ pub fn decide(
     }
     record.host = host.to_string();
     record.port = port;
-    record.scheme = scheme.as_str().to_string().into();
-    record.mode = decision.mode.clone().into();
+    record.scheme = scheme.as_str().into();
+    record.mode = decision.mode.clone();
     record.direction = decision.direction.as_str().into();
     if log::log_enabled!(log::Level::Debug) {
         log_decision(&rules, method, host, port, path, &decision, &record.id);

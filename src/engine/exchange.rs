@@ -14,7 +14,7 @@ use tokio::sync::mpsc;
 use super::capture::{
     header_pairs, Capture, Phase, RequestHeadCapture, ResponseHeadCapture, DEFAULT_BODY_LIMIT,
 };
-use super::connector::{ConnectError, ConnectTimes, Connected, Io, Rewind, Route};
+use super::connector::{push_authority, ConnectError, ConnectTimes, Connected, Io, Rewind, Route};
 use super::decision::{decide, route_for};
 use super::flow::{Flow, FlowAction, Kind, Outcome};
 use super::flow_error::{await_hook, FlowError};
@@ -554,15 +554,18 @@ impl<'a, C: Io> Exchange<'a, C> {
         let pool_key = match &route {
             Route::Direct => {
                 out.target = target.path.clone();
-                let h2c_key = h2c
-                    .as_ref()
-                    .map(|p| format!("|h2c {}", p.describe()))
-                    .unwrap_or_default();
-                format!(
-                    "{}|{}|{mode_key}{h2c_key}",
-                    target.scheme,
-                    target.authority()
-                )
+                // "scheme|host:port|mode[|h2c policy]", built in one buffer (every request).
+                let mut key = String::with_capacity(target.host.len() + mode_key.len() + 16);
+                key.push_str(target.scheme);
+                key.push('|');
+                push_authority(&mut key, &target.host, target.port);
+                key.push('|');
+                key.push_str(&mode_key);
+                if let Some(p) = &h2c {
+                    key.push_str("|h2c ");
+                    key.push_str(&p.describe());
+                }
+                key
             }
             Route::Upstream(hop) => {
                 if target.scheme == "https" || !hop.is_http() {

@@ -14,15 +14,80 @@ const READ_CHUNK: usize = 64 * 1024;
 /// Room for one read while waiting for a message head.
 const HEAD_CHUNK: usize = 8 * 1024;
 
+/// A header field name, original case kept. A received name shares the head's buffer
+/// instead of being copied out: one allocation fewer per field of every message.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct HeaderName(Bytes);
+
+impl HeaderName {
+    /// A name that is a slice of a received head (httparse checked it is a token).
+    fn within(head: &Bytes, name: &str) -> HeaderName {
+        HeaderName(head.slice_ref(name.as_bytes()))
+    }
+    pub fn as_str(&self) -> &str {
+        // SAFETY: every constructor takes a `str` (or a slice of one), so the bytes are UTF-8.
+        unsafe { std::str::from_utf8_unchecked(&self.0) }
+    }
+}
+
+impl std::ops::Deref for HeaderName {
+    type Target = str;
+    fn deref(&self) -> &str {
+        self.as_str()
+    }
+}
+
+impl From<&str> for HeaderName {
+    fn from(name: &str) -> Self {
+        HeaderName(Bytes::copy_from_slice(name.as_bytes()))
+    }
+}
+
+impl From<String> for HeaderName {
+    fn from(name: String) -> Self {
+        HeaderName(Bytes::from(name.into_bytes()))
+    }
+}
+
+impl From<&String> for HeaderName {
+    fn from(name: &String) -> Self {
+        HeaderName::from(name.as_str())
+    }
+}
+
+impl fmt::Debug for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(self.as_str(), f)
+    }
+}
+
+impl fmt::Display for HeaderName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl PartialEq<str> for HeaderName {
+    fn eq(&self, other: &str) -> bool {
+        self.as_str() == other
+    }
+}
+
+impl PartialEq<&str> for HeaderName {
+    fn eq(&self, other: &&str) -> bool {
+        self.as_str() == *other
+    }
+}
+
 /// A header field as received: original name case kept, value as raw bytes.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Header {
-    pub name: String,
+    pub name: HeaderName,
     pub value: Bytes,
 }
 
 impl Header {
-    pub fn new(name: impl Into<String>, value: impl Into<Bytes>) -> Self {
+    pub fn new(name: impl Into<HeaderName>, value: impl Into<Bytes>) -> Self {
         Header {
             name: name.into(),
             value: value.into(),
@@ -87,6 +152,14 @@ impl Headers {
             .flat_map(|v| v.split(','))
             .any(|t| t.trim().eq_ignore_ascii_case(token))
     }
+    /// Bytes `write_to` appends, with the blank line that ends a head.
+    fn encoded_len(&self) -> usize {
+        2 + self
+            .0
+            .iter()
+            .map(|h| h.name.len() + h.value.len() + 4)
+            .sum::<usize>()
+    }
     fn write_to(&self, out: &mut Vec<u8>) {
         for h in &self.0 {
             out.extend_from_slice(h.name.as_bytes());
@@ -116,7 +189,9 @@ pub struct ResponseHead {
 
 impl RequestHead {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
+        let mut out = Vec::with_capacity(
+            self.method.len() + self.target.len() + 13 + self.headers.encoded_len(),
+        );
         out.extend_from_slice(self.method.as_bytes());
         out.push(b' ');
         out.extend_from_slice(self.target.as_bytes());
@@ -143,13 +218,12 @@ impl RequestHead {
 
 impl ResponseHead {
     pub fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(256);
-        out.extend_from_slice(
-            format!(
-                "HTTP/1.{} {} {}\r\n",
-                self.version, self.status, self.reason
-            )
-            .as_bytes(),
+        use std::io::Write as _;
+        let mut out = Vec::with_capacity(self.reason.len() + 18 + self.headers.encoded_len());
+        let _ = write!(
+            out,
+            "HTTP/1.{} {} {}\r\n",
+            self.version, self.status, self.reason
         );
         self.headers.write_to(&mut out);
         out.extend_from_slice(b"\r\n");
@@ -316,7 +390,7 @@ fn convert_headers(raw: &[httparse::Header<'_>], head: &Bytes) -> Headers {
     Headers(
         raw.iter()
             .map(|h| Header {
-                name: h.name.to_string(),
+                name: HeaderName::within(head, h.name),
                 value: head.slice_ref(h.value),
             })
             .collect(),
@@ -900,27 +974,42 @@ impl RawResponse {
 /// Header fields that describe one hop and are never forwarded (RFC 9110 section 7.6.1),
 /// plus those the Connection header names.
 pub fn strip_hop_by_hop(headers: &mut Headers, keep_upgrade: bool) {
-    let named: Vec<String> = headers
-        .get_all("connection")
-        .flat_map(|v| v.split(','))
-        .map(|t| t.trim().to_ascii_lowercase())
-        .filter(|t| !t.is_empty())
+    // Runs on every message: compares in place rather than lowercasing copies.
+    const HOP_BY_HOP: [&str; 7] = [
+        "connection",
+        "proxy-connection",
+        "keep-alive",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+    ];
+    let is_hop = |name: &str| HOP_BY_HOP.iter().any(|h| name.eq_ignore_ascii_case(h));
+    if !headers
+        .0
+        .iter()
+        .any(|h| is_hop(&h.name) || h.name.eq_ignore_ascii_case("upgrade"))
+    {
+        return;
+    }
+    let named: Vec<Bytes> = headers
+        .0
+        .iter()
+        .filter(|h| h.name.eq_ignore_ascii_case("connection"))
+        .flat_map(|h| {
+            h.value_str()
+                .split(',')
+                .map(str::trim)
+                .filter(|t| !t.is_empty())
+                .map(|t| h.value.slice_ref(t.as_bytes()))
+        })
         .collect();
     headers.0.retain(|h| {
-        let n = h.name.to_ascii_lowercase();
-        let hop = matches!(
-            n.as_str(),
-            "connection"
-                | "proxy-connection"
-                | "keep-alive"
-                | "proxy-authorization"
-                | "te"
-                | "trailer"
-                | "transfer-encoding"
-        ) || n == "upgrade"
-            || named.contains(&n);
-        let hop = hop && !(keep_upgrade && n == "upgrade");
-        !hop
+        let n: &str = &h.name;
+        let upgrade = n.eq_ignore_ascii_case("upgrade");
+        let hop =
+            is_hop(n) || upgrade || named.iter().any(|t| n.as_bytes().eq_ignore_ascii_case(t));
+        !(hop && !(keep_upgrade && upgrade))
     });
 }
 

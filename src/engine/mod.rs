@@ -20,6 +20,7 @@ pub mod h2_client;
 pub mod h2_server;
 pub mod hooks;
 pub mod http1;
+pub mod lanes;
 pub mod limits;
 pub mod memory;
 pub mod metrics_http;

@@ -11,6 +11,7 @@ use tokio::io::{AsyncRead, ReadBuf};
 
 use super::connector::Io;
 use super::http1::BufStream;
+use super::lanes;
 use super::segment::{ChunkObserver, RawSocket};
 
 /// A connection to an origin or upstream proxy, with its read buffer.
@@ -81,8 +82,11 @@ impl WireTap {
     }
 }
 
+/// An idle connection: when it was put back, on which lane ([`lanes::current`]), the connection.
+type Idle = (Instant, usize, OriginConn);
+
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<(Instant, OriginConn)>>>,
+    idle: Mutex<HashMap<String, Vec<Idle>>>,
     idle_timeout: Duration,
     max_per_key: usize,
 }
@@ -96,14 +100,20 @@ impl Pool {
         }
     }
 
-    /// The most recently used live connection for `key`, if any.
+    /// The most recently used live connection for `key`, if any: one put back on this lane
+    /// first, since its socket wakes this lane's poller (one from another lane would wake
+    /// that lane's thread for every read).
     pub fn take(&self, key: &str) -> Option<OriginConn> {
         let now = Instant::now();
+        let lane = lanes::current();
         loop {
-            let (since, mut conn) = {
+            let (since, _, mut conn) = {
                 let mut idle = self.idle.lock().unwrap();
                 let list = idle.get_mut(key)?;
-                let item = list.pop();
+                let item = match list.iter().rposition(|(_, l, _)| *l == lane) {
+                    Some(i) => Some(list.remove(i)),
+                    None => list.pop(),
+                };
                 if list.is_empty() {
                     idle.remove(key);
                 }
@@ -125,11 +135,11 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(key).or_default();
-        list.retain(|(since, _)| now.duration_since(*since) < self.idle_timeout);
+        list.retain(|(since, _, _)| now.duration_since(*since) < self.idle_timeout);
         if list.len() >= self.max_per_key {
             list.remove(0);
         }
-        list.push((now, conn));
+        list.push((now, lanes::current(), conn));
     }
 
     /// Drops connections idle past the timeout (called now and then by the server).
@@ -137,7 +147,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         idle.retain(|_, list| {
-            list.retain(|(since, _)| now.duration_since(*since) < self.idle_timeout);
+            list.retain(|(since, _, _)| now.duration_since(*since) < self.idle_timeout);
             !list.is_empty()
         });
     }
@@ -162,4 +172,38 @@ fn still_open(conn: &mut OriginConn) -> bool {
         Pin::new(&mut conn.io).poll_read(&mut cx, &mut buf),
         Poll::Pending
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn origin_conn() -> (OriginConn, tokio::io::DuplexStream) {
+        let (near, far) = tokio::io::duplex(64);
+        (OriginConn::new(Box::new(near)), far)
+    }
+
+    #[tokio::test]
+    async fn a_lane_takes_back_its_own_connection_first() {
+        let pool = Pool::new(Duration::from_secs(60), 8);
+        let (on_lane_0, _far0) = origin_conn();
+        let (on_lane_1, _far1) = origin_conn();
+        let mark = |c: &mut OriginConn, port: u16| {
+            c.peer = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
+        };
+        let (mut a, mut b) = (on_lane_0, on_lane_1);
+        mark(&mut a, 1000);
+        mark(&mut b, 1001);
+        lanes::pretend_lane(0);
+        pool.put("k".into(), a);
+        lanes::pretend_lane(1);
+        pool.put("k".into(), b);
+        // Lane 0 gets its own, though lane 1's is the most recent.
+        lanes::pretend_lane(0);
+        assert_eq!(pool.take("k").unwrap().peer.unwrap().port(), 1000);
+        // With none of its own left, another lane's connection is better than none.
+        assert_eq!(pool.take("k").unwrap().peer.unwrap().port(), 1001);
+        assert!(pool.take("k").is_none());
+        lanes::pretend_lane(lanes::NOT_A_LANE);
+    }
 }

@@ -71,6 +71,7 @@ use std::path::Path;
 
 use base64::Engine as _;
 
+use super::outcome::Text;
 pub use super::segment::DEFAULT_CHUNK;
 use super::segment::{SegmentPolicy, Strategy};
 use super::shaping::{Fault, Shaping};
@@ -611,11 +612,11 @@ pub struct Decision {
     /// shows -1).
     pub score: Option<u32>,
     /// The mode word of the winning rule, or the default policy's mode.
-    pub mode: String,
+    pub mode: Text,
     /// One line, SegmentedProxy's explain line (`matched host_glob=...; ctx host=...;
     /// score=N; action=A`) followed by which rule of ours it was, or
     /// `no rule matched; using default policy`.
-    pub explanation: String,
+    pub explanation: Text,
 }
 
 /// The order of matching rules: SegmentedProxy's score, then on equal scores a block rule
@@ -855,8 +856,8 @@ impl RuleSet {
                 capture: None,
                 h2c: false,
                 score: None,
-                mode: self.default_mode().to_string(),
-                explanation: "no rule matched; using default policy".to_string(),
+                mode: mode_text(self.default_mode()),
+                explanation: "no rule matched; using default policy".into(),
             };
         };
         let rule = &self.rules[w];
@@ -869,8 +870,8 @@ impl RuleSet {
             capture: rule.capture,
             h2c: rule.h2c,
             score: Some(rule.score),
-            mode: rule.mode.clone(),
-            explanation: self.explain(w, method, scheme, host, port, path),
+            mode: mode_text(&rule.mode),
+            explanation: self.explain(w, method, scheme, host, port, path).into(),
         }
     }
 
@@ -1186,6 +1187,15 @@ struct Keys<'a> {
     intercept: Option<Intercept>,
     capture: Option<bool>,
     h2c: Option<bool>,
+}
+
+/// A mode word for a decision: the two meaningful words are not copied on every decision.
+fn mode_text(mode: &str) -> Text {
+    match mode {
+        "direct" => Text::Borrowed("direct"),
+        "segment_upstream" => Text::Borrowed("segment_upstream"),
+        other => Text::Owned(other.to_string()),
+    }
 }
 
 /// Parses one rule line. It accepts exactly the lines SegmentedProxy accepts, with their
@@ -2075,7 +2085,7 @@ mod tests {
         let d = set.decide("GET", Scheme::Http, "x.corp", 80, "/");
         for shown in [
             set.describe(),
-            d.explanation.clone(),
+            d.explanation.to_string(),
             format!("{rule:?}"),
             format!("{d:?}"),
         ] {

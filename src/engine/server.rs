@@ -178,14 +178,42 @@ async fn accept_loop(listener: TcpListener, engine: Arc<Engine>, entry: Entry) {
             continue;
         }
         let engine = engine.clone();
-        tokio::spawn(async move {
-            let mut closing = engine.closing.clone();
-            tokio::select! {
-                _ = connection::serve_client(&engine, stream, peer, id, entry) => {}
-                _ = closing.wait_for(|c| *c) => {}
+        match super::lanes::lanes() {
+            // The socket leaves this runtime's poller for the lane's.
+            Some(lanes) => match stream.into_std() {
+                Ok(stream) => lanes.spawn(async move {
+                    match TcpStream::from_std(stream) {
+                        Ok(stream) => serve_until_closing(&engine, stream, peer, id, entry).await,
+                        Err(e) => log::warn!("connection {id}: cannot register on its lane: {e}"),
+                    }
+                    finish_connection(&engine);
+                }),
+                Err(e) => {
+                    log::warn!("connection {id}: cannot hand over to a lane: {e}");
+                    finish_connection(&engine);
+                }
+            },
+            None => {
+                tokio::spawn(async move {
+                    serve_until_closing(&engine, stream, peer, id, entry).await;
+                    finish_connection(&engine);
+                });
             }
-            finish_connection(&engine);
-        });
+        }
+    }
+}
+
+async fn serve_until_closing(
+    engine: &Arc<Engine>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    id: u64,
+    entry: Entry,
+) {
+    let mut closing = engine.closing.clone();
+    tokio::select! {
+        _ = connection::serve_client(engine, stream, peer, id, entry) => {}
+        _ = closing.wait_for(|c| *c) => {}
     }
 }
 

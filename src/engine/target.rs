@@ -22,13 +22,12 @@ impl Target {
     /// Authority as a Host header writes it: the port only when not the scheme's default.
     pub fn host_header(&self) -> String {
         let default = if self.scheme == "https" { 443 } else { 80 };
-        if self.port == default {
-            authority(&self.host, self.port)
-                .rsplit_once(':')
-                .map(|(h, _)| h.to_string())
-                .unwrap_or_default()
-        } else {
+        if self.port != default {
             self.authority()
+        } else if self.host.contains(':') && !self.host.starts_with('[') {
+            format!("[{}]", self.host)
+        } else {
+            self.host.clone()
         }
     }
     pub fn url(&self) -> String {
@@ -51,12 +50,12 @@ pub fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String,
             None if after.is_empty() => None,
             None => return Err(format!("bad authority {auth:?}")),
         };
-        (h.to_string(), port)
+        (h, port)
     } else {
         match auth.rsplit_once(':') {
-            Some((h, p)) if !h.contains(':') => (h.to_string(), Some(p)),
+            Some((h, p)) if !h.contains(':') => (h, Some(p)),
             Some(_) => return Err("IPv6 address must be in brackets".into()),
-            None => (auth.to_string(), None),
+            None => (auth, None),
         }
     };
     if host.is_empty()
@@ -74,7 +73,9 @@ pub fn split_authority(auth: &str, default_port: Option<u16>) -> Result<(String,
             .ok_or_else(|| format!("bad port {p:?}"))?,
         None => default_port.ok_or("a port is required")?,
     };
-    Ok((host.to_ascii_lowercase(), port))
+    let mut host = host.to_string();
+    host.make_ascii_lowercase();
+    Ok((host, port))
 }
 
 /// Reads an absolute-form (`http://host/path`) target.

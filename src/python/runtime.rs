@@ -6,23 +6,9 @@ use tokio::runtime::Runtime;
 
 static RUNTIME: OnceLock<&'static Runtime> = OnceLock::new();
 
-/// Worker threads: `SEGPROXY_WORKERS` if set (1-64), else one per CPU (at most 8).
-fn worker_threads() -> usize {
-    let from_env = std::env::var("SEGPROXY_WORKERS")
-        .ok()
-        .and_then(|v| v.trim().parse::<usize>().ok())
-        .filter(|n| (1..=64).contains(n));
-    from_env.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(2)
-            .clamp(1, 8)
-    })
-}
-
 pub fn runtime() -> &'static Runtime {
     RUNTIME.get_or_init(|| {
-        let workers = worker_threads();
+        let workers = crate::engine::lanes::worker_threads();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
             .thread_name("segproxy-engine")
