@@ -3,6 +3,7 @@ and origins that record what they received (tests/support/origins.py)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -406,8 +407,6 @@ async def test_concurrent_keep_alive_clients_on_lanes_and_without(origin, lanes)
                     r = await client.get(origin.url(f"/c{i}/r{j}"))
                     assert r.status_code == 200
                     assert r.json()["target"] == f"/c{i}/r{j}"
-
-            import asyncio
 
             await asyncio.gather(*(one(i) for i in range(8)))
     targets = sorted(req.target for req in origin.requests)
