@@ -8,13 +8,19 @@
 //! connections in turn; a connection's sub-tasks (a tunnel's second direction, an HTTP/2
 //! connection driver) are spawned on its lane. `SEGPROXY_LANES=0` turns lanes off: connections
 //! then run on the runtime that accepted them.
+//!
+//! Each lane also has a mailbox ([`post`]): work handed to a lane from another thread (a
+//! Python hook's answer, from the asyncio loop's thread) is queued there and the lane is woken
+//! once for all that arrived meanwhile, instead of once per answer. Waking a parked lane is a
+//! system call and, on a busy machine, most of what answering a hook costs the loop thread.
 
 use std::cell::Cell;
 use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio::runtime::Handle;
+use tokio::sync::Notify;
 
 /// Threads to run: `SEGPROXY_WORKERS` if set (1-64), else one per CPU (at most 8).
 pub fn worker_threads() -> usize {
@@ -51,7 +57,56 @@ pub fn pretend_lane(lane: usize) {
 
 pub struct Lanes {
     handles: Vec<Handle>,
+    mailboxes: Vec<Arc<Mailbox>>,
     next: AtomicUsize,
+}
+
+/// Work for one lane's thread, from other threads.
+type Delivery = Box<dyn FnOnce() + Send>;
+
+#[derive(Default)]
+struct Mailbox {
+    queue: Mutex<Vec<Delivery>>,
+    ring: Notify,
+}
+
+impl Mailbox {
+    fn push(&self, work: Delivery) {
+        let was_empty = {
+            let mut queue = self.queue.lock().unwrap_or_else(|e| e.into_inner());
+            queue.push(work);
+            queue.len() == 1
+        };
+        // Only the first item of a batch wakes the lane; it takes the whole queue.
+        if was_empty {
+            self.ring.notify_one();
+        }
+    }
+
+    /// The lane's main future: runs what other threads post, on the lane's thread, where
+    /// waking a connection's task is a local push rather than a system call.
+    async fn serve(&self) {
+        let mut batch = Vec::new();
+        loop {
+            self.ring.notified().await;
+            std::mem::swap(
+                &mut batch,
+                &mut *self.queue.lock().unwrap_or_else(|e| e.into_inner()),
+            );
+            for work in batch.drain(..) {
+                work();
+            }
+        }
+    }
+}
+
+/// Runs `work` on lane `lane` (from [`current`] where the work's receiver lives); right here
+/// when that is not a lane.
+pub fn post(lane: usize, work: impl FnOnce() + Send + 'static) {
+    match lanes().and_then(|l| l.mailboxes.get(lane)) {
+        Some(mailbox) => mailbox.push(Box::new(work)),
+        None => work(),
+    }
 }
 
 static LANES: OnceLock<Option<Lanes>> = OnceLock::new();
@@ -68,25 +123,28 @@ pub fn lanes() -> Option<&'static Lanes> {
 
 impl Lanes {
     fn start(count: usize) -> Lanes {
-        let handles = (0..count)
+        let (handles, mailboxes) = (0..count)
             .map(|i| {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
                     .expect("cannot start a connection lane's runtime");
                 let handle = rt.handle().clone();
+                let mailbox = Arc::new(Mailbox::default());
+                let serving = mailbox.clone();
                 std::thread::Builder::new()
                     .name(format!("segproxy-lane-{i}"))
                     .spawn(move || {
                         CURRENT_LANE.with(|lane| lane.set(i));
-                        rt.block_on(std::future::pending::<()>())
+                        rt.block_on(serving.serve())
                     })
                     .expect("cannot start a connection lane's thread");
-                handle
+                (handle, mailbox)
             })
-            .collect();
+            .unzip();
         Lanes {
             handles,
+            mailboxes,
             next: AtomicUsize::new(0),
         }
     }
@@ -127,5 +185,19 @@ mod tests {
         seen.sort_unstable();
         assert_eq!(seen, vec![0, 0, 1, 1]);
         assert_eq!(current(), NOT_A_LANE);
+    }
+
+    #[test]
+    fn posted_work_runs_on_its_lane_in_order() {
+        let lanes = Lanes::start(2);
+        let (tx, rx) = std::sync::mpsc::channel();
+        for k in 0..50 {
+            let tx = tx.clone();
+            lanes.mailboxes[1].push(Box::new(move || {
+                let _ = tx.send((k, current()));
+            }));
+        }
+        let got: Vec<(i32, usize)> = (0..50).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(got, (0..50).map(|k| (k, 1)).collect::<Vec<_>>());
     }
 }

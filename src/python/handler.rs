@@ -166,11 +166,13 @@ impl PyConnection {
         let pending = make(tx);
         self.touched.store(true, Ordering::Relaxed);
         let shared = self.shared.clone();
+        let lane = crate::engine::lanes::current();
         self.shared.bell.push(Box::new(move |py| {
             let completer = Py::new(
                 py,
                 Completer {
                     pending: Mutex::new(Some(pending)),
+                    lane,
                 },
             )?;
             let outcome = shared.driver(py).and_then(|driver| {
@@ -215,6 +217,7 @@ impl ConnectionHandler for PyConnection {
         let flow = FlowHandle {
             tx: tx.clone(),
             bell: self.shared.bell.clone(),
+            lane: crate::engine::lanes::current(),
         };
         self.call(
             "request",

@@ -13,6 +13,7 @@ use crate::engine::hooks::{
     ConnectDecision, ForwardOrder, HandlerCommand, InjectedMessage, MessageVerdict, RequestParts,
     ResponseParts, WebSocketInjector as EngineInjector,
 };
+use crate::engine::lanes;
 
 use super::convert::{bytes_from_py, headers_from_py, policy_from_py};
 use super::doorbell::Doorbell;
@@ -27,6 +28,22 @@ use super::runtime::runtime;
 pub struct FlowHandle {
     pub(crate) tx: mpsc::UnboundedSender<HandlerCommand>,
     pub(crate) bell: Arc<Doorbell>,
+    /// The lane of the connection waiting for these commands (`lanes::current()` where the
+    /// hook was called): commands go through its mailbox, one wake-up for many.
+    pub(crate) lane: usize,
+}
+
+impl FlowHandle {
+    /// Sends `command` to the engine by way of the connection's lane; false when the engine
+    /// stopped listening for this request.
+    fn deliver(&self, command: HandlerCommand) -> bool {
+        if self.tx.is_closed() {
+            return false;
+        }
+        let tx = self.tx.clone();
+        lanes::post(self.lane, move || drop(tx.send(command)));
+        true
+    }
 }
 
 #[pymethods]
@@ -75,25 +92,20 @@ impl FlowHandle {
             body: body.map(bytes_from_py).transpose()?,
             policy: policy.map(policy_from_py).transpose()?,
         };
-        Ok(self
-            .tx
-            .send(HandlerCommand::Forward(Box::new(order)))
-            .is_ok())
+        Ok(self.deliver(HandlerCommand::Forward(Box::new(order))))
     }
 
     /// Raw bytes for the client (a whole response, status line included, possibly in pieces).
     fn write(&self, data: &Bound<'_, PyAny>) -> PyResult<bool> {
-        Ok(self
-            .tx
-            .send(HandlerCommand::Write(bytes_from_py(data)?))
-            .is_ok())
+        Ok(self.deliver(HandlerCommand::Write(bytes_from_py(data)?)))
     }
 
     /// Asks for the next piece of the client's request body; `future` (an asyncio future of the
     /// calling loop) gets bytes, or None at the end, or an exception.
     fn read_body(&self, future: Py<PyAny>) -> PyResult<()> {
         let (tx, rx) = oneshot::channel();
-        if self.tx.send(HandlerCommand::ReadBody(tx)).is_err() {
+        // Through the lane too, so it stays behind any command sent before it.
+        if !self.deliver(HandlerCommand::ReadBody(tx)) {
             return Err(PyRuntimeError::new_err(
                 "the request is no longer being handled (timed out or client gone)",
             ));
@@ -124,12 +136,12 @@ impl FlowHandle {
 
     /// The request hook returned.
     fn finish(&self) -> bool {
-        self.tx.send(HandlerCommand::Finish).is_ok()
+        self.deliver(HandlerCommand::Finish)
     }
 
     /// The request hook raised: the message goes to the log and the client's 502.
     fn fail(&self, message: String) -> bool {
-        self.tx.send(HandlerCommand::Fail(message)).is_ok()
+        self.deliver(HandlerCommand::Fail(message))
     }
 
     /// False once the engine stopped listening for this request.
@@ -155,6 +167,15 @@ pub enum Pending {
 #[pyclass(frozen, module = "segproxy._engine")]
 pub struct Completer {
     pub(crate) pending: Mutex<Option<Pending>>,
+    /// The lane of the connection waiting for the answer (`lanes::current()` where the hook
+    /// was called).
+    pub(crate) lane: usize,
+}
+
+/// Sends a hook's answer by way of the lane waiting for it: one wake-up for all the answers
+/// the loop gives that lane in a row.
+fn answer<T: Send + 'static>(lane: usize, tx: oneshot::Sender<T>, value: T) {
+    lanes::post(lane, move || drop(tx.send(value)));
 }
 
 impl Completer {
@@ -167,12 +188,12 @@ impl Completer {
 
     pub(crate) fn fail_with(&self, msg: String) {
         match self.take() {
-            Some(Pending::Response(tx)) => drop(tx.send(Err(msg))),
-            Some(Pending::Chunk(tx)) => drop(tx.send(Err(msg))),
-            Some(Pending::Unit(tx)) => drop(tx.send(Err(msg))),
-            Some(Pending::Connect(tx)) => drop(tx.send(Err(msg))),
-            Some(Pending::Auth(tx)) => drop(tx.send(Err(msg))),
-            Some(Pending::Message(tx)) => drop(tx.send(Err(msg))),
+            Some(Pending::Response(tx)) => answer(self.lane, tx, Err(msg)),
+            Some(Pending::Chunk(tx)) => answer(self.lane, tx, Err(msg)),
+            Some(Pending::Unit(tx)) => answer(self.lane, tx, Err(msg)),
+            Some(Pending::Connect(tx)) => answer(self.lane, tx, Err(msg)),
+            Some(Pending::Auth(tx)) => answer(self.lane, tx, Err(msg)),
+            Some(Pending::Message(tx)) => answer(self.lane, tx, Err(msg)),
             None => {}
         }
     }
@@ -208,7 +229,7 @@ impl Completer {
                     headers: headers_from_py(&headers)?,
                 };
                 if let Some(Pending::Response(tx)) = guard.take() {
-                    let _ = tx.send(Ok(parts));
+                    answer(self.lane, tx, Ok(parts));
                 }
             }
             Pending::Chunk(_) => {
@@ -218,12 +239,12 @@ impl Completer {
                     Some(bytes_from_py(value)?)
                 };
                 if let Some(Pending::Chunk(tx)) = guard.take() {
-                    let _ = tx.send(Ok(chunk));
+                    answer(self.lane, tx, Ok(chunk));
                 }
             }
             Pending::Unit(_) => {
                 if let Some(Pending::Unit(tx)) = guard.take() {
-                    let _ = tx.send(Ok(()));
+                    answer(self.lane, tx, Ok(()));
                 }
             }
             Pending::Connect(_) => {
@@ -247,7 +268,7 @@ impl Completer {
                     ConnectDecision::Block(reason)
                 };
                 if let Some(Pending::Connect(tx)) = guard.take() {
-                    let _ = tx.send(Ok(decision));
+                    answer(self.lane, tx, Ok(decision));
                 }
             }
             Pending::Auth(_) => {
@@ -258,7 +279,7 @@ impl Completer {
                     )));
                 };
                 if let Some(Pending::Auth(tx)) = guard.take() {
-                    let _ = tx.send(Ok(ok));
+                    answer(self.lane, tx, Ok(ok));
                 }
             }
             Pending::Message(_) => {
@@ -271,7 +292,7 @@ impl Completer {
                     MessageVerdict::Replace(bytes_from_py(value)?)
                 };
                 if let Some(Pending::Message(tx)) = guard.take() {
-                    let _ = tx.send(Ok(verdict));
+                    answer(self.lane, tx, Ok(verdict));
                 }
             }
         }
