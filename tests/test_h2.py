@@ -35,11 +35,14 @@ def echo_origin(nginx_origin):
         yield o
 
 
+def intercepting_proxy(tls_store, origin_ca: Path) -> ProxyThread:
+    """An in-process proxy intercepting with `tls_store`, trusting `origin_ca`, recording flows."""
+    return ProxyThread(tls_store=tls_store, upstream_ca=[origin_ca], record_flows=True)
+
+
 @pytest.fixture
 def proxy(tls_store, nginx_origin):
-    with ProxyThread(
-        tls_store=tls_store, upstream_ca=[nginx_origin.cert_path], record_flows=True
-    ) as p:
+    with intercepting_proxy(tls_store, nginx_origin.cert_path) as p:
         yield p
 
 
@@ -328,9 +331,7 @@ def test_a_continuation_flood_ends_the_connection(proxy, ca_path, echo_origin):
 
 @pytest.fixture
 def h2_origin_proxy(tls_store, nghttpd_origin):
-    with ProxyThread(
-        tls_store=tls_store, upstream_ca=[nghttpd_origin.cert_path], record_flows=True
-    ) as p:
+    with intercepting_proxy(tls_store, nghttpd_origin.cert_path) as p:
         yield p
 
 

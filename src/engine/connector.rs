@@ -86,6 +86,12 @@ pub fn authority(host: &str, port: u16) -> String {
 /// formatting a new string: this runs for every forwarded request).
 pub fn push_authority(out: &mut String, host: &str, port: u16) {
     use std::fmt::Write;
+    push_host(out, host);
+    let _ = write!(out, ":{port}");
+}
+
+/// Appends `host` as an authority writes it: an IPv6 address in brackets.
+pub fn push_host(out: &mut String, host: &str) {
     if host.contains(':') && !host.starts_with('[') {
         out.push('[');
         out.push_str(host);
@@ -93,7 +99,6 @@ pub fn push_authority(out: &mut String, host: &str, port: u16) {
     } else {
         out.push_str(host);
     }
-    let _ = write!(out, ":{port}");
 }
 
 /// Why a destination could not be reached.

@@ -49,12 +49,6 @@ impl From<String> for HeaderName {
     }
 }
 
-impl From<&String> for HeaderName {
-    fn from(name: &String) -> Self {
-        HeaderName::from(name.as_str())
-    }
-}
-
 impl fmt::Debug for HeaderName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         fmt::Debug::fmt(self.as_str(), f)
@@ -64,12 +58,6 @@ impl fmt::Debug for HeaderName {
 impl fmt::Display for HeaderName {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(self.as_str())
-    }
-}
-
-impl PartialEq<str> for HeaderName {
-    fn eq(&self, other: &str) -> bool {
-        self.as_str() == other
     }
 }
 

@@ -1,7 +1,7 @@
 //! Request targets: absolute-form URLs from proxy clients, origin-form paths inside an
 //! intercepted CONNECT, and `host:port` authorities.
 
-use super::connector::authority;
+use super::connector::{authority, push_host};
 use super::http1::RequestHead;
 use super::session::Mode;
 
@@ -23,12 +23,11 @@ impl Target {
     pub fn host_header(&self) -> String {
         let default = if self.scheme == "https" { 443 } else { 80 };
         if self.port != default {
-            self.authority()
-        } else if self.host.contains(':') && !self.host.starts_with('[') {
-            format!("[{}]", self.host)
-        } else {
-            self.host.clone()
+            return self.authority();
         }
+        let mut out = String::with_capacity(self.host.len() + 2);
+        push_host(&mut out, &self.host);
+        out
     }
     pub fn url(&self) -> String {
         format!("{}://{}{}", self.scheme, self.host_header(), self.path)
