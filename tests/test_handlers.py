@@ -180,6 +180,27 @@ async def test_hooks_in_order_over_keep_alive(origin: Origin) -> None:
     assert events == expected
 
 
+class CountsHookTasks(HTTPSForwardProxyHandler):
+    seen: list[int] = []
+
+    async def on_request_received(self) -> None:
+        CountsHookTasks.seen.append(len(self._conn.tasks))  # type: ignore[attr-defined]
+        await self.forward_http_request()
+
+
+async def test_finished_hook_tasks_are_let_go(origin: Origin) -> None:
+    # Each hook's task drops itself from its connection when it ends: a kept-alive connection
+    # serving many requests holds only the hooks still running.
+    CountsHookTasks.seen.clear()
+    server = await proxy(CountsHookTasks)
+    async with server, client(server, limits=httpx.Limits(max_connections=1)) as c:
+        for n in range(8):
+            r = await c.get(f"{origin.base}/n/{n}")
+            assert r.status_code == 200
+    assert len(CountsHookTasks.seen) == 8
+    assert max(CountsHookTasks.seen) <= 2, CountsHookTasks.seen
+
+
 class Modifier(HTTPSForwardProxyHandler):
     async def on_request_received(self) -> None:
         r = self.request

@@ -744,16 +744,24 @@ class _Connection:
         handler._conn = self
 
     def _spawn(self, coro: Coroutine[Any, Any, object], flow: bool = True) -> None:
-        task = self.loop.create_task(self._tracked(coro), context=self.ctx)
-        self.tasks[task] = flow
+        own: list[asyncio.Task[None]] = []
+        task = self.loop.create_task(self._tracked(coro, own), context=self.ctx)
+        if not task.done():  # an eager task factory may have run it to its end already
+            own.append(task)
+            self.tasks[task] = flow
 
-    async def _tracked(self, coro: Coroutine[Any, Any, object]) -> None:
+    async def _tracked(
+        self, coro: Coroutine[Any, Any, object], own: list[asyncio.Task[None]]
+    ) -> None:
         # Forgets its own task when done: cheaper than a done callback, which costs the loop
-        # one more scheduled call per hook.
+        # one more scheduled call per hook. `own` holds the task rather than
+        # asyncio.current_task() asking for it: on Python 3.11 that makes a getpid() system
+        # call every time (py-spy: a fifth of the loop thread under the handler load).
         try:
             await coro
         finally:
-            self.tasks.pop(asyncio.current_task(), None)  # type: ignore[arg-type]
+            if own:
+                self.tasks.pop(own[0], None)
 
     async def _report(self, exc: BaseException) -> None:
         try:
