@@ -18,10 +18,22 @@ pub(crate) fn latin1(bytes: &[u8]) -> String {
 
 /// A str back to header bytes: Latin-1 when it fits, else UTF-8.
 pub(crate) fn header_bytes(s: &str) -> Bytes {
+    if s.is_ascii() {
+        return Bytes::copy_from_slice(s.as_bytes());
+    }
     if s.chars().all(|c| (c as u32) < 256) {
         Bytes::from(s.chars().map(|c| c as u8).collect::<Vec<u8>>())
     } else {
         Bytes::copy_from_slice(s.as_bytes())
+    }
+}
+
+/// A header value as str. Nearly every value is ASCII, which is its own UTF-8: it goes to
+/// Python as it is, without widening it byte by byte into a String first.
+fn header_value_to_py<'py>(py: Python<'py>, value: &[u8]) -> Bound<'py, PyString> {
+    match std::str::from_utf8(value) {
+        Ok(s) if s.is_ascii() => PyString::new(py, s),
+        _ => PyString::new(py, &latin1(value)),
     }
 }
 
@@ -31,10 +43,7 @@ pub(crate) fn headers_to_py<'py>(
 ) -> PyResult<Bound<'py, PyList>> {
     let list = PyList::empty(py);
     for h in &headers.0 {
-        list.append((
-            PyString::new(py, &h.name),
-            PyString::new(py, &latin1(&h.value)),
-        ))?;
+        list.append((PyString::new(py, &h.name), header_value_to_py(py, &h.value)))?;
     }
     Ok(list)
 }
@@ -42,7 +51,9 @@ pub(crate) fn headers_to_py<'py>(
 pub(crate) fn headers_from_py(value: &Bound<'_, PyAny>) -> PyResult<Headers> {
     let mut out = Vec::new();
     for pair in value.try_iter()? {
-        let (name, value): (String, String) = pair?.extract()?;
+        // Borrowed as UTF-8 from the str objects (no copy into Strings first).
+        let (name, value): (Bound<'_, PyString>, Bound<'_, PyString>) = pair?.extract()?;
+        let (name, value) = (name.to_str()?, value.to_str()?);
         if name.is_empty() || name.bytes().any(|b| b <= b' ' || b == b':' || b >= 0x7f) {
             return Err(PyValueError::new_err(format!(
                 "invalid header name {name:?}"
@@ -53,7 +64,7 @@ pub(crate) fn headers_from_py(value: &Bound<'_, PyAny>) -> PyResult<Headers> {
                 "header {name} has a line break in its value"
             )));
         }
-        out.push(Header::new(name, header_bytes(&value)));
+        out.push(Header::new(name, header_bytes(value)));
     }
     Ok(Headers(out))
 }
