@@ -105,6 +105,23 @@ def test_exit_status_is_clean_every_time():
             assert proc.wait(timeout=10) == 0
 
 
+def test_a_signal_taken_by_an_engine_thread_still_stops_the_proxy():
+    """The kernel hands a process's signal to any thread that does not block it. Python runs
+    its handler on the main thread only, so one landing on an engine thread must still wake
+    the main thread's wait (it once hung until a second signal, about one stop in forty)."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    with Segproxy() as sp:
+        engine_threads = [
+            int(t.name) for t in Path(f"/proc/{sp.pid}/task").iterdir() if int(t.name) != sp.pid
+        ]
+        assert engine_threads
+        # tgkill: the signal goes to that one thread, not to the process as a whole.
+        assert libc.tgkill(sp.pid, engine_threads[0], signal.SIGTERM) == 0
+        assert sp.process.proc.wait(timeout=10) == 0
+
+
 def test_console_script_is_the_module():
     """The `segproxy` entry point in pyproject.toml runs the same main() as `python -m segproxy`."""
     import tomllib

@@ -5,6 +5,7 @@ are its own."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ipaddress
 import os
 import re
@@ -693,9 +694,24 @@ def _serve(
         signal.signal(signal.SIGHUP, reload)
     ready(engine)
     stopped = engine.stopped_fd()
-    while not engine.is_stopped():
-        # A signal runs its handler, then select goes on waiting (PEP 475).
-        select.select([stopped], [], [])
+    # The kernel may hand a signal to an engine thread rather than this one; Python then runs
+    # the handler here only once this thread wakes. The wake-up socket makes it wake: the
+    # C-level handler writes the signal's number to it from whichever thread took it.
+    wake, wake_writer = socket.socketpair()
+    wake.setblocking(False)
+    wake_writer.setblocking(False)
+    previous = signal.set_wakeup_fd(wake_writer.fileno(), warn_on_full_buffer=False)
+    try:
+        while not engine.is_stopped():
+            # A signal runs its handler, then select goes on waiting (PEP 475).
+            readable, _, _ = select.select([stopped, wake.fileno()], [], [])
+            if wake.fileno() in readable:
+                with contextlib.suppress(BlockingIOError):
+                    wake.recv(64)
+    finally:
+        signal.set_wakeup_fd(previous)
+        wake.close()
+        wake_writer.close()
     return write_har(args, engine)
 
 
