@@ -689,6 +689,7 @@ class H2GoawayOrigin:
         import h2.config
         import h2.connection
         import h2.events
+        import h2.exceptions
 
         try:
             tls = self.ctx.wrap_socket(sock, server_side=True)
@@ -714,4 +715,8 @@ class H2GoawayOrigin:
                         self.goaways += 1
                 tls.sendall(conn.data_to_send())
         except (OSError, ssl.SSLError):
+            return
+        except h2.exceptions.ProtocolError:
+            # Frames the client sent before it saw the GOAWAY (its SETTINGS acknowledgement)
+            # reach a connection h2 holds closed: nothing is left to answer.
             return
