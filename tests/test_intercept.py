@@ -119,7 +119,8 @@ def test_httpx_trusting_the_ca(proxy, ca_path, nginx_origin):
     httpx = pytest.importorskip("httpx")
 
     async def main():
-        async with httpx.AsyncClient(proxy=proxy.url, verify=str(ca_path), timeout=30) as client:
+        ctx = trusting_context(ca_path)
+        async with httpx.AsyncClient(proxy=proxy.url, verify=ctx, timeout=30) as client:
             bodies = []
             for _ in range(5):
                 r = await client.get(f"https://localhost:{nginx_origin.https_port}/conn")
