@@ -568,7 +568,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "give --proxy-auth USER:PASS, or --allow-open-proxy if the network is trusted"
         )
     _engine.set_log_level(args.log_level)
-    _engine.limit_malloc_arenas(1)  # the CLI owns its process: keep memory per thread low
+    _engine.limit_malloc_arenas()  # the CLI owns its process: one arena per engine thread
 
     try:
         rules = build_rules(args)

@@ -1075,18 +1075,28 @@ impl<'a, C: Io> Exchange<'a, C> {
         // A body already read with the head goes out with it, in one write (and one
         // segment): only when nothing segments, rewrites or re-frames it, so no wait delays
         // the head.
-        let mut head_out = Some(reply.head.encode());
         let with_body = !segmenting
             && to_client.is_passthrough()
             && !reply.rewrites_body
             && matches!(reply.client_kind, BodyKind::Length(n) if n > 0)
             && !origin.buf.is_empty();
-        if !with_body {
-            let head = head_out.take().unwrap_or_default();
+        let mut head_out = if with_body {
+            // Room for the body read with the head, so joining them does not reallocate.
+            let room = match reply.client_kind {
+                BodyKind::Length(n) => origin
+                    .buf
+                    .len()
+                    .min(usize::try_from(n).unwrap_or(usize::MAX)),
+                _ => 0,
+            };
+            Some(reply.head.encode_with_room(room))
+        } else {
+            let head = reply.head.encode();
             to_client.write_all(&head).await.map_err(|e| {
                 FlowError::client_gone(format!("writing response to client failed: {e}"))
             })?;
-        }
+            None
+        };
 
         let mut reader = BodyReader::new(reply.origin_kind);
         let mut writer = BodyWriter::new(reply.client_kind);

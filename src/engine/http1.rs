@@ -206,8 +206,13 @@ impl RequestHead {
 
 impl ResponseHead {
     pub fn encode(&self) -> Vec<u8> {
+        self.encode_with_room(0)
+    }
+    /// The head, in a buffer with `room` bytes to spare for a body that goes out with it.
+    pub fn encode_with_room(&self, room: usize) -> Vec<u8> {
         use std::io::Write as _;
-        let mut out = Vec::with_capacity(self.reason.len() + 18 + self.headers.encoded_len());
+        let mut out =
+            Vec::with_capacity(self.reason.len() + 18 + self.headers.encoded_len() + room);
         let _ = write!(
             out,
             "HTTP/1.{} {} {}\r\n",
