@@ -28,6 +28,9 @@ pub struct OriginConn {
     /// Closing without a response means the request was not taken (a stream of a shared
     /// HTTP/2 connection the origin retired): a request without a body may go again.
     pub retry_safe: bool,
+    /// The lane it was opened on ([`lanes::current`]), whose poller watches its socket for as
+    /// long as it lives, whichever lane's connection borrows it.
+    lane: usize,
 }
 
 impl OriginConn {
@@ -38,6 +41,7 @@ impl OriginConn {
             fd: None,
             peer: None,
             retry_safe: false,
+            lane: lanes::current(),
         }
     }
 
@@ -82,7 +86,7 @@ impl WireTap {
     }
 }
 
-/// An idle connection: when it was put back, on which lane ([`lanes::current`]), the connection.
+/// An idle connection: when it was put back, the lane it belongs to, the connection.
 type Idle = (Instant, usize, OriginConn);
 
 pub struct Pool {
@@ -100,9 +104,9 @@ impl Pool {
         }
     }
 
-    /// The most recently used live connection for `key`, if any: one put back on this lane
-    /// first, since its socket wakes this lane's poller (one from another lane would wake
-    /// that lane's thread for every read).
+    /// The most recently used live connection for `key`, if any: one opened on this lane
+    /// first, since its socket wakes this lane's poller (one from another lane wakes that
+    /// lane's thread for every read).
     pub fn take(&self, key: &str) -> Option<OriginConn> {
         let now = Instant::now();
         let lane = lanes::current();
@@ -139,7 +143,9 @@ impl Pool {
         if list.len() >= self.max_per_key {
             list.remove(0);
         }
-        list.push((now, lanes::current(), conn));
+        // Filed under the lane that opened it, not the one putting it back: a borrowed
+        // connection still wakes its own lane's poller.
+        list.push((now, conn.lane, conn));
     }
 
     /// Drops connections idle past the timeout (called now and then by the server).
@@ -186,7 +192,9 @@ mod tests {
     #[tokio::test]
     async fn a_lane_takes_back_its_own_connection_first() {
         let pool = Pool::new(Duration::from_secs(60), 8);
+        lanes::pretend_lane(0);
         let (on_lane_0, _far0) = origin_conn();
+        lanes::pretend_lane(1);
         let (on_lane_1, _far1) = origin_conn();
         let mark = |c: &mut OriginConn, port: u16| {
             c.peer = Some(std::net::SocketAddr::from(([127, 0, 0, 1], port)))
@@ -194,9 +202,8 @@ mod tests {
         let (mut a, mut b) = (on_lane_0, on_lane_1);
         mark(&mut a, 1000);
         mark(&mut b, 1001);
-        lanes::pretend_lane(0);
+        // Lane 1 puts both back (it borrowed lane 0's): each is filed under its own lane.
         pool.put("k".into(), a);
-        lanes::pretend_lane(1);
         pool.put("k".into(), b);
         // Lane 0 gets its own, though lane 1's is the most recent.
         lanes::pretend_lane(0);
