@@ -29,7 +29,9 @@ pub struct OriginConn {
     /// HTTP/2 connection the origin retired): a request without a body may go again.
     pub retry_safe: bool,
     /// The lane it was opened on ([`lanes::current`]), whose poller watches its socket for as
-    /// long as it lives, whichever lane's connection borrows it.
+    /// long as it lives, whichever lane's connection borrows it: the pool offers it to that
+    /// lane first (filing it under the lane that put it back kept a borrowed one on the wrong
+    /// lane for good).
     lane: usize,
 }
 
@@ -86,8 +88,8 @@ impl WireTap {
     }
 }
 
-/// An idle connection: when it was put back, the lane it belongs to, the connection.
-type Idle = (Instant, usize, OriginConn);
+/// An idle connection and when it was put back.
+type Idle = (Instant, OriginConn);
 
 pub struct Pool {
     idle: Mutex<HashMap<String, Vec<Idle>>>,
@@ -111,10 +113,10 @@ impl Pool {
         let now = Instant::now();
         let lane = lanes::current();
         loop {
-            let (since, _, mut conn) = {
+            let (since, mut conn) = {
                 let mut idle = self.idle.lock().unwrap();
                 let list = idle.get_mut(key)?;
-                let item = match list.iter().rposition(|(_, l, _)| *l == lane) {
+                let item = match list.iter().rposition(|(_, c)| c.lane == lane) {
                     Some(i) => Some(list.remove(i)),
                     None => list.pop(),
                 };
@@ -139,13 +141,11 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(key).or_default();
-        list.retain(|(since, _, _)| now.duration_since(*since) < self.idle_timeout);
+        list.retain(|(since, _)| now.duration_since(*since) < self.idle_timeout);
         if list.len() >= self.max_per_key {
             list.remove(0);
         }
-        // Filed under the lane that opened it, not the one putting it back: a borrowed
-        // connection still wakes its own lane's poller.
-        list.push((now, conn.lane, conn));
+        list.push((now, conn));
     }
 
     /// Drops connections idle past the timeout (called now and then by the server).
@@ -153,7 +153,7 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         idle.retain(|_, list| {
-            list.retain(|(since, _, _)| now.duration_since(*since) < self.idle_timeout);
+            list.retain(|(since, _)| now.duration_since(*since) < self.idle_timeout);
             !list.is_empty()
         });
     }
