@@ -238,9 +238,9 @@ mod tests {
                 let wait = tokio::time::timeout(Duration::from_secs(30), waiting);
                 let mut wait = std::pin::pin!(wait);
                 // The first poll registers the timer.
-                let first = poll_once(wait.as_mut()).await;
+                let first = crate::engine::test_util::poll_once(wait.as_mut()).await;
                 let _ = step.send(());
-                if first.is_none() {
+                if first.is_pending() {
                     let _ = wait.await;
                 }
                 let _ = step.send(());
@@ -256,18 +256,6 @@ mod tests {
             writes < TIMEOUTS / 4,
             "{writes} writes for {TIMEOUTS} timeouts"
         );
-    }
-
-    /// Polls `fut` once: its output if it was ready.
-    async fn poll_once<F: Future + Unpin>(fut: F) -> Option<F::Output> {
-        let mut fut = fut;
-        std::future::poll_fn(|cx| {
-            std::task::Poll::Ready(match std::pin::Pin::new(&mut fut).poll(cx) {
-                std::task::Poll::Ready(v) => Some(v),
-                std::task::Poll::Pending => None,
-            })
-        })
-        .await
     }
 
     #[test]

@@ -39,6 +39,8 @@ pub mod socks;
 pub mod state;
 pub mod stats;
 pub mod target;
+#[cfg(test)]
+mod test_util;
 pub mod timer;
 pub mod tls;
 pub mod tunnel;

@@ -264,14 +264,12 @@ mod tests {
         drop(sleep_until(start + Duration::from_millis(1)));
         let mut early = Box::pin(sleep_until(start + Duration::from_millis(2)));
         // Poll once so it registers, then drop it.
-        assert!(futures_poll_once(early.as_mut()).await.is_pending());
+        assert!(crate::engine::test_util::poll_once(early.as_mut())
+            .await
+            .is_pending());
         drop(early);
         sleep_until(start + Duration::from_millis(3)).await;
         assert!(start.elapsed() >= Duration::from_millis(3));
-    }
-
-    async fn futures_poll_once<F: Future + Unpin>(mut f: F) -> Poll<F::Output> {
-        std::future::poll_fn(|cx| Poll::Ready(Pin::new(&mut f).poll(cx))).await
     }
 }
 
