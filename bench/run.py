@@ -10,7 +10,10 @@ hooks, rules — slot in the same way):
   tunnel     CONNECT tunnel bulk throughput, each way, + proxy CPU per GiB
              and peak RSS
   keepalive  wrk, keep-alive 1 KiB GETs from nginx: req/s, p99 latency,
-             proxy CPU µs per request, proxy peak RSS
+             proxy CPU µs per request, proxy peak RSS; also ``floor``
+             (bench/floor_relay.c: a relay that pairs each client with its own
+             origin connection and parses nothing, the least CPU per request
+             any proxy can cost on the machine; off with --no-floor)
   intercept  HTTPS interception: minting time, new-connection handshake rate,
              intercepted keep-alive GETs (segproxy, mitmproxy, proxy.py, each with
              its own CA that the client trusts) next to direct HTTPS and segproxy's
@@ -30,6 +33,7 @@ hooks, rules — slot in the same way):
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -274,6 +278,28 @@ def run_wrk(bench: Bench, url: str, target: str, host: str, duration: float, wor
     raise RuntimeError(f"wrk gave no summary (exit {out.returncode}):\n{out.stdout}\n{out.stderr}")
 
 
+def floor_relay(workdir: Path, origin_port: int) -> tuple[ManagedProcess, int]:
+    """bench/floor_relay.c compiled into ``workdir``, as a process (not started) that
+    will listen on the returned port in front of the origin, with one event loop per
+    CPU as segproxy has one lane per CPU."""
+    cc = shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        raise MissingBinary("a C compiler (cc) for bench/floor_relay.c")
+    binary = workdir / "floor_relay"
+    subprocess.run(
+        [cc, "-O2", "-pthread", "-o", str(binary), str(HERE / "floor_relay.c")],
+        check=True,
+        capture_output=True,
+    )
+    port = free_port()
+    relay = ManagedProcess(
+        "floor",
+        [str(binary), str(port), str(origin_port), str(os.cpu_count() or 1)],
+        workdir=workdir,
+    )
+    return relay, port
+
+
 def section_keepalive(bench: Bench) -> None:
     a = bench.args
     bench.log(
@@ -289,26 +315,43 @@ def section_keepalive(bench: Bench) -> None:
         with (
             NginxOrigin(large_size=MIB, worker_processes=a.nginx_workers) as origin,
             Proxies(bench) as proxies,
+            contextlib.ExitStack() as stack,
         ):
             origin_hostport = f"{LOOPBACK}:{origin.http_port}"
+            names = list(bench.contenders)
+            floor: ManagedProcess | None = None
+            floor_port = 0
+            if a.floor:
+                try:
+                    relay, floor_port = floor_relay(tmp, origin.http_port)
+                except MissingBinary as e:
+                    bench.notes.append(f"keepalive floor not measured: {e}")
+                else:
+                    floor = stack.enter_context(relay)
+                    floor.wait_ready(lambda: port_accepts(floor_port), what="listening")
+                    names.append("floor")
 
             def one(name: str, duration: float) -> tuple[dict, float | None]:
-                addr = proxies.addr(name)
+                if name == "floor":
+                    assert floor is not None
+                    addr: tuple[str, int] | None = (LOOPBACK, floor_port)
+                    pid: int | None = floor.pid
+                else:
+                    addr, pid = proxies.addr(name), proxies.pid(name)
                 if addr is None:
                     url, target = origin.url("/1k.bin"), "/1k.bin"
                 else:
                     url = f"http://{addr[0]}:{addr[1]}/"
                     target = f"http://{origin_hostport}/1k.bin"
-                pid = proxies.pid(name)
                 c0 = cpu_seconds(pid) if pid else 0.0
                 res = run_wrk(bench, url, target, origin_hostport, duration, tmp)
                 used = (cpu_seconds(pid) - c0) if pid else None
                 return res, used
 
-            for name in bench.contenders:  # warm-up
+            for name in names:  # warm-up
                 one(name, 1)
             for r in range(a.rounds):
-                for name in bench.order(r, bench.contenders):
+                for name in bench.order(r, names):
                     res, used = one(name, a.wrk_duration)
                     n = res["requests"]
                     secs = res["duration_us"] / 1e6
@@ -331,6 +374,8 @@ def section_keepalive(bench: Bench) -> None:
                 pid = proxies.pid(name)
                 if pid:
                     rss.add(name, peak_rss_mib(pid))
+            if floor is not None:
+                rss.add("floor", peak_rss_mib(floor.pid))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
@@ -903,7 +948,10 @@ def ratio(a: float | None, b: float | None) -> str:
 
 TABLES = {
     # table: (columns, ratios as (numerator, denominator))
-    "main": (["direct", "segproxy", "squid"], [("segproxy", "direct"), ("segproxy", "squid")]),
+    "main": (
+        ["direct", "segproxy", "squid", "floor"],
+        [("segproxy", "direct"), ("segproxy", "squid"), ("segproxy", "floor")],
+    ),
     "intercept": (
         IC_CONTENDERS,
         [("segproxy", "proxy.py"), ("segproxy", "mitmproxy"), ("segproxy", "segproxy-http")],
@@ -1007,6 +1055,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrk-threads", type=int, default=2)
     ap.add_argument("--wrk-connections", type=int, default=64)
     ap.add_argument("--nginx-workers", type=int, default=1)
+    ap.add_argument(
+        "--floor",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keepalive section: also measure bench/floor_relay.c, a relay that parses nothing, "
+        "as the floor of proxy CPU per request on this machine (default: on)",
+    )
     ap.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma list of {', '.join(SECTIONS)}"
     )

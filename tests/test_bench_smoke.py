@@ -43,6 +43,9 @@ def test_bench_quick_smoke(tmp_path):
     direct = data["metrics"]["tunnel_up"]["median"]["direct"]
     assert direct > 0
     assert data["metrics"]["ka_rate"]["median"]["direct"] > 0
+    # The floor relay (bench/floor_relay.c) relayed real requests and its CPU was counted.
+    assert data["metrics"]["ka_rate"]["median"]["floor"] > 0
+    assert data["metrics"]["ka_cpu"]["median"]["floor"] > 0
     if "segproxy" in data["meta"]["contenders"]:
         for key in ("rules_norules_up", "rules_none_up", "rules_fixed1k_down", "decide_py"):
             assert data["metrics"][key]["median"]["segproxy"] > 0, key
