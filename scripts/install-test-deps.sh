@@ -13,7 +13,8 @@ export PIP_ROOT_USER_ACTION=ignore
 log() { printf '==> %s\n' "$*" >&2; }
 
 # --- Debian packages --------------------------------------------------------
-APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl nghttp2-server nghttp2-client socat)
+# gcc and libc6-dev build bench/floor_relay.c (the keep-alive benchmark's floor).
+APT_PACKAGES=(squid tinyproxy dnsmasq-base nginx wrk chromium libnss3-tools curl nghttp2-server nghttp2-client socat gcc libc6-dev)
 
 missing=()
 for pkg in "${APT_PACKAGES[@]}"; do
