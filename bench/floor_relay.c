@@ -12,8 +12,10 @@
  * Loopback only. THREADS event loops (default 2) each accept on their own
  * SO_REUSEPORT listener. Sockets stay blocking for send: a send of one small
  * chunk does not block on loopback (and if it did, blocking is the simplest
- * correct way to finish it). recv never blocks (MSG_DONTWAIT), since an event
- * in a batch can be stale once an earlier one closed its pair. Exits on SIGTERM.
+ * correct way to finish it). An event in a batch can be stale once an earlier one
+ * closed its pair and the descriptor number was reused (by any loop): each event
+ * carries the descriptor's generation, and one from an older generation is
+ * skipped; recv never blocks (MSG_DONTWAIT). Exits on SIGTERM.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -21,6 +23,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <pthread.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/epoll.h>
@@ -30,7 +33,8 @@
 #define MAX_FD 65536
 
 static int listen_port, origin_port;
-static int peer_of[MAX_FD]; /* the other end of each pair, -1 once closed */
+static int peer_of[MAX_FD];          /* the other end of each pair */
+static unsigned generation[MAX_FD];  /* bumped when a descriptor is closed */
 
 static struct sockaddr_in loopback(int port) {
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_port = htons(port)};
@@ -51,8 +55,16 @@ static int open_listener(void) {
 }
 
 static void watch(int ep, int fd) {
-    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    struct epoll_event ev = {.events = EPOLLIN};
+    ev.data.u64 = (uint64_t)generation[fd] << 32 | (uint32_t)fd;
     epoll_ctl(ep, EPOLL_CTL_ADD, fd, &ev);
+}
+
+static void close_pair(int fd, int peer) {
+    generation[fd]++;
+    generation[peer]++;
+    close(peer);
+    close(fd);
 }
 
 /* Pair a new client with a new origin connection; drop the client if the origin refuses. */
@@ -78,24 +90,23 @@ static void *event_loop(void *unused) {
     struct epoll_event events[256];
     int listener = open_listener(), ep = epoll_create1(0);
     (void)unused;
+    if (listener >= MAX_FD) exit(1);
     watch(ep, listener);
     for (;;) {
         int n = epoll_wait(ep, events, 256, -1);
         for (int i = 0; i < n; i++) {
-            int fd = events[i].data.fd;
+            int fd = (int)(uint32_t)events[i].data.u64;
+            if ((unsigned)(events[i].data.u64 >> 32) != generation[fd]) continue; /* stale */
             if (fd == listener) {
                 int client = accept(listener, NULL, NULL);
                 if (client >= 0) pair(ep, client);
                 continue;
             }
             int peer = peer_of[fd];
-            if (peer < 0) continue;
             ssize_t got = recv(fd, buf, sizeof buf, MSG_DONTWAIT);
             if (got < 0 && errno == EAGAIN) continue;
             if (got <= 0) { /* either side closed: close both (closing unwatches them) */
-                peer_of[fd] = peer_of[peer] = -1;
-                close(peer);
-                close(fd);
+                close_pair(fd, peer);
                 continue;
             }
             for (ssize_t sent = 0, k; sent < got; sent += k)
