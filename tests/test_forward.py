@@ -18,6 +18,15 @@ from support.origins import MIB, RecordingOrigin, ScriptedOrigin, pattern_chunks
 pytestmark = pytest.mark.timeout(60)
 
 
+def records(server, expected: int) -> list[dict]:
+    """The access records once `expected` exist (bounded wait): a record is written just
+    after the client got its response."""
+    deadline = time.monotonic() + 5
+    while len(recs := server.access_records()) < expected and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return recs
+
+
 def conn_ids(server, expected: int | None = None) -> list[str]:
     """Connection part of each forward record's id ("7.3" -> "7"). A record is written just
     after the client got its response, so wait (bounded) for `expected` records."""
@@ -42,7 +51,7 @@ async def test_get_with_curl(proxy, origin):
     [req] = origin.requests
     assert req.header("host") == origin.authority
     assert "proxy-connection" not in req.header_names()  # curl sends it to proxies
-    [rec] = proxy.access_records()
+    [rec] = records(proxy, 1)
     assert (rec["method"], rec["status"], rec["kind"]) == ("GET", 200, "forward")
     assert rec["target"] == origin.url("/a/b?x=1&y=two%20words&z")
 
@@ -76,7 +85,7 @@ async def test_post_content_length_with_curl(proxy, origin, tmp_path):
     assert req.header("content-length") == str(len(body))
     assert req.body_sha256 == hashlib.sha256(body).hexdigest()
     assert req.header("expect") is None  # the proxy answered the 100-continue itself
-    [rec] = proxy.access_records()
+    [rec] = records(proxy, 1)
     assert (rec["bytes_up"], rec["bytes_down"]) == (len(body), len(body))
 
 

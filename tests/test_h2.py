@@ -106,7 +106,9 @@ def test_httpx_http2_concurrent_streams_and_their_flows(proxy, ca_path, echo_ori
     for r in responses[:-1]:
         assert r.status_code == 200 and r.content == expected
     assert responses[-1].text == f"{hashlib.sha256(body).hexdigest()} {len(body)}"
-    # One record per stream, named CONNECTION.h2-STREAM: one connection, nine streams.
+    # One record per stream, named CONNECTION.h2-STREAM: one connection, nine streams. A
+    # stream's record is written just after its response went out.
+    assert wait_for(lambda: len(stream_flows(proxy)) == 9), [f["id"] for f in stream_flows(proxy)]
     flows = stream_flows(proxy)
     names = [STREAM_ID.match(f["id"]) for f in flows]
     assert len(flows) == 9, [f["id"] for f in flows]
@@ -389,12 +391,19 @@ def test_h2_client_reaches_an_h2_only_origin_on_one_connection(
     assert [r.status_code for r in responses] == [200] * 8
     assert all(r.content == ONE_K for r in responses[:-1])
     assert responses[-1].content == body
+    assert h2_origin_proxy.server is not None
+    server = h2_origin_proxy.server
+
+    def stream_records() -> list[dict]:
+        return [r for r in server.access_records() if STREAM_ID.match(r["id"])]
+
+    # A stream's records are written just after its response went out.
+    assert wait_for(lambda: len(stream_flows(h2_origin_proxy)) == len(stream_records()) == 8)
     flows = stream_flows(h2_origin_proxy)
     assert len(flows) == 8 and {f["status"] for f in flows} == {200}
     # One TCP connection to the origin (only the exchange that opened it resolved the name):
     # the concurrent streams shared it.
-    assert h2_origin_proxy.server is not None
-    records = [r for r in h2_origin_proxy.server.access_records() if STREAM_ID.match(r["id"])]
+    records = stream_records()
     assert len(records) == 8
     assert len([r for r in records if r["dns"]]) == 1, [r["dns"] for r in records]
 
