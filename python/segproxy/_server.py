@@ -470,14 +470,21 @@ class ProxyServer:
 
     # --- what happened ----------------------------------------------------------------------
     def access_records(self, clear: bool = False) -> list[AccessRecord]:
-        """Recent access records, oldest first (bounded; see the `access_records` option)."""
+        """Recent access records, oldest first (bounded; see the `access_records` option).
+
+        A record is written when its flow ends: that can be a moment after the client has
+        the whole response (the proxy writes the last bytes, then the record; with a
+        handler, the flow ends when its hook returns). Read them once the server is closed,
+        or wait until the count you expect is there.
+        """
         return self._engine.access_records(clear)  # type: ignore[return-value]
 
     def flows(self, clear: bool = False) -> list[FlowRecord]:
         """Finished flow records, oldest first (needs ``record_flows=True``).
 
         Each has the flow's decision and ``chunks``: (direction, size, seconds) per
-        segment written, ready to plot.
+        segment written, ready to plot. Like `access_records`, a flow is here once it has
+        ended, which can be a moment after its client got the last byte.
         """
         return self._engine.flows(clear)  # type: ignore[return-value]
 
