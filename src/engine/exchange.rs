@@ -62,7 +62,8 @@ pub async fn forward<C: Io>(
             id: conn.info.next_id(),
             client: Some(conn.info.peer),
             method: head.method.clone(),
-            target: head.target.clone(),
+            // Set by `Exchange::begin`: the parsed URL, or the raw target if it is bad.
+            target: String::new(),
             kind: if matches!(mode, Mode::Proxy) {
                 Kind::Forward
             } else {
@@ -303,10 +304,22 @@ impl<'a, C: Io> Exchange<'a, C> {
         conn: &'a mut ConnState,
         record: &'a mut Flow,
     ) -> Result<Self, FlowError> {
-        let body_kind = request_body_kind(&head).map_err(|m| FlowError::answer(400, m, false))?;
+        let parsed = request_body_kind(&head)
+            .map_err(|m| FlowError::answer(400, m, false))
+            .and_then(|kind| {
+                let empty = kind == BodyKind::Empty;
+                let target =
+                    request_target(&head, mode).map_err(|m| FlowError::answer(400, m, empty))?;
+                Ok((kind, target))
+            });
+        let (body_kind, target) = match parsed {
+            Ok(parsed) => parsed,
+            Err(e) => {
+                record.target = head.target.clone();
+                return Err(e);
+            }
+        };
         let body_empty = body_kind == BodyKind::Empty;
-        let target =
-            request_target(&head, mode).map_err(|m| FlowError::answer(400, m, body_empty))?;
         record.target = target.url();
         if target.scheme == "https" && matches!(mode, Mode::Proxy) {
             return Err(FlowError::answer(

@@ -1,7 +1,7 @@
 //! Request targets: absolute-form URLs from proxy clients, origin-form paths inside an
 //! intercepted CONNECT, and `host:port` authorities.
 
-use super::connector::{authority, push_host};
+use super::connector::{authority, push_authority, push_host};
 use super::http1::RequestHead;
 use super::session::Mode;
 
@@ -16,21 +16,39 @@ pub struct Target {
 }
 
 impl Target {
+    /// The port a URL of this scheme leaves out.
+    pub fn default_port(&self) -> u16 {
+        if self.scheme == "https" {
+            443
+        } else {
+            80
+        }
+    }
     pub fn authority(&self) -> String {
         authority(&self.host, self.port)
     }
     /// Authority as a Host header writes it: the port only when not the scheme's default.
     pub fn host_header(&self) -> String {
-        let default = if self.scheme == "https" { 443 } else { 80 };
-        if self.port != default {
+        if self.port != self.default_port() {
             return self.authority();
         }
         let mut out = String::with_capacity(self.host.len() + 2);
         push_host(&mut out, &self.host);
         out
     }
+    /// `scheme://host[:port]path`, built in one allocation (it names every flow's record).
     pub fn url(&self) -> String {
-        format!("{}://{}{}", self.scheme, self.host_header(), self.path)
+        let mut out =
+            String::with_capacity(self.scheme.len() + 3 + self.host.len() + 8 + self.path.len());
+        out.push_str(self.scheme);
+        out.push_str("://");
+        if self.port == self.default_port() {
+            push_host(&mut out, &self.host);
+        } else {
+            push_authority(&mut out, &self.host, self.port);
+        }
+        out.push_str(&self.path);
+        out
     }
 }
 
@@ -166,5 +184,15 @@ mod tests {
             split_authority("[::1]:8443", None).unwrap(),
             ("::1".into(), 8443)
         );
+    }
+
+    #[test]
+    fn urls_leave_out_the_default_port_and_bracket_ipv6() {
+        let url = |s: &str| parse_absolute(s).unwrap().url();
+        assert_eq!(url("http://a.test:80/x?y"), "http://a.test/x?y");
+        assert_eq!(url("http://a.test:8080"), "http://a.test:8080/");
+        assert_eq!(url("http://[::1]:443/"), "http://[::1]:443/");
+        assert_eq!(url("https://[::1]:443/p"), "https://[::1]/p");
+        assert_eq!(url("https://b.test:80/"), "https://b.test:80/");
     }
 }
