@@ -95,6 +95,22 @@ async def test_socks_greeting_gets_a_socks_refusal(server, greeting, reply, name
     assert name in server.access_records()[0]["error"]
 
 
+@pytest.mark.parametrize(
+    "target",
+    [b"ftp://a.test/file", b"http://user:pw@a.test/", b"http://a.test:0/", b"http://a.test:99999/"],
+)
+async def test_a_bad_target_is_recorded_as_sent(server, target):
+    """A request whose target cannot be parsed gets a 400 and, as it asked with `Connection:
+    close`, a closed connection (`exchange` reads until the proxy closes); its record keeps
+    the target as the client sent it (a parsed one is recorded as a URL)."""
+    request = b"GET " + target + b" HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n"
+    answer = await exchange(server.port, request)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    # The record is written before the error answer goes out.
+    [rec] = server.access_records()
+    assert (rec["method"], rec["target"], rec["status"]) == ("GET", target.decode(), 400), rec
+
+
 async def test_binary_gets_a_400_that_names_the_proxy_url(server):
     answer = await exchange(server.port, b"\x00\x01\x02\x03")
     head, _, body = answer.partition(b"\r\n\r\n")

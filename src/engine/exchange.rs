@@ -74,6 +74,9 @@ pub async fn forward<C: Io>(
             ..Default::default()
         },
     );
+    // An error answer keeps the connection only if the client asked to keep it too (a client
+    // that sent `Connection: close` gets the close RFC 9112 promises it).
+    let client_keeps_alive = head.wants_keep_alive();
     let outcome = exchange(engine, client, head, mode, conn, &mut record).await;
     record.duration = started.elapsed();
     // The record is written before an error answer goes out, so whoever reads the answer
@@ -93,7 +96,7 @@ pub async fn forward<C: Io>(
             match failure.status {
                 Some(status) => {
                     record.status = status;
-                    let keep = failure.client_usable && !engine.is_draining();
+                    let keep = failure.client_usable && client_keeps_alive && !engine.is_draining();
                     answer = Some((status, failure.message, keep));
                     if keep {
                         Next::KeepAlive
