@@ -11,31 +11,27 @@ import time
 
 import httpx
 import pytest
-from support import Segproxy
+from support import Segproxy, wait_for
 from support.clients import Conn, curl, get_via, request
 from support.origins import MIB, RecordingOrigin, ScriptedOrigin, pattern_chunks, pattern_sha256
 
 pytestmark = pytest.mark.timeout(60)
 
 
-def records(server, expected: int) -> list[dict]:
-    """The access records once `expected` exist (bounded wait): a record is written just
-    after the client got its response."""
-    deadline = time.monotonic() + 5
-    while len(recs := server.access_records()) < expected and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return recs
+def records(server, expected: int, kind: str | None = None) -> list[dict]:
+    """The access records (of `kind`, if given) once `expected` exist, waiting (bounded): a
+    record is written just after the client got its response."""
+
+    def found() -> list[dict]:
+        return [r for r in server.access_records() if kind is None or r["kind"] == kind]
+
+    wait_for(lambda: len(found()) >= expected)
+    return found()
 
 
-def conn_ids(server, expected: int | None = None) -> list[str]:
-    """Connection part of each forward record's id ("7.3" -> "7"). A record is written just
-    after the client got its response, so wait (bounded) for `expected` records."""
-    deadline = time.monotonic() + 5
-    while True:
-        ids = [r["id"].split(".")[0] for r in server.access_records() if r["kind"] == "forward"]
-        if expected is None or len(ids) >= expected or time.monotonic() > deadline:
-            return ids
-        time.sleep(0.01)
+def conn_ids(server, expected: int = 0) -> list[str]:
+    """Connection part of each forward record's id ("7.3" -> "7"), once `expected` exist."""
+    return [r["id"].split(".")[0] for r in records(server, expected, "forward")]
 
 
 # --- GET and POST with real clients -------------------------------------------------------

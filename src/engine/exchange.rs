@@ -163,6 +163,14 @@ async fn hook_reply<T>(
     })
 }
 
+/// What a request head says of its body and where it goes; a 400 if either is bad.
+fn body_and_target(head: &RequestHead, mode: &Mode) -> Result<(BodyKind, Target), FlowError> {
+    let kind = request_body_kind(head).map_err(|m| FlowError::answer(400, m, false))?;
+    let empty = kind == BodyKind::Empty;
+    let target = request_target(head, mode).map_err(|m| FlowError::answer(400, m, empty))?;
+    Ok((kind, target))
+}
+
 fn parts_of(head: &RequestHead, target: &Target) -> RequestParts {
     RequestParts {
         method: head.method.clone(),
@@ -307,17 +315,10 @@ impl<'a, C: Io> Exchange<'a, C> {
         conn: &'a mut ConnState,
         record: &'a mut Flow,
     ) -> Result<Self, FlowError> {
-        let parsed = request_body_kind(&head)
-            .map_err(|m| FlowError::answer(400, m, false))
-            .and_then(|kind| {
-                let empty = kind == BodyKind::Empty;
-                let target =
-                    request_target(&head, mode).map_err(|m| FlowError::answer(400, m, empty))?;
-                Ok((kind, target))
-            });
-        let (body_kind, target) = match parsed {
+        let (body_kind, target) = match body_and_target(&head, mode) {
             Ok(parsed) => parsed,
             Err(e) => {
+                // A target that cannot be parsed is recorded as the client sent it.
                 record.target = head.target.clone();
                 return Err(e);
             }

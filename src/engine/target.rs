@@ -15,14 +15,18 @@ pub struct Target {
     pub path: String,
 }
 
+/// The port a URL of `scheme` (http or https) leaves out.
+pub fn default_port(scheme: &str) -> u16 {
+    if scheme == "https" {
+        443
+    } else {
+        80
+    }
+}
+
 impl Target {
-    /// The port a URL of this scheme leaves out.
     pub fn default_port(&self) -> u16 {
-        if self.scheme == "https" {
-            443
-        } else {
-            80
-        }
+        default_port(self.scheme)
     }
     pub fn authority(&self) -> String {
         authority(&self.host, self.port)
@@ -107,7 +111,7 @@ pub fn parse_absolute(target: &str) -> Result<Target, String> {
     };
     let split = rest.find(['/', '?']).unwrap_or(rest.len());
     let (auth, path) = rest.split_at(split);
-    let (host, port) = split_authority(auth, Some(if scheme == "https" { 443 } else { 80 }))?;
+    let (host, port) = split_authority(auth, Some(default_port(scheme)))?;
     let path = if path.is_empty() {
         "/".to_string()
     } else if path.starts_with('?') {
