@@ -3,7 +3,7 @@
 
 Three phases, each on a fresh ``segproxy`` process (so each has its own baseline):
 
-1. ``idle``: N plain tunnels opened and left idle (spliced relay).
+1. ``idle``: N plain tunnels opened and left idle (plain relay: no buffer while idle).
 2. ``segmented``: N tunnels through ``*=segment_upstream,strategy=fixed,chunk=1024,
    delay=2,direction=both``, each carrying 64 KiB up and 64 KiB down, measured while
    the bytes are moving.

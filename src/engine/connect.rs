@@ -27,9 +27,7 @@ use super::state::Engine;
 use super::stats::Open;
 use super::target::split_authority;
 use super::tls;
-#[cfg(target_os = "linux")]
-use super::tunnel::splice_pump;
-use super::tunnel::{pump, SEGMENTING_BUFFER};
+use super::tunnel::{plain_pump, pump, SEGMENTING_BUFFER};
 
 /// The decrypted side of an intercepted CONNECT, for the connection to serve; its `record`
 /// is finished when those requests are done.
@@ -468,20 +466,19 @@ async fn tunnel(
     } = origin;
     let client_prefix = leftover(client_buf);
     let origin_prefix = leftover(origin_buf);
-    #[cfg(target_os = "linux")]
     if up_policy.is_passthrough()
         && down_policy.is_passthrough()
         && ttfb.is_none()
         && !record.records_chunks()
     {
-        // Nothing to segment or record: relay in the kernel.
+        // Nothing to segment or record: the plain relay, with pooled buffers.
         let (mut client_io, mut origin_io) = (client_io, origin_io);
         let prefixes = async {
             origin_io.write_all(&client_prefix).await?;
             client_io.write_all(&origin_prefix).await
         };
         let (totals, err) = match prefixes.await {
-            Ok(()) => splice_pump(&client_io, &origin_io, engine.config.idle_timeout).await,
+            Ok(()) => plain_pump(&client_io, &origin_io, engine.config.idle_timeout).await,
             Err(e) => (Default::default(), Some(e)),
         };
         record.bytes_up = totals.a_to_b + client_prefix.len() as u64;
@@ -507,7 +504,7 @@ async fn tunnel(
     } else {
         SEGMENTING_BUFFER
     };
-    // Boxed: a spliced tunnel's future does not carry this relay's larger state.
+    // Boxed: a plain tunnel's future does not carry this relay's larger state.
     let (totals, err) = Box::pin(pump(
         (Rewind::new(client_prefix, cr), to_client),
         (Rewind::new(origin_prefix, or), to_origin),
