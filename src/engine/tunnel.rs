@@ -287,7 +287,8 @@ mod tests {
         (a, b)
     }
 
-    /// Bytes move both ways, a few and then a bulk transfer (which moves to the large buffer).
+    /// Bytes move both ways: a few, then 300,000 (enough for a read to fill the small buffer,
+    /// so the bulk path with the large one runs too).
     #[tokio::test]
     async fn plain_tunnels_move_bytes_through_pooled_buffers() {
         let (mut client, proxy_client) = pair().await;
