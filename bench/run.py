@@ -2,7 +2,9 @@
 """segproxy proxy-path benchmark, loopback only.
 
 Contenders: ``direct`` (no proxy), ``segproxy`` (``python -m segproxy``) and
-``squid`` (Debian squid, no cache). Contenders alternate round by round (the
+``squid`` (Debian squid, no cache); optionally ``baseline``, an earlier build of
+segproxy given by ``--baseline-cmd`` (installed in its own venv), so a change is
+measured against the code before it in the same run. Contenders alternate round by round (the
 order rotates every round) and every number reported is the median over the
 rounds. Sections (each a function in SECTIONS, so new ones — interception,
 hooks, rules — slot in the same way):
@@ -28,6 +30,8 @@ hooks, rules — slot in the same way):
     python bench/run.py                 # full run (1 GiB transfers, 5 rounds)
     python bench/run.py --quick         # smoke run, seconds
     python bench/run.py --json out.json --rounds 7
+    python bench/run.py --sections tunnel --contenders direct,segproxy,baseline \
+        --baseline-cmd /tmp/before/bin/segproxy     # before/after in one run
 """
 
 from __future__ import annotations
@@ -148,11 +152,9 @@ def start_proxy(bench: Bench, name: str):
         return None
     if name == "squid":
         return Squid().__enter__()
-    if name == "segproxy":
-        return Segproxy(
-            bench.args.segproxy_arg,
-            command=shlex.split(bench.args.segproxy_cmd),
-        ).__enter__()
+    if name in ("segproxy", "baseline"):
+        cmd = bench.args.segproxy_cmd if name == "segproxy" else bench.args.baseline_cmd
+        return Segproxy(bench.args.segproxy_arg, command=shlex.split(cmd)).__enter__()
     raise ValueError(name)
 
 
@@ -949,8 +951,14 @@ def ratio(a: float | None, b: float | None) -> str:
 TABLES = {
     # table: (columns, ratios as (numerator, denominator))
     "main": (
-        ["direct", "segproxy", "squid", "floor"],
-        [("segproxy", "direct"), ("segproxy", "squid"), ("segproxy", "floor")],
+        ["direct", "segproxy", "squid", "floor", "baseline"],
+        [
+            ("segproxy", "direct"),
+            ("segproxy", "squid"),
+            ("segproxy", "floor"),
+            ("baseline", "direct"),
+            ("segproxy", "baseline"),
+        ],
     ),
     "intercept": (
         IC_CONTENDERS,
@@ -959,11 +967,18 @@ TABLES = {
 }
 
 
+# Columns shown only when the run has them.
+OPTIONAL_COLUMNS = {"baseline"}
+
+
 def report(bench: Bench, table: str = "main") -> str:
     cols, ratios = TABLES[table]
     metrics = [m for m in bench.metrics.values() if m.table == table]
     if not metrics:
         return ""
+    absent = OPTIONAL_COLUMNS - set(bench.contenders)
+    cols = [c for c in cols if c not in absent]
+    ratios = [(a, b) for a, b in ratios if a not in absent and b not in absent]
     lines = [
         "| metric | unit | better | "
         + " | ".join(cols)
@@ -1068,6 +1083,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contenders", default="direct,segproxy,squid")
     ap.add_argument("--segproxy-cmd", default=f"{shlex.quote(sys.executable)} -m segproxy")
     ap.add_argument(
+        "--baseline-cmd",
+        help="an earlier segproxy build's command, run as the `baseline` contender "
+        "(add baseline to --contenders)",
+    )
+    ap.add_argument(
         "--segproxy-arg",
         action="append",
         default=[],
@@ -1100,6 +1120,12 @@ def main(argv: list[str] | None = None) -> int:
         why = segproxy_available(a.segproxy_cmd)
         if why:
             skipped["segproxy"] = why
+    if "baseline" in contenders:
+        if not a.baseline_cmd:
+            ap.error("the baseline contender needs --baseline-cmd")
+        why = segproxy_available(a.baseline_cmd)
+        if why:
+            skipped["baseline"] = why
     if "squid" in contenders:
         try:
             find_binary("squid")
