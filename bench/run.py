@@ -388,6 +388,7 @@ def section_keepalive(bench: Bench) -> None:
 IC_CONTENDERS = [
     "direct-https",
     "segproxy",
+    "baseline",
     "mitmproxy",
     "proxy.py",
     "segproxy-http",
@@ -449,8 +450,9 @@ class InterceptingProxy:
 
 
 def start_interceptors(bench: Bench, origin: NginxOrigin, tmp: Path) -> dict[str, object]:
-    """segproxy (its CLI with --ca-dir), mitmproxy (mitmdump) and proxy.py, each intercepting
-    with its own CA and trusting the origin's test CA. Missing ones are noted and skipped."""
+    """segproxy (its CLI with --ca-dir; also the baseline build if asked), mitmproxy
+    (mitmdump) and proxy.py, each intercepting with its own CA and trusting the origin's test
+    CA. Missing ones are noted and skipped."""
     a = bench.args
     out: dict[str, object] = {}
     origin_ca = str(origin.cert_path)
@@ -462,6 +464,14 @@ def start_interceptors(bench: Bench, origin: NginxOrigin, tmp: Path) -> dict[str
         sp.__enter__()
         sp.ca_file = tmp / "segproxy-ca" / "ca-cert.pem"
         out["segproxy"] = sp
+    if "baseline" in bench.contenders:
+        base = Segproxy(
+            ["--ca-dir", str(tmp / "baseline-ca"), "--upstream-ca", origin_ca, *a.segproxy_arg],
+            command=shlex.split(a.baseline_cmd),
+        )
+        base.__enter__()
+        base.ca_file = tmp / "baseline-ca" / "ca-cert.pem"
+        out["baseline"] = base
     mitm = shutil.which(a.mitmdump_cmd) if a.mitmdump_cmd else None
     if mitm:
         conf = tmp / "mitm"
@@ -962,7 +972,12 @@ TABLES = {
     ),
     "intercept": (
         IC_CONTENDERS,
-        [("segproxy", "proxy.py"), ("segproxy", "mitmproxy"), ("segproxy", "segproxy-http")],
+        [
+            ("segproxy", "proxy.py"),
+            ("segproxy", "mitmproxy"),
+            ("segproxy", "segproxy-http"),
+            ("segproxy", "baseline"),
+        ],
     ),
 }
 
