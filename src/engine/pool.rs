@@ -1,6 +1,6 @@
 //! Idle upstream connections kept for reuse, per destination, with an idle timeout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::ops::{Deref, DerefMut};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -91,8 +91,9 @@ impl WireTap {
 /// An idle connection and when it was put back.
 type Idle = (Instant, OriginConn);
 
+/// Each key's idle connections are kept oldest first, so the stale ones are at the front.
 pub struct Pool {
-    idle: Mutex<HashMap<String, Vec<Idle>>>,
+    idle: Mutex<HashMap<String, VecDeque<Idle>>>,
     idle_timeout: Duration,
     max_per_key: usize,
 }
@@ -116,14 +117,11 @@ impl Pool {
             let (since, mut conn) = {
                 let mut idle = self.idle.lock().unwrap();
                 let list = idle.get_mut(key)?;
-                let item = match list.iter().rposition(|(_, c)| c.lane == lane) {
-                    Some(i) => Some(list.remove(i)),
-                    None => list.pop(),
-                };
-                if list.is_empty() {
-                    idle.remove(key);
-                }
-                item?
+                // An emptied list stays (the sweep drops it): the next put reuses it.
+                match list.iter().rposition(|(_, c)| c.lane == lane) {
+                    Some(i) => list.remove(i),
+                    None => list.pop_back(),
+                }?
             };
             if now.duration_since(since) < self.idle_timeout
                 && conn.buf.is_empty()
@@ -141,11 +139,17 @@ impl Pool {
         let now = Instant::now();
         let mut idle = self.idle.lock().unwrap();
         let list = idle.entry(key).or_default();
-        list.retain(|(since, _)| now.duration_since(*since) < self.idle_timeout);
-        if list.len() >= self.max_per_key {
-            list.remove(0);
+        // Only the front can be stale: no scan of the whole list under the lock.
+        while list
+            .front()
+            .is_some_and(|(since, _)| now.duration_since(*since) >= self.idle_timeout)
+        {
+            list.pop_front();
         }
-        list.push((now, conn));
+        if list.len() >= self.max_per_key {
+            list.pop_front();
+        }
+        list.push_back((now, conn));
     }
 
     /// Drops connections idle past the timeout (called now and then by the server).
@@ -160,7 +164,7 @@ impl Pool {
 
     /// Idle connections held now, across destinations.
     pub fn idle_count(&self) -> usize {
-        self.idle.lock().unwrap().values().map(Vec::len).sum()
+        self.idle.lock().unwrap().values().map(VecDeque::len).sum()
     }
 
     pub fn clear(&self) {
@@ -212,5 +216,36 @@ mod tests {
         assert_eq!(pool.take("k").unwrap().peer.unwrap().port(), 1001);
         assert!(pool.take("k").is_none());
         lanes::pretend_lane(lanes::NOT_A_LANE);
+    }
+
+    #[tokio::test]
+    async fn a_full_key_drops_its_oldest_and_stale_ones_go() {
+        let port = |c: &OriginConn| c.peer.unwrap().port();
+        let conn = |p: u16| {
+            let (mut c, far) = origin_conn();
+            c.peer = Some(std::net::SocketAddr::from(([127, 0, 0, 1], p)));
+            (c, far)
+        };
+        let capped = Pool::new(Duration::from_secs(60), 2);
+        let mut ends = Vec::new();
+        for p in [1000, 1001, 1002] {
+            let (c, far) = conn(p);
+            ends.push(far);
+            capped.put("k".into(), c);
+        }
+        assert_eq!(capped.idle_count(), 2);
+        assert_eq!(port(&capped.take("k").unwrap()), 1002);
+        assert_eq!(port(&capped.take("k").unwrap()), 1001);
+        assert!(capped.take("k").is_none());
+
+        // With no idle time allowed, each put finds the one before it stale.
+        let stale = Pool::new(Duration::ZERO, 8);
+        for p in [2000, 2001] {
+            let (c, far) = conn(p);
+            ends.push(far);
+            stale.put("k".into(), c);
+        }
+        assert_eq!(stale.idle_count(), 1);
+        assert!(stale.take("k").is_none());
     }
 }
