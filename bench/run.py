@@ -456,22 +456,16 @@ def start_interceptors(bench: Bench, origin: NginxOrigin, tmp: Path) -> dict[str
     a = bench.args
     out: dict[str, object] = {}
     origin_ca = str(origin.cert_path)
-    if "segproxy" in bench.contenders:
-        sp = Segproxy(
-            ["--ca-dir", str(tmp / "segproxy-ca"), "--upstream-ca", origin_ca, *a.segproxy_arg],
-            command=shlex.split(a.segproxy_cmd),
-        )
-        sp.__enter__()
-        sp.ca_file = tmp / "segproxy-ca" / "ca-cert.pem"
-        out["segproxy"] = sp
-    if "baseline" in bench.contenders:
-        base = Segproxy(
-            ["--ca-dir", str(tmp / "baseline-ca"), "--upstream-ca", origin_ca, *a.segproxy_arg],
-            command=shlex.split(a.baseline_cmd),
-        )
-        base.__enter__()
-        base.ca_file = tmp / "baseline-ca" / "ca-cert.pem"
-        out["baseline"] = base
+    for name, cmd in (("segproxy", a.segproxy_cmd), ("baseline", a.baseline_cmd)):
+        if name in bench.contenders:
+            ca_dir = tmp / f"{name}-ca"
+            sp = Segproxy(
+                ["--ca-dir", str(ca_dir), "--upstream-ca", origin_ca, *a.segproxy_arg],
+                command=shlex.split(cmd),
+            )
+            sp.__enter__()
+            sp.ca_file = ca_dir / "ca-cert.pem"
+            out[name] = sp
     mitm = shutil.which(a.mitmdump_cmd) if a.mitmdump_cmd else None
     if mitm:
         conf = tmp / "mitm"
